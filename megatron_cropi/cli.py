@@ -1,0 +1,68 @@
+"""The ``cropi`` command.
+
+    cropi check-env [--json]              versions, devices, available backends
+    cropi run --dry-run CONFIG            validate config, parallel layout and paths
+
+Distributed subcommands run under torchrun (``torchrun --nproc-per-node N -m megatron_cropi.cli ...``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+__all__ = ["main", "build_parser"]
+
+
+def _cmd_check_env(args) -> int:
+    from megatron_cropi.envcheck import collect_env, format_env
+
+    info = collect_env()
+    print(json.dumps(info, indent=2) if args.json else format_env(info))
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from megatron_cropi.config.schema import load_run_config
+    from megatron_cropi.dryrun import dry_run
+
+    cfg = load_run_config(args.config)
+    if args.dry_run:
+        summary = dry_run(cfg, world_size=args.world_size)
+        print(json.dumps(summary, indent=2))
+        print(f"dry run OK: {args.config}")
+        return 0
+    print("cropi run: the full stage loop is not available in this version; use --dry-run", file=sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cropi", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("check-env", help="versions, devices and available backends")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_check_env)
+    p = sub.add_parser("run", help="run a CROPI curriculum (or validate it with --dry-run)")
+    p.add_argument("config", help="YAML run config")
+    p.add_argument("--dry-run", action="store_true", help="validate config, layout and paths; run nothing")
+    p.add_argument("--world-size", type=int, default=None, help="ranks of the intended launch (dry run)")
+    p.set_defaults(func=_cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megatron_cropi.config.loader import ConfigError
+    from megatron_cropi.dryrun import DryRunError
+    from megatron_cropi.parallel import LaunchError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DryRunError, LaunchError) as err:
+        print(f"cropi {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Strict YAML → frozen-dataclass loading.
+
+Every ``*Config`` in the package is a ``@dataclass(frozen=True, kw_only=True)``. :func:`from_dict`
+builds one from a plain mapping and rejects what a typo or a wrong value would otherwise let through
+silently: unknown keys, wrong types, out-of-range values. Each error names the dotted key path, the
+value and what was expected, e.g.::
+
+    ConfigError: model.hidden_size: expected int, got '64x' (str)
+    ConfigError: parallel.tensor_model_parallel_size: must be >= 1, got 0
+
+Range checks live in each dataclass's ``__post_init__`` through :func:`require`; the loader prefixes
+the path of the section being built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from pathlib import Path
+from typing import Any, Literal, Mapping, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+__all__ = ["ConfigError", "from_dict", "to_dict", "load_yaml", "require"]
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range.
+
+    Attributes:
+        key: dotted key path (``"model.hidden_size"``), empty for the whole document.
+        message: what was wrong and what was expected.
+    """
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        self.message = message
+        super().__init__(f"{key}: {message}" if key else message)
+
+    def under(self, prefix: str) -> "ConfigError":
+        """The same error with ``prefix`` prepended to its key path."""
+        if not prefix:
+            return self
+        return ConfigError(f"{prefix}.{self.key}" if self.key else prefix, self.message)
+
+
+def require(ok: bool, key: str, value: Any, expected: str) -> None:
+    """Raise :class:`ConfigError` for ``key`` unless ``ok``; ``expected`` says what is allowed."""
+    if not ok:
+        raise ConfigError(key, f"{expected}, got {value!r}")
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    if origin is not None:
+        return repr(tp).replace("typing.", "")
+    return getattr(tp, "__name__", repr(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert containers; raise ConfigError."""
+    if tp is Any:
+        return value
+    origin = get_origin(tp)
+    if origin is Literal:
+        if value in get_args(tp) and type(value) in {type(a) for a in get_args(tp)}:
+            return value
+        raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as err:
+                errors.append(err)
+        raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(key, f"expected a mapping, got {value!r} ({type(value).__name__})")
+        return from_dict(tp, value, _prefix=key)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"expected a list, got {value!r} ({type(value).__name__})")
+        args = get_args(tp)
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            items = [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+        elif origin is tuple and args:
+            if len(value) != len(args):
+                raise ConfigError(key, f"expected a list of {len(args)} items, got {len(value)}")
+            items = [_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+        else:
+            items = [_convert(v, args[0] if args else Any, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(key, f"expected a mapping, got {value!r} ({type(value).__name__})")
+        kt, vt = get_args(tp) or (str, Any)
+        return {_convert(k, kt, key): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-6" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is bool or tp is str:
+        if isinstance(value, tp):
+            return value
+    elif isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any] | None, *, _prefix: str = "") -> T:
+    """Build the dataclass ``cls`` from ``data``, strictly.
+
+    Args:
+        cls: a (frozen) dataclass type.
+        data: the mapping read from YAML; ``None`` means all defaults.
+
+    Raises:
+        ConfigError: naming the dotted key for an unknown key, a missing required key, a wrong type,
+            or a value rejected by the dataclass's ``__post_init__``.
+    """
+    data = {} if data is None else data
+    if not isinstance(data, Mapping):
+        raise ConfigError(_prefix, f"expected a mapping, got {data!r} ({type(data).__name__})")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = f"{_prefix}.{unknown[0]}" if _prefix else str(unknown[0])
+        raise ConfigError(key, f"unknown key; {cls.__name__} accepts: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _convert(value, hints[name], f"{_prefix}.{name}" if _prefix else name)
+    missing = [
+        n for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        key = f"{_prefix}.{missing[0]}" if _prefix else missing[0]
+        raise ConfigError(key, f"required key is missing ({cls.__name__})")
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise err.under(_prefix) from None
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain-data form of a config (tuples become lists), for YAML/JSON dumps and hashing."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping from ``path``; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("", f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError("", f"{path}: not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("", f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+

@@ -1,0 +1,86 @@
+"""The run's configuration tree: one frozen dataclass per step, composed into :class:`RunConfig`.
+
+A YAML file maps onto it section by section::
+
+    run:       {output_dir: runs/tiny, seed: 1234}
+    parallel:  {tensor_model_parallel_size: 1, pipeline_model_parallel_size: 1}
+    model:     {preset: tiny, transformer: {num_layers: 2}}
+
+Each section's dataclass lives beside the code that uses it; this module only composes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megatron_cropi.config.loader import from_dict, load_yaml, require, to_dict
+from megatron_cropi.model.config import ModelConfig
+
+__all__ = ["RunSection", "ParallelConfig", "RunConfig", "load_run_config"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSection:
+    """Where a run writes and how it is seeded."""
+
+    output_dir: str = "runs/default"
+    """Every artefact of the run (stores, checkpoints, TensorBoard, reports) goes under here."""
+    seed: int = 1234
+    """Base seed; every random choice derives from it and stable ids, never from rank or time."""
+    num_threads: int = 0
+    """torch intra-op threads per process; 0 = cores ÷ local processes (1 when oversubscribed)."""
+
+    def __post_init__(self):
+        require(bool(self.output_dir), "output_dir", self.output_dir, "must be a non-empty path")
+        require(self.seed >= 0, "seed", self.seed, "must be >= 0")
+        require(self.num_threads >= 0, "num_threads", self.num_threads, "must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """Model parallelism; data parallelism is whatever the world size leaves (world ÷ TP×PP)."""
+
+    tensor_model_parallel_size: int = 1
+    """TP: each linear layer split over this many ranks."""
+    pipeline_model_parallel_size: int = 1
+    """PP: layers split into this many stages."""
+    num_microbatches: int = 1
+    """Micro-batches per training step through Megatron's pipeline schedule."""
+
+    def __post_init__(self):
+        for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "num_microbatches"):
+            value = getattr(self, key)
+            require(1 <= value <= 4096, key, value, "must be between 1 and 4096")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """The whole configuration of a ``cropi`` command."""
+
+    run: RunSection = field(default_factory=RunSection)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def __post_init__(self):
+        errors = self.model.layout_errors(self.parallel.tensor_model_parallel_size,
+                                          self.parallel.pipeline_model_parallel_size)
+        require(not errors, "parallel", "; ".join(errors), "a layout the model can be split into")
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.run.output_dir)
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Load and validate a YAML run config; :class:`~megatron_cropi.config.loader.ConfigError` names
+    the file's bad key, value and what was expected."""
+    from megatron_cropi.config.loader import ConfigError
+
+    try:
+        return from_dict(RunConfig, load_yaml(path))
+    except ConfigError as err:
+        raise ConfigError(err.key, f"{err.message} (in {path})") from None

@@ -1,0 +1,1 @@
+"""The policy model: config and presets, the GPTModel provider, global parameter identity."""

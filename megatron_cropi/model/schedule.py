@@ -1,0 +1,90 @@
+"""One call into Megatron's pipeline schedules with this run's groups passed explicitly.
+
+Every forward/backward of the package (POPI capture, GRPO steps, log-prob passes) goes through
+:func:`forward_backward`, so PP scheduling is always Megatron's own ``get_forward_backward_func``.
+
+Loss contract (megatron-core 0.16+): ``forward_step_func(data_iterator, model)`` returns
+``(output_tensor, loss_func)``; on the last stage ``loss_func(output_tensor)`` returns
+``(loss, reduced_dict)`` and Megatron divides ``loss`` by ``num_microbatches`` before backward. Our
+losses are already normalised over the whole step, so :func:`scale_for_schedule` undoes that division.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import torch
+
+from megatron_cropi.parallel import ParallelGroups
+
+__all__ = ["forward_backward", "scale_for_schedule", "causal_attention_mask", "broadcast_from_last_stage"]
+
+
+def scale_for_schedule(loss: torch.Tensor, num_microbatches: int) -> torch.Tensor:
+    """``loss × num_microbatches``: after Megatron's division by M the gradient is that of ``loss``."""
+    return loss * num_microbatches
+
+
+def causal_attention_mask(seq_len: int, device: torch.device) -> torch.Tensor:
+    """``[1, 1, S, S]`` bool mask, True = masked (Megatron's convention); future positions masked."""
+    return torch.triu(torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)
+
+
+def forward_backward(
+    model,
+    groups: ParallelGroups,
+    *,
+    forward_step_func: Callable,
+    data_iterator: Iterator[Any],
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+    forward_only: bool = False,
+) -> list[dict]:
+    """Run Megatron's schedule for this pipeline layout over ``num_microbatches`` micro-batches.
+
+    Args:
+        model: this rank's model stage (a module, or a one-element list of it).
+        groups: process groups; passed to Megatron as ``pg_collection`` (and a p2p communicator
+            for PP > 1).
+        forward_step_func: see the module docstring.
+        data_iterator: yields one micro-batch per call, on every stage (stages other than the first
+            use only what their loss or masks need).
+        seq_length, micro_batch_size: activation shape ``[seq_length, micro_batch_size, hidden]``
+            sent between stages; every micro-batch must be padded to it.
+        forward_only: no backward (log-prob passes).
+
+    Returns:
+        The per-micro-batch ``reduced_dict`` values on the last stage, ``[]`` elsewhere.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    models = model if isinstance(model, list) else [model]
+    fb = get_forward_backward_func(pp_size=groups.pp_size)
+    kwargs = dict(pg_collection=groups.pg_collection)
+    if groups.pp_size > 1:
+        from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+        kwargs["p2p_communicator"] = P2PCommunicator(pp_group=groups.pp, config=models[0].config)
+    return fb(
+        forward_step_func=forward_step_func,
+        data_iterator=data_iterator,
+        model=models,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+        **kwargs,
+    )
+
+
+def broadcast_from_last_stage(value: torch.Tensor | None, groups: ParallelGroups, *, shape, dtype) -> torch.Tensor:
+    """Share a tensor computed on the last pipeline stage with every stage of this PP group."""
+    import torch.distributed as dist
+
+    if groups.pp_size == 1:
+        return value
+    value = torch.empty(shape, dtype=dtype, device=groups.device) if value is None else value.contiguous()
+    src = dist.get_global_rank(groups.pp, groups.pp_size - 1)
+    dist.broadcast(value, src=src, group=groups.pp)
+    return value

@@ -1,0 +1,184 @@
+"""Distributed initialisation and the process groups of one run.
+
+This is the only module of the package that touches ``megatron.core.parallel_state`` (a unit test
+greps for it). Everything else receives a :class:`ParallelGroups` value and passes its groups on
+explicitly: ``pg_collection=`` to Megatron models and schedules, ``group=`` to collectives.
+
+Layout (Megatron's default order ``tp-cp-ep-dp-pp``): ranks are grouped TP-fastest, then DP, then PP,
+so ``world_size = TP × DP × PP``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_cropi.cpu_runtime import apply_cpu_runtime, default_device
+
+__all__ = [
+    "LaunchError",
+    "ParallelGroups",
+    "init_distributed",
+    "build_parallel_groups",
+    "destroy_parallel_groups",
+    "check_layout",
+]
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+class LaunchError(RuntimeError):
+    """The process was not started the way a distributed run must be, or the layout cannot fit."""
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    """The process groups and coordinates of this rank; built once, passed everywhere.
+
+    Attributes:
+        rank, world_size, local_rank: global coordinates from torchrun.
+        tp_size, pp_size, dp_size: parallel degrees (``world_size == tp_size * pp_size * dp_size``).
+        tp_rank, pp_rank, dp_rank: this rank's coordinate in each group.
+        tp, pp, dp: the groups (``torch.distributed.ProcessGroup``).
+        pg_collection: Megatron's ``ProcessGroupCollection`` for models, schedules and optimizers.
+        device: where this rank's tensors live (``cuda:local_rank`` or ``cpu``).
+        backend: ``"nccl"`` or ``"gloo"``.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    tp_size: int
+    pp_size: int
+    dp_size: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    tp: object
+    pp: object
+    dp: object
+    pg_collection: object
+    device: torch.device
+    backend: str
+
+    @property
+    def is_first_stage(self) -> bool:
+        """This rank holds the embedding (pre_process)."""
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        """This rank holds the output layer and computes the loss (post_process)."""
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def is_metrics_rank(self) -> bool:
+        """The one rank that writes logs and progress: first TP and DP rank of the last stage."""
+        return self.is_last_stage and self.tp_rank == 0 and self.dp_rank == 0
+
+
+def check_layout(world_size: int, tp: int, pp: int) -> int:
+    """Return the data-parallel size of ``world_size`` ranks at TP×PP, or raise :class:`LaunchError`."""
+    if tp < 1 or pp < 1:
+        raise LaunchError(f"tensor/pipeline parallel sizes must be >= 1, got TP={tp} PP={pp}")
+    if world_size % (tp * pp) != 0:
+        raise LaunchError(
+            f"world size {world_size} is not divisible by TP×PP = {tp}×{pp} = {tp * pp}; launch a "
+            f"multiple of {tp * pp} processes (e.g. torchrun --nproc-per-node {tp * pp}) or change "
+            "parallel.tensor_model_parallel_size / parallel.pipeline_model_parallel_size"
+        )
+    return world_size // (tp * pp)
+
+
+def init_distributed(*, backend: str | None = None, timeout_s: float = 600.0, allow_single: bool = False) -> str:
+    """Initialise ``torch.distributed`` from torchrun's environment; return the backend used.
+
+    Args:
+        backend: ``"nccl"``/``"gloo"``; default NCCL when CUDA is available, else gloo.
+        timeout_s: collective timeout.
+        allow_single: with no torchrun environment at all, start a one-process world on a free
+            local port instead of failing (used by single-process CLI runs at TP=PP=1).
+
+    Raises:
+        LaunchError: torchrun's variables are missing (the message says how to launch).
+    """
+    if dist.is_initialized():
+        return dist.get_backend()
+    missing = [v for v in _TORCHRUN_VARS if v not in os.environ]
+    if missing and allow_single and len(missing) == len(_TORCHRUN_VARS):
+        from megatron_cropi.utils.net import free_port
+
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+        missing = []
+    if missing:
+        raise LaunchError(
+            "torch.distributed environment not found (missing " + ", ".join(missing) + "). Launch with "
+            "torchrun, e.g. `torchrun --nproc-per-node 2 -m megatron_cropi.cli run CONFIG`; one node of "
+            "N processes needs --nproc-per-node N, several nodes also --nnodes, --node-rank and "
+            "--rdzv-endpoint (see examples/)."
+        )
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    apply_cpu_runtime()
+    return backend
+
+
+def build_parallel_groups(tp: int, pp: int, *, seed: int = 1234) -> ParallelGroups:
+    """Create Megatron's TP/PP/DP groups for this world and seed its RNG tracker.
+
+    Args:
+        tp: tensor-model-parallel size.
+        pp: pipeline-model-parallel size.
+        seed: base seed for ``model_parallel_cuda_manual_seed`` (TP ranks get distinct streams,
+            the default stream is shared across TP ranks).
+
+    Raises:
+        LaunchError: ``torch.distributed`` is not initialised, or the world does not fit TP×PP.
+    """
+    if not dist.is_initialized():
+        raise LaunchError("torch.distributed is not initialised; call init_distributed() first")
+    apply_cpu_runtime()
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    world = dist.get_world_size()
+    dp = check_layout(world, tp, pp)
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    pgc = ProcessGroupCollection.use_mpu_process_groups()
+    return ParallelGroups(
+        rank=dist.get_rank(),
+        world_size=world,
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        tp_size=tp,
+        pp_size=pp,
+        dp_size=dp,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        tp=parallel_state.get_tensor_model_parallel_group(),
+        pp=parallel_state.get_pipeline_model_parallel_group(),
+        dp=parallel_state.get_data_parallel_group(),
+        pg_collection=pgc,
+        device=default_device(),
+        backend=dist.get_backend(),
+    )
+
+
+def destroy_parallel_groups(*, process_group: bool = False) -> None:
+    """Tear down Megatron's groups (and the default process group if ``process_group``)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if process_group and dist.is_initialized():
+        dist.destroy_process_group()

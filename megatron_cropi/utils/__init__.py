@@ -1,0 +1,1 @@
+"""Small shared helpers: ports, atomic file writes, hashing."""

@@ -1,0 +1,30 @@
+"""Test tiers (see also tests/README.md):
+
+* ``tests/unit``: no processes, no devices; milliseconds to seconds.
+* ``tests/distributed``: real megatron-core on gloo, 2-4 spawned ranks (``megatron_cropi.testing.spawn``).
+* ``tests/gpu``: marked ``gpu``; skipped without CUDA.
+"""
+
+import os
+import warnings
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs CUDA (and Transformer Engine / CUDA vLLM where named)")
+    config.addinivalue_line("markers", "slow: takes more than ~30 s on the 2-core CPU box")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
