@@ -21,38 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from megatron_cropi.parallel import ParallelGroups
+from megatron_cropi.projection.base import ShardSpec
 
 __all__ = ["ShardSpec", "ParamLayout", "param_layouts", "init_params_by_global_name", "assemble_global_tensors"]
-
-
-@dataclass(frozen=True)
-class ShardSpec:
-    """A block of a global parameter: ``global[offset[d] : offset[d] + shape[d]]`` for every dim d.
-
-    Attributes:
-        global_name: the parameter's name in the unsharded TP=1/PP=1 model.
-        global_shape: its full shape.
-        offset: the block's start index in every dimension.
-        shape: the block's extent in every dimension.
-    """
-
-    global_name: str
-    global_shape: tuple[int, ...]
-    offset: tuple[int, ...]
-    shape: tuple[int, ...]
-
-    def __post_init__(self):
-        if not (len(self.global_shape) == len(self.offset) == len(self.shape)):
-            raise ValueError(f"{self.global_name}: global_shape, offset and shape must have the same rank")
-        for d, (g, o, s) in enumerate(zip(self.global_shape, self.offset, self.shape)):
-            if o < 0 or s < 0 or o + s > g:
-                raise ValueError(
-                    f"{self.global_name}: block [{o}:{o + s}) of dim {d} lies outside the global shape "
-                    f"{tuple(self.global_shape)}"
-                )
-
-    def global_slices(self) -> tuple[slice, ...]:
-        return tuple(slice(o, o + s) for o, s in zip(self.offset, self.shape))
 
 
 @dataclass(frozen=True)

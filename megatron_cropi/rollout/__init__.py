@@ -1,0 +1,1 @@
+"""Rollouts: records, engines (vLLM, native Megatron sampler), and the trajectory store."""
