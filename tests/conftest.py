@@ -1,4 +1,4 @@
-"""Test tiers (see also tests/README.md):
+"""Test tiers:
 
 * ``tests/unit``: no processes, no devices; milliseconds to seconds.
 * ``tests/distributed``: real megatron-core on gloo, 2-4 spawned ranks (``megatron_cropi.testing.spawn``).
@@ -12,11 +12,6 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs CUDA (and Transformer Engine / CUDA vLLM where named)")
-    config.addinivalue_line("markers", "slow: takes more than ~30 s on the 2-core CPU box")
 
 
 def pytest_collection_modifyitems(config, items):

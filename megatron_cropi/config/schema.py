@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_cropi.config.loader import from_dict, load_yaml, require, to_dict
+from megatron_cropi.config.loader import ConfigError, from_dict, load_yaml, require, to_dict
 from megatron_cropi.model.config import ModelConfig
 
 __all__ = ["RunSection", "ParallelConfig", "RunConfig", "load_run_config"]
@@ -65,7 +65,8 @@ class RunConfig:
     def __post_init__(self):
         errors = self.model.layout_errors(self.parallel.tensor_model_parallel_size,
                                           self.parallel.pipeline_model_parallel_size)
-        require(not errors, "parallel", "; ".join(errors), "a layout the model can be split into")
+        if errors:
+            raise ConfigError("parallel", "the model cannot be split this way: " + "; ".join(errors))
 
     @property
     def output_dir(self) -> Path:
@@ -78,8 +79,6 @@ class RunConfig:
 def load_run_config(path: str | Path) -> RunConfig:
     """Load and validate a YAML run config; :class:`~megatron_cropi.config.loader.ConfigError` names
     the file's bad key, value and what was expected."""
-    from megatron_cropi.config.loader import ConfigError
-
     try:
         return from_dict(RunConfig, load_yaml(path))
     except ConfigError as err:

@@ -1,0 +1,82 @@
+"""Config loading: unknown keys, wrong types and out-of-range values name the key and the value."""
+
+import textwrap
+
+import pytest
+
+from megatron_cropi.config.loader import ConfigError, from_dict
+from megatron_cropi.config.schema import RunConfig, load_run_config
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_example_config_loads():
+    cfg = load_run_config("examples/configs/tiny_cpu.yaml")
+    assert cfg.model.preset == "cpu-default"
+    assert cfg.model.transformer["normalization"] == "RMSNorm"
+    assert cfg.model.transformer["gated_linear_unit"] is True
+    assert cfg.parallel.tensor_model_parallel_size == 1
+
+
+@pytest.mark.parametrize(
+    "text, key, fragment",
+    [
+        ("run: {ouput_dir: x}", "run.ouput_dir", "unknown key"),
+        ("parallel: {tensor_model_parallel_size: two}", "parallel.tensor_model_parallel_size", "expected int"),
+        ("parallel: {tensor_model_parallel_size: 0}", "parallel.tensor_model_parallel_size", "between 1 and"),
+        ("parallel: {tensor_model_parallel_size: true}", "parallel.tensor_model_parallel_size", "expected int"),
+        ("model: {preset: tiny, params_dtype: float64}", "model.params_dtype", "one of"),
+        ("model: {preset: huge}", "model.preset", "expected one of"),
+        ("model: {transformer: {hiden_size: 8}}", "model.transformer.hiden_size", "TransformerConfig"),
+        ("model: {transformer: {activation_func: relu}}", "model.transformer.activation_func", "model.activation"),
+        ("model: {transformer: {num_layers: -1}}", "model.transformer.num_layers", ">= 1"),
+        ("model: {transformer: {num_query_groups: 3}}", "model.transformer.num_query_groups", "divide"),
+        ("model: {preset: custom}", "model.vocab_size", "required"),
+        ("run: {seed: -3}", "run.seed", ">= 0"),
+        ("model: [1, 2]", "model", "expected a mapping"),
+    ],
+)
+def test_bad_values_name_key_and_value(tmp_path, text, key, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_run_config(_write(tmp_path, text))
+    assert info.value.key == key
+    assert fragment in str(info.value)
+    assert "cfg.yaml" in str(info.value)
+
+
+def test_layout_the_model_cannot_take_is_rejected(tmp_path):
+    text = "parallel: {tensor_model_parallel_size: 8}\nmodel: {preset: tiny}"
+    with pytest.raises(ConfigError) as info:
+        load_run_config(_write(tmp_path, text))
+    assert info.value.key == "parallel"
+    assert "num_attention_heads=4 is not divisible by TP=8" in str(info.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_run_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_run_config(_write(tmp_path, "run: {output_dir: [unclosed"))
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_run_config(_write(tmp_path, "- a\n- b\n"))
+
+
+def test_yaml_scientific_floats_and_presets_resolve():
+    cfg = from_dict(RunConfig, {"model": {"preset": "qwen2.5-7b", "rotary_base": "1e6"}})
+    assert cfg.model.rotary_base == 1e6
+    assert cfg.model.tie_word_embeddings is False
+    assert cfg.model.num_query_groups == 4
+    # parameter count of Qwen2.5-7B (7.62e9 published) within 1%
+    assert abs(cfg.model.num_parameters() - 7.62e9) / 7.62e9 < 0.01
+    small = from_dict(RunConfig, {"model": {"preset": "qwen2.5-1.5b"}})
+    assert abs(small.model.num_parameters() - 1.54e9) / 1.54e9 < 0.01
+
+
+def test_config_is_frozen():
+    cfg = from_dict(RunConfig, {})
+    with pytest.raises(Exception):
+        cfg.run.seed = 3
