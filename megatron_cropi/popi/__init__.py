@@ -1,0 +1,1 @@
+"""POPI: the off-policy policy-gradient loss scored per prompt, its batches, and its capture."""

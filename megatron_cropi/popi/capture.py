@@ -1,0 +1,163 @@
+"""Projected per-prompt POPI gradients from a Megatron model under any TP/PP layout.
+
+:class:`PopiCapture` runs the POPI loss (:mod:`megatron_cropi.popi.loss`) through Megatron's own
+schedule (:func:`megatron_cropi.model.schedule.forward_backward`), with a gradient tap
+(:mod:`megatron_cropi.popi.hooks`) that projects each rank's gradient shards as they appear. The
+partial k-vectors are then summed over the TP group and then the PP group: only ``[prompts, k]``
+floats ever cross ranks.
+
+Modes (must agree to float error):
+
+* ``per_prompt`` (a): one prompt per micro-batch, one backward each.
+* ``batched`` (b): many prompts per micro-batch; frozen weights; per-prompt gradients formed per layer
+  from its input and output gradient.
+
+Non-finite log-probs, losses or sketches flag the prompt (its sketch is zeroed) and the run goes on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from megatron_cropi.model.logprobs import vocab_parallel_logprobs
+from megatron_cropi.model.params import ParamLayout, param_layouts
+from megatron_cropi.model.schedule import broadcast_from_last_stage, causal_attention_mask, forward_backward, scale_for_schedule
+from megatron_cropi.parallel import ParallelGroups
+from megatron_cropi.popi.batch import PopiMicrobatch
+from megatron_cropi.popi.hooks import BatchedTap, PerPromptTap
+from megatron_cropi.popi.loss import PopiLossConfig, popi_group_losses
+
+__all__ = ["CaptureOutput", "PopiCapture", "select_layouts"]
+
+
+@dataclass(frozen=True)
+class CaptureOutput:
+    """Result of one capture call.
+
+    Attributes:
+        sketches: ``[R, k]`` float32 on CPU: projected POPI gradient of each row (zeros where not finite).
+        finite: ``[R]`` bool: False where log-probs, loss or gradient were NaN/inf.
+    """
+
+    sketches: torch.Tensor
+    finite: torch.Tensor
+
+
+def select_layouts(model, groups: ParallelGroups, *, include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()
+                   ) -> dict[str, ParamLayout]:
+    """Layouts of the parameters to score: all, or those whose *global* name matches ``include``
+    (regexes, any), minus ``exclude``."""
+    import re
+
+    out = {}
+    for name, layout in param_layouts(model, groups).items():
+        g = layout.global_name
+        if include and not any(re.search(p, g) for p in include):
+            continue
+        if any(re.search(p, g) for p in exclude):
+            continue
+        out[name] = layout
+    return out
+
+
+def _sum_over_model_parallel(partial: torch.Tensor, g: ParallelGroups) -> torch.Tensor:
+    """Sum partial sketches over the TP group, then the PP group (TODO: projection.reduce)."""
+    import torch.distributed as dist
+
+    if g.tp_size > 1:
+        dist.all_reduce(partial, group=g.tp)
+    if g.pp_size > 1:
+        dist.all_reduce(partial, group=g.pp)
+    return partial
+
+
+class PopiCapture:
+    """Captures projected per-prompt gradients of the POPI loss.
+
+    Args:
+        model: this rank's ``GPTModel`` stage.
+        groups: process groups.
+        projector: a :class:`~megatron_cropi.projection.base.Projector` (same seed on every rank).
+        mode: ``"per_prompt"`` or ``"batched"``.
+        loss_cfg: POPI loss options.
+        temperature: T of the behaviour distribution; current log-probs use the same T so that
+            ``ρ = 1`` at θ = β.
+        layouts: parameters to score (default: all, :func:`select_layouts`).
+    """
+
+    def __init__(self, model, groups: ParallelGroups, projector, *, mode: Literal["per_prompt", "batched"],
+                 loss_cfg: PopiLossConfig = PopiLossConfig(), temperature: float = 1.0,
+                 layouts: dict[str, ParamLayout] | None = None):
+        if mode not in ("per_prompt", "batched"):
+            raise ValueError(f"capture mode must be 'per_prompt' or 'batched', got {mode!r}")
+        self.model, self.groups, self.projector = model, groups, projector
+        self.mode, self.loss_cfg, self.temperature = mode, loss_cfg, temperature
+        self.layouts = layouts if layouts is not None else select_layouts(model, groups)
+
+    def run(self, microbatches: list[PopiMicrobatch], num_rows: int, responses_per_prompt: int) -> CaptureOutput:
+        """Capture the groups of ``microbatches``; ``mb.rows`` index ``[0, num_rows)``.
+
+        Every rank of a model-parallel group must pass the same micro-batches.
+        """
+        if not microbatches:
+            return CaptureOutput(torch.zeros(0, self.projector.k), torch.zeros(0, dtype=torch.bool))
+        g = self.groups
+        device = g.device
+        k = responses_per_prompt
+        seq = microbatches[0].tokens.shape[1]
+        n_seq = microbatches[0].tokens.shape[0]
+        if self.mode == "per_prompt" and any(mb.num_groups != 1 or n_seq != k for mb in microbatches):
+            raise ValueError("per_prompt capture needs exactly one prompt (K sequences) per micro-batch")
+        partial = torch.zeros(num_rows, self.projector.k, dtype=torch.float32, device=device)
+        finite_rows = torch.ones(num_rows, dtype=torch.bool, device=device)
+        mask = causal_attention_mask(seq, device)
+        num_mb = len(microbatches)
+        tap = (PerPromptTap(self.model, self.layouts, self.projector, partial) if self.mode == "per_prompt"
+               else BatchedTap(self.model, self.layouts, self.projector, partial, k))
+
+        def forward_step(data_iterator, model):
+            mb_id, mb = next(data_iterator)
+            mb = mb.to(device)
+            rows = torch.tensor(mb.rows, dtype=torch.long, device=device)
+            if isinstance(tap, BatchedTap):
+                tap.begin_microbatch(mb_id, rows)
+            out = model(input_ids=mb.tokens, position_ids=mb.position_ids, attention_mask=mask)
+            if isinstance(tap, PerPromptTap):
+                tap.on_stage_output(out, mb.rows[0])
+
+            def loss_func(logits):
+                logp = vocab_parallel_logprobs(logits, mb.labels, tp_group=g.tp, tp_rank=g.tp_rank,
+                                               temperature=self.temperature)
+                # A non-finite log-prob flags its prompt; its terms are cut out of the graph so the
+                # backward of the other prompts in the batch stays clean.
+                bad_tok = ~torch.isfinite(logp) & (mb.mask > 0)
+                gid = mb.group_index.clamp(min=0)
+                bad_group = torch.zeros(mb.num_groups + 1, dtype=torch.bool, device=device)
+                bad_group.index_put_((gid[bad_tok.any(-1)],), torch.tensor(True, device=device))
+                bad_seq = bad_group[gid] & (mb.group_index >= 0)
+                logp = torch.where(bad_seq[:, None], torch.zeros_like(logp).detach(), logp)
+                blp = torch.where(bad_seq[:, None], torch.zeros_like(logp), mb.behaviour_logprobs)
+                gindex = torch.where(bad_seq, torch.full_like(mb.group_index, -1), mb.group_index)
+                losses = popi_group_losses(logp, blp, mb.mask, mb.rewards, gindex, mb.num_groups, self.loss_cfg)
+                ok = torch.isfinite(losses) & ~bad_group[: mb.num_groups]
+                total = torch.where(ok, losses, torch.zeros_like(losses)).sum()
+                return scale_for_schedule(total, num_mb), {"rows": rows, "ok": ok.detach().clone()}
+
+            return out, loss_func
+
+        with tap:
+            reduced = forward_backward(self.model, g, forward_step_func=forward_step,
+                                       data_iterator=iter(list(enumerate(microbatches))),
+                                       num_microbatches=num_mb, seq_length=seq, micro_batch_size=n_seq)
+        if g.is_last_stage:
+            for item in reduced:
+                finite_rows[item["rows"]] = item["ok"]
+        finite_rows = broadcast_from_last_stage(finite_rows.to(torch.uint8), g, shape=(num_rows,),
+                                                dtype=torch.uint8).bool()
+        sketches = _sum_over_model_parallel(partial, g)
+        finite_rows &= torch.isfinite(sketches).all(dim=-1)
+        sketches = torch.where(finite_rows[:, None], sketches, torch.zeros_like(sketches))
+        return CaptureOutput(sketches.cpu(), finite_rows.cpu())

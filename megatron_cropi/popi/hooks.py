@@ -1,0 +1,245 @@
+"""Gradient taps that turn Megatron's backward into projected per-prompt gradients.
+
+Two taps, installed by context managers that remove every hook (and restore ``requires_grad``) on
+exit:
+
+* :class:`PerPromptTap` (capture mode a): one prompt per micro-batch. A hook on each parameter's
+  ``AccumulateGrad`` projects the freshly accumulated gradient shard and frees it at once, so no full
+  gradient is ever held. The stage output's gradient hook tells which micro-batch's backward runs
+  (1F1B interleaves forwards and backwards).
+* :class:`BatchedTap` (capture mode b): many prompts per micro-batch, parameters frozen so Megatron
+  skips its weight-gradient GEMMs (``linear_with_frozen_weight``). Forward hooks on
+  Column/RowParallelLinear, norms and the vocab-parallel embedding keep the layer input; a hook on the
+  layer output's gradient forms the per-prompt gradients of that layer
+  (:mod:`megatron_cropi.popi.per_sample`), projects them and drops them. Each closure carries its
+  micro-batch id, so interleaved schedules are handled.
+
+Both add into ``partial[row]`` (``[num_rows, k]`` float32), this rank's share of each prompt's sketch;
+TP-replicated parameters are projected on TP rank 0 only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+
+from megatron_cropi.model.params import ParamLayout
+from megatron_cropi.popi.per_sample import (
+    grouped_bias_grads,
+    grouped_embedding_grads,
+    grouped_linear_weight_grads,
+    grouped_norm_grads,
+)
+
+__all__ = ["PerPromptTap", "BatchedTap", "UnsupportedParameterError"]
+
+
+class UnsupportedParameterError(RuntimeError):
+    """A parameter selected for scoring is not reachable by the batched tap."""
+
+
+def _project_into(partial: torch.Tensor, rows: torch.Tensor, projector, layout: ParamLayout, grads: torch.Tensor):
+    """Project per-row gradients ``[R, *local_shape]`` of one parameter into ``partial[rows]``."""
+    for local_slices, spec in layout.pieces:
+        sketch = projector.project(grads[(slice(None),) + local_slices], spec)
+        partial.index_add_(0, rows, sketch.to(partial.device))
+
+
+class PerPromptTap(contextlib.AbstractContextManager):
+    """Mode a: project each parameter's gradient right after it accumulates, then free it.
+
+    Args:
+        model: this rank's model stage.
+        layouts: ``{local_name: ParamLayout}`` of the parameters to score.
+        projector: a :class:`~megatron_cropi.projection.base.Projector`.
+        partial: ``[num_rows, k]`` float32 accumulator.
+    """
+
+    def __init__(self, model, layouts: dict[str, ParamLayout], projector, partial: torch.Tensor):
+        self.model, self.layouts, self.projector, self.partial = model, layouts, projector, partial
+        self.current_row: int | None = None
+        self._handles: list = []
+        self._saved_requires_grad: dict[str, bool] = {}
+
+    def on_stage_output(self, output: torch.Tensor, row: int) -> None:
+        """Call in the forward step: the backward reaching ``output`` belongs to ``row``."""
+
+        def mark(grad, row=row):
+            self.current_row = row
+            return grad
+
+        if output.requires_grad:
+            output.register_hook(mark)
+
+    def _hook(self, layout: ParamLayout) -> Callable:
+        def hook(param):
+            if param.grad is None:
+                return
+            if layout.owned:
+                if self.current_row is None:
+                    raise RuntimeError("gradient arrived before any micro-batch output was marked")
+                rows = torch.tensor([self.current_row], device=self.partial.device)
+                _project_into(self.partial, rows, self.projector, layout, param.grad.unsqueeze(0))
+            param.grad = None
+
+        return hook
+
+    def __enter__(self):
+        for name, p in self.model.named_parameters():
+            self._saved_requires_grad[name] = p.requires_grad
+            p.requires_grad_(name in self.layouts)
+            p.grad = None
+            if name in self.layouts:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._hook(self.layouts[name])))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(self._saved_requires_grad.get(name, True))
+            p.grad = None
+        return False
+
+
+class BatchedTap(contextlib.AbstractContextManager):
+    """Mode b: per-prompt gradients from one frozen-weight backward over many prompts.
+
+    Args:
+        model: this rank's model stage (local layer spec: Column/RowParallelLinear, torch norms,
+            VocabParallelEmbedding).
+        layouts: ``{local_name: ParamLayout}`` of the parameters to score.
+        projector: a :class:`~megatron_cropi.projection.base.Projector`.
+        partial: ``[num_rows, k]`` float32 accumulator.
+        responses_per_prompt: K (sequences per group, consecutive in the batch).
+
+    Raises:
+        UnsupportedParameterError: a scored parameter lives in a module the tap cannot see (e.g. a
+            Transformer Engine layer); use capture mode ``per_prompt`` for it.
+    """
+
+    def __init__(self, model, layouts: dict[str, ParamLayout], projector, partial: torch.Tensor,
+                 responses_per_prompt: int):
+        from megatron.core.tensor_parallel.layers import (
+            ColumnParallelLinear,
+            RowParallelLinear,
+            VocabParallelEmbedding,
+        )
+
+        self.model, self.layouts, self.projector, self.partial = model, layouts, projector, partial
+        self.k = responses_per_prompt
+        self.rows_of: dict[int, torch.Tensor] = {}  # micro-batch id -> [G] partial rows
+        self.current_mb: int | None = None
+        self._handles: list = []
+        self._saved_requires_grad: dict[str, bool] = {}
+        by_param = {id(p): layouts[n] for n, p in model.named_parameters() if n in layouts}
+        self._by_param = by_param
+        covered: set[int] = set()
+        self._modules: list[tuple[str, torch.nn.Module]] = []
+        for _, m in model.named_modules():
+            kind = None
+            if isinstance(m, (ColumnParallelLinear, RowParallelLinear)):
+                kind = "linear"
+            elif isinstance(m, (torch.nn.RMSNorm, torch.nn.LayerNorm)):
+                kind = "norm"
+            elif isinstance(m, VocabParallelEmbedding):
+                kind = "embedding"
+            if kind is None:
+                continue
+            self._modules.append((kind, m))
+            for p in m.parameters(recurse=False):
+                covered.add(id(p))
+        missing = [n for n, p in model.named_parameters() if n in layouts and id(p) not in covered]
+        if missing:
+            raise UnsupportedParameterError(
+                "batched capture cannot reach parameters " + ", ".join(missing)
+                + "; use scoring.mode: per_prompt or exclude them with scoring.exclude_params"
+            )
+
+    # -- bookkeeping -------------------------------------------------------------------------------
+    def begin_microbatch(self, mb_id: int, rows: torch.Tensor) -> None:
+        """Call in the forward step before the model runs: rows of this micro-batch's groups."""
+        self.rows_of[mb_id] = rows
+        self.current_mb = mb_id
+
+    def _add(self, param, mb_id: int, grads: torch.Tensor) -> None:
+        layout = self._by_param.get(id(param))
+        if layout is None or not layout.owned:
+            return
+        rows = self.rows_of[mb_id]
+        g = rows.numel()
+        _project_into(self.partial, rows, self.projector, layout, grads[:g])
+
+    # -- hooks -------------------------------------------------------------------------------------
+    def _linear_hook(self, module, args, kwargs, output):
+        x = args[0] if args else kwargs["input_"]
+        weight = kwargs.get("weight") if kwargs.get("weight") is not None else module.weight
+        bias = getattr(module, "bias", None)
+        y = output[0] if isinstance(output, tuple) else output
+        mb = self.current_mb
+        if not y.requires_grad:
+            return
+
+        def on_grad(dy, x=x, weight=weight, bias=bias, mb=mb):
+            if id(weight) in self._by_param:
+                self._add(weight, mb, grouped_linear_weight_grads(x.detach(), dy, self.k))
+            if isinstance(bias, torch.nn.Parameter) and id(bias) in self._by_param:
+                self._add(bias, mb, grouped_bias_grads(dy, self.k))
+
+        y.register_hook(on_grad)
+
+    def _norm_hook(self, module, args, output):
+        x = args[0]
+        mb = self.current_mb
+        if not output.requires_grad:
+            return
+        kind = "RMSNorm" if isinstance(module, torch.nn.RMSNorm) else "LayerNorm"
+        eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
+
+        def on_grad(dy, x=x, mb=mb):
+            dgamma, dbeta = grouped_norm_grads(x.detach(), dy, self.k, kind=kind, eps=eps)
+            if module.weight is not None:
+                self._add(module.weight, mb, dgamma)
+            if dbeta is not None and module.bias is not None:
+                self._add(module.bias, mb, dbeta)
+
+        output.register_hook(on_grad)
+
+    def _embedding_hook(self, module, args, output):
+        ids = args[0]
+        mb = self.current_mb
+        # Parameters are frozen, so nothing upstream requires grad: restart the graph here to get
+        # the gradient of the looked-up rows.
+        out = output.detach().requires_grad_(True)
+
+        def on_grad(dy, ids=ids, mb=mb):
+            grads = grouped_embedding_grads(ids, dy, self.k, vocab_start=module.vocab_start_index,
+                                            vocab_size_local=module.num_embeddings_per_partition)
+            self._add(module.weight, mb, grads)
+
+        out.register_hook(on_grad)
+        return out
+
+    def __enter__(self):
+        for name, p in self.model.named_parameters():
+            self._saved_requires_grad[name] = p.requires_grad
+            p.requires_grad_(False)  # frozen: Megatron's linears skip the weight-gradient GEMM
+            p.grad = None
+        for kind, m in self._modules:
+            if kind == "linear":
+                self._handles.append(m.register_forward_hook(self._linear_hook, with_kwargs=True))
+            elif kind == "norm":
+                self._handles.append(m.register_forward_hook(self._norm_hook))
+            else:
+                self._handles.append(m.register_forward_hook(self._embedding_hook))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(self._saved_requires_grad.get(name, True))
+        self.rows_of.clear()
+        return False
