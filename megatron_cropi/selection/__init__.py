@@ -1,0 +1,1 @@
+"""Selection: influence scores against target sets, and the policies that pick each stage's prompts."""

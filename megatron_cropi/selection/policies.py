@@ -1,0 +1,206 @@
+"""Selection policies: which prompts of the pool train the next stage.
+
+* ``cropi``: top ``m`` by influence (cosine to each target set's direction; several targets fused by
+  reciprocal rank or max). Prompts without a gradient (all rewards equal, or flagged) cannot be picked;
+  when no prompt has one the stage uses the configured fallback policy and says so.
+* the paper's baselines: ``full`` (the whole pool), ``random``, ``learnability`` (top ``m`` by
+  ``p(1−p)`` with ``p`` a pass rate; ties broken at random), ``pass_rate_band`` (random ``m`` among
+  prompts with ``lo ≤ p ≤ hi``).
+
+``m = int(ratio × |pool|)`` over the full pool every stage (re-selection allowed, as in the paper);
+``exclude_previous`` removes earlier stages' picks from the candidates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+import numpy as np
+
+from megatron_cropi.config.loader import require
+from megatron_cropi.selection.scores import cosine_scores, fuse_max, fuse_reciprocal_rank, target_direction, top_m
+
+__all__ = ["SelectionConfig", "Selection", "SelectionInputs", "SelectionError", "select"]
+
+POLICIES = ("cropi", "full", "random", "learnability", "pass_rate_band")
+
+
+class SelectionError(ValueError):
+    """The selection cannot be made as configured (empty pool, ratio too small, no target...)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SelectionConfig:
+    """How each stage's training subset is chosen."""
+
+    policy: Literal["cropi", "full", "random", "learnability", "pass_rate_band"] = "cropi"
+    """Selection policy."""
+    ratio: float = 0.1
+    """Fraction of the pool selected per stage (the paper: 10%)."""
+    fusion: Literal["reciprocal_rank", "max"] = "reciprocal_rank"
+    """How several target sets' scores are combined."""
+    max_target_prompts: int = 100
+    """Target prompts averaged into each target direction (the paper: at most 100, at random)."""
+    use_sign: bool = False
+    """Cosine of sign-gradients instead of gradients."""
+    pass_rate_band: tuple[float, float] = (0.2, 0.8)
+    """``[lo, hi]`` for the pass_rate_band policy."""
+    fallback: Literal["learnability", "random", "full", "error"] = "learnability"
+    """Policy used when cropi has no prompt with a gradient; ``error`` stops the run instead."""
+    exclude_previous: bool = False
+    """Never pick a prompt an earlier stage picked."""
+
+    def __post_init__(self):
+        require(0 < self.ratio <= 1, "ratio", self.ratio, "must be in (0, 1]")
+        require(1 <= self.max_target_prompts <= 1_000_000, "max_target_prompts", self.max_target_prompts,
+                "must be between 1 and 1000000")
+        lo, hi = self.pass_rate_band
+        require(0 <= lo <= hi <= 1, "pass_rate_band", list(self.pass_rate_band), "must satisfy 0 <= lo <= hi <= 1")
+
+
+@dataclass
+class SelectionInputs:
+    """What a policy may look at, for a pool of N prompts.
+
+    Attributes:
+        prompt_ids: ``[N]`` pool prompt ids (store-row order).
+        pass_rates: ``[N]`` pass rates (behaviour or current policy).
+        sources: ``[N]`` dataset / task family of each prompt.
+        features: ``[N, k]`` projected pool gradients (cropi only).
+        usable: ``[N]`` rows with a gradient (status done, nonzero).
+        targets: ``{name: (features [M, k], usable [M])}`` per target set (cropi only).
+        previous: prompt ids picked by earlier stages.
+    """
+
+    prompt_ids: Sequence[str]
+    pass_rates: np.ndarray
+    sources: Sequence[str]
+    features: np.ndarray | None = None
+    usable: np.ndarray | None = None
+    targets: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    previous: set[str] = field(default_factory=set)
+
+
+@dataclass
+class Selection:
+    """A stage's chosen prompts, best first, and how they were chosen."""
+
+    stage: int
+    policy: str
+    rows: list[int]
+    prompt_ids: list[str]
+    scores: list[float]
+    summary: dict
+
+    def to_dict(self) -> dict:
+        return {"stage": self.stage, "policy": self.policy, "rows": self.rows, "prompt_ids": self.prompt_ids,
+                "scores": self.scores, "summary": self.summary}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Selection":
+        return cls(stage=d["stage"], policy=d["policy"], rows=list(d["rows"]), prompt_ids=list(d["prompt_ids"]),
+                   scores=list(d["scores"]), summary=dict(d["summary"]))
+
+
+def _budget(cfg: SelectionConfig, n: int) -> int:
+    if n == 0:
+        raise SelectionError("the pool is empty: nothing to select from (check data.pool and the rollout store)")
+    m = int(cfg.ratio * n)
+    if m == 0:
+        raise SelectionError(f"selection.ratio={cfg.ratio} selects no prompt from a pool of {n}; "
+                             f"use a ratio of at least {1 / n:.3g}")
+    return m
+
+
+def _random_tiebreak(keys: np.ndarray, candidates: np.ndarray, m: int, rng) -> np.ndarray:
+    """Top ``m`` candidates by ``keys`` (descending), ties in random order."""
+    shuffled = rng.permutation(candidates)
+    order = shuffled[np.argsort(-keys[shuffled], kind="stable")]
+    return order[:m]
+
+
+def _cropi(cfg, inp: SelectionInputs, cand: np.ndarray, m: int, seed: int):
+    if not inp.targets:
+        raise SelectionError("policy cropi needs at least one target set (data.targets), found none")
+    per_target, info = [], {}
+    for name, (tf, tu) in sorted(inp.targets.items()):
+        try:
+            direction, chosen = target_direction(tf, tu, max_prompts=cfg.max_target_prompts, seed=seed)
+        except ValueError as err:
+            raise SelectionError(f"target set {name!r}: {err}") from None
+        s = cosine_scores(inp.features, inp.usable, direction, use_sign=cfg.use_sign)
+        mask = np.full_like(s, -np.inf)
+        mask[cand] = s[cand]
+        per_target.append(mask)
+        info[name] = {"target_prompts_used": int(chosen.size)}
+    fused = fuse_reciprocal_rank(per_target, m) if cfg.fusion == "reciprocal_rank" and len(per_target) > 1 \
+        else (per_target[0] if len(per_target) == 1 else fuse_max(per_target))
+    picked = top_m(fused, m)
+    return picked, fused[picked], {"targets": info, "cosine": per_target}
+
+
+def select(cfg: SelectionConfig, inp: SelectionInputs, *, stage: int, seed: int) -> Selection:
+    """Choose stage ``stage``'s prompts; deterministic in ``seed``.
+
+    Raises:
+        SelectionError: empty pool, a ratio that selects nothing, cropi without targets, or no
+            usable prompt with ``fallback: error``.
+    """
+    n = len(inp.prompt_ids)
+    m = _budget(cfg, n)
+    rng = np.random.default_rng([seed, stage])
+    all_rows = np.arange(n)
+    if cfg.exclude_previous and inp.previous:
+        cand = np.array([i for i in all_rows if inp.prompt_ids[i] not in inp.previous], dtype=np.int64)
+    else:
+        cand = all_rows
+    summary: dict = {"pool": n, "budget": m, "candidates": int(cand.size)}
+    policy = cfg.policy
+    p = np.asarray(inp.pass_rates, dtype=np.float64)
+    if policy == "cropi":
+        usable = inp.usable if inp.usable is not None else np.zeros(n, bool)
+        summary["zero_gradient_prompts"] = int((~usable).sum())
+        if not usable[cand].any():
+            if cfg.fallback == "error":
+                raise SelectionError("no prompt of the pool has a gradient (every group's rewards are equal); "
+                                     "set selection.fallback to a baseline policy")
+            summary["fallback"] = f"no prompt had a gradient; used {cfg.fallback}"
+            policy = cfg.fallback
+    if policy == "cropi":
+        picked, scores, extra = _cropi(cfg, inp, cand[usable[cand]], m, seed)
+        summary["targets"] = extra["targets"]
+        if picked.size < m:
+            summary["shortfall"] = f"only {picked.size} prompts had a gradient; selected all of them"
+        fused_all = extra["cosine"][0]
+        finite = fused_all[np.isfinite(fused_all)]
+        if finite.size:
+            summary["cosine_quantiles"] = {q: float(np.quantile(finite, q)) for q in (0.0, 0.5, 0.9, 1.0)}
+    elif policy == "full":
+        picked, scores = cand, np.zeros(cand.size)
+    elif policy == "random":
+        picked = np.sort(rng.choice(cand, size=min(m, cand.size), replace=False))
+        scores = np.zeros(picked.size)
+    elif policy == "learnability":
+        keys = p * (1 - p)
+        picked = _random_tiebreak(keys, cand, m, rng)
+        scores = keys[picked]
+    elif policy == "pass_rate_band":
+        lo, hi = cfg.pass_rate_band
+        band = cand[(p[cand] >= lo) & (p[cand] <= hi)]
+        if band.size == 0:
+            raise SelectionError(f"no prompt has a pass rate in [{lo}, {hi}]")
+        picked = np.sort(rng.choice(band, size=min(m, band.size), replace=False))
+        scores = p[picked]
+    else:  # pragma: no cover - guarded by the config
+        raise SelectionError(f"unknown policy {policy!r}")
+    picked = np.asarray(picked, dtype=np.int64)
+    summary["selected"] = int(picked.size)
+    summary["previous_overlap"] = int(sum(inp.prompt_ids[i] in inp.previous for i in picked))
+    summary["mean_pass_rate"] = float(p[picked].mean()) if picked.size else 0.0
+    mix: dict[str, int] = {}
+    for i in picked:
+        mix[inp.sources[i]] = mix.get(inp.sources[i], 0) + 1
+    summary["source_mix"] = dict(sorted(mix.items(), key=lambda kv: -kv[1]))
+    return Selection(stage=stage, policy=policy, rows=[int(i) for i in picked],
+                     prompt_ids=[inp.prompt_ids[i] for i in picked], scores=[float(s) for s in scores], summary=summary)

@@ -1,0 +1,77 @@
+"""Influence scores: cosine of each prompt's projected gradient with target-set directions.
+
+For a target set ``V`` the direction is the mean projected gradient of at most ``max_prompts``
+randomly chosen prompts of ``V`` that carry a gradient (projection is linear, so this is the
+projection of the mean gradient). A pool prompt's score for ``V`` is
+``cos(P g(s), mean_{v∈V} P g(v))``; with ``use_sign`` both sides are replaced by their signs first.
+Several target sets are fused by reciprocal rank (``Σ_j 1/rank_j(s)`` over the sets whose top-m list
+contains ``s``) or by the max of the cosines. Prompts without a gradient (excluded or flagged) never
+score: their score is ``-inf``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["target_direction", "cosine_scores", "fuse_reciprocal_rank", "fuse_max", "top_m"]
+
+
+def target_direction(features: np.ndarray, usable: np.ndarray, *, max_prompts: int = 100, seed: int = 0
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of at most ``max_prompts`` random usable rows of a target set's ``[M, k]`` features.
+
+    Returns:
+        ``(direction [k] float64, chosen row indices)``.
+
+    Raises:
+        ValueError: no usable row (every target prompt had all-equal rewards or was flagged).
+    """
+    rows = np.flatnonzero(usable)
+    if rows.size == 0:
+        raise ValueError("the target set has no prompt with a gradient (all rewards equal or flagged); "
+                         "sample more responses per target prompt or use another target set")
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.permutation(rows)[:max_prompts])
+    return features[chosen].astype(np.float64).mean(axis=0), chosen
+
+
+def cosine_scores(features: np.ndarray, usable: np.ndarray, direction: np.ndarray, *, use_sign: bool = False
+                  ) -> np.ndarray:
+    """``[N]`` cosines of ``features [N, k]`` with ``direction [k]``; ``-inf`` where not usable."""
+    f = features.astype(np.float64)
+    d = direction.astype(np.float64)
+    if use_sign:
+        f, d = np.sign(f), np.sign(d)
+    dn = np.linalg.norm(d)
+    if dn == 0:
+        raise ValueError("the target direction is exactly zero")
+    norms = np.linalg.norm(f, axis=1)
+    ok = usable & (norms > 0)
+    out = np.full(f.shape[0], -np.inf)
+    out[ok] = (f[ok] @ d) / (norms[ok] * dn)
+    return out
+
+
+def top_m(scores: np.ndarray, m: int) -> np.ndarray:
+    """Indices of the ``m`` highest finite scores, best first (ties broken by index, stable)."""
+    finite = np.flatnonzero(np.isfinite(scores))
+    order = finite[np.argsort(-scores[finite], kind="stable")]
+    return order[:m]
+
+
+def fuse_reciprocal_rank(per_target: list[np.ndarray], m: int) -> np.ndarray:
+    """``Σ_j 1/rank_j(s)`` over target sets ``j`` whose top-``m`` contains ``s`` (else 0); ``-inf``
+    for prompts usable under no target."""
+    n = per_target[0].shape[0]
+    fused = np.zeros(n)
+    for scores in per_target:
+        best = top_m(scores, m)
+        fused[best] += 1.0 / np.arange(1, best.size + 1)
+    usable = np.any([np.isfinite(s) for s in per_target], axis=0)
+    fused[~usable] = -np.inf
+    return fused
+
+
+def fuse_max(per_target: list[np.ndarray]) -> np.ndarray:
+    """The maximum cosine over target sets."""
+    return np.max(np.stack(per_target), axis=0)
