@@ -5,4 +5,10 @@ gradients at the current checkpoint, captured shard by shard under TP/PP → spa
 summed over TP then PP → cosine to target-set gradients → top-fraction selection → GRPO on the subset.
 """
 
+import warnings as _warnings
+
 __version__ = "0.1.0"
+
+# megatron-core announces on every import that the CPU/no-Apex fallbacks are in use; they are expected.
+_warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+_warnings.filterwarnings("ignore", message="Apex is not installed")

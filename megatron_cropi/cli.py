@@ -1,7 +1,9 @@
 """The ``cropi`` command.
 
     cropi check-env [--json]              versions, devices, available backends
+    cropi run CONFIG [--new-run]          the CROPI curriculum: warm-up, rollouts, stages (resumes)
     cropi run --dry-run CONFIG            validate config, parallel layout and paths
+    cropi rollout CONFIG [--split S]      roll a prompt set out into a trajectory store (resumes)
 
 Distributed subcommands run under torchrun (``torchrun --nproc-per-node N -m megatron_cropi.cli ...``).
 """
@@ -33,8 +35,20 @@ def _cmd_run(args) -> int:
         print(json.dumps(summary, indent=2))
         print(f"dry run OK: {args.config}")
         return 0
-    print("cropi run: the full stage loop is not available in this version; use --dry-run", file=sys.stderr)
-    return 2
+    from megatron_cropi.curriculum.controller import run_curriculum
+
+    summary = run_curriculum(cfg, new_run=args.new_run)
+    final = summary.get("final", {})
+    if final:
+        print(json.dumps({"output_dir": summary.get("output_dir"), "final": final,
+                          "timing_seconds": summary.get("timing_seconds")}))
+    return 0
+
+
+def _cmd_rollout(args) -> int:
+    from megatron_cropi.rollout.cli import cmd_rollout
+
+    return cmd_rollout(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,19 +61,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML run config")
     p.add_argument("--dry-run", action="store_true", help="validate config, layout and paths; run nothing")
     p.add_argument("--world-size", type=int, default=None, help="ranks of the intended launch (dry run)")
+    p.add_argument("--new-run", action="store_true",
+                   help="start a new run in run.output_dir even if the config changed (old outputs moved aside)")
     p.set_defaults(func=_cmd_run)
+    p = sub.add_parser("rollout", help="roll a prompt set out into a trajectory store (resumes)")
+    p.add_argument("config", help="YAML run config")
+    p.add_argument("--split", default=None, help="pool, val, test or check (default: rollout.split)")
+    p.add_argument("--store", default=None, help="store directory (default: rollout.store_dir)")
+    p.add_argument("--limit", type=int, default=0, help="only the first N prompts of the split")
+    p.add_argument("--repair", action="store_true", help="drop corrupt store parts and roll them out again")
+    p.set_defaults(func=_cmd_rollout)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from megatron_cropi.config.loader import ConfigError
+    from megatron_cropi.curriculum.state import ConfigChangedError
     from megatron_cropi.dryrun import DryRunError
     from megatron_cropi.parallel import LaunchError
+    from megatron_cropi.selection.policies import SelectionError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DryRunError, LaunchError) as err:
+    except (ConfigError, DryRunError, LaunchError, ConfigChangedError, SelectionError) as err:
         print(f"cropi {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_cropi.config.loader import ConfigError, from_dict, load_yaml, require, to_dict
+from megatron_cropi.curriculum.config import CurriculumConfig
+from megatron_cropi.data.config import DataConfig
+from megatron_cropi.grpo.config import GrpoConfig
+from megatron_cropi.influence.scorer import ScoringConfig
 from megatron_cropi.model.config import ModelConfig
+from megatron_cropi.projection.config import ProjectionConfig
+from megatron_cropi.rollout.config import RolloutConfig
+from megatron_cropi.selection.policies import SelectionConfig
 
 __all__ = ["RunSection", "ParallelConfig", "RunConfig", "load_run_config"]
 
@@ -61,6 +68,13 @@ class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    projection: ProjectionConfig = field(default_factory=ProjectionConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
     def __post_init__(self):
         errors = self.model.layout_errors(self.parallel.tensor_model_parallel_size,

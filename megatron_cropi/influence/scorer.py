@@ -96,6 +96,7 @@ def score_pool(
     pad_id: int = 0,
     progress: bool = True,
     max_chunks: int | None = None,
+    on_chunk=None,
 ) -> ScoreStats:
     """Fill ``store`` (opened on global rank 0, None elsewhere) with the pool's projected gradients.
 
@@ -104,6 +105,7 @@ def score_pool(
         temperature: T of the behaviour log-probs (the store's sampling temperature, or 1 for raw).
         responses_per_prompt: K (the store's ``n``).
         max_chunks: stop after this many chunks (tests of resume).
+        on_chunk: called after each written chunk (fault injection in tests).
 
     Returns:
         :class:`ScoreStats` (meaningful on every rank).
@@ -164,6 +166,8 @@ def score_pool(
                 bar.update(rows.size)
         stats.scored += rows.size
         done_chunks += 1
+        if on_chunk is not None:
+            on_chunk()
     if bar is not None:
         bar.close()
     flagged = torch.tensor([stats.flagged])

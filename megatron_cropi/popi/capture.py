@@ -17,6 +17,7 @@ Non-finite log-probs, losses or sketches flag the prompt (its sketch is zeroed) 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -61,6 +62,23 @@ def select_layouts(model, groups: ParallelGroups, *, include: tuple[str, ...] = 
             continue
         out[name] = layout
     return out
+
+
+@contextlib.contextmanager
+def _plain_schedule(config):
+    """No gradient finalisation or sync hooks during capture: a trainer may have installed DDP's
+    (``finalize_model_grads`` expects DDP-wrapped modules, and there is nothing to reduce over DP)."""
+    names = ("finalize_model_grads_func", "grad_sync_func", "param_sync_func", "no_sync_func")
+    saved = {n: getattr(config, n, None) for n in names}
+    for n in names:
+        if hasattr(config, n):
+            setattr(config, n, None)
+    try:
+        yield
+    finally:
+        for n, v in saved.items():
+            if hasattr(config, n):
+                setattr(config, n, v)
 
 
 def _sum_over_model_parallel(partial: torch.Tensor, g: ParallelGroups) -> torch.Tensor:
@@ -148,7 +166,7 @@ class PopiCapture:
 
             return out, loss_func
 
-        with tap:
+        with tap, _plain_schedule(self.model.config):
             reduced = forward_backward(self.model, g, forward_step_func=forward_step,
                                        data_iterator=iter(list(enumerate(microbatches))),
                                        num_microbatches=num_mb, seq_length=seq, micro_batch_size=n_seq)

@@ -87,6 +87,10 @@ class PerPromptTap(contextlib.AbstractContextManager):
         return hook
 
     def __enter__(self):
+        if any(hasattr(p, "main_grad") for p in self.model.parameters()):
+            raise RuntimeError(
+                "per_prompt capture needs a model without megatron DDP gradient buffers (DDP's hooks move "
+                "each gradient away before it can be projected); use scoring.mode: batched")
         for name, p in self.model.named_parameters():
             self._saved_requires_grad[name] = p.requires_grad
             p.requires_grad_(name in self.layouts)

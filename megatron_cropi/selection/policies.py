@@ -121,23 +121,25 @@ def _random_tiebreak(keys: np.ndarray, candidates: np.ndarray, m: int, rng) -> n
 
 
 def _cropi(cfg, inp: SelectionInputs, cand: np.ndarray, m: int, seed: int):
-    if not inp.targets:
-        raise SelectionError("policy cropi needs at least one target set (data.targets), found none")
-    per_target, info = [], {}
+    """Top ``m`` candidates by (fused) cosine; target sets without any gradient are skipped and named."""
+    per_target, info, skipped = [], {}, {}
     for name, (tf, tu) in sorted(inp.targets.items()):
         try:
             direction, chosen = target_direction(tf, tu, max_prompts=cfg.max_target_prompts, seed=seed)
         except ValueError as err:
-            raise SelectionError(f"target set {name!r}: {err}") from None
+            skipped[name] = str(err)
+            continue
         s = cosine_scores(inp.features, inp.usable, direction, use_sign=cfg.use_sign)
         mask = np.full_like(s, -np.inf)
         mask[cand] = s[cand]
         per_target.append(mask)
         info[name] = {"target_prompts_used": int(chosen.size)}
+    if not per_target:
+        return None, None, {"targets": info, "skipped_targets": skipped}
     fused = fuse_reciprocal_rank(per_target, m) if cfg.fusion == "reciprocal_rank" and len(per_target) > 1 \
         else (per_target[0] if len(per_target) == 1 else fuse_max(per_target))
     picked = top_m(fused, m)
-    return picked, fused[picked], {"targets": info, "cosine": per_target}
+    return picked, fused[picked], {"targets": info, "skipped_targets": skipped, "cosine": per_target}
 
 
 def select(cfg: SelectionConfig, inp: SelectionInputs, *, stage: int, seed: int) -> Selection:
@@ -158,18 +160,28 @@ def select(cfg: SelectionConfig, inp: SelectionInputs, *, stage: int, seed: int)
     summary: dict = {"pool": n, "budget": m, "candidates": int(cand.size)}
     policy = cfg.policy
     p = np.asarray(inp.pass_rates, dtype=np.float64)
+    picked = scores = None
     if policy == "cropi":
+        if not inp.targets:
+            raise SelectionError("policy cropi needs at least one target set (data.val), found none")
         usable = inp.usable if inp.usable is not None else np.zeros(n, bool)
         summary["zero_gradient_prompts"] = int((~usable).sum())
+        why = None
         if not usable[cand].any():
+            why = "no pool prompt had a gradient (every group's rewards were equal)"
+        else:
+            picked, scores, extra = _cropi(cfg, inp, cand[usable[cand]], m, seed)
+            summary["targets"] = extra["targets"]
+            if extra["skipped_targets"]:
+                summary["skipped_targets"] = extra["skipped_targets"]
+            if picked is None:
+                why = "no target set had a prompt with a gradient"
+        if why is not None:
             if cfg.fallback == "error":
-                raise SelectionError("no prompt of the pool has a gradient (every group's rewards are equal); "
-                                     "set selection.fallback to a baseline policy")
-            summary["fallback"] = f"no prompt had a gradient; used {cfg.fallback}"
+                raise SelectionError(f"{why}; set selection.fallback to a baseline policy to continue")
+            summary["fallback"] = f"{why}; used {cfg.fallback}"
             policy = cfg.fallback
     if policy == "cropi":
-        picked, scores, extra = _cropi(cfg, inp, cand[usable[cand]], m, seed)
-        summary["targets"] = extra["targets"]
         if picked.size < m:
             summary["shortfall"] = f"only {picked.size} prompts had a gradient; selected all of them"
         fused_all = extra["cosine"][0]

@@ -84,6 +84,11 @@ def test_bad_inputs():
     no_target.targets = {}
     with pytest.raises(SelectionError, match="target set"):
         select(SelectionConfig(), no_target, stage=0, seed=0)
+    dead_target = _inputs()
+    dead_target.targets = {"t": (np.zeros((3, 8)), np.zeros(3, bool))}
+    sel = select(SelectionConfig(ratio=0.1), dead_target, stage=0, seed=0)
+    assert sel.policy == "learnability" and "no target set had a prompt with a gradient" in sel.summary["fallback"]
+    assert "t" in sel.summary["skipped_targets"]
     with pytest.raises(ConfigError, match="ratio"):
         SelectionConfig(ratio=0.0)
     with pytest.raises(ConfigError, match="pass_rate_band"):
@@ -95,6 +100,6 @@ def test_every_prompt_zero_variance_uses_fallback_and_says_so():
     inp.usable = np.zeros(20, bool)
     sel = select(SelectionConfig(ratio=0.1, fallback="random"), inp, stage=0, seed=0)
     assert sel.policy == "random" and len(sel.rows) == 2
-    assert "no prompt had a gradient" in sel.summary["fallback"]
+    assert "no pool prompt had a gradient" in sel.summary["fallback"]
     with pytest.raises(SelectionError, match="fallback"):
         select(SelectionConfig(ratio=0.1, fallback="error"), inp, stage=0, seed=0)

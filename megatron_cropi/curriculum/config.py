@@ -1,0 +1,108 @@
+"""Configuration of a CROPI curriculum run (``curriculum:`` in the run config).
+
+    curriculum:
+      stages: 6                 # selections
+      steps_per_stage: 50       # GRPO steps on each stage's subset
+      pool_samples: 8           # behaviour rollouts per pool prompt (K)
+      target_samples: 8         # behaviour rollouts per target prompt
+      warmup: {enabled: true, max_steps: 3000, stop_at_greedy: 0.2}
+      eval: {every: 25, samples: 4}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megatron_cropi.config.loader import require
+
+__all__ = ["WarmupConfig", "EvalConfig", "CurriculumConfig"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class WarmupConfig:
+    """Supervised warm-up of a from-scratch policy on the synthetic suite (the CPU default's β)."""
+
+    enabled: bool = False
+    """Run the warm-up (synthetic data only; real models arrive instruction-tuned)."""
+    max_steps: int = 3000
+    """Give up after this many steps even if the target accuracy was not reached."""
+    min_steps: int = 0
+    """Never stop before this many steps."""
+    batch_size: int = 64
+    """Fresh random prompts (+ answers) per step."""
+    lr: float = 1e-3
+    """AdamW learning rate (constant)."""
+    eval_every: int = 100
+    """Check the target accuracy every this many steps."""
+    stop_at_greedy: float = 0.2
+    """Stop once greedy accuracy on the target-gradient ("val") set reaches this (the warm-up has a
+    sharp phase transition: fixed step counts overshoot or undershoot it)."""
+
+    def __post_init__(self):
+        require(self.max_steps >= 1, "max_steps", self.max_steps, "must be >= 1")
+        require(0 <= self.min_steps <= self.max_steps, "min_steps", self.min_steps, "must be in [0, max_steps]")
+        require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        require(0 < self.lr < 1, "lr", self.lr, "must be in (0, 1)")
+        require(self.eval_every >= 1, "eval_every", self.eval_every, "must be >= 1")
+        require(0 <= self.stop_at_greedy <= 1, "stop_at_greedy", self.stop_at_greedy, "must be in [0, 1]")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """Evaluation during the curriculum: target accuracy against step, and the untargeted check set."""
+
+    every: int = 25
+    """Evaluate every this many GRPO steps (and at step 0 and the end)."""
+    samples: int = 4
+    """Samples per test prompt for the sampled pass rate (the headline metric)."""
+    temperature: float = 1.0
+    """Temperature of the sampled pass rate."""
+    greedy: bool = True
+    """Also report greedy accuracy on the test set."""
+    check: bool = True
+    """Also report greedy accuracy on the untargeted check set."""
+    max_prompts: int = 0
+    """Evaluate at most this many prompts per set (0: all)."""
+
+    def __post_init__(self):
+        require(self.every >= 1, "every", self.every, "must be >= 1")
+        require(self.samples >= 1, "samples", self.samples, "must be >= 1")
+        require(0 < self.temperature <= 10, "temperature", self.temperature, "must be in (0, 10]")
+        require(self.max_prompts >= 0, "max_prompts", self.max_prompts, "must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CurriculumConfig:
+    """The stage loop: offline rollouts by β once, then per stage score → select → GRPO."""
+
+    stages: int = 6
+    """Number of selections (stages)."""
+    steps_per_stage: int = 50
+    """GRPO steps trained on each stage's subset."""
+    pool_samples: int = 8
+    """Behaviour responses per pool prompt (the paper: 8)."""
+    target_samples: int = 8
+    """Behaviour responses per target prompt (the paper: 32)."""
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    """Supervised warm-up before the behaviour rollouts."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation during training."""
+    plot: bool = True
+    """Write a PNG of target accuracy against step."""
+    probe_prompts: int = 32
+    """Pool prompts whose projected cosines are compared with exact ones in each stage report (0: off)."""
+    probe_max_params: int = 5_000_000
+    """Skip the probe when the scored parameters exceed this (exact per-prompt gradients are held)."""
+
+    def __post_init__(self):
+        require(1 <= self.stages <= 10_000, "stages", self.stages, "must be between 1 and 10000")
+        require(0 <= self.steps_per_stage <= 1_000_000, "steps_per_stage", self.steps_per_stage, "must be >= 0")
+        require(2 <= self.pool_samples <= 4096, "pool_samples", self.pool_samples,
+                "must be between 2 and 4096 (a group of one has no advantage)")
+        require(2 <= self.target_samples <= 4096, "target_samples", self.target_samples, "must be between 2 and 4096")
+        require(self.probe_prompts >= 0, "probe_prompts", self.probe_prompts, "must be >= 0")
+        require(self.probe_max_params >= 0, "probe_max_params", self.probe_max_params, "must be >= 0")
+
+    @property
+    def total_steps(self) -> int:
+        return self.stages * self.steps_per_stage
