@@ -1,0 +1,365 @@
+"""The trajectory store: per prompt, K responses with token ids, behaviour log-probs and rewards.
+
+Written once by the behaviour policy's rollout, read by POPI at every stage. On disk, a directory::
+
+    header.json                what the trajectories are: schema version, sampling parameters (with the
+                               log-prob semantics), tokenizer and model identity, policy version, pool
+                               hash and size, created-by
+    manifest.json              the committed parts, each with rows, bytes, blake2b checksum, id range
+    parts/part-000000.arrow    Arrow IPC files, one row per prompt (columns below)
+
+Writes are atomic and append-only: a part is written to a temporary name, fsynced and renamed, then
+the manifest (the commit point) is replaced the same way. A run killed at any moment leaves a store
+whose manifest lists only complete parts; reopening it deletes stray files, and the rollout resumes
+at the first prompt not yet committed. On reopen every part is checked against its recorded size and
+checksum, so a truncated or corrupted part is an error naming the file; a header that does not match
+the run (other sampling parameters, pool, tokenizer, model, policy version) is an error naming the
+field and both values.
+
+Columns: ``prompt_id, source, text, answer, meta`` (JSON), ``prompt_token_ids: list<int32>``,
+``response_token_ids: list<list<int32>>``, ``response_logprobs: list<list<float32>>``,
+``finished: list<bool>``, ``rewards: list<float32>``, ``policy_version: int64``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from megatron_cropi.rollout.types import PromptRecord, Response, RolloutGroup, SamplingParams
+
+__all__ = ["StoreError", "StoreHeader", "TrajectoryStore", "SCHEMA_VERSION"]
+
+log = logging.getLogger(__name__)
+SCHEMA_VERSION = 1
+_CHECKED_FIELDS = ("schema_version", "sampling", "tokenizer", "model", "policy_version", "pool_hash", "num_prompts")
+
+
+class StoreError(RuntimeError):
+    """The store on disk is corrupt, truncated, or does not match what the run expects."""
+
+
+@dataclass(frozen=True)
+class StoreHeader:
+    """What a trajectory store holds; compared field by field on reopen.
+
+    Attributes:
+        sampling: the :class:`SamplingParams` as a mapping (``logprobs`` says which distribution the
+            behaviour log-probs are of: ``sampling`` = temperature and top-p applied, ``raw`` = untempered).
+        tokenizer: tokenizer identity (``TextTokenizer.identity``).
+        model: identity of the behaviour policy's weights (checkpoint path/step or a hash).
+        policy_version: checkpoint step of the behaviour policy.
+        pool_hash: :func:`~megatron_cropi.data.prompt_ids.pool_hash` of the prompts to roll out.
+        num_prompts: how many prompts the finished store holds.
+        created_by: program and version that wrote it (not compared).
+        engine: ``native`` or ``vllm`` (not compared: both sample the same distribution).
+    """
+
+    sampling: dict
+    tokenizer: str
+    model: str
+    policy_version: int
+    pool_hash: str
+    num_prompts: int
+    created_by: str = ""
+    engine: str = ""
+    schema_version: int = SCHEMA_VERSION
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, sampling: SamplingParams, **kwargs) -> "StoreHeader":
+        from megatron_cropi import __version__
+
+        kwargs.setdefault("created_by", f"megatron_cropi {__version__}")
+        return cls(sampling=dataclasses.asdict(sampling), **kwargs)
+
+    @property
+    def sampling_params(self) -> SamplingParams:
+        return SamplingParams(**self.sampling)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def mismatches(self, other: "StoreHeader") -> list[str]:
+        """``"field: store has X, run expects Y"`` for every compared field that differs."""
+        a, b = self.to_dict(), other.to_dict()
+        out = []
+        for k in _CHECKED_FIELDS:
+            if isinstance(a[k], dict) and isinstance(b[k], dict):
+                out += [f"{k}.{s}: store has {a[k].get(s)!r}, run expects {b[k].get(s)!r}"
+                        for s in sorted(set(a[k]) | set(b[k])) if a[k].get(s) != b[k].get(s)]
+            elif a[k] != b[k]:
+                out.append(f"{k}: store has {a[k]!r}, run expects {b[k]!r}")
+        return out
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise StoreError(f"{path}: cannot read the store's {what} ({err}); the file is truncated or corrupt") from None
+
+
+def _schema():
+    import pyarrow as pa
+
+    return pa.schema([
+        ("prompt_id", pa.string()), ("source", pa.string()), ("text", pa.string()), ("answer", pa.string()),
+        ("meta", pa.string()), ("prompt_token_ids", pa.list_(pa.int32())),
+        ("response_token_ids", pa.list_(pa.list_(pa.int32()))), ("response_logprobs", pa.list_(pa.list_(pa.float32()))),
+        ("finished", pa.list_(pa.bool_())), ("rewards", pa.list_(pa.float32())), ("policy_version", pa.int64()),
+    ])
+
+
+def _split_lists(list_array) -> list[np.ndarray]:
+    """A ``ListArray`` (one row's K responses) → K numpy arrays, zero-copy where Arrow allows."""
+    offsets = list_array.offsets.to_numpy()
+    flat = list_array.flatten().to_numpy(zero_copy_only=False)
+    base = offsets[0]
+    return [flat[offsets[i] - base: offsets[i + 1] - base] for i in range(len(offsets) - 1)]
+
+
+class TrajectoryStore:
+    """A trajectory store directory. Use :meth:`open_for_append` to write (and resume), :meth:`open` to read."""
+
+    def __init__(self, path: Path, header: StoreHeader, manifest: dict, *, writable: bool):
+        self.path = path
+        self.header = header
+        self._manifest = manifest
+        self._writable = writable
+        self._tables: dict[str, Any] = {}
+        self._index: dict[str, tuple[str, int]] = {}
+        for part in manifest["parts"]:
+            for row, pid in enumerate(self._table(part["name"]).column("prompt_id").to_pylist()):
+                self._index[pid] = (part["name"], row)
+
+    # -- opening ---------------------------------------------------------------------------------
+    @classmethod
+    def open_for_append(cls, path: str | Path, header: StoreHeader, *, repair: bool = False) -> "TrajectoryStore":
+        """Create the store, or reopen it to resume (header must match, parts must verify).
+
+        Args:
+            repair: drop corrupt parts from the manifest instead of raising (their prompts are
+                rolled out again).
+        """
+        path = Path(path)
+        (path / "parts").mkdir(parents=True, exist_ok=True)
+        if not (path / "header.json").exists():
+            if (path / "manifest.json").exists():
+                raise StoreError(f"{path}: manifest.json exists but header.json is missing; not a complete store")
+            _atomic_write(path / "header.json", json.dumps(header.to_dict(), indent=2, sort_keys=True).encode())
+            _atomic_write(path / "manifest.json", json.dumps({"parts": [], "complete": False}).encode())
+        store = cls._load(path, writable=True, repair=repair)
+        bad = store.header.mismatches(header)
+        if bad:
+            raise StoreError(f"{path}: the existing trajectory store does not match this run: " + "; ".join(bad)
+                             + ". Use another store directory, or delete this one to roll out again.")
+        store._remove_strays()
+        return store
+
+    @classmethod
+    def open(cls, path: str | Path, *, expect: StoreHeader | None = None) -> "TrajectoryStore":
+        """Open for reading; every part is verified; ``expect`` (optional) must match the header."""
+        store = cls._load(Path(path), writable=False, repair=False)
+        if expect is not None and store.header.mismatches(expect):
+            raise StoreError(f"{path}: trajectory store does not match: " + "; ".join(store.header.mismatches(expect)))
+        return store
+
+    @classmethod
+    def _load(cls, path: Path, *, writable: bool, repair: bool) -> "TrajectoryStore":
+        if not (path / "header.json").is_file():
+            raise StoreError(f"{path}: not a trajectory store (no header.json)")
+        raw = _read_json(path / "header.json", "header")
+        if raw.get("schema_version") != SCHEMA_VERSION:
+            raise StoreError(f"{path / 'header.json'}: schema_version {raw.get('schema_version')!r}, this code reads "
+                             f"{SCHEMA_VERSION}")
+        known = {f.name for f in dataclasses.fields(StoreHeader)}
+        if set(raw) - known or {"sampling", "tokenizer", "model", "policy_version", "pool_hash"} - set(raw):
+            raise StoreError(f"{path / 'header.json'}: unexpected or missing header fields "
+                             f"{sorted((set(raw) - known) | ({'sampling', 'tokenizer', 'model'} - set(raw)))}")
+        header = StoreHeader(**raw)
+        manifest = _read_json(path / "manifest.json", "manifest")
+        good = []
+        for part in manifest["parts"]:
+            problem = cls._verify_part(path / "parts" / part["name"], part)
+            if problem and not repair:
+                raise StoreError(f"{path / 'parts' / part['name']}: {problem}. The part is truncated or corrupt: "
+                                 "restore it, or reopen with repair=True (`cropi rollout --repair`) to drop it and "
+                                 "roll its prompts out again.")
+            if problem:
+                log.warning("trajectory store: dropping %s (%s); its %d prompts will be rolled out again",
+                            part["name"], problem, part["rows"])
+                continue
+            good.append(part)
+        if len(good) != len(manifest["parts"]):
+            next_part = 1 + max((int(p["name"][5:11]) for p in manifest["parts"]), default=-1)
+            manifest = dict(manifest, parts=good, complete=False, next_part=next_part)
+            _atomic_write(path / "manifest.json", json.dumps(manifest, indent=1).encode())
+        return cls(path, header, manifest, writable=writable)
+
+    @staticmethod
+    def _verify_part(file: Path, part: dict) -> str | None:
+        if not file.is_file():
+            return "missing"
+        size = file.stat().st_size
+        if size != part["bytes"]:
+            return f"size {size} bytes, manifest.json recorded {part['bytes']}"
+        digest = _digest(file)
+        if digest != part["blake2b"]:
+            return f"checksum {digest} does not match the recorded {part['blake2b']}"
+        return None
+
+    def _remove_strays(self) -> None:
+        listed = {p["name"] for p in self._manifest["parts"]}
+        for f in (self.path / "parts").iterdir():
+            if f.name not in listed:  # a part renamed before a kill but never committed, or a temp file
+                log.info("trajectory store: removing uncommitted %s", f.name)
+                f.unlink()
+
+    # -- writing ---------------------------------------------------------------------------------
+    def append(self, groups: Sequence[RolloutGroup]) -> None:
+        """Commit ``groups`` as one new part (atomic: after a kill it is either fully there or absent)."""
+        import pyarrow as pa
+
+        if not self._writable:
+            raise StoreError(f"{self.path}: opened read-only")
+        if not groups:
+            return
+        seen = [g.prompt_id for g in groups if g.prompt_id in self._index]
+        if seen or len({g.prompt_id for g in groups}) != len(groups):
+            raise StoreError(f"{self.path}: prompts already stored or repeated in one append: {seen[:3]}")
+        for g in groups:
+            if len(g.rewards) != len(g.responses):
+                raise StoreError(f"prompt {g.prompt_id}: {len(g.responses)} responses but {len(g.rewards)} rewards")
+        cols = {
+            "prompt_id": [g.prompt_id for g in groups], "source": [g.prompt.source for g in groups],
+            "text": [g.prompt.text for g in groups], "answer": [g.prompt.answer for g in groups],
+            "meta": [json.dumps(g.prompt.meta, sort_keys=True, default=str) for g in groups],
+            "prompt_token_ids": [np.asarray(g.prompt.token_ids, dtype=np.int32) for g in groups],
+            "response_token_ids": [[np.asarray(r.token_ids, dtype=np.int32) for r in g.responses] for g in groups],
+            "response_logprobs": [[np.asarray(r.logprobs, dtype=np.float32) for r in g.responses] for g in groups],
+            "finished": [[bool(r.finished) for r in g.responses] for g in groups],
+            "rewards": [np.asarray(g.rewards, dtype=np.float32) for g in groups],
+            "policy_version": [int(g.policy_version) for g in groups],
+        }
+        table = pa.table(cols, schema=_schema())
+        # never reuse the number of a part dropped by a repair: its stale file may still be read by someone
+        number = 1 + max((int(p["name"][5:11]) for p in self._manifest["parts"]), default=-1)
+        number = max(number, self._manifest.get("next_part", 0))
+        name = f"part-{number:06d}.arrow"
+        final = self.path / "parts" / name
+        tmp = final.with_name(f".{name}.tmp")
+        with pa.OSFile(str(tmp), "wb") as sink:
+            with pa.ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        ids = sorted(cols["prompt_id"])
+        part = {"name": name, "rows": len(groups), "bytes": final.stat().st_size, "blake2b": _digest(final),
+                "first_id": ids[0], "last_id": ids[-1]}
+        manifest = dict(self._manifest, parts=self._manifest["parts"] + [part], next_part=number + 1)
+        _atomic_write(self.path / "manifest.json", json.dumps(manifest, indent=1).encode())  # the commit point
+        self._manifest = manifest
+        for row, pid in enumerate(cols["prompt_id"]):
+            self._index[pid] = (name, row)
+
+    def mark_complete(self) -> None:
+        """Record that every prompt of the pool is stored (checked against the header's ``num_prompts``)."""
+        if len(self) != self.header.num_prompts:
+            raise StoreError(f"{self.path}: {len(self)} of {self.header.num_prompts} prompts stored; not complete")
+        self._manifest = dict(self._manifest, complete=True)
+        _atomic_write(self.path / "manifest.json", json.dumps(self._manifest, indent=1).encode())
+
+    # -- reading ---------------------------------------------------------------------------------
+    @property
+    def complete(self) -> bool:
+        return bool(self._manifest.get("complete"))
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, prompt_id: str) -> bool:
+        return prompt_id in self._index
+
+    def done_ids(self) -> set[str]:
+        """Ids of the prompts already stored."""
+        return set(self._index)
+
+    def prompt_ids(self) -> list[str]:
+        """Stored prompt ids in prompt-id order (the order :meth:`iter_groups` reads)."""
+        return sorted(self._index)
+
+    def _table(self, name: str):
+        import pyarrow as pa
+
+        if name not in self._tables:  # memory-mapped and zero-copy: cheap to keep every part open
+            source = pa.memory_map(str(self.path / "parts" / name), "r")
+            self._tables[name] = pa.ipc.open_file(source).read_all().combine_chunks()
+        return self._tables[name]
+
+    def get(self, prompt_id: str) -> RolloutGroup:
+        """The stored group of ``prompt_id`` (KeyError if absent)."""
+        if prompt_id not in self._index:
+            raise KeyError(f"prompt {prompt_id!r} is not in the trajectory store {self.path}")
+        name, row = self._index[prompt_id]
+        t = self._table(name).slice(row, 1)
+
+        def col(key):
+            return t.column(key).chunk(0)
+
+        prompt = PromptRecord(
+            prompt_id=prompt_id, token_ids=col("prompt_token_ids")[0].values.to_numpy(zero_copy_only=False),
+            answer=col("answer")[0].as_py(), source=col("source")[0].as_py(), text=col("text")[0].as_py(),
+            meta=json.loads(col("meta")[0].as_py()),
+        )
+        tokens = _split_lists(col("response_token_ids")[0].values)
+        logprobs = _split_lists(col("response_logprobs")[0].values)
+        finished = col("finished")[0].as_py()
+        responses = tuple(Response(token_ids=t_, logprobs=l_, finished=f_)
+                          for t_, l_, f_ in zip(tokens, logprobs, finished))
+        rewards = col("rewards")[0].values.to_numpy(zero_copy_only=False).astype(np.float32)
+        return RolloutGroup(prompt=prompt, responses=responses, rewards=rewards,
+                            policy_version=int(col("policy_version")[0].as_py()))
+
+    def iter_groups(self, prompt_ids: Sequence[str] | None = None) -> Iterator[RolloutGroup]:
+        """Groups in prompt-id order (or in the order of ``prompt_ids``)."""
+        for pid in (self.prompt_ids() if prompt_ids is None else prompt_ids):
+            yield self.get(pid)
