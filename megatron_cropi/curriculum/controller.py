@@ -66,6 +66,16 @@ class StageController:
             raise box[0]
         return box[0] if self.rank0 else RunState(self.out / "state.json", box[0].data)
 
+    def add_clock(self, phase: str, seconds: float) -> None:
+        """Charge ``seconds`` of method work (rollouts, scoring, selection, training) to the run's clock,
+        the wall-clock axis of the curriculum benchmark (evaluation time is not charged)."""
+        clock = self.state.data.setdefault("clock", {})
+        clock[phase] = clock.get(phase, 0.0) + float(seconds)
+
+    @property
+    def clock_seconds(self) -> float:
+        return float(sum(self.state.data.get("clock", {}).values()))
+
     def _done(self, step: str) -> bool:
         return self.state.is_done(step)
 
@@ -118,12 +128,17 @@ class StageController:
         """K responses per pool and target prompt from β (the policy before any GRPO step), once."""
         if self._done("rollouts"):
             return
+        if self.cfg.selection.policy in ("full", "random"):
+            self._mark("rollouts", skipped=f"policy {self.cfg.selection.policy} needs no behaviour rollouts")
+            return
         if self.rt.trainer.step_count:
             raise RuntimeError("behaviour rollouts must come from β, but the policy has already been trained")
         cc = self.cfg.curriculum
         for name, prompts, n in [("pool", self.prompts.pool, cc.pool_samples)] + [
                 (f"target-{t}", recs, cc.target_samples) for t, recs in sorted(self.prompts.targets.items())]:
+            t0 = time.perf_counter()
             summary = S.behaviour_rollouts(self, name, prompts, n)
+            self.add_clock("rollouts", time.perf_counter() - t0)
             self.log(f"[rollouts] {name}: {len(prompts)} prompts, pass rate {summary.pass_rate:.3f}, "
                      f"{summary.zero_variance_groups} zero-variance groups")
             fault_point(f"rollouts:{name}")
@@ -165,8 +180,13 @@ class StageController:
         self._mark(f"stage{m}/report")
 
     def finish(self, seconds: float) -> dict:
+        """Export the final policy to ``final_hf/`` (HF format) and write the run summary."""
+        from megatron_cropi.checkpoint import save_model_as_hf
         from megatron_cropi.curriculum.report import write_final_report
 
+        if not (self.out / "final_hf" / "config.json").exists() or not self._done("final_hf"):
+            save_model_as_hf(self.rt.trainer.ddp, self.groups, self.cfg.model, self.out / "final_hf", overwrite=True)
+            self._mark("final_hf")
         summary = write_final_report(self, seconds) if self.rank0 else {}
         box = [summary]
         dist.broadcast_object_list(box, src=0)

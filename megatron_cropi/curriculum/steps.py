@@ -106,6 +106,7 @@ def score_stage(ctl, m: int) -> dict:
         step = f"stage{m}/score/{name}"
         if ctl._done(step):
             continue
+        t0 = time.perf_counter()
         groups_list, sp = read_store_groups(ctl, name)
         header = FeatureHeader(num_rows=len(groups_list), k=projector.k, seed=cfg.projection.seed,
                                projector=_projector_id(cfg), param_set_hash=pset,
@@ -118,6 +119,7 @@ def score_stage(ctl, m: int) -> dict:
                            progress=cfg.rollout.progress, on_chunk=lambda: fault_point("score:chunk"))
         ctl.log(f"[score] stage {m} {name}: {stats.scored} scored, {stats.excluded} zero-variance excluded, "
                 f"{stats.flagged} flagged, {stats.seconds:.1f} s ({1e3 * stats.seconds_per_prompt:.1f} ms/prompt)")
+        ctl.add_clock("scoring", time.perf_counter() - t0)
         ctl._mark(step, **dataclasses.asdict(stats))
     return paths
 
@@ -153,14 +155,19 @@ def select_stage(ctl, m: int, features: dict):
     result = None
     if ctl.rank0:
         try:
-            pool_groups, _ = read_store_groups(ctl, "pool")
             previous = set()
             for j in range(m):
                 prev = load_selection(ctl, j)
                 previous |= set(prev.prompt_ids) if prev else set()
-            inp = SelectionInputs(prompt_ids=[g.prompt_id for g in pool_groups],
-                                  pass_rates=np.array([g.pass_rate for g in pool_groups]),
-                                  sources=[g.prompt.source for g in pool_groups], previous=previous)
+            if (ctl.out / "rollouts" / "pool").exists():
+                pool_groups, _ = read_store_groups(ctl, "pool")
+                inp = SelectionInputs(prompt_ids=[g.prompt_id for g in pool_groups],
+                                      pass_rates=np.array([g.pass_rate for g in pool_groups]),
+                                      sources=[g.prompt.source for g in pool_groups], previous=previous)
+            else:  # full / random need no rollouts
+                pool = sorted(ctl.prompts.pool, key=lambda p: p.prompt_id)
+                inp = SelectionInputs(prompt_ids=[p.prompt_id for p in pool], pass_rates=np.full(len(pool), np.nan),
+                                      sources=[p.source for p in pool], previous=previous)
             if features:
                 fs = FeatureStore.load(features["pool"])
                 inp.features = fs.matrix()
@@ -178,6 +185,7 @@ def select_stage(ctl, m: int, features: dict):
     result = _bcast(result, ctl)
     if isinstance(result, Exception):
         raise result
+    ctl.add_clock("selection", time.perf_counter() - t0)
     fault_point("select")
     ctl.log(f"[select] stage {m}: {len(result.prompt_ids)} prompts by {result.policy}; mix "
             f"{dict(list(result.summary['source_mix'].items())[:6])}")
@@ -228,6 +236,7 @@ def evaluate_now(ctl) -> dict:
         rec["check_greedy"] = chk["pass_rate"]
         rec["check_by_source"] = chk["by_source"]
     rec["seconds"] = time.perf_counter() - t0
+    rec["clock_seconds"] = ctl.clock_seconds
     ctl.metrics.log(step, {k: v for k, v in rec.items() if isinstance(v, float)}, prefix="eval")
     if ctl.rank0:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -254,7 +263,9 @@ def train_stage(ctl, m: int, selection) -> None:
         evaluate_now(ctl)
     t0 = time.perf_counter()
     while trainer.step_count < end:
+        t_step = time.perf_counter()
         metrics = trainer.step()
+        ctl.add_clock("training", time.perf_counter() - t_step)
         fault_point("train:step")
         if ctl.rank0:
             ctl.state.update(train_step=trainer.step_count, stage=m)
