@@ -4,6 +4,7 @@
     cropi run CONFIG [--new-run]          the CROPI curriculum: warm-up, rollouts, stages (resumes)
     cropi run --dry-run CONFIG            validate config, parallel layout and paths
     cropi rollout CONFIG [--split S]      roll a prompt set out into a trajectory store (resumes)
+    cropi train CONFIG                    plain GRPO on grpo.split: the full-data baseline (resumes)
 
 Distributed subcommands run under torchrun (``torchrun --nproc-per-node N -m megatron_cropi.cli ...``).
 """
@@ -51,6 +52,12 @@ def _cmd_rollout(args) -> int:
     return cmd_rollout(args)
 
 
+def _cmd_train(args) -> int:
+    from megatron_cropi.grpo.run import cmd_train
+
+    return cmd_train(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cropi", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, help="only the first N prompts of the split")
     p.add_argument("--repair", action="store_true", help="drop corrupt store parts and roll them out again")
     p.set_defaults(func=_cmd_rollout)
+    p = sub.add_parser("train", help="plain GRPO on a prompt set: the full-data baseline (resumes)")
+    p.add_argument("config", help="YAML run config")
+    p.add_argument("--steps", type=int, default=None, help="override grpo.steps")
+    p.set_defaults(func=_cmd_train)
     return parser
 
 

@@ -9,7 +9,11 @@ megatron-core 0.16 is written for CUDA and hard-codes it in a handful of places 
   ``_set_cuda_rng_state`` goes through ``_lazy_call`` and silently queues on CPU builds.
 * ``device="cuda"`` literals: ``total_num_tokens`` in every ``get_forward_backward_func()`` schedule,
   ``get_default_causal_mask`` (``attention_mask=None``), and ``weight.data.cuda()`` for tied embeddings
-  under PP (``language_module.py``).
+  under PP (``language_module.py``); ``device="cuda"`` buffers of DDP's ``param_and_grad_buffer``, the
+  optimizers and grad clipping.
+* dtype checks by type name in the distributed optimizer (``distrib_optimizer.py:361,420``) and grad
+  clipping (``clip_grads.py:167``): ``param.type() == 'torch.cuda.FloatTensor'``. Under the mode a CPU
+  float tensor's ``.type()`` reports its CUDA name.
 
 :func:`apply_cpu_runtime` redirects these to the CPU. It is a no-op when CUDA is available, so nothing
 here touches the GPU path; it is idempotent, and it is applied by :mod:`megatron_cropi.parallel`
@@ -29,6 +33,7 @@ from torch.overrides import TorchFunctionMode
 __all__ = ["apply_cpu_runtime", "cpu_runtime_active", "default_device"]
 
 _CPU = torch.device("cpu")
+_CUDA_TYPE_NAMES = {f"torch.{k}Tensor": f"torch.cuda.{k}Tensor" for k in ("Float", "Half", "BFloat16")}
 _lock = threading.Lock()
 _applied = False
 _mode: "CudaToCpuMode | None" = None
@@ -52,6 +57,10 @@ class CudaToCpuMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # The distributed optimizer and grad clipping check dtypes by name ('torch.cuda.FloatTensor').
+            name = func(*args)
+            return _CUDA_TYPE_NAMES.get(name, name)
         if "device" in kwargs and _is_cuda(kwargs["device"]):
             kwargs = dict(kwargs, device=_CPU)
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):

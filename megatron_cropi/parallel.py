@@ -109,23 +109,26 @@ def init_distributed(*, backend: str | None = None, timeout_s: float = 600.0, al
     if dist.is_initialized():
         return dist.get_backend()
     missing = [v for v in _TORCHRUN_VARS if v not in os.environ]
-    if missing and allow_single and len(missing) == len(_TORCHRUN_VARS):
-        from megatron_cropi.utils.net import free_port
-
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
-        missing = []
-    if missing:
+    single = bool(missing) and allow_single and len(missing) == len(_TORCHRUN_VARS)
+    if missing and not single:
         raise LaunchError(
             "torch.distributed environment not found (missing " + ", ".join(missing) + "). Launch with "
             "torchrun, e.g. `torchrun --nproc-per-node 2 -m megatron_cropi.cli run CONFIG`; one node of "
             "N processes needs --nproc-per-node N, several nodes also --nnodes, --node-rank and "
             "--rdzv-endpoint (see examples/)."
         )
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if single:
+        # A lone process needs no rendezvous: an in-memory store, no TCP port to race for.
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(0)
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    else:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group(backend=backend, timeout=timeout)
     apply_cpu_runtime()
     return backend
 

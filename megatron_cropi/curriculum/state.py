@@ -19,7 +19,7 @@ __all__ = ["RunState", "ConfigChangedError", "config_diff", "HARMLESS_KEYS"]
 
 # Keys that change how a run reports or how fast it goes, never what it computes.
 HARMLESS_KEYS = {
-    "run.num_threads", "rollout.progress", "grpo.log_interval", "curriculum.plot",
+    "run.output_dir", "run.num_threads", "rollout.progress", "grpo.log_interval", "curriculum.plot",
 }
 
 

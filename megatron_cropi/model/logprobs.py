@@ -77,8 +77,11 @@ def vocab_parallel_logprobs(
 def vocab_parallel_entropy(logits: torch.Tensor, *, tp_group=None, temperature: float = 1.0) -> torch.Tensor:
     """Entropy ``H = −Σ_v p_v log p_v`` of ``softmax(logits / T)`` per position: ``[..., V/TP] → [...]``."""
     z, m, e, log_z = _shifted(logits, temperature, tp_group)
-    p = e / torch.exp(log_z).unsqueeze(-1)
-    return log_z + m - _reduce((p * z).sum(dim=-1), tp_group)
+    # H = log Z + m − (Σ_v e_v z_v) / Z with the *unnormalised* sum reduced over TP: every cross-rank
+    # dependency then passes through replicated scalars, where the reduction's identity backward is
+    # exact. (Reducing Σ_v p_v z_v instead drops the other ranks' ∂p_u/∂Z terms from each rank's
+    # gradient.)
+    return log_z + m - _reduce((e * z).sum(dim=-1), tp_group) / torch.exp(log_z)
 
 
 def shift_for_next_token(tokens: torch.Tensor, pad_id: int = 0) -> torch.Tensor:

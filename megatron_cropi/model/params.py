@@ -144,8 +144,8 @@ def assemble_global_tensors(model, groups: ParallelGroups, *, attr: str = "grad"
         value = p.data if attr == "data" else (p.grad if p.grad is not None else getattr(p, "main_grad", None))
         if value is None or not layout.owned or groups.dp_rank != 0:
             continue
-        if attr == "data" and layout.global_name in mine:  # tied copy under PP: same values, keep one
-            continue
+        if attr == "data" and (layout.global_name in mine or name != layout.global_name and name == "output_layer.weight"):
+            continue  # tied output-layer copy under PP: the first stage's embedding holds the same values
         out = mine.setdefault(layout.global_name, torch.zeros(layout.global_shape))
         for local_slices, spec in layout.pieces:
             out[spec.global_slices()] += value[local_slices].detach().float().cpu()
@@ -159,8 +159,6 @@ def assemble_global_tensors(model, groups: ParallelGroups, *, attr: str = "grad"
     result: dict[str, torch.Tensor] = {}
     for part in gathered:
         for k, v in part.items():
-            if attr == "data":
-                result.setdefault(k, v)
-            else:
-                result[k] = result[k] + v if k in result else v
+            # TP shards of one tensor are disjoint pieces of zeros-elsewhere tensors: they add up
+            result[k] = result[k] + v if k in result else v
     return result

@@ -1,0 +1,88 @@
+"""megatron-core's training machinery around the policy: DDP, the (distributed) optimizer, LR schedule.
+
+* :func:`wrap_ddp`: ``megatron.core.distributed.DistributedDataParallel`` with fp32 gradient buffers
+  (``param_and_grad_buffer``), no overlap (gradients are reduced once, after the last micro-batch),
+  and ``finalize_model_grads`` installed as the schedule's finaliser (DP reduce / reduce-scatter,
+  tied-embedding gradients across the first and last pipeline stages).
+* :func:`build_optimizer`: ``get_megatron_optimizer`` (Adam = AdamW with decoupled weight decay, no
+  decay on biases and norms; ``DistributedOptimizer`` when ``use_distributed_optimizer``) with global
+  gradient-norm clipping over every TP/PP/DP shard, and ``OptimizerParamScheduler`` for the LR.
+
+DDP's gradient scaling: with ``average_in_collective=False`` each rank's gradient is multiplied by
+``1/dp`` before the sum over the DP group, so the reduced gradient is the *mean* of the ranks' losses'
+gradients. The GRPO loss is normalised for the whole step already, so the trainer multiplies each
+rank's loss by ``dp`` (:func:`dp_loss_scale`) and the result is the gradient of the global loss.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from megatron_cropi.grpo.config import OptimConfig
+from megatron_cropi.parallel import ParallelGroups
+
+__all__ = ["wrap_ddp", "build_optimizer", "dp_loss_scale", "current_lr"]
+
+
+def wrap_ddp(model, groups: ParallelGroups, cfg: OptimConfig):
+    """This rank's model stage inside megatron-core DDP (parameters move into contiguous buffers)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    ddp_cfg = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=cfg.grad_reduce_in_fp32,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.use_distributed_optimizer,
+        average_in_collective=False,
+    )
+    ddp = DistributedDataParallel(model.config, ddp_cfg, model, pg_collection=groups.pg_collection)
+    # the schedule calls this after the last backward: DP reduction and tied-embedding all-reduce
+    model.config.finalize_model_grads_func = partial(finalize_model_grads)
+    return ddp
+
+
+def dp_loss_scale(groups: ParallelGroups) -> float:
+    """Factor that undoes DDP's ``1/dp`` pre-scaling (see the module docstring)."""
+    return float(groups.dp_size)
+
+
+def build_optimizer(ddp_model, groups: ParallelGroups, cfg: OptimConfig, *, total_steps: int):
+    """The megatron-core optimizer and LR scheduler of ``ddp_model``.
+
+    Args:
+        ddp_model: from :func:`wrap_ddp`.
+        cfg: optimizer settings.
+        total_steps: optimizer steps of the run (``lr_decay_steps`` defaults to it).
+
+    Returns:
+        ``(optimizer, scheduler)``; ``optimizer.step()`` returns ``(ok, grad_norm, num_zeros)``.
+    """
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    dtype = ddp_model.config.params_dtype
+    ocfg = OptimizerConfig(
+        optimizer=cfg.optimizer, lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
+        clip_grad=cfg.clip_grad, use_distributed_optimizer=cfg.use_distributed_optimizer,
+        params_dtype=dtype, bf16=dtype is torch.bfloat16, fp16=dtype is torch.float16,
+    )
+    optimizer = get_megatron_optimizer(ocfg, [ddp_model], pg_collection=groups.pg_collection,
+                                       use_gloo_process_groups=False)
+    decay = cfg.lr_decay_steps or max(total_steps, cfg.lr_warmup_steps + 1)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=cfg.lr_warmup_init, max_lr=cfg.lr, min_lr=cfg.min_lr,
+        lr_warmup_steps=cfg.lr_warmup_steps, lr_decay_steps=max(decay, cfg.lr_warmup_steps + 1),
+        lr_decay_style=cfg.lr_decay_style, start_wd=cfg.weight_decay, end_wd=cfg.weight_decay,
+        wd_incr_steps=1, wd_incr_style="constant", use_checkpoint_opt_param_scheduler=True,
+    )
+    return optimizer, scheduler
+
+
+def current_lr(optimizer) -> float:
+    """The learning rate of the first parameter group (what the scheduler set)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for group in opt.param_groups:
+            return float(group["lr"])
+    return 0.0

@@ -1,0 +1,134 @@
+"""``cropi train CONFIG``: plain GRPO on one prompt set (``grpo.split``, the pool by default) for
+``grpo.steps`` steps: the full-data baseline every CROPI comparison needs.
+
+    cropi train examples/configs/tiny_cpu.yaml                       # one process
+    torchrun --nproc-per-node 2 -m megatron_cropi.cli train CONFIG   # TP/PP/DP from the config
+
+Everything goes under ``{run.output_dir}/train/`` (so a baseline and a CROPI run can share a config
+and an output directory): ``checkpoints/step_N`` (every ``grpo.checkpoint.save_interval`` steps and at
+the end), ``tensorboard/`` (``train/*`` every step, ``eval/*`` every ``grpo.eval_interval`` steps) and
+``eval.json`` (the evaluation history). A rerun resumes from the newest checkpoint.
+
+Initial weights (the same starting point as the curriculum): ``rollout.checkpoint`` (an HF directory)
+if set, else the warm-up checkpoint ``{run.output_dir}/warmup/hf`` (made by ``cropi run`` or, when it
+does not exist and ``curriculum.warmup.enabled`` with synthetic data, by this command, at the same
+place), else a seeded random initialisation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["run_train", "cmd_train"]
+
+log = logging.getLogger(__name__)
+
+
+def _initial_weights(cfg, groups, tokenizer, prompts, metrics) -> str | None:
+    if cfg.rollout.checkpoint:
+        return cfg.rollout.checkpoint
+    warm = Path(cfg.run.output_dir) / "warmup" / "hf"
+    if (warm / "config.json").is_file():
+        return str(warm)
+    if cfg.curriculum.warmup.enabled and cfg.data.kind == "synthetic":
+        from megatron_cropi.curriculum.warmup import run_warmup
+
+        info = run_warmup(cfg, groups, tokenizer, prompts, warm, metrics=metrics, log=log.info)
+        log.info("warm-up done: %d steps, greedy target accuracy %.3f", info["steps"], info["greedy_val"])
+        return str(warm)
+    return None
+
+
+def _split(prompts, name: str) -> list:
+    if name == "val":
+        return [p for recs in prompts.targets.values() for p in recs]
+    return list(getattr(prompts, name))
+
+
+def run_train(cfg) -> dict:
+    """Train, evaluate, checkpoint and resume as described in the module docstring; return a summary."""
+    import torch.distributed as dist
+
+    from megatron_cropi.checkpoint.dist_ckpt import latest_checkpoint, read_checkpoint_meta
+    from megatron_cropi.curriculum.runtime import PolicyRuntime, setup_run
+    from megatron_cropi.metrics import MetricsLogger
+    from megatron_cropi.utils.atomic import atomic_write_json
+
+    gc = cfg.grpo
+    out = Path(cfg.run.output_dir) / "train"
+    groups, prompts, tokenizer = setup_run(cfg)
+    train_set = _split(prompts, gc.split)
+    if not train_set:
+        raise ValueError(f"grpo.split {gc.split!r} has no prompts")
+    eval_set = _split(prompts, gc.eval_split)[: gc.eval_max_prompts] if gc.eval_split and gc.eval_interval else []
+    metrics = MetricsLogger(out / "tensorboard", enabled=groups.is_metrics_rank)
+    hf_dir = _initial_weights(cfg, groups, tokenizer, prompts, metrics)
+    rt = PolicyRuntime(cfg, groups, tokenizer, hf_dir=hf_dir, total_steps=gc.steps, metrics=metrics)
+    trainer = rt.trainer
+    trainer.checkpoint_dir = Path(gc.checkpoint.dir) if gc.checkpoint.dir else out / "checkpoints"
+    trainer.set_prompts(train_set)
+    history_path = out / "eval.json"
+    history: list[dict] = []
+    start = gc.checkpoint.load or (latest_checkpoint(trainer.checkpoint_dir) if gc.checkpoint.resume else None)
+    if start:
+        trainer.load(start)
+        if history_path.is_file():
+            history = [h for h in json.loads(history_path.read_text()) if h["step"] <= trainer.step_count]
+        log.info("resumed from %s at step %d", start, trainer.step_count)
+    writer = dist.get_rank() == 0
+
+    def evaluate():
+        res = trainer.evaluate(eval_set, samples=gc.eval_samples, seed=cfg.run.seed)
+        metrics.log(trainer.step_count, res, prefix="eval")
+        history.append({"step": trainer.step_count, **res})
+        if writer:
+            atomic_write_json(history_path, history)
+
+    t0 = time.perf_counter()
+    last = {}
+    try:
+        if eval_set and trainer.step_count == 0 and not history:
+            evaluate()
+        while trainer.step_count < gc.steps:
+            last = trainer.step()
+            if eval_set and (trainer.step_count % gc.eval_interval == 0 or trainer.step_count == gc.steps):
+                evaluate()
+            if writer and trainer.step_count % 10 == 0:
+                log.info("step %d: reward %.3f kl %.4f", trainer.step_count, last["reward"], last.get("kl", 0.0))
+        saved = latest_checkpoint(trainer.checkpoint_dir)
+        if saved is None or int(read_checkpoint_meta(saved)["step"]) != trainer.step_count:
+            saved = trainer.save()
+    finally:
+        rt.close()
+    return {"output_dir": str(out), "steps": trainer.step_count, "skipped_steps": trainer.skipped_steps,
+            "checkpoint": str(saved), "seconds": time.perf_counter() - t0,
+            "last": {k: last[k] for k in ("reward", "pass_rate", "kl", "entropy", "grad_norm") if k in last},
+            "eval": history[-1] if history else None}
+
+
+def cmd_train(args) -> int:
+    """The ``cropi train`` subcommand: prints the summary as JSON on rank 0."""
+    import os
+
+    from megatron_cropi.checkpoint.dist_ckpt import CheckpointError
+    from megatron_cropi.config.schema import load_run_config
+    from megatron_cropi.data.loaders import DataError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    cfg = load_run_config(args.config)
+    if args.steps is not None:
+        cfg = dataclasses.replace(cfg, grpo=dataclasses.replace(cfg.grpo, steps=args.steps))
+    try:
+        summary = run_train(cfg)
+    except (CheckpointError, DataError, ValueError, FileNotFoundError) as err:
+        print(f"cropi train: error: {err}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=2, default=str))
+    return 0

@@ -1,0 +1,190 @@
+"""One GRPO policy update from a batch of scored rollout groups, through Megatron's schedule.
+
+:meth:`PolicyLearner.update` takes this data-parallel rank's rollout groups (every rank of a TP/PP
+replica passes the same ones) with their positions in the step's global prompt batch, and:
+
+1. drops zero-variance groups (all K rewards equal: advantage 0, no policy gradient) when configured;
+   if no group of the whole step is left, the step is *skipped* (no optimizer step) and reported;
+2. splits the groups into ``updates_per_step`` mini-batches by global position (``position % U``, so
+   the split does not depend on the DP size) and packs each into fixed-shape micro-batches
+   (:func:`megatron_cropi.popi.batch.pack_microbatches`: ``micro_batch_prompts × K`` rows, one
+   sequence length for the whole step);
+3. before any update, computes the reference policy's log-probs (KL > 0) and, when configured, the
+   old policy's by forward-only passes;
+4. per mini-batch: counts the response tokens and sequences over all DP ranks
+   (:class:`~megatron_cropi.grpo.loss.LossNormalizer`), runs forward/backward over the micro-batches
+   with each loss multiplied by ``num_microbatches × dp`` (Megatron divides by the first, DDP by the
+   second), so the reduced gradient is exactly that of the step's global loss; then the optimizer
+   step (clip, update) and the LR schedule.
+
+Group-normalised advantages (``popi.loss.group_advantages``) are computed per micro-batch: a group
+never straddles two micro-batches.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_cropi.grpo.config import GrpoConfig
+from megatron_cropi.grpo.loss import STAT_KEYS, LossNormalizer, finalize_stats, grpo_loss
+from megatron_cropi.grpo.optimizer import current_lr, dp_loss_scale
+from megatron_cropi.grpo.reference import ReferencePolicy, forward_logprobs
+from megatron_cropi.model.logprobs import vocab_parallel_entropy, vocab_parallel_logprobs
+from megatron_cropi.model.schedule import broadcast_from_last_stage, causal_attention_mask, forward_backward, scale_for_schedule
+from megatron_cropi.parallel import ParallelGroups
+from megatron_cropi.popi.batch import PopiMicrobatch, pack_microbatches
+from megatron_cropi.popi.loss import group_advantages
+from megatron_cropi.rollout.types import RolloutGroup
+
+__all__ = ["PolicyLearner"]
+
+
+def _allreduce(values: list[float], groups: ParallelGroups, op=dist.ReduceOp.SUM) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=groups.device)
+    if groups.dp_size > 1:
+        dist.all_reduce(t, op=op, group=groups.dp)
+    return t.tolist()
+
+
+def _padding_microbatch(rows: int, seq: int) -> PopiMicrobatch:
+    """A micro-batch with no response token (a DP rank with nothing to train still joins the reduction)."""
+    zeros = torch.zeros(rows, seq, dtype=torch.int64)
+    return PopiMicrobatch(tokens=zeros, position_ids=torch.arange(seq).expand(rows, seq).contiguous(),
+                          labels=zeros.clone(), mask=torch.zeros(rows, seq), behaviour_logprobs=torch.zeros(rows, seq),
+                          rewards=torch.zeros(rows), group_index=torch.full((rows,), -1, dtype=torch.int64), rows=[])
+
+
+class PolicyLearner:
+    """Applies GRPO updates to a DDP-wrapped policy with a megatron-core optimizer.
+
+    Args:
+        model: the policy stage wrapped by :func:`~megatron_cropi.grpo.optimizer.wrap_ddp`.
+        optimizer, scheduler: from :func:`~megatron_cropi.grpo.optimizer.build_optimizer`.
+        groups: this rank's process groups.
+        cfg: the GRPO configuration.
+        reference: the frozen reference policy (required when ``cfg.loss.kl_coef > 0``).
+        pad_id: token id used to pad sequences.
+    """
+
+    def __init__(self, model, optimizer, scheduler, groups: ParallelGroups, cfg: GrpoConfig, *,
+                 reference: ReferencePolicy | None = None, pad_id: int = 0):
+        if cfg.loss.kl_coef > 0 and reference is None:
+            raise ValueError("grpo.loss.kl_coef > 0 needs a reference policy")
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.groups, self.cfg, self.reference, self.pad_id = groups, cfg, reference, pad_id
+
+    # -- batch layout ------------------------------------------------------------------------------
+    def _shape(self, live: Sequence[RolloutGroup]) -> tuple[int, int]:
+        k = max((len(g.responses) for g in live), default=1)
+        s = max((len(g.prompt.token_ids) + len(r.token_ids) for g in live for r in g.responses), default=2)
+        k, s = _allreduce([k, s], self.groups, op=dist.ReduceOp.MAX)
+        return int(k), int(s)
+
+    def _minibatches(self, live, positions, k: int, seq: int) -> list[list[PopiMicrobatch]]:
+        u_count = self.cfg.updates_per_step
+        out = []
+        for u in range(u_count):
+            idx = [i for i, pos in enumerate(positions) if pos % u_count == u]
+            mbs = pack_microbatches([live[i] for i in idx], [positions[i] for i in idx],
+                                    prompts_per_microbatch=self.cfg.micro_batch_prompts, responses_per_prompt=k,
+                                    seq_length=seq, pad_id=self.pad_id)
+            out.append(mbs or [_padding_microbatch(self.cfg.micro_batch_prompts * k, seq)])
+        return out
+
+    # -- the update --------------------------------------------------------------------------------
+    def update(self, rollouts: Sequence[RolloutGroup], positions: Sequence[int], *, temperature: float) -> dict:
+        """Train on this rank's ``rollouts`` (global batch positions ``positions``); return step metrics.
+
+        Metrics are identical on every rank: ``skipped`` (1 when no group of the step had reward
+        variance), ``groups``/``live_groups``, the token means of the loss terms, ``grad_norm``, ``lr``.
+        """
+        g, cfg = self.groups, self.cfg
+        if len(rollouts) != len(positions):
+            raise ValueError(f"{len(rollouts)} rollout groups but {len(positions)} positions")
+        keep = [i for i, grp in enumerate(rollouts) if not (cfg.drop_zero_variance_groups and grp.zero_variance)]
+        live = [rollouts[i] for i in keep]
+        live_pos = [int(positions[i]) for i in keep]
+        n_groups, n_live, n_zero, n_signal = _allreduce(
+            [len(rollouts), len(live), sum(grp.zero_variance for grp in rollouts),
+             sum(not grp.zero_variance for grp in live)], g)
+        metrics = {"groups": n_groups, "live_groups": n_live, "zero_variance_groups": n_zero,
+                   "lr": current_lr(self.optimizer)}  # the LR of this step's (first) update
+        if n_signal == 0:  # every group of the step has equal rewards: no policy gradient anywhere
+            metrics.update(skipped=1.0, updates=0.0)
+            return metrics
+        k, seq = self._shape(live)
+        minibatches = self._minibatches(live, live_pos, k, seq)
+        ref_lp = old_lp = None
+        if self.reference is not None:
+            ref_lp = [self.reference.logprobs(mbs, temperature=temperature) for mbs in minibatches]
+        if cfg.old_logprobs == "recompute":
+            old_lp = [forward_logprobs(self.model, g, mbs, temperature=temperature) for mbs in minibatches]
+        sums = np.zeros(len(STAT_KEYS) + 1)
+        grad_norms, updates = [], 0
+        self.model.train()
+        for u, mbs in enumerate(minibatches):
+            norm = LossNormalizer.from_masks([mb.mask for mb in mbs], g.dp if g.dp_size > 1 else None, device=g.device)
+            if norm.tokens == 0:
+                continue
+            s, gn, ok = self._train_minibatch(mbs, norm, temperature, None if ref_lp is None else ref_lp[u],
+                                              None if old_lp is None else old_lp[u])
+            sums += s
+            if ok:
+                updates += 1
+                grad_norms.append(gn)
+        sums_t = torch.tensor(sums, dtype=torch.float64, device=g.device)
+        if g.dp_size > 1:
+            dist.all_reduce(sums_t, group=g.dp)
+        sums_t = broadcast_from_last_stage(sums_t, g, shape=sums_t.shape, dtype=sums_t.dtype)
+        stat = dict(zip(STAT_KEYS, sums_t[:-1].tolist()))
+        metrics.update(finalize_stats(stat))
+        metrics.update(skipped=0.0, updates=float(updates), loss=float(sums_t[-1]) / max(1, len(minibatches)),
+                       grad_norm=float(np.mean(grad_norms)) if grad_norms else float("nan"))
+        return metrics
+
+    def _train_minibatch(self, mbs: list[PopiMicrobatch], norm: LossNormalizer, temperature: float,
+                         ref_lp: list[torch.Tensor] | None, old_lp: list[torch.Tensor] | None):
+        g, lcfg = self.groups, self.cfg.loss
+        device = g.device
+        num_mb, seq, rows = len(mbs), mbs[0].tokens.shape[1], mbs[0].tokens.shape[0]
+        mask = causal_attention_mask(seq, device)
+        scale = dp_loss_scale(g)
+        sums = np.zeros(len(STAT_KEYS) + 1)
+
+        def forward_step(data_iterator, model):
+            i, mb = next(data_iterator)
+            mb = mb.to(device)
+            out = model(input_ids=mb.tokens, position_ids=mb.position_ids, attention_mask=mask)
+
+            def loss_func(logits):
+                logp = vocab_parallel_logprobs(logits, mb.labels, tp_group=g.tp, tp_rank=g.tp_rank,
+                                               temperature=temperature)
+                if lcfg.entropy_coef > 0:
+                    ent = vocab_parallel_entropy(logits, tp_group=g.tp, temperature=temperature)
+                else:
+                    with torch.no_grad():
+                        ent = vocab_parallel_entropy(logits.detach(), tp_group=g.tp, temperature=temperature)
+                adv = group_advantages(mb.rewards, mb.group_index, max(mb.num_groups, 1), eps=lcfg.adv_eps)
+                old = mb.behaviour_logprobs if old_lp is None else old_lp[i].to(device)
+                ref = None if ref_lp is None else ref_lp[i].to(device)
+                loss, stat = grpo_loss(logp, old, adv, mb.mask, lcfg, norm, ref_logprobs=ref, entropy=ent)
+                packed = torch.stack([stat[k] for k in STAT_KEYS] + [loss.detach().to(torch.float64)])
+                return scale_for_schedule(loss * scale, num_mb), {"stats": packed}
+
+            return out, loss_func
+
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        reduced = forward_backward(self.model, g, forward_step_func=forward_step,
+                                   data_iterator=iter(list(enumerate(mbs))), num_microbatches=num_mb,
+                                   seq_length=seq, micro_batch_size=rows)
+        for item in reduced:
+            sums += item["stats"].cpu().numpy()
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(1)
+        return sums, float(grad_norm) if grad_norm is not None else float("nan"), bool(ok)
