@@ -179,6 +179,37 @@ def _sharded_state(model, optimizer, reference, *, is_loading: bool) -> dict:
     return sd
 
 
+def _die_with_parent() -> None:  # runs in megatron's writer-queue manager process
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except OSError:  # not Linux: the manager outlives a killed trainer, as upstream's does
+        pass
+
+
+def _orphan_safe_write_queue() -> None:
+    """Give megatron-core's checkpoint writer a results queue whose manager process dies with us.
+
+    megatron-core's ``filesystem_async`` starts a ``multiprocessing`` manager on the first save and keeps
+    it for the process lifetime; when a trainer is killed (SIGKILL, preemption) that server is orphaned
+    and lingers. The same queue, started with a parent-death signal, goes away with the trainer.
+    """
+    try:
+        import multiprocessing as mp
+        from multiprocessing.managers import SyncManager
+
+        from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
+    except ImportError:
+        return
+    if getattr(fsa, "_results_queue", "absent") is None:
+        manager = SyncManager(ctx=mp.get_context("spawn"))
+        manager.start(initializer=_die_with_parent)
+        fsa._results_queue = manager.Queue()
+        fsa._cropi_manager = manager  # keep it alive as long as the queue
+
+
 def save_checkpoint(
     root: str | Path,
     step: int,
@@ -219,6 +250,7 @@ def save_checkpoint(
     # before the first optimizer step (e.g. every step so far skipped) the state is empty: a fresh
     # optimizer is then exactly what loading must produce, so none is saved
     optimizer_state = optimizer is not None and _optimizer_has_state(optimizer, groups.device)
+    _orphan_safe_write_queue()
     dist_checkpointing.save(_sharded_state(model, optimizer if optimizer_state else None, reference, is_loading=False),
                             str(tmp / "dist"))
     torch.save(_rng_state(), _rng_file(tmp, groups))
