@@ -86,16 +86,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megatron_cropi.checkpoint.dist_ckpt import CheckpointError
     from megatron_cropi.config.loader import ConfigError
+    from megatron_cropi.curriculum.runtime import RunInputError
     from megatron_cropi.curriculum.state import ConfigChangedError
+    from megatron_cropi.data.loaders import DataError
     from megatron_cropi.dryrun import DryRunError
+    from megatron_cropi.influence.feature_store import FeatureStoreMismatch
     from megatron_cropi.parallel import LaunchError
+    from megatron_cropi.rollout.store import StoreError
     from megatron_cropi.selection.policies import SelectionError
+
+    user_errors = (ConfigError, DryRunError, LaunchError, ConfigChangedError, SelectionError, RunInputError,
+                   DataError, StoreError, FeatureStoreMismatch, CheckpointError)
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DryRunError, LaunchError, ConfigChangedError, SelectionError) as err:
+    except user_errors as err:
         print(f"cropi {args.command}: error: {err}", file=sys.stderr)
         return 2
 

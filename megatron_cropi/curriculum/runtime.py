@@ -17,7 +17,11 @@ import torch
 from megatron_cropi.parallel import ParallelGroups, build_parallel_groups, init_distributed
 from megatron_cropi.rollout.types import PromptRecord
 
-__all__ = ["PromptSets", "PolicyRuntime", "load_prompt_sets", "configure_threads", "setup_run", "build_policy_model"]
+class RunInputError(ValueError):
+    """The run's inputs cannot make a run (an empty pool, no target set, a tokenizer that does not fit)."""
+
+
+__all__ = ["RunInputError", "PromptSets", "PolicyRuntime", "load_prompt_sets", "configure_threads", "setup_run", "build_policy_model"]
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +64,12 @@ def load_prompt_sets(cfg) -> tuple[PromptSets, object]:
     tok = build_tokenizer(cfg.data)
     sets = {s: load_prompt_set(cfg.data, s, tokenizer=tok) for s in ("pool", "val", "test", "check")}
     if not sets["pool"].records:
-        raise ValueError("the pool is empty: data.pool (or data.synthetic.per_family) gives no prompt")
+        raise RunInputError("the pool is empty: data.pool (or data.synthetic.per_family) gives no prompt")
     targets: dict[str, list[PromptRecord]] = {}
     for rec in sets["val"].records:
         targets.setdefault(rec.source or "val", []).append(rec)
     if not targets:
-        raise ValueError("no target set: data.val (or data.synthetic.val_size) gives no prompt; CROPI scores "
+        raise RunInputError("no target set: data.val (or data.synthetic.val_size) gives no prompt; CROPI scores "
                          "the pool against the gradient of a target set")
     return PromptSets(pool=sets["pool"].records, targets=targets, test=sets["test"].records,
                       check=sets["check"].records, summaries={s: v.summary() for s, v in sets.items()}), tok
@@ -79,7 +83,7 @@ def setup_run(cfg) -> tuple[ParallelGroups, PromptSets, object]:
                                    seed=cfg.run.seed)
     prompts, tokenizer = load_prompt_sets(cfg)
     if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size is {cfg.model.vocab_size}")
+        raise RunInputError(f"the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size is {cfg.model.vocab_size}")
     return groups, prompts, tokenizer
 
 
