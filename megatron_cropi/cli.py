@@ -4,6 +4,7 @@
     cropi run CONFIG [--new-run]          the CROPI curriculum: warm-up, rollouts, stages (resumes)
     cropi run --dry-run CONFIG            validate config, parallel layout and paths
     cropi rollout CONFIG [--split S]      roll a prompt set out into a trajectory store (resumes)
+    cropi score CONFIG [--checkpoint D]   projected POPI gradients of stored trajectories (resumes)
     cropi train CONFIG                    plain GRPO on grpo.split: the full-data baseline (resumes)
 
 Distributed subcommands run under torchrun (``torchrun --nproc-per-node N -m megatron_cropi.cli ...``).
@@ -58,6 +59,12 @@ def _cmd_train(args) -> int:
     return cmd_train(args)
 
 
+def _cmd_score(args) -> int:
+    from megatron_cropi.influence.cli import cmd_score
+
+    return cmd_score(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cropi", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML run config")
     p.add_argument("--steps", type=int, default=None, help="override grpo.steps")
     p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("score", help="projected POPI gradients of stored trajectories at a checkpoint (resumes)")
+    p.add_argument("config", help="YAML run config")
+    p.add_argument("--sets", default=None, help="comma-separated stores under run.output_dir/rollouts (default: "
+                   "pool, val and target-*)")
+    p.add_argument("--checkpoint", default=None, help="GRPO checkpoint (step_N) or HF directory of the policy")
+    p.add_argument("--tag", default=None, help="features go to run.output_dir/features/TAG (default step<N>)")
+    p.set_defaults(func=_cmd_score)
     return parser
 
 
