@@ -10,7 +10,8 @@ seconds per prompt for
         dense Gaussian projection generated block by block (TRAK BasicProjector style),
 
 all at the same k, measured side by side in one run. Peak memory of scoring a pool of N and of 4N
-prompts (mode b, features into a feature store) is measured in fresh subprocesses.
+prompts (mode b, features into a feature store) is measured in fresh subprocesses (peak RSS, and the
+increment over the RSS after imports, model and pool are loaded).
 
     python benchmarks/capture.py --quick        # < 3 minutes on the 2-core CPU box
 
@@ -155,13 +156,15 @@ def peak_rss_child(n, kind, k, keep_ratio):
     model, groups, cfg = setup()
     projector = build_projector(kind=kind, k=k, keep_ratio=keep_ratio, seed=0)
     pool = make_pool(n, cfg.vocab_size)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # after imports, model and pool
     with tempfile.TemporaryDirectory() as d:
         store = FeatureStore.open(os.path.join(d, "f"), FeatureHeader(num_rows=n, k=k, seed=0, projector=kind,
                                   param_set_hash="-", checkpoint_step=0, prompt_id_hash="-"))
         score_pool(pool, store, model=model, groups=groups, projector=projector,
                    cfg=ScoringConfig(prompts_per_microbatch=8, microbatches_per_call=2), temperature=1.0,
                    responses_per_prompt=K, progress=False)
-    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "rss_before_scoring_mib": base}))
 
 
 def measure_peak(n, kind, k, keep_ratio):
@@ -171,7 +174,7 @@ def measure_peak(n, kind, k, keep_ratio):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_rss_mib"]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main():
@@ -206,7 +209,7 @@ def main():
     agree = ((sk_a - sk_b).norm(dim=1) / sk_b.norm(dim=1).clamp(min=1e-30)).max().item()
     n_paper = 2 if args.quick else 4
     t_paper, d = time_paper_method(model, groups, pool[:n_paper], args.k, args.keep_ratio)
-    peak_n = 16 if args.quick else 32
+    peak_n = 64 if args.quick else 256
     rss_n = measure_peak(peak_n, args.kind, args.k, args.keep_ratio)
     rss_4n = measure_peak(4 * peak_n, args.kind, args.k, args.keep_ratio)
     result = {
@@ -219,8 +222,11 @@ def main():
         "overhead_vs_bare": t_b / t_bare,
         "mode_a_overhead_vs_bare": t_a / t_bare,
         "speedup_vs_paper_method": t_paper / t_b,
-        "peak_rss_mib": {str(peak_n): rss_n, str(4 * peak_n): rss_4n},
-        "peak_mem_growth_ratio": rss_4n / rss_n,
+        "peak_rss_mib": {str(peak_n): rss_n["peak_rss_mib"], str(4 * peak_n): rss_4n["peak_rss_mib"]},
+        "peak_mem_growth_ratio": rss_4n["peak_rss_mib"] / rss_n["peak_rss_mib"],
+        # growth of what scoring itself adds on top of imports, model and pool
+        "scoring_mem_increment_mib": {str(peak_n): rss_n["peak_rss_mib"] - rss_n["rss_before_scoring_mib"],
+                                      str(4 * peak_n): rss_4n["peak_rss_mib"] - rss_4n["rss_before_scoring_mib"]},
     }
     print(json.dumps(result, indent=2))
     print(json.dumps(result))
