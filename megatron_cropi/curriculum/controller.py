@@ -100,6 +100,7 @@ class StageController:
                 if self._done(f"stage{m}/report"):
                     continue
                 features = self.step_score(m)
+                self.step_probe(m, features)
                 selection = self.step_select(m, features)
                 self.step_train(m, selection)
                 self.step_report(m, selection, features)
@@ -164,6 +165,15 @@ class StageController:
     def step_score(self, m: int) -> dict:
         """Projected POPI gradients of the pool and the target sets at θ_m."""
         return S.score_stage(self, m)
+
+    def step_probe(self, m: int, features: dict) -> None:
+        """Projection quality on a probe set at θ_m (the checkpoint the features were made at)."""
+        from megatron_cropi.curriculum.report import probe_projection_quality
+
+        if self._done(f"stage{m}/probe"):
+            return
+        probe = probe_projection_quality(self, m, features) if features else {"skipped": "policy is not cropi"}
+        self._mark(f"stage{m}/probe", **probe)
 
     def step_select(self, m: int, features: dict):
         return S.select_stage(self, m, features)

@@ -105,9 +105,9 @@ def write_stage_report(ctl, m: int, selection, features: dict) -> dict:
 
     state = ctl.state
     T = ctl.cfg.curriculum.steps_per_stage
-    probe = probe_projection_quality(ctl, m, features) if features else {"skipped": "policy is not cropi"}
     if not ctl.rank0:
         return {}
+    probe = state.info(f"stage{m}/probe") or {"skipped": "no probe"}
     prev = load_selection(ctl, m - 1) if m > 0 else None
     overlap = (len(set(selection.prompt_ids) & set(prev.prompt_ids)) / max(len(selection.prompt_ids), 1)
                if prev else None)
