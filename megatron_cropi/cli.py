@@ -33,7 +33,8 @@ def _cmd_run(args) -> int:
 
     cfg = load_run_config(args.config)
     if args.dry_run:
-        summary = dry_run(cfg, world_size=args.world_size)
+        summary = dry_run(cfg, world_size=args.world_size, gpus_per_node=args.gpus_per_node,
+                          gpu_memory_gib=args.gpu_memory_gib)
         print(json.dumps(summary, indent=2))
         print(f"dry run OK: {args.config}")
         return 0
@@ -75,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML run config")
     p.add_argument("--dry-run", action="store_true", help="validate config, layout and paths; run nothing")
     p.add_argument("--world-size", type=int, default=None, help="ranks of the intended launch (dry run)")
+    p.add_argument("--gpus-per-node", type=int, default=None, help="ranks per node of the intended launch (dry run)")
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0,
+                   help="memory of one GPU; the dry run fails when its per-GPU estimate exceeds it (default 80)")
     p.add_argument("--new-run", action="store_true",
                    help="start a new run in run.output_dir even if the config changed (old outputs moved aside)")
     p.set_defaults(func=_cmd_run)

@@ -1,18 +1,32 @@
-"""``cropi run --dry-run``: check config, parallel layout and paths without building anything.
+"""``cropi run --dry-run``: check config, layout, paths and a per-GPU memory estimate without GPUs.
 
 Nothing is created, no process group is started and no GPU is needed, so it runs on a login node or
-in CI for configs meant for 8×H100 nodes.
+in CI for configs meant for 8×H100 nodes. It checks:
+
+* **layout**: the world size splits into TP×PP×DP, the model into TP and PP; vLLM's tensor
+  parallelism fits a node and the GPUs of one DP replica (``cropi run`` builds one engine per DP
+  replica, on the replica's first rank); ``grpo.prompts_per_step`` splits over DP and each rank's
+  share into whole ``micro_batch_prompts`` micro-batches; the scoring mode suits the layer spec.
+* **paths**: ``run.output_dir`` is writable; every data file exists, is readable and has the fields
+  its format reads; tokenizer directories hold tokenizer files; ``rollout.checkpoint`` is an HF
+  directory whose ``config.json`` describes the configured model (weights are not read).
+* **memory**: :func:`megatron_cropi.memory.estimate_memory` per pipeline stage against
+  ``gpu_memory_gib``; the feature stores' size on disk.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 from megatron_cropi.config.schema import RunConfig
+from megatron_cropi.memory import GIB, estimate_memory, feature_store_bytes
 from megatron_cropi.parallel import LaunchError, check_layout
 
-__all__ = ["DryRunError", "dry_run"]
+__all__ = ["DryRunError", "dry_run", "check_data_file", "check_tokenizer_dir", "check_hf_checkpoint"]
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 class DryRunError(ValueError):
@@ -33,41 +47,220 @@ def _writable_dir(path: Path) -> tuple[bool, str]:
     return False, f"{path} has no existing ancestor"
 
 
-def dry_run(cfg: RunConfig, *, world_size: int | None = None) -> dict:
+def check_data_file(key: str, spec) -> tuple[int, list[str]]:
+    """``(rows, problems)`` of one :class:`~megatron_cropi.data.config.DatasetFile` under config key ``key``.
+
+    Reads only the parquet footer (row count, column names) or the lines of a JSONL file (the first
+    row's keys); the prompt and answer fields are checked at their top-level name.
+    """
+    path = Path(spec.path)
+    if not path.is_file():
+        return 0, [f"{key}.path: {path} does not exist or is not a file"]
+    if not os.access(path, os.R_OK):
+        return 0, [f"{key}.path: {path} is not readable"]
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            meta = pq.ParquetFile(path)
+            rows, columns = meta.metadata.num_rows, set(meta.schema_arrow.names)
+        else:
+            rows, columns = 0, None
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    if not line.strip():
+                        continue
+                    if columns is None:
+                        first = json.loads(line)
+                        columns = set(first) if isinstance(first, dict) else set()
+                    rows += 1
+            columns = columns or set()
+    except Exception as err:  # noqa: BLE001 - any unreadable file is reported by name
+        return 0, [f"{key}.path: {path} cannot be read: {type(err).__name__}: {err}"]
+    prompt_field, answer_field, _ = spec.fields
+    problems = [f"{key}: {path} has no field {field!r} (columns: {', '.join(sorted(columns)) or 'none'}); "
+                f"set {key}.{which}_field or the right format"
+                for which, field in (("prompt", prompt_field), ("answer", answer_field))
+                if field.split(".")[0] not in columns]
+    return min(rows, spec.limit) if spec.limit else rows, problems
+
+
+def check_tokenizer_dir(key: str, path: str) -> list[str]:
+    """Problems of a Hugging Face tokenizer directory (exists, holds a tokenizer file)."""
+    p = Path(path)
+    if not p.is_dir():
+        return [f"{key}: tokenizer directory {p} does not exist"]
+    if not any((p / name).is_file() for name in TOKENIZER_FILES):
+        return [f"{key}: {p} holds no tokenizer file (expected one of {', '.join(TOKENIZER_FILES)})"]
+    return []
+
+
+def check_hf_checkpoint(key: str, path: str, model_cfg) -> tuple[list[str], list[str]]:
+    """``(problems, warnings)`` of an HF checkpoint directory against the configured model.
+
+    The architecture and every size in ``config.json`` must equal ``model``'s (through
+    :func:`megatron_cropi.checkpoint.model_config_from_hf`); missing weight files are only a warning
+    (a dry run does not read them).
+    """
+    from megatron_cropi.checkpoint import GPTDimensions, HFCheckpointError, model_config_from_hf
+
+    p = Path(path)
+    if not p.is_dir():
+        return [f"{key}: HF checkpoint directory {p} does not exist"], []
+    if not (p / "config.json").is_file():
+        return [f"{key}: {p} has no config.json (not an HF checkpoint directory)"], []
+    try:
+        theirs = GPTDimensions.from_model_config(model_config_from_hf(p, params_dtype=model_cfg.params_dtype))
+        ours = GPTDimensions.from_model_config(model_cfg)
+    except (HFCheckpointError, ValueError, json.JSONDecodeError) as err:
+        return [f"{key}: {err}"], []
+    diffs = ours.differences(theirs)
+    problems = [f"{key}: {p}/config.json does not match the model (model vs checkpoint): " + "; ".join(diffs)] \
+        if diffs else []
+    warnings = [] if any(p.glob("*.safetensors")) else [f"{key}: {p} has no *.safetensors weights yet"]
+    return problems, warnings
+
+
+def _layout_problems(cfg: RunConfig, dp: int, gpus_per_node: int, world_size: int) -> tuple[list[str], list[str]]:
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    problems, warnings = [], []
+    if world_size > gpus_per_node and world_size % gpus_per_node:
+        problems.append(f"world size {world_size} is not a whole number of nodes of {gpus_per_node} GPUs")
+    if tp > gpus_per_node:
+        warnings.append(f"parallel.tensor_model_parallel_size={tp} spans more than one node of {gpus_per_node} "
+                        "GPUs: TP all-reduces then cross the inter-node network")
+    if cfg.rollout.engine == "vllm":
+        vtp = cfg.rollout.vllm.tensor_parallel_size
+        if vtp > gpus_per_node:
+            problems.append(f"rollout.vllm.tensor_parallel_size={vtp} exceeds the {gpus_per_node} GPUs of a node "
+                            "(an in-process vLLM engine lives on one node)")
+        if (tp * pp) % vtp:
+            problems.append(f"rollout.vllm.tensor_parallel_size={vtp} must divide the {tp * pp} GPUs (TP×PP) of a "
+                            "data-parallel replica: cropi run builds one engine per replica, on its GPUs")
+    g = cfg.grpo
+    if g.prompts_per_step % dp:
+        problems.append(f"grpo.prompts_per_step={g.prompts_per_step} is not divisible by the data-parallel "
+                        f"size {dp} (world {world_size} ÷ TP×PP {tp * pp})")
+    else:
+        per_update = g.prompts_per_step // dp / g.updates_per_step
+        if per_update % g.micro_batch_prompts:
+            problems.append(f"grpo.micro_batch_prompts={g.micro_batch_prompts} does not divide the "
+                            f"{per_update:g} prompts each data-parallel rank trains per update "
+                            f"(prompts_per_step {g.prompts_per_step} ÷ DP {dp} ÷ updates_per_step "
+                            f"{g.updates_per_step}): every micro-batch would be padded")
+    if cfg.scoring.mode == "batched" and cfg.model.layer_spec == "te":
+        problems.append("scoring.mode batched sees megatron-core's local-spec modules only; with model.layer_spec "
+                        "te use scoring.mode per_prompt, or layer_spec local")
+    if cfg.scoring.mode == "batched" and cfg.model.layer_spec == "auto":
+        warnings.append("model.layer_spec auto resolves to te where Transformer Engine is installed (GPU images), "
+                        "which batched scoring cannot hook: set model.layer_spec local for GPU runs")
+    if cfg.scoring.mode == "per_prompt" and cfg.selection.policy == "cropi":
+        problems.append("scoring.mode per_prompt: PerPromptTap refuses a model inside megatron DDP, and cropi run "
+                        "scores the DDP-wrapped policy (megatron_cropi/popi/hooks.py); use scoring.mode batched "
+                        "with model.layer_spec local")
+    return problems, warnings
+
+
+def _path_problems(cfg: RunConfig) -> tuple[list[str], list[str], dict]:
+    problems, warnings, rows = [], [], {}
+    ok, why = _writable_dir(cfg.output_dir)
+    if not ok:
+        problems.append(f"run.output_dir: {why}")
+    if cfg.data.kind == "files":
+        for split in ("pool", "val", "test", "check"):
+            for i, spec in enumerate(cfg.data.files(split)):
+                n, errs = check_data_file(f"data.{split}[{i}]", spec)
+                problems += errs
+                rows.setdefault(split, {})
+                source = spec.source or Path(spec.path).stem
+                rows[split][source] = rows[split].get(source, 0) + n
+        problems += check_tokenizer_dir("data.tokenizer", cfg.data.tokenizer)
+    if cfg.rollout.tokenizer_dir:
+        problems += check_tokenizer_dir("rollout.tokenizer_dir", cfg.rollout.tokenizer_dir)
+    if cfg.rollout.checkpoint:
+        errs, warns = check_hf_checkpoint("rollout.checkpoint", cfg.rollout.checkpoint, cfg.model)
+        problems += errs
+        warnings += warns
+    return problems, warnings, rows
+
+
+def _feature_stores(cfg: RunConfig, rows: dict) -> dict:
+    """Size on disk of the feature stores: one per set (pool, each target set) per stage."""
+    if cfg.selection.policy != "cropi" or not rows:
+        return {}
+    k = cfg.projection.k
+    sets = {"pool": sum(rows.get("pool", {}).values())}
+    sets.update({f"target-{name}": n for name, n in rows.get("val", {}).items()})
+    per_stage = sum(feature_store_bytes(n, k) for n in sets.values())
+    return {"label": "computed: rows × k × 4 bytes", "rows": sets, "k": k,
+            "per_stage_gib": round(per_stage / GIB, 3),
+            "all_stages_gib": round(per_stage * cfg.curriculum.stages / GIB, 3)}
+
+
+def dry_run(cfg: RunConfig, *, world_size: int | None = None, gpus_per_node: int | None = None,
+            gpu_memory_gib: float = 80.0) -> dict:
     """Validate what a launch of ``cfg`` on ``world_size`` ranks needs; return a summary.
 
     Args:
         cfg: a loaded (hence type- and range-checked) run config.
         world_size: ranks of the launch; default ``$WORLD_SIZE`` or TP×PP.
+        gpus_per_node: ranks per node; default ``$LOCAL_WORLD_SIZE``, ``$NPROC_PER_NODE`` or the world size.
+        gpu_memory_gib: memory of one GPU; the run fails the dry run when its estimate exceeds it.
 
     Raises:
-        DryRunError: listing every layout or path problem.
+        DryRunError: listing every layout, path or memory problem.
     """
     tp = cfg.parallel.tensor_model_parallel_size
     pp = cfg.parallel.pipeline_model_parallel_size
     world_size = world_size or int(os.environ.get("WORLD_SIZE", 0)) or tp * pp
+    gpus_per_node = (gpus_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", 0))
+                     or int(os.environ.get("NPROC_PER_NODE", 0)) or world_size)
     problems: list[str] = []
+    warnings: list[str] = []
     dp = None
     try:
         dp = check_layout(world_size, tp, pp)
     except LaunchError as err:
         problems.append(str(err))
     problems += cfg.model.layout_errors(tp, pp)
-    ok, why = _writable_dir(cfg.output_dir)
-    if not ok:
-        problems.append(f"run.output_dir: {why}")
+    if dp is not None:
+        errs, warns = _layout_problems(cfg, dp, gpus_per_node, world_size)
+        problems += errs
+        warnings += warns
+    errs, warns, rows = _path_problems(cfg)
+    problems += errs
+    warnings += warns
+    memory = None
+    if dp is not None and not cfg.model.layout_errors(tp, pp):
+        memory = estimate_memory(cfg, dp=dp, gpu_memory_gib=gpu_memory_gib)
+        if memory["peak_gib"] > gpu_memory_gib:
+            s = memory["stages"][memory["peak_stage"]]
+            problems.append(
+                f"memory: the estimate for pipeline stage {s['stage']} is {s['peak_gib']:.1f} GiB per GPU "
+                f"(in {s['peak_phase']}: resident {sum(s['resident_gib'].values()):.1f}, vLLM {s['vllm_gib']:.1f}, "
+                f"training {sum(s['training_gib'].values()):.1f}, scoring {sum(s['scoring_gib'].values()):.1f} GiB), "
+                f"over the {gpu_memory_gib:g} GiB budget (--gpu-memory-gib); reduce micro-batches, sequence "
+                "length or vLLM's gpu_memory_utilization, or raise TP/PP")
     if problems:
         raise DryRunError("dry run found problems:\n  - " + "\n  - ".join(problems))
     n_params = cfg.model.num_parameters()
     bytes_per = {"float32": 4, "bfloat16": 2, "float16": 2}[cfg.model.params_dtype]
     return {
         "world_size": world_size,
+        "gpus_per_node": gpus_per_node,
+        "nodes": max(1, world_size // gpus_per_node),
         "layout": {"tp": tp, "pp": pp, "dp": dp},
+        "rollout": {"engine": cfg.rollout.engine, "vllm_tensor_parallel_size": cfg.rollout.vllm.tensor_parallel_size,
+                    "engines": dp if cfg.rollout.engine == "vllm" else 0},
         "model": {
             "preset": cfg.model.preset,
             "parameters": n_params,
             "layers_per_stage": cfg.model.transformer["num_layers"] // pp,
             "param_bytes_per_rank": n_params * bytes_per // (tp * pp),
         },
+        "data_rows": rows,
+        "memory": memory,
+        "feature_stores_on_disk": _feature_stores(cfg, rows),
+        "warnings": warnings,
         "output_dir": str(cfg.output_dir),
     }

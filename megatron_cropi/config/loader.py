@@ -10,18 +10,24 @@ value and what was expected, e.g.::
 
 Range checks live in each dataclass's ``__post_init__`` through :func:`require`; the loader prefixes
 the path of the section being built.
+
+String values of a YAML file may name environment variables, as in a shell: ``${DATA_DIR}`` (must be
+set) and ``${OUT:-runs/default}`` (the default when unset or empty); ``$${`` writes a literal ``${``.
+An unset variable without a default is a :class:`ConfigError` naming the key and the variable.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import types
 from pathlib import Path
 from typing import Any, Literal, Mapping, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "load_yaml", "require"]
+__all__ = ["ConfigError", "from_dict", "to_dict", "load_yaml", "expand_env", "require"]
 
 T = TypeVar("T")
 
@@ -179,8 +185,51 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def load_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping from ``path``; errors name the file."""
+_ENV_REF = re.compile(r"\$\$\{|\$\{([^}]*)\}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _expand_string(value: str, key: str, environ: Mapping[str, str]) -> str:
+    def sub(match: re.Match) -> str:
+        if match.group(0) == "$${":
+            return "${"
+        name, has_default, default = match.group(1).partition(":-")
+        if not _ENV_NAME.fullmatch(name):
+            raise ConfigError(key, f"{match.group(0)!r} in {value!r} is not a variable reference; expected "
+                                   "${NAME} or ${NAME:-default} with NAME of letters, digits and _")
+        got = environ.get(name)
+        if has_default and not got:
+            return default
+        if got is None:
+            raise ConfigError(key, f"environment variable {name} is not set (used in {value!r}); export it "
+                                   f"or write ${{{name}:-default}}")
+        return got
+
+    return _ENV_REF.sub(sub, value)
+
+
+def expand_env(data: Any, environ: Mapping[str, str] | None = None, *, _key: str = "") -> Any:
+    """``data`` with ``${VAR}`` / ``${VAR:-default}`` in every string value replaced from ``environ``.
+
+    Mapping keys are left alone; lists and nested mappings are walked (key paths ``a.b[0].c``).
+
+    Raises:
+        ConfigError: naming the dotted key path and the variable, for an unset variable without a
+            default or a malformed reference.
+    """
+    environ = os.environ if environ is None else environ
+    if isinstance(data, str):
+        return _expand_string(data, _key, environ)
+    if isinstance(data, Mapping):
+        return {k: expand_env(v, environ, _key=f"{_key}.{k}" if _key else str(k)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [expand_env(v, environ, _key=f"{_key}[{i}]") for i, v in enumerate(data)]
+    return data
+
+
+def load_yaml(path: str | Path, environ: Mapping[str, str] | None = None) -> dict:
+    """Read a YAML mapping from ``path`` with environment references expanded (:func:`expand_env`,
+    from ``environ``, default ``os.environ``); errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError("", f"config file {str(path)!r} does not exist")
@@ -192,5 +241,5 @@ def load_yaml(path: str | Path) -> dict:
         return {}
     if not isinstance(data, dict):
         raise ConfigError("", f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return data
+    return expand_env(data, environ)
 

@@ -1,0 +1,332 @@
+"""Per-GPU memory estimate of a run, and the size of its feature stores: pure arithmetic on the config.
+
+Nothing here imports torch or touches a device, so ``cropi run --dry-run`` can size an 8×H100 launch
+on a login node. Every figure is *computed*, never measured; the assumptions are stated below and in
+each function's docstring, and ``docs/at_scale.md`` compares them with what can be measured.
+
+A rank of pipeline stage ``p`` (TP size ``t``, PP size ``P``, DP size ``d``) holds, in bytes:
+
+* **resident** (the whole run): ``N_p`` parameters of its TP shard of stage ``p`` (matrices and the
+  embedding/output layer split ``t`` ways; norms replicated) as
+    - weights: ``N_p × w`` (``w`` = 2 for bf16/fp16, 4 for fp32);
+    - gradients: megatron DDP's contiguous buffer, ``N_p × 4`` with ``grad_reduce_in_fp32`` (else ``w``);
+    - optimizer: Adam ``m``, ``v`` (fp32) plus an fp32 master copy when ``w < 4``: ``12 N_p`` (bf16) or
+      ``8 N_p`` (fp32); SGD keeps momentum plus the master copy. The distributed optimizer shards it
+      over DP (``÷ d``);
+    - the frozen reference policy (``grpo.loss.kl_coef > 0``): another ``N_p × w``;
+    - the projector's index cache: ``q × N_p × c`` with ``q`` the keep ratio and ``c`` bytes per kept
+      coordinate (sjlt ``4 + 5s``, gaussian/rademacher 8, or 4 at ``q = 1``;
+      :mod:`megatron_cropi.projection.sjlt` / ``.gaussian``);
+    - a fixed ``overhead_gib`` (CUDA context, NCCL buffers, allocator slack).
+* **vLLM**: ``gpu_memory_utilization × GPU memory``, on the ranks its engine spans. ``cropi run``
+  builds one in-process engine per DP replica on the replica's first rank (TP and PP rank 0;
+  ``curriculum/runtime.py``), so the share is held through scoring and training too (``colocated``).
+* **training** (a GRPO micro-batch of ``b = micro_batch_prompts × rollout.n`` sequences of length
+  ``s``) and **scoring** (``b = prompts_per_microbatch × K``, ``K = max(pool_samples, target_samples)``;
+  ``per_prompt``: one prompt): activations (:func:`layer_activation_bytes`) × layers of the stage ×
+  micro-batches in flight (1F1B: ``min(P − p, M)``), and on the last stage the logits
+  (:func:`logits_bytes`).
+
+``peak = resident + vLLM + max(training, scoring)`` per stage; the estimate is the largest stage.
+
+Sequence length ``s = data.max_prompt_tokens + rollout.max_tokens`` (the synthetic suite: its prompt
+length): micro-batches are padded to the longest sequence of the step or pool, and with thousands of
+sampled responses the longest one reaches ``max_tokens``. Not modelled: allocator fragmentation
+beyond the overhead, CUDA graphs, vLLM's own transient buffers beyond its share.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = [
+    "GIB",
+    "ModelShape",
+    "stage_parameter_counts",
+    "optimizer_bytes_per_param",
+    "layer_activation_bytes",
+    "stage_activation_bytes",
+    "logits_bytes",
+    "index_cache_bytes_per_coordinate",
+    "feature_store_bytes",
+    "sequence_length",
+    "estimate_memory",
+]
+
+GIB = 1024 ** 3
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes the estimate needs (from a :class:`~megatron_cropi.model.config.ModelConfig`)."""
+
+    num_layers: int
+    hidden: int
+    heads: int
+    query_groups: int
+    head_dim: int
+    ffn: int
+    vocab: int
+    tied: bool
+    qkv_bias: bool
+    gated: bool = True
+
+    @classmethod
+    def from_model_config(cls, cfg) -> "ModelShape":
+        t = cfg.transformer
+        return cls(num_layers=t["num_layers"], hidden=t["hidden_size"], heads=t["num_attention_heads"],
+                   query_groups=cfg.num_query_groups,
+                   head_dim=t.get("kv_channels") or t["hidden_size"] // t["num_attention_heads"],
+                   ffn=cfg.ffn_hidden_size, vocab=cfg.vocab_size, tied=bool(cfg.tie_word_embeddings),
+                   qkv_bias=bool(t.get("add_qkv_bias")), gated=bool(t.get("gated_linear_unit")))
+
+
+def stage_parameter_counts(m: ModelShape, tp: int, pp: int) -> list[int]:
+    """Parameters held by one TP rank of each pipeline stage.
+
+    Per layer: QKV ``h × (a + 2g)·d`` (+ bias), output projection ``a·d × h``, fc1 ``h × f`` (``2f``
+    gated), fc2 ``f × h``, all split ``tp`` ways; two RMSNorm weights ``h``, replicated. Stage 0 holds
+    the embedding ``V × h / tp``; the last stage the final norm and the output layer ``V × h / tp``
+    (untied, or tied under PP > 1, where the last stage keeps its own copy).
+    """
+    q, kv = m.heads * m.head_dim, 2 * m.query_groups * m.head_dim
+    sharded = m.hidden * (q + kv) + (q + kv if m.qkv_bias else 0) + q * m.hidden
+    sharded += m.hidden * m.ffn * (2 if m.gated else 1) + m.ffn * m.hidden
+    per_layer = sharded // tp + 2 * m.hidden
+    layers = m.num_layers // pp
+    emb = m.vocab * m.hidden // tp
+    counts = [layers * per_layer for _ in range(pp)]
+    counts[0] += emb
+    counts[-1] += m.hidden + (emb if (not m.tied or pp > 1) else 0)
+    return counts
+
+
+def optimizer_bytes_per_param(optimizer: str, params_dtype: str) -> int:
+    """Optimizer state bytes per parameter before DP sharding (fp32 master copy when params are 16-bit)."""
+    master = 4 if DTYPE_BYTES[params_dtype] < 4 else 0
+    return master + (8 if optimizer == "adam" else 4)
+
+
+def layer_activation_bytes(m: ModelShape, *, seq: int, micro_batch: int, tp: int, attention: str = "unfused",
+                           sequence_parallel: bool = False, act_bytes: int = 2) -> dict:
+    """Bytes one transformer layer keeps for backward, for ``b`` sequences of ``s`` tokens.
+
+    Counting what autograd saves in megatron-core's Qwen2 layer (RMSNorm, SwiGLU, GQA, RoPE, no
+    dropout), with ``h_q = a·d``, ``h_kv = g·d`` and ``a`` (``e`` = ``act_bytes``)::
+
+        inputs  = 4·e·s·b·h            input-norm input, QKV input, pre-MLP-norm input, fc1 input (÷ t with SP)
+        attn    = e·s·b·h_q/t           output projection input (the attention context)
+        core    = unfused: e·s·b·3h_q/t (Q, and K, V expanded to all heads) + (4 + e)·s²·b·a/t
+                           (fp32 softmax output + probabilities in the activation dtype)
+                  flash:   e·s·b·(h_q + 2h_kv)/t (Q, K, V; no s² term)
+        mlp     = 4·e·s·b·f/t           fc1 output (gate and up), SiLU output, fc2 input (gated;
+                                        ungated: 2·e·s·b·f/t)
+
+    ``unfused`` is the local spec's attention (the only spec batched scoring supports); ``flash`` is
+    Transformer Engine's fused attention.
+
+    Returns:
+        ``{"full": bytes kept without recomputation, "core_attention": the part that selective
+        recomputation of core attention drops, "core_inputs": what it keeps instead, "input": the
+        layer's input (what full recomputation keeps)}``.
+    """
+    s, b, e, h = seq, micro_batch, act_bytes, m.hidden
+    hq, hkv = m.heads * m.head_dim, m.query_groups * m.head_dim
+    sb = s * b
+    inputs = 4 * e * sb * h // (tp if sequence_parallel else 1)
+    attn = e * sb * hq // tp
+    if attention == "flash":
+        core = e * sb * (hq + 2 * hkv) // tp
+    elif attention == "unfused":
+        core = e * sb * 3 * hq // tp + (4 + e) * s * s * b * m.heads // tp
+    else:
+        raise ValueError(f"attention must be 'unfused' or 'flash', got {attention!r}")
+    mlp = (4 if m.gated else 2) * e * sb * m.ffn // tp
+    return {"full": inputs + attn + core + mlp, "core_attention": core,
+            "core_inputs": e * sb * (hq + 2 * hkv) // tp,
+            "input": e * sb * h // (tp if sequence_parallel else 1)}
+
+
+def stage_activation_bytes(layer: dict, *, layers: int, in_flight: int, recompute: str | None = None,
+                           recompute_method: str | None = None, recompute_num_layers: int | None = None) -> int:
+    """Activation bytes of a stage of ``layers`` layers with ``in_flight`` micro-batches held (1F1B).
+
+    * no recomputation: ``in_flight × layers × full``;
+    * ``selective`` (core attention): the core-attention part is replaced by its inputs, and one
+      layer's core attention is rebuilt during backward (+ ``core_attention`` once);
+    * ``full``, ``uniform`` with ``n`` layers per chunk: each chunk keeps its input
+      (``ceil(layers / n) × input`` per micro-batch) and one chunk is rebuilt during backward
+      (+ ``n × full`` once); ``block``: the first ``n`` layers keep only their inputs, the rest keep all.
+    """
+    full, core = layer["full"], layer["core_attention"]
+    if recompute is None:
+        return in_flight * layers * full
+    if recompute == "selective":
+        kept = full - core + layer["core_inputs"]
+        return in_flight * layers * kept + core
+    if recompute != "full":
+        raise ValueError(f"recompute must be None, 'selective' or 'full', got {recompute!r}")
+    n = max(1, min(recompute_num_layers or 1, layers))
+    if recompute_method == "block":
+        return in_flight * (n * layer["input"] + (layers - n) * full) + full
+    return in_flight * math.ceil(layers / n) * layer["input"] + n * full
+
+
+def logits_bytes(vocab: int, *, tp: int, seq: int, micro_batch: int, fp32_copies: int, act_bytes: int = 2) -> int:
+    """Logits of the last stage: ``V/t × s × b × (e + 4 × copies)``.
+
+    The log-prob of :func:`megatron_cropi.model.logprobs.vocab_parallel_logprobs` holds, at its peak,
+    the logits in the activation dtype plus three fp32 ``[s, b, V/t]`` tensors (the fp32/tempered
+    logits, their shifted copy and its ``exp``, kept for backward): ``fp32_copies = 3``. The GRPO
+    loss with an entropy bonus adds the entropy's ``exp`` and tempered logits (kept by its product):
+    ``fp32_copies = 5``.
+    """
+    return (vocab // tp) * seq * micro_batch * (act_bytes + 4 * fp32_copies)
+
+
+def index_cache_bytes_per_coordinate(kind: str, *, keep_ratio: float, sjlt_s: int = 1, cache_index: bool = True) -> int:
+    """Bytes per *kept* coordinate of a projector's index cache (see the backends' docstrings)."""
+    if not cache_index:
+        return 0
+    if kind == "sjlt":
+        return (4 if keep_ratio < 1 else 0) + 5 * sjlt_s
+    if kind in ("gaussian", "rademacher"):
+        return 8 if keep_ratio < 1 else 4
+    return 0  # dense (test oracle, tiny models) and registered backends: not modelled
+
+
+def feature_store_bytes(rows: int, k: int) -> int:
+    """One feature store on disk: ``rows × k`` float32 (plus a one-byte status per row)."""
+    return rows * k * 4 + rows
+
+
+def sequence_length(cfg) -> tuple[int, str]:
+    """``(s, how)``: the padded sequence length the estimate assumes, and where it comes from."""
+    resp = cfg.rollout.max_tokens
+    if cfg.scoring.seq_length:
+        return cfg.scoring.seq_length, "scoring.seq_length"
+    if cfg.data.kind == "synthetic":
+        return cfg.data.synthetic.prompt_length + resp, "data.synthetic.prompt_length + rollout.max_tokens"
+    if cfg.data.max_prompt_tokens:
+        return cfg.data.max_prompt_tokens + resp, "data.max_prompt_tokens + rollout.max_tokens"
+    return cfg.model.max_sequence_length, "model.max_sequence_length (set data.max_prompt_tokens for a tighter bound)"
+
+
+def _recompute(transformer: dict) -> tuple[str | None, str | None, int | None]:
+    g = transformer.get("recompute_granularity")
+    return g, transformer.get("recompute_method"), transformer.get("recompute_num_layers")
+
+
+def estimate_memory(cfg, *, dp: int, gpu_memory_gib: float = 80.0, attention: str | None = None,
+                    overhead_gib: float = 2.0) -> dict:
+    """Per-GPU memory of ``cfg`` with ``dp`` data-parallel replicas (see the module docstring).
+
+    Args:
+        cfg: a :class:`~megatron_cropi.config.schema.RunConfig`.
+        dp: data-parallel size of the launch.
+        gpu_memory_gib: memory of one GPU (vLLM's share is a fraction of it).
+        attention: ``unfused`` or ``flash``; default from ``model.layer_spec`` (``te`` → flash, else
+            unfused: ``auto`` is sized for the local spec, the larger of the two).
+        overhead_gib: fixed per-GPU allowance for the CUDA context, NCCL and the allocator.
+
+    Returns:
+        A JSON-ready dict: ``stages`` (per-stage breakdown in GiB), ``peak_gib`` (the largest stage),
+        ``assumptions``.
+    """
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    m = ModelShape.from_model_config(cfg.model)
+    w = DTYPE_BYTES[cfg.model.params_dtype]
+    optim, loss = cfg.grpo.optim, cfg.grpo.loss
+    attention = attention or ("flash" if cfg.model.layer_spec == "te" else "unfused")
+    sp = bool(cfg.model.transformer.get("sequence_parallel"))
+    recompute = _recompute(cfg.model.transformer)
+    seq, seq_how = sequence_length(cfg)
+    cc, sc, proj = cfg.curriculum, cfg.scoring, cfg.projection
+
+    grad_b = 4 if optim.grad_reduce_in_fp32 else w
+    opt_b = optimizer_bytes_per_param(optim.optimizer, cfg.model.params_dtype)
+    opt_shard = dp if optim.use_distributed_optimizer else 1
+    cache_b = index_cache_bytes_per_coordinate(proj.kind, keep_ratio=proj.keep_ratio, sjlt_s=proj.sjlt_s,
+                                               cache_index=proj.cache_index)
+    vllm_gib = cfg.rollout.vllm.gpu_memory_utilization * gpu_memory_gib if cfg.rollout.engine == "vllm" else 0.0
+    vllm_tp = cfg.rollout.vllm.tensor_parallel_size
+
+    train_b = cfg.grpo.micro_batch_prompts * cfg.rollout.n
+    per_rank = max(1, cfg.grpo.prompts_per_step // max(dp, 1) // cfg.grpo.updates_per_step)
+    train_mbs = max(1, math.ceil(per_rank / cfg.grpo.micro_batch_prompts))
+    k_max = max(cc.pool_samples, cc.target_samples)
+    ppm = 1 if sc.mode == "per_prompt" else sc.prompts_per_microbatch
+    score_b, score_mbs = ppm * k_max, sc.microbatches_per_call
+    train_layer = layer_activation_bytes(m, seq=seq, micro_batch=train_b, tp=tp, attention=attention,
+                                         sequence_parallel=sp, act_bytes=w)
+    score_layer = layer_activation_bytes(m, seq=seq, micro_batch=score_b, tp=tp, attention=attention,
+                                         sequence_parallel=sp, act_bytes=w)
+    counts = stage_parameter_counts(m, tp, pp)
+    layers = m.num_layers // pp
+    # scoring transient: batched holds one linear's per-prompt weight gradients [G, out, in] in fp32;
+    # per_prompt one parameter's gradient at a time (the largest: the vocabulary matrix)
+    q, kv = m.heads * m.head_dim, 2 * m.query_groups * m.head_dim
+    biggest_linear = max(m.hidden * (q + kv), m.hidden * m.ffn * (2 if m.gated else 1)) // tp
+    capture_b = ppm * 4 * biggest_linear if sc.mode == "batched" else w * m.vocab * m.hidden // tp
+
+    stages = []
+    for p, n_p in enumerate(counts):
+        last = p == pp - 1
+        in_flight_train, in_flight_score = min(pp - p, train_mbs), min(pp - p, score_mbs)
+        resident = {
+            "weights": n_p * w,
+            "gradients": n_p * grad_b,
+            "optimizer": n_p * opt_b // opt_shard,
+            "reference_model": n_p * w if loss.kl_coef > 0 else 0,
+            "projector_index_cache": int(proj.keep_ratio * n_p) * cache_b,
+            "overhead": int(overhead_gib * GIB),
+        }
+        train = {
+            "activations": stage_activation_bytes(train_layer, layers=layers, in_flight=in_flight_train,
+                                                  recompute=recompute[0], recompute_method=recompute[1],
+                                                  recompute_num_layers=recompute[2]),
+            "logits": logits_bytes(m.vocab, tp=tp, seq=seq, micro_batch=train_b,
+                                   fp32_copies=5 if loss.entropy_coef > 0 else 3, act_bytes=w) if last else 0,
+        }
+        score = {
+            "activations": stage_activation_bytes(score_layer, layers=layers, in_flight=in_flight_score,
+                                                  recompute=recompute[0], recompute_method=recompute[1],
+                                                  recompute_num_layers=recompute[2]),
+            "logits": logits_bytes(m.vocab, tp=tp, seq=seq, micro_batch=score_b, fp32_copies=3,
+                                   act_bytes=w) if last else 0,
+            "capture": capture_b,
+        }
+        holds_vllm = vllm_gib > 0 and (p == 0 or vllm_tp > tp)
+        res, tr, scr = sum(resident.values()), sum(train.values()), sum(score.values())
+        vl = vllm_gib * GIB if holds_vllm else 0.0
+        stages.append({
+            "stage": p,
+            "parameters": n_p,
+            "resident_gib": {k: round(v / GIB, 3) for k, v in resident.items()},
+            "vllm_gib": round(vl / GIB, 3),
+            "training_gib": {k: round(v / GIB, 3) for k, v in train.items()},
+            "scoring_gib": {k: round(v / GIB, 3) for k, v in score.items()},
+            "peak_bytes": int(res + vl + max(tr, scr)),
+            "peak_gib": round((res + vl + max(tr, scr)) / GIB, 3),
+            "peak_phase": "training" if tr >= scr else "scoring",
+        })
+    peak = max(stages, key=lambda s: s["peak_bytes"])
+    return {
+        "label": "computed (megatron_cropi/memory.py), not measured",
+        "gpu_memory_gib": gpu_memory_gib,
+        "peak_gib": peak["peak_gib"],
+        "peak_bytes": peak["peak_bytes"],
+        "peak_stage": peak["stage"],
+        "stages": stages,
+        "assumptions": {
+            "sequence_length": seq, "sequence_length_from": seq_how, "attention": attention,
+            "sequence_parallel": sp, "recompute": recompute[0] or "none",
+            "training_micro_batch_sequences": train_b, "training_microbatches_per_step": train_mbs,
+            "scoring_micro_batch_sequences": score_b, "scoring_microbatches_per_call": score_mbs,
+            "vllm": ({"share_gib": round(vllm_gib, 3), "tensor_parallel_size": vllm_tp, "colocated": True,
+                      "held_through_scoring_and_training": True} if cfg.rollout.engine == "vllm" else None),
+            "overhead_gib": overhead_gib,
+        },
+    }

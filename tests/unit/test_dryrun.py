@@ -1,0 +1,116 @@
+"""``cropi run --dry-run`` checks beyond the config itself: layout, vLLM, batch split, paths, memory."""
+
+import json
+
+import pytest
+
+from megatron_cropi.config.loader import from_dict
+from megatron_cropi.config.schema import RunConfig
+from megatron_cropi.dryrun import DryRunError, dry_run
+
+
+def _cfg(tmp_path, **sections):
+    d = {"run": {"output_dir": str(tmp_path / "run")}, "model": {"preset": "tiny"}}
+    for key, value in sections.items():
+        d[key] = {**d.get(key, {}), **value}
+    return from_dict(RunConfig, d)
+
+
+def _problems(cfg, **kw) -> str:
+    with pytest.raises(DryRunError) as info:
+        dry_run(cfg, **kw)
+    return str(info.value)
+
+
+def test_vllm_tensor_parallelism_must_fit_a_node_and_a_replica(tmp_path):
+    hf = _hf_dir(tmp_path)
+    rollout = {"engine": "vllm", "checkpoint": str(hf), "vllm": {"tensor_parallel_size": 4}}
+    msg = _problems(_cfg(tmp_path, rollout=rollout, parallel={"tensor_model_parallel_size": 2}),
+                    world_size=4, gpus_per_node=2)
+    assert "rollout.vllm.tensor_parallel_size=4 exceeds the 2 GPUs of a node" in msg
+    assert "must divide the 2 GPUs (TP×PP)" in msg
+    ok = dict(rollout, vllm={"tensor_parallel_size": 2})
+    summary = dry_run(_cfg(tmp_path, rollout=ok, parallel={"tensor_model_parallel_size": 2},
+                           grpo={"prompts_per_step": 8, "micro_batch_prompts": 4}), world_size=4, gpus_per_node=2)
+    assert summary["nodes"] == 2 and summary["rollout"]["engines"] == 2
+
+
+def test_prompts_per_step_and_micro_batches_must_split_over_data_parallel_ranks(tmp_path):
+    msg = _problems(_cfg(tmp_path, grpo={"prompts_per_step": 6, "micro_batch_prompts": 1}), world_size=4)
+    assert "grpo.prompts_per_step=6 is not divisible by the data-parallel size 4" in msg
+    msg = _problems(_cfg(tmp_path, grpo={"prompts_per_step": 16, "micro_batch_prompts": 3}), world_size=4)
+    assert "grpo.micro_batch_prompts=3 does not divide the 4 prompts" in msg
+    assert dry_run(_cfg(tmp_path, grpo={"prompts_per_step": 16, "micro_batch_prompts": 2}), world_size=4)["layout"]["dp"] == 4
+
+
+def test_scoring_mode_must_suit_the_layer_spec_and_the_ddp_wrapped_policy(tmp_path):
+    msg = _problems(_cfg(tmp_path, model={"layer_spec": "te"}, grpo={"prompts_per_step": 8}))
+    assert "scoring.mode batched sees megatron-core's local-spec modules only" in msg
+    msg = _problems(_cfg(tmp_path, scoring={"mode": "per_prompt"}, grpo={"prompts_per_step": 8}))
+    assert "PerPromptTap refuses a model inside megatron DDP" in msg
+    warned = dry_run(_cfg(tmp_path, grpo={"prompts_per_step": 8}))["warnings"]
+    assert any("layer_spec auto resolves to te" in w for w in warned)
+    assert not dry_run(_cfg(tmp_path, model={"layer_spec": "local"}, grpo={"prompts_per_step": 8}))["warnings"]
+
+
+def test_data_files_fields_rows_and_tokenizer(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"question": "q", "answer": "#### 1"}] * 7), tmp_path / "gsm8k.parquet")
+    (tmp_path / "math.jsonl").write_text("".join(json.dumps({"problem": "p", "solution": "\\boxed{1}"}) + "\n"
+                                                 for _ in range(9)))
+    (tmp_path / "tok").mkdir()
+    data = {"kind": "files", "tokenizer": str(tmp_path / "tok"),
+            "pool": [{"path": str(tmp_path / "gsm8k.parquet"), "format": "gsm8k"},
+                     {"path": str(tmp_path / "math.jsonl"), "format": "math", "limit": 4}],
+            "val": [{"path": str(tmp_path / "math.jsonl"), "format": "deepscaler", "source": "math"},
+                    {"path": str(tmp_path / "absent.parquet")}]}
+    msg = _problems(_cfg(tmp_path, data=data, grpo={"prompts_per_step": 8}))
+    assert "data.val[0]: " in msg and "has no field 'answer'" in msg and "set data.val[0].answer_field" in msg
+    assert "data.val[1].path" in msg and "does not exist" in msg
+    assert "data.tokenizer" in msg and "holds no tokenizer file" in msg
+    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
+    data["val"] = [{"path": str(tmp_path / "math.jsonl"), "format": "math", "source": "math"}]
+    summary = dry_run(_cfg(tmp_path, data=data, grpo={"prompts_per_step": 8}, projection={"k": 16}))
+    assert summary["data_rows"]["pool"] == {"gsm8k": 7, "math": 4} and summary["data_rows"]["val"] == {"math": 9}
+    stores = summary["feature_stores_on_disk"]
+    assert stores["rows"] == {"pool": 11, "target-math": 9}
+    assert stores["all_stages_gib"] == round(6 * (11 + 9) * (16 * 4 + 1) / 1024 ** 3, 3)
+
+
+def _hf_dir(tmp_path, **change):
+    import torch
+
+    from megatron_cropi.checkpoint.hf_config import GPTDimensions, hf_config_from_dimensions
+
+    model = _cfg(tmp_path).model
+    config = hf_config_from_dimensions(GPTDimensions.from_model_config(model), dtype=torch.float32,
+                                       max_position_embeddings=64)
+    out = tmp_path / "hf"
+    out.mkdir(exist_ok=True)
+    (out / "config.json").write_text(json.dumps({**config, **change}))
+    return out
+
+
+def test_rollout_checkpoint_config_must_match_the_model(tmp_path):
+    rollout = {"engine": "vllm", "checkpoint": str(_hf_dir(tmp_path))}
+    summary = dry_run(_cfg(tmp_path, rollout=rollout, grpo={"prompts_per_step": 8}))
+    assert any("no *.safetensors" in w for w in summary["warnings"])
+    _hf_dir(tmp_path, num_hidden_layers=3)
+    assert "num_layers: 2 vs 3" in _problems(_cfg(tmp_path, rollout=rollout, grpo={"prompts_per_step": 8}))
+    _hf_dir(tmp_path, architectures=["MistralForCausalLM"])
+    assert "'MistralForCausalLM' is not supported" in _problems(_cfg(tmp_path, rollout=rollout,
+                                                                      grpo={"prompts_per_step": 8}))
+    rollout["checkpoint"] = str(tmp_path / "missing")
+    assert "rollout.checkpoint: HF checkpoint directory" in _problems(_cfg(tmp_path, rollout=rollout,
+                                                                            grpo={"prompts_per_step": 8}))
+
+
+def test_memory_budget(tmp_path):
+    cfg = _cfg(tmp_path, grpo={"prompts_per_step": 8})
+    summary = dry_run(cfg)
+    assert summary["memory"]["label"].startswith("computed")
+    assert 2.0 < summary["memory"]["peak_gib"] < 2.1          # the 2 GiB overhead + a tiny model
+    msg = _problems(cfg, gpu_memory_gib=1.5)
+    assert "memory: the estimate for pipeline stage 0" in msg and "over the 1.5 GiB budget" in msg

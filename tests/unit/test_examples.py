@@ -1,0 +1,150 @@
+"""Every example config passes ``cropi run --dry-run`` on the inputs it names, without GPUs.
+
+The files the configs point at are built under a temporary ``DATA_DIR`` / ``MODEL_DIR``: tiny parquet
+files with each format's fields, a tiny tokenizer (``tokenizers`` + ``PreTrainedTokenizerFast``) and
+an HF directory whose ``config.json`` is the real Qwen2.5-1.5B/7B-Instruct one (no weights: a dry run
+does not read them). Launch scripts pass ``bash -n`` and one runs end to end with ``DRY_RUN=1``.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_cropi.config.schema import load_run_config
+from megatron_cropi.dryrun import DryRunError, dry_run
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "examples" / "configs").glob("qwen*.yaml"))
+LAUNCH = sorted((ROOT / "examples" / "launch").glob("*.sh"))
+
+# config.json of Qwen/Qwen2.5-1.5B-Instruct and Qwen/Qwen2.5-7B-Instruct (as in test_hf_mapping.py)
+QWEN25_1_5B = {
+    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645,
+    "hidden_act": "silu", "hidden_size": 1536, "initializer_range": 0.02, "intermediate_size": 8960,
+    "max_position_embeddings": 32768, "max_window_layers": 21, "model_type": "qwen2", "num_attention_heads": 12,
+    "num_hidden_layers": 28, "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+    "sliding_window": 32768, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True,
+    "use_sliding_window": False, "vocab_size": 151936,
+}
+QWEN25_7B = dict(QWEN25_1_5B, hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+                 num_key_value_heads=4, tie_word_embeddings=False, vocab_size=152064, max_window_layers=28)
+FIELDS = {"gsm8k": {"question": "Tom has 3 apples and buys 2. How many?", "answer": "3 + 2 = 5\n#### 5"},
+          "math": {"problem": "What is $1+1$?", "solution": "It is $\\boxed{2}$."},
+          "deepscaler": {"problem": "Compute $2 \\cdot 3$.", "answer": "6"}}
+
+
+def _write_tokenizer(out: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "[UNK]", "What", "is",
+                                         "1", "2", "+", "?", "user", "assistant", "system"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token="[UNK]")
+    fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>"
+                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
+    fast.save_pretrained(out)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """``(DATA_DIR, {model size: MODEL_DIR})`` holding every file the example configs name."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path_factory.mktemp("examples")
+    data = root / "data"
+    for name, split in [("gsm8k", "train"), ("gsm8k", "valid"), ("gsm8k", "test"), ("math", "train"),
+                        ("math", "valid"), ("math", "test"), ("deepscaler", "train")]:
+        (data / name).mkdir(parents=True, exist_ok=True)
+        rows = [FIELDS[name]] * 5
+        pq.write_table(pa.Table.from_pylist(rows), data / name / f"{split}.parquet")
+    models = {}
+    for size, config in (("1.5b", QWEN25_1_5B), ("7b", QWEN25_7B)):
+        d = root / f"Qwen2.5-{size}-Instruct"
+        _write_tokenizer(d)
+        (d / "config.json").write_text(json.dumps(config))
+        models[size] = d
+    return data, models
+
+
+def _env(inputs, config: Path, out: Path) -> dict:
+    data, models = inputs
+    size = re.search(r"qwen2\.5-([0-9.]+b)-", config.name).group(1)
+    return {"DATA_DIR": str(data), "MODEL_DIR": str(models[size]), "OUTPUT_DIR": str(out)}
+
+
+def _launch_shape(config: Path) -> tuple[int, int]:
+    """(world size, GPUs per node) the config is written for: ``_<N>node`` × 8 GPUs."""
+    nodes = int(re.search(r"_(\d+)node", config.name).group(1))
+    return nodes * 8, 8
+
+
+def test_there_are_examples_for_both_models_on_one_and_several_nodes():
+    names = {c.name for c in CONFIGS}
+    for model in ("qwen2.5-1.5b-instruct", "qwen2.5-7b-instruct"):
+        assert f"{model}_1node.yaml" in names
+        assert any(n.startswith(model) and not n.endswith("_1node.yaml") for n in names)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_example_config_passes_the_dry_run(config, inputs, tmp_path, monkeypatch):
+    for key, value in _env(inputs, config, tmp_path / "run").items():
+        monkeypatch.setenv(key, value)
+    cfg = load_run_config(config)
+    world, per_node = _launch_shape(config)
+    summary = dry_run(cfg, world_size=world, gpus_per_node=per_node, gpu_memory_gib=80.0)
+    assert summary["nodes"] == world // per_node
+    assert summary["memory"]["peak_gib"] <= 80.0
+    assert summary["data_rows"]["pool"] == {"gsm8k": 5, "math": 5, "deepscaler": 5}
+    assert set(summary["feature_stores_on_disk"]["rows"]) == {"pool", "target-gsm8k", "target-math"}
+    # the paper's settings the configs carry
+    assert (cfg.rollout.n, cfg.curriculum.pool_samples, cfg.rollout.logprobs) == (8, 8, "sampling")
+    assert (cfg.rollout.temperature, cfg.projection.k, cfg.selection.ratio) == (0.5, 32768, 0.1)
+    assert (cfg.grpo.prompts_per_step, cfg.grpo.optim.lr, cfg.grpo.loss.kl_coef, cfg.grpo.loss.kl_type,
+            cfg.grpo.loss.entropy_coef) == (128, 1e-6, 0.001, "low_var_kl", 0.001)
+    assert cfg.rollout.max_tokens == (2048 if "1.5b" in config.name else 4096)
+    assert cfg.selection.fusion == "reciprocal_rank" and {f.source for f in cfg.data.val} == {"gsm8k", "math"}
+
+
+def test_the_dry_run_fails_an_example_when_its_inputs_are_wrong(inputs, tmp_path, monkeypatch):
+    config = ROOT / "examples" / "configs" / "qwen2.5-7b-instruct_1node.yaml"
+    data, models = inputs
+    monkeypatch.setenv("DATA_DIR", str(tmp_path / "nowhere"))
+    monkeypatch.setenv("MODEL_DIR", str(models["1.5b"]))        # the other model's checkpoint
+    monkeypatch.setenv("OUTPUT_DIR", str(tmp_path / "run"))
+    with pytest.raises(DryRunError) as info:
+        dry_run(load_run_config(config), world_size=8, gpus_per_node=8)
+    msg = str(info.value)
+    assert "data.pool[0].path" in msg and "does not exist" in msg
+    assert "rollout.checkpoint" in msg and "hidden_size: 3584 vs 1536" in msg
+    monkeypatch.setenv("DATA_DIR", str(data))
+    monkeypatch.setenv("MODEL_DIR", str(models["7b"]))
+    with pytest.raises(DryRunError, match="over the 40 GiB budget"):
+        dry_run(load_run_config(config), world_size=8, gpus_per_node=8, gpu_memory_gib=40.0)
+
+
+@pytest.mark.parametrize("script", LAUNCH, ids=[s.name for s in LAUNCH])
+def test_launch_script_parses_and_never_pkills(script):
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    assert "pkill" not in script.read_text() and "killall" not in script.read_text()
+
+
+def test_launch_script_dry_run_uses_the_launch_world_size(inputs, tmp_path):
+    config = ROOT / "examples" / "configs" / "qwen2.5-7b-instruct_2node.yaml"
+    env = dict(os.environ, **_env(inputs, config, tmp_path / "run"), DRY_RUN="1", NNODES="2", NPROC_PER_NODE="8",
+               PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(ROOT / "examples" / "launch" / "qwen2.5-7b-instruct.sh")], env=env,
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    summary = json.loads(out[out.index("{"): out.rindex("}") + 1])
+    assert summary["world_size"] == 16 and summary["nodes"] == 2 and summary["gpus_per_node"] == 8
+    assert "dry run OK" in out
