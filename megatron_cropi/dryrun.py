@@ -154,10 +154,6 @@ def _layout_problems(cfg: RunConfig, dp: int, gpus_per_node: int, world_size: in
     if cfg.scoring.mode == "batched" and cfg.model.layer_spec == "auto":
         warnings.append("model.layer_spec auto resolves to te where Transformer Engine is installed (GPU images), "
                         "which batched scoring cannot hook: set model.layer_spec local for GPU runs")
-    if cfg.scoring.mode == "per_prompt" and cfg.selection.policy == "cropi":
-        problems.append("scoring.mode per_prompt: PerPromptTap refuses a model inside megatron DDP, and cropi run "
-                        "scores the DDP-wrapped policy (megatron_cropi/popi/hooks.py); use scoring.mode batched "
-                        "with model.layer_spec local")
     return problems, warnings
 
 

@@ -87,10 +87,8 @@ class PerPromptTap(contextlib.AbstractContextManager):
         return hook
 
     def __enter__(self):
-        if any(hasattr(p, "main_grad") for p in self.model.parameters()):
-            raise RuntimeError(
-                "per_prompt capture needs a model without megatron DDP gradient buffers (DDP's hooks move "
-                "each gradient away before it can be projected); use scoring.mode: batched")
+        # Under megatron DDP this hook runs before DDP's gradient-accumulation hook and leaves
+        # ``param.grad`` None, so DDP adds nothing to its ``main_grad`` buffers (tested).
         for name, p in self.model.named_parameters():
             self._saved_requires_grad[name] = p.requires_grad
             p.requires_grad_(name in self.layouts)

@@ -143,3 +143,28 @@ def test_theta_equals_beta_sketch_is_projected_grpo_gradient(tiny):
     model.zero_grad()
     assert expect.norm() > 0
     assert ((sketch - expect).norm() / expect.norm()).item() < 1e-5
+
+
+def test_per_prompt_capture_inside_megatron_ddp(tiny):
+    """cropi run scores the DDP-wrapped policy: per-prompt capture there equals batched capture, and
+    DDP's gradient buffers stay untouched."""
+    from megatron_cropi.config.loader import from_dict
+    from megatron_cropi.grpo.config import OptimConfig
+    from megatron_cropi.grpo.optimizer import wrap_ddp
+    from megatron_cropi.parallel import build_parallel_groups
+    from megatron_cropi.popi.batch import pack_microbatches
+    from megatron_cropi.popi.capture import PopiCapture
+    from megatron_cropi.testing.tiny import build_tiny_model
+
+    _, _, cfg = tiny
+    groups = build_parallel_groups(1, 1)
+    model = build_tiny_model(cfg, groups, seed=4)
+    pool = [g for g in _pool(cfg.vocab_size) if not g.zero_variance][:3]
+    mbs1 = pack_microbatches(pool, list(range(3)), prompts_per_microbatch=1, responses_per_prompt=K, seq_length=8)
+    mbs3 = pack_microbatches(pool, list(range(3)), prompts_per_microbatch=3, responses_per_prompt=K, seq_length=8)
+    ref = PopiCapture(model, groups, _projector(), mode="batched").run(mbs3, 3, K).sketches
+    ddp = wrap_ddp(model, groups, from_dict(OptimConfig, {"lr": 1e-4}))
+    got = PopiCapture(model, groups, _projector(), mode="per_prompt").run(mbs1, 3, K).sketches
+    assert ((got - ref).norm(dim=1) / ref.norm(dim=1)).max() < 1e-5
+    assert all(float(p.main_grad.abs().max()) == 0.0 for p in model.parameters() if hasattr(p, "main_grad"))
+    assert ddp is not None
