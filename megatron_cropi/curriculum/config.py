@@ -83,6 +83,11 @@ class CurriculumConfig:
     """Behaviour responses per pool prompt (the paper: 8)."""
     target_samples: int = 8
     """Behaviour responses per target prompt (the paper: 32)."""
+    behaviour_temperature: float | None = None
+    """Sampling temperature of the behaviour rollouts (the paper: 0.5); default ``rollout.temperature``,
+    which GRPO's on-policy rollouts use. The stored log-probs follow ``rollout.logprobs``."""
+    behaviour_max_tokens: int | None = None
+    """Longest behaviour response; default ``rollout.max_tokens``."""
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     """Supervised warm-up before the behaviour rollouts."""
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -100,6 +105,12 @@ class CurriculumConfig:
         require(2 <= self.pool_samples <= 4096, "pool_samples", self.pool_samples,
                 "must be between 2 and 4096 (a group of one has no advantage)")
         require(2 <= self.target_samples <= 4096, "target_samples", self.target_samples, "must be between 2 and 4096")
+        if self.behaviour_temperature is not None:
+            require(0 < self.behaviour_temperature <= 10, "behaviour_temperature", self.behaviour_temperature,
+                    "must be in (0, 10] or null")
+        if self.behaviour_max_tokens is not None:
+            require(self.behaviour_max_tokens >= 1, "behaviour_max_tokens", self.behaviour_max_tokens,
+                    "must be >= 1 or null")
         require(self.probe_prompts >= 0, "probe_prompts", self.probe_prompts, "must be >= 0")
         require(self.probe_max_params >= 0, "probe_max_params", self.probe_max_params, "must be >= 0")
 

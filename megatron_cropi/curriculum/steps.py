@@ -46,7 +46,11 @@ def behaviour_rollouts(ctl, name: str, prompts, n: int):
     from megatron_cropi.rollout.store import StoreHeader, TrajectoryStore
 
     rt, cfg = ctl.rt, ctl.cfg
-    sampling = dataclasses.replace(rt.sampling, n=n)
+    cc = cfg.curriculum
+    sampling = dataclasses.replace(
+        rt.sampling, n=n,
+        temperature=rt.sampling.temperature if cc.behaviour_temperature is None else cc.behaviour_temperature,
+        max_tokens=rt.sampling.max_tokens if cc.behaviour_max_tokens is None else cc.behaviour_max_tokens)
     store = None
     if ctl.rank0:
         header = StoreHeader.build(sampling, tokenizer=ctl.tokenizer.identity, model=_beta_identity(ctl),

@@ -107,7 +107,8 @@ def test_example_config_passes_the_dry_run(config, inputs, tmp_path, monkeypatch
     assert set(summary["feature_stores_on_disk"]["rows"]) == {"pool", "target-gsm8k", "target-math"}
     # the paper's settings the configs carry
     assert (cfg.rollout.n, cfg.curriculum.pool_samples, cfg.rollout.logprobs) == (8, 8, "sampling")
-    assert (cfg.rollout.temperature, cfg.projection.k, cfg.selection.ratio) == (0.5, 32768, 0.1)
+    assert (cfg.curriculum.behaviour_temperature, cfg.projection.k, cfg.selection.ratio) == (0.5, 32768, 0.1)
+    assert cfg.rollout.temperature == 1.0  # GRPO samples at T = 1 (verl), the behaviour rollouts at 0.5
     assert (cfg.grpo.prompts_per_step, cfg.grpo.optim.lr, cfg.grpo.loss.kl_coef, cfg.grpo.loss.kl_type,
             cfg.grpo.loss.entropy_coef) == (128, 1e-6, 0.001, "low_var_kl", 0.001)
     assert cfg.rollout.max_tokens == (2048 if "1.5b" in config.name else 4096)
