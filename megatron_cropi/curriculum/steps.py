@@ -83,9 +83,9 @@ def _projector(ctl):
     return ctl._projector
 
 
-def _projector_id(cfg) -> str:
-    p = cfg.projection
-    return json.dumps(dataclasses.asdict(p), sort_keys=True)
+def _projector_id(ctl) -> str:
+    """The projector's identity for feature-store headers (kind, k, keep ratio, seed, operator version)."""
+    return json.dumps(_projector(ctl).describe(), sort_keys=True, default=str)
 
 
 def feature_sets(ctl) -> list[str]:
@@ -113,7 +113,7 @@ def score_stage(ctl, m: int) -> dict:
         t0 = time.perf_counter()
         groups_list, sp = read_store_groups(ctl, name)
         header = FeatureHeader(num_rows=len(groups_list), k=projector.k, seed=cfg.projection.seed,
-                               projector=_projector_id(cfg), param_set_hash=pset,
+                               projector=_projector_id(ctl), param_set_hash=pset,
                                checkpoint_step=rt.trainer.step_count,
                                prompt_id_hash=hash_strings(g.prompt_id for g in groups_list))
         store = FeatureStore.open(path, header) if ctl.rank0 else None

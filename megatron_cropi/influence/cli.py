@@ -65,7 +65,7 @@ def score_sets(cfg, sets: list[str], *, checkpoint: str | None = None, tag: str 
         rollouts = list(store.iter_groups())
         sp = store.header.sampling_params
         header = FeatureHeader(num_rows=len(rollouts), k=projector.k, seed=cfg.projection.seed,
-                               projector=json.dumps(dataclasses.asdict(cfg.projection), sort_keys=True),
+                               projector=json.dumps(projector.describe(), sort_keys=True, default=str),
                                param_set_hash=pset, checkpoint_step=step,
                                prompt_id_hash=hash_strings(g.prompt_id for g in rollouts))
         fs = FeatureStore.open(out_root / name, header) if dist.get_rank() == 0 else None

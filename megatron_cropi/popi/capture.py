@@ -30,6 +30,7 @@ from megatron_cropi.parallel import ParallelGroups
 from megatron_cropi.popi.batch import PopiMicrobatch
 from megatron_cropi.popi.hooks import BatchedTap, PerPromptTap
 from megatron_cropi.popi.loss import PopiLossConfig, popi_group_losses
+from megatron_cropi.projection.reduce import reduce_sketch
 
 __all__ = ["CaptureOutput", "PopiCapture", "select_layouts"]
 
@@ -79,17 +80,6 @@ def _plain_schedule(config):
         for n, v in saved.items():
             if hasattr(config, n):
                 setattr(config, n, v)
-
-
-def _sum_over_model_parallel(partial: torch.Tensor, g: ParallelGroups) -> torch.Tensor:
-    """Sum partial sketches over the TP group, then the PP group (TODO: projection.reduce)."""
-    import torch.distributed as dist
-
-    if g.tp_size > 1:
-        dist.all_reduce(partial, group=g.tp)
-    if g.pp_size > 1:
-        dist.all_reduce(partial, group=g.pp)
-    return partial
 
 
 class PopiCapture:
@@ -175,7 +165,7 @@ class PopiCapture:
                 finite_rows[item["rows"]] = item["ok"]
         finite_rows = broadcast_from_last_stage(finite_rows.to(torch.uint8), g, shape=(num_rows,),
                                                 dtype=torch.uint8).bool()
-        sketches = _sum_over_model_parallel(partial, g)
+        sketches = reduce_sketch(partial, g)
         finite_rows &= torch.isfinite(sketches).all(dim=-1)
         sketches = torch.where(finite_rows[:, None], sketches, torch.zeros_like(sketches))
         return CaptureOutput(sketches.cpu(), finite_rows.cpu())
