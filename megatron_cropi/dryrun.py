@@ -137,6 +137,12 @@ def _layout_problems(cfg: RunConfig, dp: int, gpus_per_node: int, world_size: in
         if (tp * pp) % vtp:
             problems.append(f"rollout.vllm.tensor_parallel_size={vtp} must divide the {tp * pp} GPUs (TP×PP) of a "
                             "data-parallel replica: cropi run builds one engine per replica, on its GPUs")
+        replicas_per_node = max(1, min(world_size, gpus_per_node) // (tp * pp))
+        if replicas_per_node > 1:
+            warnings.append(
+                f"{replicas_per_node} data-parallel replicas per node each build an in-process vLLM engine, and "
+                "vLLM's single-process executor takes device cuda:0 (its device config carries no index): "
+                "untested on GPUs, expect every engine on the node's first GPU; one replica per node avoids it")
     g = cfg.grpo
     if g.prompts_per_step % dp:
         problems.append(f"grpo.prompts_per_step={g.prompts_per_step} is not divisible by the data-parallel "

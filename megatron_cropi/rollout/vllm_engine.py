@@ -209,6 +209,8 @@ class VLLMEngine:
         args.update(llm_kwargs or {})
         states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
         threads = torch.get_num_threads()
+        # A trainer's torch.distributed world must outlive the engine: close() then leaves it alone.
+        self._trainer_owns_dist = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.llm = LLM(**args)
         # vLLM seeds the global RNGs of this process and may change torch's thread count: restore both
         random.setstate(states[0])
@@ -294,12 +296,13 @@ class VLLMEngine:
         except Exception:  # noqa: BLE001 - best effort; the objects are dropped anyway
             pass
         del llm
-        try:
-            from vllm.distributed import cleanup_dist_env_and_memory  # vLLM's own process groups
+        if not getattr(self, "_trainer_owns_dist", False):
+            try:
+                from vllm.distributed import cleanup_dist_env_and_memory  # vLLM's own process groups
 
-            cleanup_dist_env_and_memory()
-        except Exception:  # noqa: BLE001
-            pass
+                cleanup_dist_env_and_memory()
+            except Exception:  # noqa: BLE001
+                pass
         import gc
 
         gc.collect()
