@@ -47,7 +47,31 @@ def _project_into(partial: torch.Tensor, rows: torch.Tensor, projector, layout: 
         partial.index_add_(0, rows, sketch.to(partial.device))
 
 
-class PerPromptTap(contextlib.AbstractContextManager):
+class _Tap(contextlib.AbstractContextManager):
+    """What both taps share: hook handles, and ``requires_grad`` flags changed on entry, restored on exit."""
+
+    def __init__(self, model):
+        self.model = model
+        self._handles: list = []
+        self._saved_requires_grad: dict[str, bool] = {}
+
+    def _set_trainable(self, trainable) -> None:
+        for name, p in self.model.named_parameters():
+            self._saved_requires_grad[name] = p.requires_grad
+            p.requires_grad_(trainable(name))
+            p.grad = None
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(self._saved_requires_grad.get(name, True))
+            p.grad = None
+        return False
+
+
+class PerPromptTap(_Tap):
     """Mode a: project each parameter's gradient right after it accumulates, then free it.
 
     Args:
@@ -58,10 +82,9 @@ class PerPromptTap(contextlib.AbstractContextManager):
     """
 
     def __init__(self, model, layouts: dict[str, ParamLayout], projector, partial: torch.Tensor):
-        self.model, self.layouts, self.projector, self.partial = model, layouts, projector, partial
+        super().__init__(model)
+        self.layouts, self.projector, self.partial = layouts, projector, partial
         self.current_row: int | None = None
-        self._handles: list = []
-        self._saved_requires_grad: dict[str, bool] = {}
 
     def on_stage_output(self, output: torch.Tensor, row: int) -> None:
         """Call in the forward step: the backward reaching ``output`` belongs to ``row``."""
@@ -89,24 +112,14 @@ class PerPromptTap(contextlib.AbstractContextManager):
     def __enter__(self):
         # Under megatron DDP this hook runs before DDP's gradient-accumulation hook and leaves
         # ``param.grad`` None, so DDP adds nothing to its ``main_grad`` buffers (tested).
+        self._set_trainable(lambda name: name in self.layouts)
         for name, p in self.model.named_parameters():
-            self._saved_requires_grad[name] = p.requires_grad
-            p.requires_grad_(name in self.layouts)
-            p.grad = None
             if name in self.layouts:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._hook(self.layouts[name])))
         return self
 
-    def __exit__(self, *exc):
-        for h in self._handles:
-            h.remove()
-        for name, p in self.model.named_parameters():
-            p.requires_grad_(self._saved_requires_grad.get(name, True))
-            p.grad = None
-        return False
 
-
-class BatchedTap(contextlib.AbstractContextManager):
+class BatchedTap(_Tap):
     """Mode b: per-prompt gradients from one frozen-weight backward over many prompts.
 
     Args:
@@ -130,12 +143,11 @@ class BatchedTap(contextlib.AbstractContextManager):
             VocabParallelEmbedding,
         )
 
-        self.model, self.layouts, self.projector, self.partial = model, layouts, projector, partial
+        super().__init__(model)
+        self.layouts, self.projector, self.partial = layouts, projector, partial
         self.k = responses_per_prompt
         self.rows_of: dict[int, torch.Tensor] = {}  # micro-batch id -> [G] partial rows
         self.current_mb: int | None = None
-        self._handles: list = []
-        self._saved_requires_grad: dict[str, bool] = {}
         by_param = {id(p): layouts[n] for n, p in model.named_parameters() if n in layouts}
         self._by_param = by_param
         covered: set[int] = set()
@@ -225,10 +237,7 @@ class BatchedTap(contextlib.AbstractContextManager):
         return out
 
     def __enter__(self):
-        for name, p in self.model.named_parameters():
-            self._saved_requires_grad[name] = p.requires_grad
-            p.requires_grad_(False)  # frozen: Megatron's linears skip the weight-gradient GEMM
-            p.grad = None
+        self._set_trainable(lambda name: False)  # frozen: Megatron's linears skip the weight-gradient GEMM
         for kind, m in self._modules:
             if kind == "linear":
                 self._handles.append(m.register_forward_hook(self._linear_hook, with_kwargs=True))
@@ -239,9 +248,5 @@ class BatchedTap(contextlib.AbstractContextManager):
         return self
 
     def __exit__(self, *exc):
-        for h in self._handles:
-            h.remove()
-        for name, p in self.model.named_parameters():
-            p.requires_grad_(self._saved_requires_grad.get(name, True))
         self.rows_of.clear()
-        return False
+        return super().__exit__(*exc)

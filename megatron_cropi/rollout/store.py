@@ -35,6 +35,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from megatron_cropi.rollout.types import PromptRecord, Response, RolloutGroup, SamplingParams
+from megatron_cropi.utils.atomic import atomic_write_bytes, fsync_dir
 
 __all__ = ["StoreError", "StoreHeader", "TrajectoryStore", "SCHEMA_VERSION"]
 
@@ -101,27 +102,6 @@ class StoreHeader:
         return out
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _digest(path: Path) -> str:
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
@@ -184,8 +164,8 @@ class TrajectoryStore:
         if not (path / "header.json").exists():
             if (path / "manifest.json").exists():
                 raise StoreError(f"{path}: manifest.json exists but header.json is missing; not a complete store")
-            _atomic_write(path / "header.json", json.dumps(header.to_dict(), indent=2, sort_keys=True).encode())
-            _atomic_write(path / "manifest.json", json.dumps({"parts": [], "complete": False}).encode())
+            atomic_write_bytes(path / "header.json", json.dumps(header.to_dict(), indent=2, sort_keys=True).encode())
+            atomic_write_bytes(path / "manifest.json", json.dumps({"parts": [], "complete": False}).encode())
         store = cls._load(path, writable=True, repair=repair)
         bad = store.header.mismatches(header)
         if bad:
@@ -231,7 +211,7 @@ class TrajectoryStore:
         if len(good) != len(manifest["parts"]):
             next_part = 1 + max((int(p["name"][5:11]) for p in manifest["parts"]), default=-1)
             manifest = dict(manifest, parts=good, complete=False, next_part=next_part)
-            _atomic_write(path / "manifest.json", json.dumps(manifest, indent=1).encode())
+            atomic_write_bytes(path / "manifest.json", json.dumps(manifest, indent=1).encode())
         return cls(path, header, manifest, writable=writable)
 
     @staticmethod
@@ -296,7 +276,7 @@ class TrajectoryStore:
         part = {"name": name, "rows": len(groups), "bytes": final.stat().st_size, "blake2b": _digest(final),
                 "first_id": ids[0], "last_id": ids[-1]}
         manifest = dict(self._manifest, parts=self._manifest["parts"] + [part], next_part=number + 1)
-        _atomic_write(self.path / "manifest.json", json.dumps(manifest, indent=1).encode())  # the commit point
+        atomic_write_bytes(self.path / "manifest.json", json.dumps(manifest, indent=1).encode())  # the commit point
         self._manifest = manifest
         for row, pid in enumerate(cols["prompt_id"]):
             self._index[pid] = (name, row)
@@ -306,7 +286,7 @@ class TrajectoryStore:
         if len(self) != self.header.num_prompts:
             raise StoreError(f"{self.path}: {len(self)} of {self.header.num_prompts} prompts stored; not complete")
         self._manifest = dict(self._manifest, complete=True)
-        _atomic_write(self.path / "manifest.json", json.dumps(self._manifest, indent=1).encode())
+        atomic_write_bytes(self.path / "manifest.json", json.dumps(self._manifest, indent=1).encode())
 
     # -- reading ---------------------------------------------------------------------------------
     @property
