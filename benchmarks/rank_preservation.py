@@ -238,6 +238,59 @@ def lm_gradients(size: str = "quick", *, seed: int = 0, warmup_steps: int = 30, 
 
 
 # ---------------------------------------------------------------- outputs
+def popi_gradients(run_dir: Path, *, log=print):
+    """Exact per-prompt POPI gradients at β of a finished ``cropi run`` (TP = PP = 1, e.g. the CPU default).
+
+    Loads β (``warmup/hf`` or ``rollout.checkpoint``), the pool and target trajectory stores, and captures
+    every prompt with a gradient through :class:`~megatron_cropi.popi.capture.PopiCapture` with the exact
+    (identity) projector.
+
+    Returns:
+        ``(grads [N, d] float32, [target rows])``: pool rows first, then the target set's rows.
+    """
+    from megatron_cropi.config.loader import from_dict
+    from megatron_cropi.config.schema import RunConfig
+    from megatron_cropi.curriculum.runtime import build_policy_model
+    from megatron_cropi.parallel import build_parallel_groups, init_distributed
+    from megatron_cropi.popi.batch import pack_microbatches, sequence_length_for
+    from megatron_cropi.popi.capture import PopiCapture, select_layouts
+    from megatron_cropi.projection.exact import ExactProjector
+    from megatron_cropi.rollout.store import TrajectoryStore
+
+    state = json.loads((run_dir / "state.json").read_text())
+    cfg = from_dict(RunConfig, state["config"])
+    init_distributed(allow_single=True)
+    groups = build_parallel_groups(1, 1, seed=cfg.run.seed)
+    hf = run_dir / "warmup" / "hf" if (run_dir / "warmup" / "hf").exists() else cfg.rollout.checkpoint
+    model = build_policy_model(cfg, groups, hf_dir=hf)
+    projector = ExactProjector.for_layouts(select_layouts(model, groups).values(), groups)
+    sets = {"pool": run_dir / "rollouts" / "pool"}
+    sets.update({p.name: p for p in sorted((run_dir / "rollouts").glob("target-*"))})
+    rows, chunks, sizes = [], [], {}
+    for name, path in sets.items():
+        store = TrajectoryStore.open(path)
+        live = [g for g in store.iter_groups() if not g.zero_variance]
+        sp = store.header.sampling_params
+        temp = sp.temperature if sp.logprobs == "sampling" and sp.temperature > 0 else 1.0
+        cap = PopiCapture(model, groups, projector, mode="batched", temperature=temp)
+        seq = sequence_length_for(live)
+        for start in range(0, len(live), 64):
+            part = live[start:start + 64]
+            mbs = pack_microbatches(part, list(range(len(part))), prompts_per_microbatch=8, responses_per_prompt=sp.n,
+                                    seq_length=seq)
+            chunks.append(cap.run(mbs, len(part), sp.n).sketches)
+        sizes[name] = len(live)
+        log(f"  POPI gradients of {name}: {len(live)} prompts with a gradient, d = {projector.k}")
+    grads = torch.cat(chunks)
+    n_pool = sizes["pool"]
+    start = n_pool
+    target_sets = []
+    for name in list(sets)[1:]:
+        target_sets.append(list(range(start, start + sizes[name])))
+        start += sizes[name]
+    return grads, target_sets
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -284,6 +337,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--k", type=int, default=None, help="projection dim (default 512 quick, 1024 full)")
     ap.add_argument("--seeds", type=int, default=None, help="projection seeds (default 3 quick, 5 full)")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--popi", type=Path, default=None,
+                    help="a finished cropi run directory: use its exact POPI gradients at β instead of LM gradients")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     size = "quick" if args.quick else "full"
@@ -291,18 +346,23 @@ def main(argv=None) -> dict:
     args.seeds = args.seeds or (3 if args.quick else 5)
     t0 = time.perf_counter()
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731 - stdout keeps the JSON line last
-    grads, target_sets = lm_gradients(size, log=log)
+    if args.popi:
+        grads, target_sets = popi_gradients(args.popi, log=log)
+        kind = f"exact POPI gradients at β of {args.popi.name} (cpu-default model, synthetic suite)"
+    else:
+        grads, target_sets = lm_gradients(size, log=log)
+        kind = "per-sequence LM gradients, tiny Megatron GPT"
     results = rank_preservation(grads, target_sets, k=k, seeds=tuple(range(args.seeds)), log=log)
-    n = next(iter(grads.values())).shape[0]
+    n = grads.shape[0] if isinstance(grads, torch.Tensor) else next(iter(grads.values())).shape[0]
     n_target = sum(len(t) for t in target_sets)
-    d = sum(g[0].numel() for g in grads.values())
-    stem = "rank_preservation" + ("_quick" if args.quick else "")
+    d = grads.shape[1] if isinstance(grads, torch.Tensor) else sum(g[0].numel() for g in grads.values())
+    stem = "rank_preservation" + ("_popi" if args.popi else "") + ("_quick" if args.quick else "")
     report = {
         "benchmark": "rank_preservation",
         "config": {"size": size, "k": k, "seeds": args.seeds, "num_sequences": n, "pool": n - n_target,
                    "target_sets": len(target_sets), "rows_per_target": len(target_sets[0]), "num_parameters": d,
                    "keep_ratios": list(KEEP_RATIOS),
-                   "backends": BACKENDS, "gradients": "per-sequence LM gradients, tiny Megatron GPT"},
+                   "backends": BACKENDS, "gradients": kind},
         "results": results,
         "paper_points": {name: {str(q): v for q, v in pts.items()} for name, pts in PAPER_POINTS.items()},
         "seconds": time.perf_counter() - t0,
