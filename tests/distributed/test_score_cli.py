@@ -5,10 +5,6 @@ The trajectory store is a fixture (random responses and rewards with signal) wri
 """
 
 import json
-import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -47,20 +43,9 @@ def _config(tmp: Path, out: Path) -> Path:
 
 
 def _run(args, fault=None, nproc=1):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "CROPI_FAULT_AT"):
-        env.pop(var, None)
-    if fault:
-        env["CROPI_FAULT_AT"] = fault
-    cmd = [sys.executable, "-m", "megatron_cropi.cli", *args]
-    if nproc > 1:
-        cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", str(nproc), "--master-port",
-               str(__import__("megatron_cropi.utils.net", fromlist=["free_port"]).free_port()),
-               "-m", "megatron_cropi.cli", *args]
-    with tempfile.TemporaryFile("w+") as out:
-        rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=300).returncode
-        out.seek(0)
-        return rc, out.read()
+    from megatron_cropi.testing.cli import run_cli
+
+    return run_cli(args, fault=fault, nproc=nproc)
 
 
 def _features(out: Path):

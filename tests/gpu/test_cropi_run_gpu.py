@@ -7,7 +7,6 @@ local layer spec: ``auto`` would pick Transformer Engine on a GPU image, which b
 hook (the dry run warns about exactly that).
 """
 
-import copy
 import importlib.util
 import json
 from pathlib import Path
@@ -18,33 +17,19 @@ from megatron_cropi.testing.spawn import run_ranks
 
 pytestmark = pytest.mark.gpu
 
-CONFIG = {
-    "run": {"seed": 5, "num_threads": 1},
-    "model": {"preset": "cpu-default", "layer_spec": "local"},
-    "data": {"kind": "synthetic", "synthetic": {"per_family": 12, "val_size": 12, "test_size": 12,
-                                                "check_per_family": 4, "families": ["cmp", "add1", "max", "rev"],
-                                                "target": "cmp"}},
-    "rollout": {"engine": "native", "n": 4, "max_tokens": 6, "progress": False, "batch_prompts": 16},
-    "projection": {"kind": "sjlt", "k": 512, "keep_ratio": 0.5},
-    "scoring": {"prompts_per_microbatch": 4, "microbatches_per_call": 1},
-    "selection": {"policy": "cropi", "ratio": 0.25},
-    "grpo": {"prompts_per_step": 4, "micro_batch_prompts": 4, "loss": {"kl_coef": 0.001, "entropy_coef": 0.0},
-             "optim": {"lr": 3.0e-4}, "checkpoint": {"save_interval": 2}},
-    "curriculum": {"stages": 1, "steps_per_stage": 3, "pool_samples": 4, "target_samples": 4,
-                   "warmup": {"enabled": True, "max_steps": 60, "eval_every": 60, "stop_at_greedy": 1.0},
-                   "eval": {"every": 3, "samples": 2, "check": False}, "probe_prompts": 0},
-}
 VLLM = {"model": {"preset": "tiny-vllm", "layer_spec": "local"},
         "rollout": {"engine": "vllm", "vllm": {"dtype": "float32", "gpu_memory_utilization": 0.3, "max_model_len": 64}},
         "grpo": {"old_logprobs": "recompute"}}
 
 
 def _config(out: Path, extra: dict | None = None) -> dict:
-    cfg = copy.deepcopy(CONFIG)
+    from megatron_cropi.testing.tiny import tiny_curriculum_config
+
+    cfg = tiny_curriculum_config(str(out), **{"model.layer_spec": "local", "grpo.loss.kl_coef": 0.001,
+                                              "curriculum.stages": 1})
     for section, values in (extra or {}).items():
         for key, value in values.items():
             cfg[section][key] = {**cfg[section].get(key, {}), **value} if isinstance(value, dict) else value
-    cfg["run"]["output_dir"] = str(out)
     return cfg
 
 

@@ -1,0 +1,47 @@
+"""Run the ``cropi`` command in a fresh process, as a user would (tests of kill and resume)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+__all__ = ["cli_env", "run_cli"]
+
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "CROPI_FAULT_AT")
+
+
+def cli_env(fault: str | None = None) -> dict:
+    """This environment without torchrun's variables (or an earlier fault), one thread, and
+    ``CROPI_FAULT_AT=fault`` when given."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    for var in _LAUNCH_VARS:
+        env.pop(var, None)
+    if fault:
+        env["CROPI_FAULT_AT"] = fault
+    return env
+
+
+def run_cli(args: list[str], *, fault: str | None = None, nproc: int = 1, timeout: float = 300.0):
+    """``cropi ARGS`` (under torchrun when ``nproc > 1``); returns ``(returncode, stdout+stderr)``.
+
+    Output goes to a file, not a pipe: a process that dies abruptly may leave children that hold a
+    pipe open, and reading it would wait for them.
+    """
+    cmd = [sys.executable, "-m", "megatron_cropi.cli", *args]
+    if nproc > 1:
+        from megatron_cropi.utils.net import free_port
+
+        cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", str(nproc), "--master-port",
+               str(free_port()), "-m", "megatron_cropi.cli", *args]
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=cli_env(fault))
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        out.seek(0)
+        return rc, out.read()
