@@ -60,3 +60,17 @@ def hf_logits(hf_dir: str | Path, input_ids: torch.Tensor) -> torch.Tensor:
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     return model(input_ids=input_ids).logits.float()
+
+
+# config.json of Qwen/Qwen2.5-1.5B-Instruct and Qwen/Qwen2.5-7B-Instruct (transformers 4.x style), for
+# tests that check presets, conversion and dry runs against the real architectures without weights.
+QWEN25_1_5B_CONFIG = {
+    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645,
+    "hidden_act": "silu", "hidden_size": 1536, "initializer_range": 0.02, "intermediate_size": 8960,
+    "max_position_embeddings": 32768, "max_window_layers": 21, "model_type": "qwen2", "num_attention_heads": 12,
+    "num_hidden_layers": 28, "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+    "sliding_window": 32768, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True,
+    "use_sliding_window": False, "vocab_size": 151936,
+}
+QWEN25_7B_CONFIG = dict(QWEN25_1_5B_CONFIG, hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+                        num_key_value_heads=4, tie_word_embeddings=False, vocab_size=152064, max_window_layers=28)

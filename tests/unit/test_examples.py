@@ -22,17 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "examples" / "configs").glob("qwen*.yaml"))
 LAUNCH = sorted((ROOT / "examples" / "launch").glob("*.sh"))
 
-# config.json of Qwen/Qwen2.5-1.5B-Instruct and Qwen/Qwen2.5-7B-Instruct (as in test_hf_mapping.py)
-QWEN25_1_5B = {
-    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645,
-    "hidden_act": "silu", "hidden_size": 1536, "initializer_range": 0.02, "intermediate_size": 8960,
-    "max_position_embeddings": 32768, "max_window_layers": 21, "model_type": "qwen2", "num_attention_heads": 12,
-    "num_hidden_layers": 28, "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
-    "sliding_window": 32768, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True,
-    "use_sliding_window": False, "vocab_size": 151936,
-}
-QWEN25_7B = dict(QWEN25_1_5B, hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
-                 num_key_value_heads=4, tie_word_embeddings=False, vocab_size=152064, max_window_layers=28)
+from megatron_cropi.testing.hf_tiny import QWEN25_1_5B_CONFIG as QWEN25_1_5B  # noqa: E402
+from megatron_cropi.testing.hf_tiny import QWEN25_7B_CONFIG as QWEN25_7B  # noqa: E402
 FIELDS = {"gsm8k": {"question": "Tom has 3 apples and buys 2. How many?", "answer": "3 + 2 = 5\n#### 5"},
           "math": {"problem": "What is $1+1$?", "solution": "It is $\\boxed{2}$."},
           "deepscaler": {"problem": "Compute $2 \\cdot 3$.", "answer": "6"}}
