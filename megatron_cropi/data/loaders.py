@@ -3,8 +3,9 @@
 Every row must give a non-empty UTF-8 question and a reference answer. A malformed row stops the load
 with a :class:`DataError` that names the file, the row (1-based: the line of a JSONL file, the row of a
 Parquet file) and the field, and says what was expected: a missing field, a wrong type, bytes that are
-not UTF-8, an empty prompt, a GSM8K answer without ``####`` or a MATH solution without ``\\boxed{}``.
-Silently skipping such rows would change the pool without anyone noticing.
+not UTF-8, an empty prompt, a non-finite numeric answer (NaN, ±inf), a GSM8K answer without ``####`` or a
+MATH solution without ``\\boxed{}``. Silently skipping such rows would change the pool without anyone
+noticing. A UTF-8 byte-order mark at the start of a JSONL file (editors, spreadsheet exports) is accepted.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ def _read_jsonl(path: Path, limit: int) -> Iterator[tuple[int, dict]]:
     with open(path, "rb") as f:
         count = 0
         for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte-order mark (editors, exports)
+                raw = raw[3:]
             if not raw.strip():
                 continue
             try:
@@ -153,6 +156,8 @@ def _get(row: dict, dotted: str, path: Path, row_no: int) -> Any:
 def _reference(raw: Any, how: str, path: Path, row_no: int, name: str) -> str:
     if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
         raise DataError(path, row_no, name, f"expected a string or number, got {type(raw).__name__}")
+    if isinstance(raw, float) and not np.isfinite(raw):
+        raise DataError(path, row_no, name, f"expected a finite number, got {raw!r}")
     text = str(raw).strip()
     if how == "gsm8k":
         final = extract_gsm8k_answer(text)

@@ -9,7 +9,7 @@ import pytest
 
 from megatron_cropi.config.loader import ConfigError, from_dict
 from megatron_cropi.data import DataConfig, DataError, DatasetFile, HFTokenizer, load_prompt_set, prompt_id
-from megatron_cropi.data.loaders import load_dataset_file
+from megatron_cropi.data.loaders import load_dataset_file, read_rows
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -147,3 +147,42 @@ def test_data_config_errors_name_the_key():
         from_dict(DataConfig, {"prompt_template": "no placeholder"})
     cfg = from_dict(DataConfig, {"kind": "files", "tokenizer": "/t", "pool": [{"path": "a.jsonl", "format": "math"}]})
     assert cfg.pool[0].fields == ("problem", "solution", "boxed")
+
+
+def test_utf8_byte_order_mark_is_accepted_and_rows_equal_the_file_without_it(tmp_path, tokenizer):
+    rows = [{"problem": "Café? What is 2+3?", "answer": 5}, {"problem": "Half of one?", "answer": "1/2"}]
+    plain = _jsonl(tmp_path / "plain.jsonl", rows)
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())  # what editors / spreadsheet exports write
+    assert list(read_rows(bom)) == list(read_rows(plain)) == [(1, rows[0]), (2, rows[1])]
+    got, rep = load_dataset_file(DatasetFile(path=str(bom), format="deepscaler"), tokenizer)
+    ref, _ = load_dataset_file(DatasetFile(path=str(plain), format="deepscaler"), tokenizer)
+    assert rep.rows == 2 and len(got) == len(ref) == 2
+    for a, b in zip(got, ref):
+        assert (a.prompt_id, a.answer, a.text, a.source, a.meta["row"]) == \
+               (b.prompt_id, b.answer, b.text, "bom", b.meta["row"])
+        assert a.token_ids.tolist() == b.token_ids.tolist()
+    assert got[0].text == "Café? What is 2+3?" and got[0].answer == "5"
+
+
+@pytest.mark.parametrize("value,literal", [(float("nan"), "NaN"), (float("inf"), "Infinity"),
+                                           (float("-inf"), "-Infinity")])
+def test_non_finite_reference_answer_is_refused_jsonl(tmp_path, tokenizer, value, literal):
+    path = _jsonl(tmp_path / "nan.jsonl", [{"problem": "ok", "answer": 1.5}, {"problem": "q", "answer": value}])
+    assert literal in path.read_text()  # json.dumps writes the non-standard literal that json.loads accepts
+    with pytest.raises(DataError) as err:
+        load_dataset_file(DatasetFile(path=str(path), format="deepscaler"), tokenizer)
+    assert (err.value.path, err.value.row, err.value.field) == (str(path), 2, "answer")
+    msg = str(err.value)
+    assert str(path) in msg and "row 2" in msg and "field 'answer'" in msg and "finite" in msg
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_reference_answer_is_refused_parquet(tmp_path, tokenizer, value):
+    path = tmp_path / "nan.parquet"
+    pq.write_table(pa.table({"problem": ["ok", "q", "r"], "answer": pa.array([2.0, value, 3.0], pa.float64())}), path)
+    with pytest.raises(DataError) as err:
+        load_dataset_file(DatasetFile(path=str(path), format="deepscaler"), tokenizer)
+    assert (err.value.path, err.value.row, err.value.field) == (str(path), 2, "answer")
+    msg = str(err.value)
+    assert str(path) in msg and "row 2" in msg and "field 'answer'" in msg and "finite" in msg

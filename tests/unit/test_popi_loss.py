@@ -72,7 +72,14 @@ def test_theta_equals_beta_gives_on_policy_grpo_gradient():
     behaviour = logp().detach()
     popi = popi_group_losses(logp(), behaviour, mask, r, gi, 1)[0]
     g_popi = torch.autograd.grad(popi, list(policy.parameters()))
-    adv = group_advantages(r, gi, 1)
+    # independent oracle: GRPO advantages by hand, A_k = (r_k − mean r) / (std r + ε), std with Bessel
+    # correction (K − 1), ε = 1e-4 (the documented convention); r = [1, 0, 1, 0] gives ±0.5 / (√(1/3) + 1e-4)
+    r64 = r.double()
+    std = torch.sqrt(((r64 - r64.mean()) ** 2).sum() / (K - 1))
+    adv = ((r64 - r64.mean()) / (std + 1e-4)).float()
+    a = 0.5 / (math.sqrt(1 / 3) + 1e-4)
+    assert torch.allclose(adv, torch.tensor([a, -a, a, -a]), atol=1e-6)
+    # on-policy GRPO surrogate with plain autograd on the token log-probs
     grpo = -((adv[:, None] * logp() * mask).sum(-1) / mask.sum(-1)).mean()
     g_grpo = torch.autograd.grad(grpo, list(policy.parameters()))
     assert abs(popi.item() - (-(adv.sum().item()) / K)) < 1e-6  # ρ = 1

@@ -116,7 +116,6 @@ def test_theta_equals_beta_sketch_is_projected_grpo_gradient(tiny):
     from megatron_cropi.model.schedule import causal_attention_mask
     from megatron_cropi.popi.batch import pack_microbatches
     from megatron_cropi.popi.capture import PopiCapture
-    from megatron_cropi.popi.loss import group_advantages
     from megatron_cropi.projection.base import ShardSpec
 
     model, groups, cfg = tiny
@@ -133,9 +132,16 @@ def test_theta_equals_beta_sketch_is_projected_grpo_gradient(tiny):
     sketch = PopiCapture(model, groups, projector, mode="batched").run([mb], 1, K).sketches[0]
 
     model.zero_grad()
-    logp = vocab_parallel_logprobs(model(input_ids=mb.tokens, position_ids=mb.position_ids, attention_mask=mask),
-                                   mb.labels)
-    adv = group_advantages(mb.rewards, mb.group_index, 1)
+    # independent oracle: token log-probs by plain log-softmax (TP = 1: the full vocabulary, T = 1), GRPO
+    # advantages by hand, A_k = (r_k − mean r) / (std r + ε), std with Bessel correction (K − 1), ε = 1e-4
+    logits = model(input_ids=mb.tokens, position_ids=mb.position_ids, attention_mask=mask).float()
+    assert logits.shape[-1] == cfg.vocab_size
+    logp = torch.log_softmax(logits, -1).gather(-1, mb.labels[..., None])[..., 0]
+    assert mb.group_index.tolist() == [0] * K and mb.rewards.tolist() == [1.0, 0.0, 1.0, 0.0]
+    r = mb.rewards.double()
+    adv = ((r - r.mean()) / (torch.sqrt(((r - r.mean()) ** 2).sum() / (K - 1)) + 1e-4)).float()
+    a = 0.5 / (np.sqrt(1 / 3) + 1e-4)
+    assert torch.allclose(adv, torch.tensor([a, -a, a, -a], dtype=torch.float32), atol=1e-6)
     grpo = -((adv[:, None] * logp * mb.mask).sum(-1) / mb.mask.sum(-1)).mean()
     grpo.backward()
     full = assemble_global_tensors(model, groups)

@@ -34,6 +34,34 @@ def test_cosine_and_target_direction():
         target_direction(f, np.zeros(4, bool))
 
 
+def test_target_direction_is_the_mean_of_the_chosen_usable_rows():
+    # rows 1 and 4 are unusable and large: any leak of them into the mean is visible
+    f = np.array([[1.0, 2.0, 3.0],
+                  [100.0, 100.0, 100.0],
+                  [3.0, 0.0, -3.0],
+                  [5.0, 4.0, 6.0],
+                  [-100.0, 50.0, 7.0]], dtype=np.float32)
+    usable = np.array([True, False, True, True, False])
+    # every usable row fits under max_prompts: the direction is their mean, by hand [1+3+5, 2+0+4, 3-3+6] / 3
+    d, chosen = target_direction(f, usable, max_prompts=10, seed=0)
+    assert chosen.tolist() == [0, 2, 3]
+    assert d.dtype == np.float64 and d.shape == (3,)
+    assert np.allclose(d, [3.0, 2.0, 2.0], rtol=0, atol=1e-12)
+    # max_prompts subsampling: distinct usable rows, and the direction is exactly their plain numpy mean
+    seen = set()
+    for seed in range(20):
+        d2, chosen2 = target_direction(f, usable, max_prompts=2, seed=seed)
+        rows = chosen2.tolist()
+        assert len(rows) == 2 and len(set(rows)) == 2 and set(rows) <= {0, 2, 3}
+        expect = (f[rows[0]].astype(np.float64) + f[rows[1]].astype(np.float64)) / 2
+        assert np.allclose(d2, expect, rtol=0, atol=1e-12)
+        seen.add(tuple(sorted(rows)))
+    assert len(seen) > 1  # the seed changes the subsample
+    # a single usable row: the direction is that row
+    d1, c1 = target_direction(f, np.array([False, False, False, True, False]), max_prompts=5, seed=3)
+    assert c1.tolist() == [3] and np.allclose(d1, [5.0, 4.0, 6.0], rtol=0, atol=1e-12)
+
+
 def test_fusions_hand_computed():
     a = np.array([0.9, 0.8, 0.1, -np.inf])
     b = np.array([0.1, 0.7, 0.9, -np.inf])
