@@ -115,7 +115,8 @@ def score_stage(ctl, m: int) -> dict:
         header = FeatureHeader(num_rows=len(groups_list), k=projector.k, seed=cfg.projection.seed,
                                projector=_projector_id(ctl), param_set_hash=pset,
                                checkpoint_step=rt.trainer.step_count,
-                               prompt_id_hash=hash_strings(g.prompt_id for g in groups_list))
+                               prompt_id_hash=hash_strings(g.prompt_id for g in groups_list),
+                               dtype=cfg.scoring.feature_dtype)
         store = FeatureStore.open(path, header) if ctl.rank0 else None
         temperature = sp.temperature if sp.logprobs == "sampling" and sp.temperature > 0 else 1.0
         stats = score_pool(groups_list, store, model=rt.model, groups=ctl.groups, projector=projector,

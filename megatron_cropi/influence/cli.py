@@ -67,7 +67,8 @@ def score_sets(cfg, sets: list[str], *, checkpoint: str | None = None, tag: str 
         header = FeatureHeader(num_rows=len(rollouts), k=projector.k, seed=cfg.projection.seed,
                                projector=json.dumps(projector.describe(), sort_keys=True, default=str),
                                param_set_hash=pset, checkpoint_step=step,
-                               prompt_id_hash=hash_strings(g.prompt_id for g in rollouts))
+                               prompt_id_hash=hash_strings(g.prompt_id for g in rollouts),
+                               dtype=cfg.scoring.feature_dtype)
         fs = FeatureStore.open(out_root / name, header) if dist.get_rank() == 0 else None
         temperature = sp.temperature if sp.logprobs == "sampling" and sp.temperature > 0 else 1.0
         stats = score_pool(rollouts, fs, model=model, groups=groups, projector=projector, cfg=cfg.scoring,

@@ -48,6 +48,9 @@ class ScoringConfig:
     """Regexes on global parameter names to leave out."""
     seq_length: int | None = None
     """Padded sequence length; default the longest prompt + response of the pool."""
+    feature_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Storage dtype of the feature stores (read back as float32): float16 scales each row by its max
+    |x| (a fp32 scale per row), bfloat16 keeps float32's range; both halve the disk footprint."""
 
     def __post_init__(self):
         require(1 <= self.prompts_per_microbatch <= 4096, "prompts_per_microbatch", self.prompts_per_microbatch,
@@ -56,6 +59,8 @@ class ScoringConfig:
                 "must be between 1 and 4096")
         if self.seq_length is not None:
             require(self.seq_length >= 2, "seq_length", self.seq_length, "must be >= 2 or null")
+        require(self.feature_dtype in ("float32", "float16", "bfloat16"), "feature_dtype", self.feature_dtype,
+                "must be one of float32, float16, bfloat16")
 
 
 @dataclass

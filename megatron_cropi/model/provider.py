@@ -55,6 +55,8 @@ def build_transformer_config(cfg: ModelConfig, groups: ParallelGroups):
         raise ValueError("; ".join(errors))
     dtype = DTYPES[cfg.params_dtype]
     kwargs = dict(cfg.transformer)
+    # megatron-core's default scope "full" is deprecated (warns) and means the empty list: say it the current way.
+    kwargs.setdefault("cuda_graph_scope", [])
     kwargs.update(
         activation_func=torch.nn.functional.silu if cfg.activation == "silu" else torch.nn.functional.gelu,
         params_dtype=dtype,
