@@ -2,7 +2,7 @@
 
 Workload (shared/reference/embedded-task.md §3): the ``cpu-default`` policy (0.38M parameters),
 32 synthetic-suite prompts × K=8 samples at T=1, up to 6 new tokens, one update per step, Adam, the
-native sampler; the *easy* reward (first token a digit, :mod:`megatron_cropi.grpo.tiny`) so that groups
+native sampler; the *easy* reward (first token a digit, :mod:`megatron_cropi.testing.grpo_tiny`) so that groups
 have reward variance from a random initialisation and no step is skipped. Each configuration runs in
 fresh processes with one torch thread per rank; the first ``warmup`` steps are not timed.
 
@@ -30,9 +30,9 @@ from pathlib import Path
 def _worker(steps: int, warmup: int, kl: float):
     import torch.distributed as dist
 
-    from megatron_cropi.grpo.tiny import build_tiny_trainer, easy_prompts
+    from megatron_cropi.testing.grpo_tiny import build_tiny_trainer, easy_prompts
     from megatron_cropi.parallel import build_parallel_groups, init_distributed
-    from megatron_cropi.rollout.types import SamplingParams
+    from megatron_cropi.records import SamplingParams
 
     init_distributed()
     g = build_parallel_groups(1, 1)

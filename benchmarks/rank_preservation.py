@@ -249,8 +249,8 @@ def popi_gradients(run_dir: Path, *, log=print):
         ``(grads [N, d] float32, [target rows])``: pool rows first, then the target set's rows.
     """
     from megatron_cropi.config.loader import from_dict
-    from megatron_cropi.config.schema import RunConfig
-    from megatron_cropi.curriculum.runtime import build_policy_model
+    from megatron_cropi.run_config import RunConfig
+    from megatron_cropi.wiring import build_policy_model
     from megatron_cropi.parallel import build_parallel_groups, init_distributed
     from megatron_cropi.popi.batch import pack_microbatches, sequence_length_for
     from megatron_cropi.popi.capture import PopiCapture, select_layouts

@@ -30,7 +30,7 @@ PROMPT_LEN, STOP_ID = 16, 7
 
 
 def _prompts(num: int):
-    from megatron_cropi.rollout.types import PromptRecord
+    from megatron_cropi.records import PromptRecord
 
     rng = np.random.default_rng(0)
     return [PromptRecord(prompt_id=f"bench{i}", token_ids=rng.integers(8, 256, PROMPT_LEN).astype(np.int32), answer="")
@@ -115,7 +115,7 @@ def main() -> int:
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-    from megatron_cropi.rollout.types import SamplingParams
+    from megatron_cropi.records import SamplingParams
     from megatron_cropi.rollout.vllm_engine import run_isolated
     from megatron_cropi.testing.spawn import run_ranks
 

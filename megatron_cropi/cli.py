@@ -28,40 +28,25 @@ def _cmd_check_env(args) -> int:
 
 
 def _cmd_run(args) -> int:
-    from megatron_cropi.config.schema import load_run_config
-    from megatron_cropi.dryrun import dry_run
+    from megatron_cropi.commands.run import cmd_run
 
-    cfg = load_run_config(args.config)
-    if args.dry_run:
-        summary = dry_run(cfg, world_size=args.world_size, gpus_per_node=args.gpus_per_node,
-                          gpu_memory_gib=args.gpu_memory_gib)
-        print(json.dumps(summary, indent=2))
-        print(f"dry run OK: {args.config}")
-        return 0
-    from megatron_cropi.curriculum.controller import run_curriculum
-
-    summary = run_curriculum(cfg, new_run=args.new_run)
-    final = summary.get("final", {})
-    if final:
-        print(json.dumps({"output_dir": summary.get("output_dir"), "final": final,
-                          "timing_seconds": summary.get("timing_seconds")}))
-    return 0
+    return cmd_run(args)
 
 
 def _cmd_rollout(args) -> int:
-    from megatron_cropi.rollout.cli import cmd_rollout
+    from megatron_cropi.commands.rollout import cmd_rollout
 
     return cmd_rollout(args)
 
 
 def _cmd_train(args) -> int:
-    from megatron_cropi.grpo.run import cmd_train
+    from megatron_cropi.commands.train import cmd_train
 
     return cmd_train(args)
 
 
 def _cmd_score(args) -> int:
-    from megatron_cropi.influence.cli import cmd_score
+    from megatron_cropi.commands.score import cmd_score
 
     return cmd_score(args)
 
@@ -106,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from megatron_cropi.checkpoint.dist_ckpt import CheckpointError
     from megatron_cropi.config.loader import ConfigError
-    from megatron_cropi.curriculum.runtime import RunInputError
+    from megatron_cropi.wiring import RunInputError
     from megatron_cropi.curriculum.state import ConfigChangedError
     from megatron_cropi.data.loaders import DataError
     from megatron_cropi.dryrun import DryRunError

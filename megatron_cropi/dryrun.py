@@ -20,7 +20,7 @@ import json
 import os
 from pathlib import Path
 
-from megatron_cropi.config.schema import RunConfig
+from megatron_cropi.run_config import RunConfig
 from megatron_cropi.memory import GIB, estimate_memory, feature_store_bytes
 from megatron_cropi.parallel import LaunchError, check_layout
 

@@ -224,7 +224,7 @@ def estimate_memory(cfg, *, dp: int, gpu_memory_gib: float = 80.0, attention: st
     """Per-GPU memory of ``cfg`` with ``dp`` data-parallel replicas (see the module docstring).
 
     Args:
-        cfg: a :class:`~megatron_cropi.config.schema.RunConfig`.
+        cfg: a :class:`~megatron_cropi.run_config.RunConfig`.
         dp: data-parallel size of the launch.
         gpu_memory_gib: memory of one GPU (vLLM's share is a fraction of it).
         attention: ``unfused`` or ``flash``; default from ``model.layer_spec`` (``te`` → flash, else

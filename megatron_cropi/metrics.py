@@ -16,6 +16,8 @@ import math
 from pathlib import Path
 from typing import Mapping
 
+import numpy as np
+
 __all__ = ["MetricsLogger", "read_scalars"]
 
 
@@ -52,6 +54,11 @@ class MetricsLogger:
                 self.skipped_values += 1
                 continue
             self._writer.add_scalar(f"{prefix}/{name}" if prefix else name, v, global_step=int(step))
+
+    def histogram(self, step: int, tag: str, values) -> None:
+        """A histogram of ``values`` under ``tag`` at ``step`` (no-op when disabled)."""
+        if self._writer is not None and len(values):
+            self._writer.add_histogram(tag, np.asarray(values), global_step=int(step))
 
     def flush(self) -> None:
         if self._writer is not None:

@@ -46,6 +46,7 @@ import torch.distributed as dist
 from megatron_cropi.model.params import param_layouts
 from megatron_cropi.parallel import ParallelGroups
 from megatron_cropi.utils.atomic import atomic_write_json, fsync_dir
+from megatron_cropi.utils.lead_rank import on_rank0, share_from_rank0
 
 __all__ = [
     "CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "read_checkpoint_meta",
@@ -239,13 +240,13 @@ def save_checkpoint(
 
     root = Path(root)
     final = root / f"step_{step:08d}"
-    token = [uuid.uuid4().hex[:8] if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(token, src=0)
-    tmp = root / f".tmp-step_{step:08d}-{token[0]}"
-    if dist.get_rank() == 0:
+    tmp = root / f".tmp-step_{step:08d}-{share_from_rank0(uuid.uuid4().hex[:8])}"
+
+    def make_tmp():
         (tmp / "dist").mkdir(parents=True, exist_ok=False)
         (tmp / "rng").mkdir()
-    dist.barrier()
+
+    on_rank0(make_tmp)
     shapes = _global_shapes(model, groups)
     # before the first optimizer step (e.g. every step so far skipped) the state is empty: a fresh
     # optimizer is then exactly what loading must produce, so none is saved

@@ -254,6 +254,8 @@ def save_model_as_hf(
     """
     import torch.distributed as dist
 
+    from megatron_cropi.utils.lead_rank import share_from_rank0
+
     inner = _unwrap(model)
     dims = GPTDimensions.from_model(inner)
     if cfg is not None:
@@ -267,10 +269,9 @@ def save_model_as_hf(
             writer = HFCheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
         except Exception as err:  # noqa: BLE001 - re-raised on every rank below
             error = err
-    status = [error]
-    dist.broadcast_object_list(status, src=0)
-    if status[0] is not None:
-        raise status[0]
+    shared = share_from_rank0(error)  # rank 0's write error stops every rank
+    if shared is not None:
+        raise shared
     param_dtype = next(inner.parameters()).dtype
     # Keep taking part in the collectives after a local write error, so no rank is left waiting.
     for name, tensor in megatron_to_hf_named_tensors(inner, groups, dst=0):
@@ -291,8 +292,7 @@ def save_model_as_hf(
             error = err
         finally:
             writer.abort()
-    status = [error]
-    dist.broadcast_object_list(status, src=0)
-    if status[0] is not None:
-        raise status[0]
+    shared = share_from_rank0(error)  # rank 0's write error stops every rank
+    if shared is not None:
+        raise shared
     return Path(out_dir)

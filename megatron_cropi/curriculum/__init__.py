@@ -1,1 +1,1 @@
-"""The CROPI stage controller (DESIGN.md §2) and what it needs: warm-up, evaluation, reports, state."""
+"""The CROPI stage controller and what it needs: state, steps, warm-up, evaluation, probe, reports (docs/design.md)."""

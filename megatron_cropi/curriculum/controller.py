@@ -1,72 +1,83 @@
 """The CROPI stage controller: ``cropi run CONFIG``.
 
     warm-up (synthetic suite only) → behaviour rollouts by β, once (pool and target sets)
-    for stage m:  score at θ_m  →  select  →  GRPO for T steps  →  checkpoint θ_{m+1}  →  report
+    for stage m:  score at θ_m  →  probe  →  select  →  GRPO for T steps  →  checkpoint θ_{m+1}  →  report
 
-Every step leaves files under ``run.output_dir`` and is recorded in ``state.json``; a restarted run
-skips each step whose outputs exist and validate, and resumes GRPO from its last checkpoint (the data
-position and RNG come back with it), so the final selections and parameters equal an uninterrupted
-run's. ``CROPI_FAULT_AT=<point>`` makes the process die at a named point (tests of resume).
+Every step leaves files under ``run.output_dir`` (their paths: :class:`~megatron_cropi.layout.RunLayout`)
+and is recorded in ``state.json``; a restarted run skips each step recorded as done, and resumes GRPO
+from its last checkpoint (the data position and RNG come back with it), so the final selections and
+parameters equal an uninterrupted run's. The controller owns the run's state, its clock and its fault
+points; the steps' bodies (:mod:`.steps`, :mod:`.probe`, :mod:`.report`) get values and return values.
 """
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import time
 from pathlib import Path
 
-import torch.distributed as dist
-
-from megatron_cropi.curriculum.runtime import PolicyRuntime, setup_run
+from megatron_cropi.curriculum import steps
+from megatron_cropi.curriculum.evaluate import EvalLog, evaluate_policy
+from megatron_cropi.curriculum.faults import fault_point
+from megatron_cropi.curriculum.probe import probe_projection_quality
+from megatron_cropi.curriculum.report import write_final_report, write_stage_report
 from megatron_cropi.curriculum.state import RunState
-from megatron_cropi.curriculum import steps as S
+from megatron_cropi.influence.stores import PolicyScorer, score_store
+from megatron_cropi.layout import RunLayout
+from megatron_cropi.metrics import MetricsLogger
+from megatron_cropi.selection.policies import Selection
+from megatron_cropi.utils.lead_rank import on_rank0, share_from_rank0
+from megatron_cropi.wiring import PolicyRuntime, initial_weights, policy_identity, setup_run
 
-__all__ = ["StageController", "run_curriculum", "fault_point"]
+__all__ = ["StageController", "run_curriculum"]
 
-
-def fault_point(name: str) -> None:
-    """Die here, as a SIGKILL would, if ``CROPI_FAULT_AT`` names this point (injected faults only)."""
-    if os.environ.get("CROPI_FAULT_AT") == name:
-        os._exit(17)
+# Seed offset of evaluation sampling: evaluations never share a stream with training.
+EVAL_SEED_OFFSET = 104729
 
 
 class StageController:
     """Runs (or resumes) the curriculum of one run config.
 
     Args:
-        cfg: the :class:`~megatron_cropi.config.schema.RunConfig`.
+        cfg: the :class:`~megatron_cropi.run_config.RunConfig`.
         new_run: start over in ``run.output_dir`` even if the config changed (old outputs are moved aside).
         log: a ``print``-like function (called on global rank 0).
     """
 
     def __init__(self, cfg, *, new_run: bool = False, log=print):
-        from megatron_cropi.metrics import MetricsLogger
+        from megatron_cropi.projection.config import build_projector
 
-        self.cfg, self.out = cfg, Path(cfg.run.output_dir)
+        self.cfg = cfg
+        self.layout = RunLayout(cfg.run.output_dir)
         self.groups, self.prompts, self.tokenizer = setup_run(cfg)
-        self.rank0 = self.groups.rank == 0
-        self._log = log
+        self.is_rank0 = self.groups.rank == 0
+        self._print = log
         self.state = self._open_state(new_run)
-        self.metrics = MetricsLogger(self.out / "tensorboard", enabled=self.groups.is_metrics_rank)
-        self.rt: PolicyRuntime | None = None
+        self.metrics = MetricsLogger(self.layout.tensorboard, enabled=self.groups.is_metrics_rank)
+        self.eval_log = EvalLog(self.layout.eval_log)
+        self.projector = build_projector(cfg.projection) if cfg.selection.policy == "cropi" else None
+        self.runtime: PolicyRuntime | None = None
 
     def log(self, msg: str) -> None:
-        if self.rank0:
-            self._log(msg)
+        if self.is_rank0:
+            self._print(msg)
 
     def _open_state(self, new_run: bool) -> RunState:
-        box = [None]
-        if self.rank0:
-            try:
-                box[0] = RunState.open(self.out, self.cfg.to_dict(), new_run=new_run)
-            except Exception as err:  # every rank must stop, not only rank 0
-                box[0] = err
-        dist.broadcast_object_list(box, src=0)
-        if isinstance(box[0], Exception):
-            raise box[0]
-        return box[0] if self.rank0 else RunState(self.out / "state.json", box[0].data)
+        state = on_rank0(lambda: RunState.open(self.layout.root, self.cfg.to_dict(), new_run=new_run))
+        return state if self.is_rank0 else RunState(self.layout.state, state.data)
 
-    def add_clock(self, phase: str, seconds: float) -> None:
+    # -- run state: done steps and the run clock ----------------------------------------------------
+    def is_done(self, step: str) -> bool:
+        return self.state.is_done(step)
+
+    def mark_done(self, name: str, /, **info) -> None:
+        """Record step ``name`` as finished with what it reported (rank 0 writes ``state.json``)."""
+        if self.is_rank0:
+            self.state.mark_done(name, info)
+        else:
+            self.state.data["done"].append(name)
+
+    def charge(self, phase: str, seconds: float) -> None:
         """Charge ``seconds`` of method work (rollouts, scoring, selection, training) to the run's clock,
         the wall-clock axis of the curriculum benchmark (evaluation time is not charged)."""
         clock = self.state.data.setdefault("clock", {})
@@ -76,132 +87,222 @@ class StageController:
     def clock_seconds(self) -> float:
         return float(sum(self.state.data.get("clock", {}).values()))
 
-    def _done(self, step: str) -> bool:
-        return self.state.is_done(step)
-
-    def _mark(self, name: str, **info) -> None:
-        if self.rank0:
-            self.state.mark_done(name, info)
-        else:
-            self.state.data["done"].append(name)
-
     # -- the run ------------------------------------------------------------------------------------
     def run(self) -> dict:
         """Run every remaining step; return the final summary (also written to ``summary.json``)."""
-        cc = self.cfg.curriculum
+        curriculum = self.cfg.curriculum
         t0 = time.perf_counter()
         beta_dir = self.step_warmup()
-        self.rt = rt = PolicyRuntime(self.cfg, self.groups, self.tokenizer, hf_dir=beta_dir,
-                                     total_steps=cc.total_steps, metrics=self.metrics)
+        self.runtime = PolicyRuntime(self.cfg, self.groups, self.tokenizer, hf_dir=beta_dir,
+                                     total_steps=curriculum.total_steps, metrics=self.metrics,
+                                     checkpoint_dir=self.layout.checkpoints)
         try:
             self.step_behaviour_rollouts()
             self.resume_training()
-            for m in range(cc.stages):
-                if self._done(f"stage{m}/report"):
+            for stage in range(curriculum.stages):
+                if self.is_done(f"stage{stage}/report"):
                     continue
-                features = self.step_score(m)
-                self.step_probe(m, features)
-                selection = self.step_select(m, features)
-                self.step_train(m, selection)
-                self.step_report(m, selection, features)
+                features = self.step_score(stage)
+                self.step_probe(stage, features)
+                selection = self.step_select(stage, features)
+                self.step_train(stage, selection)
+                self.step_report(stage, selection)
             return self.finish(time.perf_counter() - t0)
         finally:
-            rt.close()
+            self.runtime.close()
 
     # -- steps ----------------------------------------------------------------------------------------
     def step_warmup(self) -> str | None:
         """The β policy's HF directory: the warm-up's, ``rollout.checkpoint``, or None (random init)."""
         cfg = self.cfg
         if not cfg.curriculum.warmup.enabled:
-            return cfg.rollout.checkpoint or None
-        out = self.out / "warmup" / "hf"
-        if self._done("warmup") and (out / "config.json").exists():
-            return str(out)
+            return initial_weights(cfg, self.layout)
+        if self.is_done("warmup") and (self.layout.warmup_hf / "config.json").exists():
+            return str(self.layout.warmup_hf)
         from megatron_cropi.curriculum.warmup import run_warmup
 
-        info = run_warmup(cfg, self.groups, self.tokenizer, self.prompts, out, metrics=self.metrics, log=self.log)
+        info = run_warmup(cfg, self.groups, self.tokenizer, self.prompts, self.layout.warmup_hf,
+                          metrics=self.metrics, log=self.log)
         self.log(f"[warmup] done: {info['steps']} steps, greedy target accuracy {info['greedy_val']:.3f}, "
                  f"{info['seconds']:.0f} s")
-        self._mark("warmup", **{k: v for k, v in info.items() if k != "history"})
-        return str(out)
+        self.mark_done("warmup", **{k: v for k, v in info.items() if k != "history"})
+        return str(self.layout.warmup_hf)
 
     def step_behaviour_rollouts(self) -> None:
         """K responses per pool and target prompt from β (the policy before any GRPO step), once."""
-        if self._done("rollouts"):
+        if self.is_done("rollouts"):
             return
-        if self.cfg.selection.policy in ("full", "random"):
-            self._mark("rollouts", skipped=f"policy {self.cfg.selection.policy} needs no behaviour rollouts")
+        cfg, runtime = self.cfg, self.runtime
+        if cfg.selection.policy in ("full", "random"):
+            self.mark_done("rollouts", skipped=f"policy {cfg.selection.policy} needs no behaviour rollouts")
             return
-        if self.rt.trainer.step_count:
+        if runtime.trainer.step_count:
             raise RuntimeError("behaviour rollouts must come from β, but the policy has already been trained")
-        cc = self.cfg.curriculum
-        for name, prompts, n in [("pool", self.prompts.pool, cc.pool_samples)] + [
-                (f"target-{t}", recs, cc.target_samples) for t, recs in sorted(self.prompts.targets.items())]:
+        curriculum = cfg.curriculum
+        beta = policy_identity(cfg, runtime.hf_dir)
+        sets = [("pool", self.prompts.pool, curriculum.pool_samples)] + [
+            (f"target-{t}", recs, curriculum.target_samples) for t, recs in sorted(self.prompts.targets.items())]
+        for name, prompts, n in sets:
             t0 = time.perf_counter()
-            summary = S.behaviour_rollouts(self, name, prompts, n)
-            self.add_clock("rollouts", time.perf_counter() - t0)
+            sampling = steps.behaviour_sampling(runtime.sampling, n, temperature=curriculum.behaviour_temperature,
+                                                max_tokens=curriculum.behaviour_max_tokens)
+            summary = steps.behaviour_rollouts(
+                name, prompts, self.layout.rollouts(name), sampling=sampling, engine=runtime.engine,
+                reward_fn=runtime.reward_fn, tokenizer=self.tokenizer, groups=self.groups,
+                batch_prompts=cfg.rollout.batch_prompts, policy=beta, engine_kind=cfg.rollout.engine,
+                progress=cfg.rollout.progress)
+            self.charge("rollouts", time.perf_counter() - t0)
             self.log(f"[rollouts] {name}: {len(prompts)} prompts, pass rate {summary.pass_rate:.3f}, "
                      f"{summary.zero_variance_groups} zero-variance groups")
             fault_point(f"rollouts:{name}")
-        self._mark("rollouts")
+        self.mark_done("rollouts")
 
     def resume_training(self) -> None:
         """Load the latest GRPO checkpoint (if any) with its stage's prompt set for the data position."""
         from megatron_cropi.checkpoint.dist_ckpt import latest_checkpoint, read_checkpoint_meta
 
-        ckpt = latest_checkpoint(self.out / "checkpoints")
+        ckpt = latest_checkpoint(self.layout.checkpoints)
         if ckpt is None:
             return
+        trainer = self.runtime.trainer
         step = int(read_checkpoint_meta(ckpt)["step"])
-        T = max(self.cfg.curriculum.steps_per_stage, 1)
-        stage = max(step - 1, 0) // T
-        sel = S.load_selection(self, stage)
-        if sel is not None:
-            self.rt.trainer.set_prompts(S.selected_prompts(self, sel))
-        self.rt.trainer.load(ckpt)
-        S.truncate_eval_log(self, step)
+        stage = max(step - 1, 0) // max(self.cfg.curriculum.steps_per_stage, 1)
+        selection = steps.read_selection(self.layout.selection(stage))
+        if selection is not None:
+            trainer.set_prompts(steps.selected_prompts(self.prompts.pool, selection))
+        trainer.load(ckpt)
+        if self.is_rank0:
+            self.eval_log.truncate_after(step)
         self.log(f"[resume] from {ckpt.name} (step {step}, stage {stage})")
 
-    def step_score(self, m: int) -> dict:
-        """Projected POPI gradients of the pool and the target sets at θ_m."""
-        return S.score_stage(self, m)
+    def scorer(self) -> PolicyScorer:
+        """The policy as it is now, ready to score stored trajectories."""
+        cfg, runtime = self.cfg, self.runtime
+        return PolicyScorer(runtime.model, self.groups, self.projector, cfg.scoring, projection_seed=cfg.projection.seed,
+                            checkpoint_step=runtime.trainer.step_count, pad_id=runtime.pad_id,
+                            progress=cfg.rollout.progress)
 
-    def step_probe(self, m: int, features: dict) -> None:
+    def step_score(self, stage: int) -> dict[str, Path]:
+        """Projected POPI gradients of the pool and the target sets at θ_m; ``{set: feature store}``."""
+        if self.cfg.selection.policy != "cropi":
+            return {}
+        names = steps.feature_set_names(self.prompts.targets)
+        paths = {name: self.layout.features(stage, name) for name in names}
+        todo = [name for name in names if not self.is_done(f"stage{stage}/score/{name}")]
+        scorer = self.scorer() if todo else None
+        for name in todo:
+            t0 = time.perf_counter()
+            stats = score_store(self.layout.rollouts(name), paths[name], scorer,
+                                on_chunk=lambda: fault_point("score:chunk"))
+            self.log(f"[score] stage {stage} {name}: {stats.scored} scored, {stats.excluded} zero-variance excluded, "
+                     f"{stats.flagged} flagged, {stats.seconds:.1f} s ({1e3 * stats.seconds_per_prompt:.1f} ms/prompt)")
+            self.charge("scoring", time.perf_counter() - t0)
+            self.mark_done(f"stage{stage}/score/{name}", **dataclasses.asdict(stats))
+        return paths
+
+    def step_probe(self, stage: int, features: dict[str, Path]) -> None:
         """Projection quality on a probe set at θ_m (the checkpoint the features were made at)."""
-        from megatron_cropi.curriculum.report import probe_projection_quality
-
-        if self._done(f"stage{m}/probe"):
+        if self.is_done(f"stage{stage}/probe"):
             return
-        probe = probe_projection_quality(self, m, features) if features else {"skipped": "policy is not cropi"}
-        self._mark(f"stage{m}/probe", **probe)
+        curriculum = self.cfg.curriculum
+        probe = (probe_projection_quality(stage, features, self.scorer(), layout=self.layout,
+                                          probe_prompts=curriculum.probe_prompts, max_params=curriculum.probe_max_params,
+                                          max_target_prompts=self.cfg.selection.max_target_prompts,
+                                          seed=self.cfg.run.seed)
+                 if features else {"skipped": "policy is not cropi"})
+        self.mark_done(f"stage{stage}/probe", **probe)
 
-    def step_select(self, m: int, features: dict):
-        return S.select_stage(self, m, features)
+    def step_select(self, stage: int, features: dict[str, Path]) -> Selection:
+        """The stage's prompts (``selections/stage{m}.json``)."""
+        step = f"stage{stage}/select"
+        if self.is_done(step):
+            done = steps.read_selection(self.layout.selection(stage))
+            if done is not None:
+                return done
+        t0 = time.perf_counter()
+        selection = steps.select_stage(stage, layout=self.layout, pool=self.prompts.pool, cfg=self.cfg.selection,
+                                       seed=self.cfg.run.seed, features=features)
+        self.charge("selection", time.perf_counter() - t0)
+        fault_point("select")
+        self.log(f"[select] stage {stage}: {len(selection.prompt_ids)} prompts by {selection.policy}; mix "
+                 f"{dict(list(selection.summary['source_mix'].items())[:6])}")
+        self.mark_done(step, seconds=selection.summary["seconds"])
+        return selection
 
-    def step_train(self, m: int, selection) -> None:
-        """GRPO for ``steps_per_stage`` steps on the selection; state after every step."""
-        if self._done(f"stage{m}/train"):
+    def step_train(self, stage: int, selection: Selection) -> None:
+        """GRPO steps ``m·T .. (m+1)·T`` of stage m on the selection; state after every step; checkpoint at the end."""
+        if self.is_done(f"stage{stage}/train"):
             return
-        S.train_stage(self, m, selection)
-        self._mark(f"stage{m}/train", step=self.rt.trainer.step_count)
+        curriculum, trainer = self.cfg.curriculum, self.runtime.trainer
+        start, end = stage * curriculum.steps_per_stage, (stage + 1) * curriculum.steps_per_stage
+        if trainer.step_count == start:
+            trainer.set_prompts(steps.selected_prompts(self.prompts.pool, selection))
+        elif not start < trainer.step_count <= end:
+            raise RuntimeError(f"stage {stage} covers steps {start}..{end}, but the policy is at step {trainer.step_count}")
+        if trainer.step_count == 0:
+            self.evaluate()
+        t0 = time.perf_counter()
+        while trainer.step_count < end:
+            t_step = time.perf_counter()
+            metrics = trainer.step()
+            self.charge("training", time.perf_counter() - t_step)
+            fault_point("train:step")
+            if self.is_rank0:
+                self.state.update(train_step=trainer.step_count, stage=stage)
+            if trainer.step_count % curriculum.eval.every == 0 or trainer.step_count == curriculum.total_steps:
+                self.evaluate()
+            if trainer.step_count % 10 == 0:
+                self.log(f"[train] step {trainer.step_count}: reward {metrics.get('reward', float('nan')):.3f}")
+        last = trainer.save_unless_current()
+        self.log(f"[train] stage {stage} done at step {trainer.step_count} ({time.perf_counter() - t0:.1f} s) -> {last.name}")
+        self.mark_done(f"stage{stage}/train", step=trainer.step_count)
 
-    def step_report(self, m: int, selection, features: dict) -> None:
-        S.report_stage(self, m, selection, features)
-        self._mark(f"stage{m}/report")
+    def evaluate(self) -> dict:
+        """Target and check-set accuracy now, logged to TensorBoard and ``metrics/eval.jsonl`` (once per step)."""
+        from megatron_cropi.grpo.rollouts import RolloutCollector
+
+        runtime = self.runtime
+        step = runtime.trainer.step_count
+        done = share_from_rank0(self.eval_log.at_step(step) if self.is_rank0 else None)
+        if done is not None:
+            return done
+        t0 = time.perf_counter()
+        rec = {"step": step, **evaluate_policy(RolloutCollector(runtime.engine, runtime.rewarder, self.groups),
+                                               self.groups, test=self.prompts.test, check=self.prompts.check,
+                                               sampling=runtime.sampling, cfg=self.cfg.curriculum.eval,
+                                               seed=self.cfg.run.seed + EVAL_SEED_OFFSET)}
+        rec["seconds"] = time.perf_counter() - t0
+        rec["clock_seconds"] = self.clock_seconds
+        self.metrics.log(step, {k: v for k, v in rec.items() if isinstance(v, float)}, prefix="eval")
+        if self.is_rank0:
+            self.eval_log.append(rec)
+        self.log(f"[eval] step {step}: target sampled {rec['target_sampled']:.3f}"
+                 + (f" greedy {rec['target_greedy']:.3f}" if "target_greedy" in rec else "")
+                 + (f", check {rec['check_greedy']:.3f}" if "check_greedy" in rec else ""))
+        return rec
+
+    def step_report(self, stage: int, selection: Selection) -> None:
+        if self.is_rank0:
+            previous = steps.read_selection(self.layout.selection(stage - 1)) if stage > 0 else None
+            write_stage_report(stage, selection, previous, step_info=self.state.data.get("info", {}),
+                               steps_per_stage=self.cfg.curriculum.steps_per_stage, layout=self.layout,
+                               metrics=self.metrics)
+        self.mark_done(f"stage{stage}/report")
 
     def finish(self, seconds: float) -> dict:
         """Export the final policy to ``final_hf/`` (HF format) and write the run summary."""
         from megatron_cropi.checkpoint import save_model_as_hf
-        from megatron_cropi.curriculum.report import write_final_report
 
-        if not (self.out / "final_hf" / "config.json").exists() or not self._done("final_hf"):
-            save_model_as_hf(self.rt.trainer.ddp, self.groups, self.cfg.model, self.out / "final_hf", overwrite=True)
-            self._mark("final_hf")
-        summary = write_final_report(self, seconds) if self.rank0 else {}
-        box = [summary]
-        dist.broadcast_object_list(box, src=0)
+        cfg = self.cfg
+        if not (self.layout.final_hf / "config.json").exists() or not self.is_done("final_hf"):
+            save_model_as_hf(self.runtime.trainer.ddp, self.groups, cfg.model, self.layout.final_hf, overwrite=True)
+            self.mark_done("final_hf")
+        summary = on_rank0(lambda: write_final_report(
+            self.layout, self.state.data.get("info", {}), seconds=seconds, policy=cfg.selection.policy,
+            stages=cfg.curriculum.stages, steps_per_stage=cfg.curriculum.steps_per_stage,
+            target_family=self.prompts.target_family, plot=cfg.curriculum.plot))
         self.metrics.flush()
-        return box[0]
+        return summary
 
 
 def run_curriculum(cfg, *, new_run: bool = False, log=print) -> dict:

@@ -2,21 +2,24 @@
 
 The headline metric is the *sampled* pass rate (mean reward of ``samples`` responses at T = 1): a
 calibration of the CPU default found greedy accuracy flat and noisy under full-data GRPO while the
-sampled rate moves smoothly (shared/reference/embedded-task.md §5). Prompts are split over DP
+sampled rate moves smoothly (the calibration in docs/design.md). Prompts are split over DP
 replicas; every rank returns the same numbers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 from typing import Sequence
 
 import torch.distributed as dist
 
 from megatron_cropi.parallel import ParallelGroups
-from megatron_cropi.rollout.types import PromptRecord, SamplingParams
+from megatron_cropi.records import PromptRecord, SamplingParams
+from megatron_cropi.utils.atomic import atomic_write_text
 
-__all__ = ["evaluate_accuracy"]
+__all__ = ["evaluate_accuracy", "evaluate_policy", "EvalLog"]
 
 
 def evaluate_accuracy(collector, groups: ParallelGroups, prompts: Sequence[PromptRecord], sampling: SamplingParams, *,
@@ -58,3 +61,50 @@ def evaluate_accuracy(collector, groups: ParallelGroups, prompts: Sequence[Promp
     total_n = sum(v[1] for v in sums.values())
     return {"pass_rate": total_ok / max(total_n, 1.0), "prompts": len(prompts),
             "by_source": {s: v[0] / max(v[1], 1.0) for s, v in sorted(sums.items())}}
+
+
+def evaluate_policy(collector, groups: ParallelGroups, *, test: Sequence[PromptRecord], check: Sequence[PromptRecord],
+                    sampling: SamplingParams, cfg, seed: int) -> dict:
+    """The curriculum's evaluation of the current policy (``curriculum.eval``, ``cfg``).
+
+    Returns ``{"target_sampled", "target_greedy"?, "check_greedy"?, "check_by_source"?}``: the target
+    test set's sampled pass rate (``cfg.samples`` at ``cfg.temperature``) and greedy accuracy, and the
+    untargeted check set's greedy accuracy by source. The same on every rank.
+    """
+    rec = {"target_sampled": evaluate_accuracy(collector, groups, test, sampling, samples=cfg.samples,
+                                               temperature=cfg.temperature, seed=seed,
+                                               max_prompts=cfg.max_prompts)["pass_rate"]}
+    if cfg.greedy:
+        rec["target_greedy"] = evaluate_accuracy(collector, groups, test, sampling, samples=1, temperature=0.0,
+                                                 seed=seed, max_prompts=cfg.max_prompts)["pass_rate"]
+    if cfg.check and check:
+        res = evaluate_accuracy(collector, groups, check, sampling, samples=1, temperature=0.0, seed=seed,
+                                max_prompts=cfg.max_prompts)
+        rec["check_greedy"] = res["pass_rate"]
+        rec["check_by_source"] = res["by_source"]
+    return rec
+
+
+class EvalLog:
+    """``metrics/eval.jsonl``: one JSON record per evaluation, ``{"step": N, ...}``, appended by rank 0."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def records(self) -> list[dict]:
+        return [json.loads(x) for x in self.path.read_text().splitlines() if x] if self.path.exists() else []
+
+    def at_step(self, step: int) -> dict | None:
+        """The record of ``step`` if one was written (a resumed run does not evaluate twice)."""
+        return next((r for r in self.records() if r["step"] == step), None)
+
+    def append(self, record: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records after ``step`` (a resumed run recomputes them identically)."""
+        if self.path.exists():
+            keep = [json.dumps(r) for r in self.records() if r["step"] <= step]
+            atomic_write_text(self.path, "".join(line + "\n" for line in keep))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from megatron_cropi.parallel import ParallelGroups
@@ -27,7 +26,7 @@ def run_warmup(cfg, groups: ParallelGroups, tokenizer, prompts, out_dir: str | P
 
     Args:
         cfg: the run config (``curriculum.warmup``, ``data.synthetic``, ``model``).
-        prompts: the run's :class:`~megatron_cropi.curriculum.runtime.PromptSets`.
+        prompts: the run's :class:`~megatron_cropi.wiring.PromptSets`.
         out_dir: the HF directory to write (atomically).
 
     Returns:
@@ -35,7 +34,7 @@ def run_warmup(cfg, groups: ParallelGroups, tokenizer, prompts, out_dir: str | P
     """
     from megatron_cropi.checkpoint import save_model_as_hf
     from megatron_cropi.curriculum.evaluate import evaluate_accuracy
-    from megatron_cropi.curriculum.runtime import build_policy_model
+    from megatron_cropi.wiring import build_policy_model
     from megatron_cropi.data.synthetic import supervised_batches
     from megatron_cropi.grpo.config import OptimConfig
     from megatron_cropi.grpo.optimizer import build_optimizer, dp_loss_scale, wrap_ddp

@@ -21,7 +21,7 @@ from megatron_cropi.data.config import DatasetFile
 from megatron_cropi.data.prompt_ids import prompt_id
 from megatron_cropi.data.tokenizer import TextTokenizer
 from megatron_cropi.rewards.extract import extract_gsm8k_answer, last_boxed
-from megatron_cropi.rollout.types import PromptRecord
+from megatron_cropi.records import PromptRecord
 
 __all__ = ["DataError", "FileReport", "read_rows", "load_dataset_file"]
 

@@ -12,7 +12,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from megatron_cropi.rollout.types import PromptRecord
+from megatron_cropi.records import PromptRecord
 
 __all__ = ["prompt_id", "pool_hash", "DedupReport", "dedup_prompts"]
 

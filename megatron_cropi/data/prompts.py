@@ -13,7 +13,7 @@ from megatron_cropi.data.config import SPLITS, DataConfig
 from megatron_cropi.data.loaders import FileReport, load_dataset_file
 from megatron_cropi.data.prompt_ids import DedupReport, dedup_prompts
 from megatron_cropi.data.tokenizer import HFTokenizer, TextTokenizer
-from megatron_cropi.rollout.types import PromptRecord
+from megatron_cropi.records import PromptRecord
 
 __all__ = ["PromptSet", "build_tokenizer", "load_prompt_set"]
 

@@ -42,7 +42,7 @@ import numpy as np
 
 from megatron_cropi.data.char_tokenizer import PAD_ID, CharTokenizer
 from megatron_cropi.data.prompt_ids import prompt_id
-from megatron_cropi.rollout.types import PromptRecord
+from megatron_cropi.records import PromptRecord
 
 __all__ = [
     "Family", "FAMILIES", "TARGET_FAMILY", "SyntheticSets", "build_synthetic_sets", "make_record",

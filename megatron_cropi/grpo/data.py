@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from megatron_cropi.rollout.types import PromptRecord
+from megatron_cropi.records import PromptRecord
 
 __all__ = ["PromptStream"]
 

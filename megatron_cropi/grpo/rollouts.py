@@ -20,7 +20,7 @@ import numpy as np
 import torch.distributed as dist
 
 from megatron_cropi.parallel import ParallelGroups
-from megatron_cropi.rollout.types import PromptRecord, Response, RolloutGroup, SamplingParams
+from megatron_cropi.records import PromptRecord, Response, RolloutGroup, SamplingParams
 
 __all__ = ["Rewarder", "make_rewarder", "per_response_rewarder", "RolloutCollector", "is_collective_engine"]
 

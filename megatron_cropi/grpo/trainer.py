@@ -43,7 +43,7 @@ from megatron_cropi.grpo.weight_sync import WeightSync, weight_sync_for
 from megatron_cropi.metrics import MetricsLogger
 from megatron_cropi.model.config import ModelConfig
 from megatron_cropi.parallel import ParallelGroups
-from megatron_cropi.rollout.types import PromptRecord, RolloutGroup, SamplingParams
+from megatron_cropi.records import PromptRecord, RolloutGroup, SamplingParams
 
 __all__ = ["GrpoTrainer", "step_seed"]
 
@@ -202,6 +202,15 @@ class GrpoTrainer:
         return save_checkpoint(root or self.checkpoint_dir, self.step_count, model=self.ddp, groups=self.groups,
                                optimizer=self.optimizer, scheduler=self.scheduler, reference=self._reference_model,
                                state=self.state_dict(), keep_last=self.cfg.checkpoint.keep_last)
+
+    def save_unless_current(self) -> Path:
+        """The newest checkpoint in ``checkpoint_dir`` when it is of the current step, else a new one."""
+        from megatron_cropi.checkpoint.dist_ckpt import latest_checkpoint, read_checkpoint_meta
+
+        last = latest_checkpoint(self.checkpoint_dir)
+        if last is not None and int(read_checkpoint_meta(last)["step"]) == self.step_count:
+            return last
+        return self.save()
 
     def load(self, path: str | Path, *, load_optimizer: bool | None = None) -> dict:
         """Restore a checkpoint (any TP/PP/DP layout of the same model), then push the weights to the engine."""

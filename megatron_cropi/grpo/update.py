@@ -38,7 +38,7 @@ from megatron_cropi.model.schedule import broadcast_from_last_stage, causal_atte
 from megatron_cropi.parallel import ParallelGroups
 from megatron_cropi.popi.batch import PopiMicrobatch, pack_microbatches
 from megatron_cropi.popi.loss import group_advantages
-from megatron_cropi.rollout.types import RolloutGroup
+from megatron_cropi.records import RolloutGroup
 
 __all__ = ["PolicyLearner"]
 

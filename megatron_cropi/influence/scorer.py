@@ -25,7 +25,8 @@ from megatron_cropi.parallel import ParallelGroups
 from megatron_cropi.popi.batch import pack_microbatches, sequence_length_for
 from megatron_cropi.popi.capture import PopiCapture, select_layouts
 from megatron_cropi.popi.loss import PopiLossConfig
-from megatron_cropi.rollout.types import RolloutGroup
+from megatron_cropi.records import RolloutGroup
+from megatron_cropi.utils.lead_rank import share_from_rank0
 
 __all__ = ["ScoringConfig", "ScoreStats", "score_pool", "param_set_hash"]
 
@@ -118,9 +119,7 @@ def score_pool(
     t0 = time.perf_counter()
     rank0 = dist.get_rank() == 0
     n = len(rollouts)
-    status = [store.statuses().copy() if rank0 else None]
-    dist.broadcast_object_list(status, src=0)
-    status = status[0]
+    status = share_from_rank0(store.statuses().copy() if rank0 else None)
     stats = ScoreStats(rows=n)
     zero_var = np.array([g.zero_variance for g in rollouts], dtype=bool)
     newly_excluded = np.flatnonzero(zero_var & (status == 0))

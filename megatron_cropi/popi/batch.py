@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from megatron_cropi.rollout.types import RolloutGroup
+from megatron_cropi.records import RolloutGroup
 
 __all__ = ["PopiMicrobatch", "pack_microbatches", "sequence_length_for"]
 

@@ -1,4 +1,4 @@
-"""The verifier interface, its registry, and the reward function built on a verifier.
+"""The reward function built on a verifier, and building a verifier by name.
 
 A verifier says whether a decoded response answers its prompt correctly (1.0) or not (0.0). The
 :class:`RewardFunction` adds what is the same for every verifier: a response cut at ``max_tokens``
@@ -12,70 +12,22 @@ New verifiers register by name (``@register_verifier("mine")``) and are chosen w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence, runtime_checkable
+from typing import Sequence
 
 import numpy as np
 
+# The built-in verifiers register themselves on import; they import only .verifier, so no circle.
+from megatron_cropi.rewards.exact import ExactMatchVerifier  # noqa: F401 - registers "exact"
+from megatron_cropi.rewards.math_verifier import MathVerifier  # noqa: F401 - registers "math"
 from megatron_cropi.rewards.config import RewardConfig
+from megatron_cropi.rewards.verifier import Verifier, VerifyItem, register_verifier, registered_verifiers
 
 __all__ = ["VerifyItem", "Verifier", "register_verifier", "build_verifier", "available_verifiers", "RewardFunction"]
 
 
-@dataclass(frozen=True)
-class VerifyItem:
-    """One response to check.
-
-    Attributes:
-        response: decoded response text, up to (not including) the stop token.
-        reference: the prompt's reference answer (``PromptRecord.answer``).
-        finished: the response ended on a stop token.
-    """
-
-    response: str
-    reference: str
-    finished: bool = True
-
-
-@runtime_checkable
-class Verifier(Protocol):
-    """Scores responses 1.0 (correct) or 0.0."""
-
-    name: str
-
-    def score(self, items: Sequence[VerifyItem]) -> np.ndarray:
-        """Correctness of each item, ``float32 [N]`` in {0, 1}, in input order."""
-        ...
-
-    def format_ok(self, item: VerifyItem) -> bool:
-        """Whether the response has the expected form (used by the format reward)."""
-        ...
-
-    def close(self) -> None:
-        """Release worker processes (idempotent)."""
-        ...
-
-
-_REGISTRY: dict[str, Callable[[RewardConfig], Verifier]] = {}
-
-
-def register_verifier(name: str):
-    """Class/factory decorator: ``factory(cfg: RewardConfig) -> Verifier`` becomes available as ``name``."""
-    def deco(factory):
-        _REGISTRY[name] = factory
-        return factory
-    return deco
-
-
 def available_verifiers() -> list[str]:
     """Registered verifier names."""
-    _load_builtin()
-    return sorted(_REGISTRY)
-
-
-def _load_builtin() -> None:
-    import megatron_cropi.rewards.exact  # noqa: F401 - registers "exact"
-    import megatron_cropi.rewards.math_verifier  # noqa: F401 - registers "math"
+    return sorted(registered_verifiers())
 
 
 def build_verifier(cfg: RewardConfig) -> Verifier:
@@ -84,14 +36,14 @@ def build_verifier(cfg: RewardConfig) -> Verifier:
     Raises:
         KeyError: unknown name (the message lists the registered ones).
     """
-    _load_builtin()
     if cfg.verifier == "auto":
         raise KeyError("rollout.reward.verifier is 'auto': resolve it for the data first "
                        "(megatron_cropi.rewards.config.reward_config_for)")
-    if cfg.verifier not in _REGISTRY:
+    factories = registered_verifiers()
+    if cfg.verifier not in factories:
         raise KeyError(f"rollout.reward.verifier: unknown verifier {cfg.verifier!r}; registered: "
-                       f"{', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[cfg.verifier](cfg)
+                       f"{', '.join(sorted(factories))}")
+    return factories[cfg.verifier](cfg)
 
 
 class RewardFunction:

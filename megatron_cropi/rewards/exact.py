@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from megatron_cropi.rewards.base import VerifyItem, register_verifier
+from megatron_cropi.rewards.verifier import VerifyItem, register_verifier
 from megatron_cropi.rewards.config import RewardConfig
 
 __all__ = ["ExactMatchVerifier"]

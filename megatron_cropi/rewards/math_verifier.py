@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from megatron_cropi.rewards.base import VerifyItem, register_verifier
+from megatron_cropi.rewards.verifier import VerifyItem, register_verifier
 from megatron_cropi.rewards.config import RewardConfig
 from megatron_cropi.rewards.extract import has_boxed_answer
 

@@ -17,7 +17,7 @@ from typing import Literal
 
 from megatron_cropi.config.loader import require
 from megatron_cropi.rewards.config import RewardConfig
-from megatron_cropi.rollout.types import SamplingParams
+from megatron_cropi.records import SamplingParams
 
 __all__ = ["VLLMConfig", "RolloutConfig"]
 

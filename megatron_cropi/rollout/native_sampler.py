@@ -32,7 +32,7 @@ import torch
 from megatron_cropi.model.schedule import causal_attention_mask
 from megatron_cropi.parallel import ParallelGroups
 from megatron_cropi.rollout.sampling import process_logits, sample_tokens, sequence_keys, token_logprobs
-from megatron_cropi.rollout.types import PromptRecord, Response, SamplingParams
+from megatron_cropi.records import PromptRecord, Response, SamplingParams
 
 __all__ = ["NativeSampler", "gather_vocab"]
 

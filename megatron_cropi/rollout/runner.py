@@ -6,29 +6,26 @@ the reward function and committed to the store as one part. A killed run, reopen
 committed and goes on at the first unfinished prompt; since samples are a function of (seed, prompt
 id, sample index), the finished store equals an uninterrupted one.
 
-:func:`run_rollout` is ``cropi rollout CONFIG``: it builds the engine, the tokenizer, the prompt set,
-the reward function and the store from a :class:`~megatron_cropi.config.schema.RunConfig`.
+``cropi rollout CONFIG`` (:mod:`megatron_cropi.commands.rollout`) and the curriculum's behaviour
+rollouts call it with what they built.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 
 from megatron_cropi.data.tokenizer import TextTokenizer
 from megatron_cropi.rewards.base import RewardFunction, VerifyItem
-from megatron_cropi.rewards.config import reward_config_for
-from megatron_cropi.rollout.store import StoreHeader, TrajectoryStore
-from megatron_cropi.rollout.types import PromptRecord, Response, RolloutEngine, RolloutGroup, SamplingParams
+from megatron_cropi.records import PromptRecord, Response, RolloutEngine, RolloutGroup, SamplingParams
+from megatron_cropi.rollout.store import TrajectoryStore
+from megatron_cropi.utils.lead_rank import share_from_rank0
 
-__all__ = ["RolloutSummary", "score_groups", "rollout_prompts", "run_rollout", "checkpoint_identity"]
+__all__ = ["RolloutSummary", "score_groups", "rollout_prompts"]
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +118,8 @@ def rollout_prompts(
     dp_size, dp_rank = (groups.dp_size, groups.dp_rank) if groups is not None else (1, 0)
     writer = groups is None or groups.rank == 0
     done = store.done_ids() if writer else None
-    if groups is not None and groups.world_size > 1:
-        import torch.distributed as dist
-
-        box = [done]
-        dist.broadcast_object_list(box, src=0)
-        done = box[0]
+    if groups is not None and groups.world_size > 1:  # a rank-local run (groups None) shares nothing
+        done = share_from_rank0(done)
     todo = [p for p in prompts if p.prompt_id not in done]
     summary = RolloutSummary(prompts_total=len(prompts), prompts_already_done=len(prompts) - len(todo))
     bar = tqdm(total=len(prompts), initial=summary.prompts_already_done, unit="prompt", desc=desc,
@@ -168,118 +161,4 @@ def rollout_prompts(
         summary.complete = len(store) == store.header.num_prompts
         if summary.complete and not store.complete:
             store.mark_complete()
-    return summary
-
-
-def checkpoint_identity(path: str | Path) -> str:
-    """``hf:<dir name>:<blake2b of config.json and every *.safetensors file>``: differs when any weight does."""
-    path = Path(path)
-    h = hashlib.blake2b(digest_size=12)
-    files = sorted([path / "config.json"] + list(path.glob("*.safetensors")))
-    for f in files:
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
-    return f"hf:{path.name}:{h.hexdigest()}"
-
-
-def _build_engine(cfg, tokenizer: TextTokenizer, groups):
-    rc = cfg.rollout
-    if rc.engine == "vllm":
-        from megatron_cropi.rollout.vllm_engine import VLLMEngine
-
-        v = rc.vllm
-        engine = VLLMEngine(rc.checkpoint, logprobs=rc.logprobs, stop_token_ids=[tokenizer.eos_token_id],
-                            tensor_parallel_size=v.tensor_parallel_size, dtype=v.dtype,
-                            max_model_len=v.max_model_len or None, gpu_memory_utilization=v.gpu_memory_utilization,
-                            enforce_eager=v.enforce_eager, enable_prefix_caching=v.enable_prefix_caching,
-                            seed=cfg.run.seed, tokenizer_dir=rc.tokenizer_dir or None, isolate=v.isolate)
-        return engine, checkpoint_identity(rc.checkpoint)
-    from megatron_cropi.model.provider import build_gpt_model
-    from megatron_cropi.rollout.native_sampler import NativeSampler
-
-    model = build_gpt_model(cfg.model, groups)
-    if rc.checkpoint:
-        from megatron_cropi.checkpoint import load_hf_into_model
-
-        load_hf_into_model(model, groups, rc.checkpoint)
-        identity = checkpoint_identity(rc.checkpoint)
-    else:
-        from megatron_cropi.model.params import init_params_by_global_name
-
-        init_params_by_global_name(model, groups, seed=cfg.run.seed)
-        digest = hashlib.blake2b(json.dumps(cfg.model.transformer, sort_keys=True, default=str).encode(),
-                                 digest_size=8).hexdigest()
-        identity = f"random-init:seed={cfg.run.seed}:{cfg.model.preset}:{digest}"
-        log.warning("rollout.checkpoint is empty: sampling from a randomly initialised model (smoke tests only)")
-    sampler = NativeSampler(model, groups, stop_token_ids=[tokenizer.eos_token_id],
-                            max_batch_sequences=rc.max_batch_sequences)
-    return sampler, identity
-
-
-def run_rollout(cfg, *, split: str | None = None, store_dir: str | None = None, limit: int = 0,
-                repair: bool = False) -> RolloutSummary:
-    """``cropi rollout``: roll the configured prompt set out into the trajectory store, resuming.
-
-    Args:
-        cfg: the :class:`~megatron_cropi.config.schema.RunConfig`.
-        split: prompt set (default ``rollout.split``).
-        store_dir: store directory (default ``rollout.store_dir`` or ``{output_dir}/rollouts/{split}``).
-        limit: roll out only the first ``limit`` prompts of the set (0: all); part of the store's identity.
-        repair: drop corrupt store parts and roll their prompts out again.
-    """
-    import os
-
-    from megatron_cropi.data.prompt_ids import pool_hash
-    from megatron_cropi.data.prompts import build_tokenizer, load_prompt_set
-
-    rc = cfg.rollout
-    split = split or rc.split
-    groups = None
-    if rc.engine == "native":
-        from megatron_cropi.parallel import build_parallel_groups, init_distributed
-
-        init_distributed(allow_single=True)
-        groups = build_parallel_groups(cfg.parallel.tensor_model_parallel_size,
-                                       cfg.parallel.pipeline_model_parallel_size, seed=cfg.run.seed)
-    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise RuntimeError("run `cropi rollout` with engine: vllm as one process (no torchrun); vLLM parallelises "
-                           "itself through rollout.vllm.tensor_parallel_size")
-    tokenizer = build_tokenizer(cfg.data)
-    if rc.engine == "native" and tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"the tokenizer ({tokenizer.identity}) has {tokenizer.vocab_size} ids but model.vocab_size is "
-                         f"{cfg.model.vocab_size}")
-    prompt_set = load_prompt_set(cfg.data, split, tokenizer=tokenizer)
-    prompts = prompt_set.records[:limit] if limit else prompt_set.records
-    if not prompts:
-        raise ValueError(f"data split {split!r} has no prompts")
-    sampling = rc.sampling_params(cfg.run.seed)
-    engine, model_identity = _build_engine(cfg, tokenizer, groups)
-    writer = groups is None or groups.rank == 0
-    store = reward_fn = None
-    path = Path(store_dir or rc.store_dir or Path(cfg.run.output_dir) / "rollouts" / split)
-    try:
-        if writer:
-            header = StoreHeader.build(sampling, tokenizer=tokenizer.identity, model=model_identity,
-                                       policy_version=rc.policy_version, num_prompts=len(prompts), engine=rc.engine,
-                                       pool_hash=pool_hash(p.prompt_id for p in prompts),
-                                       extra={"split": split, "data": prompt_set.summary()})
-            store = TrajectoryStore.open_for_append(path, header, repair=repair)
-            reward_fn = RewardFunction(reward_config_for(rc.reward, cfg.data.kind))
-        summary = rollout_prompts(prompts, engine, sampling, store=store, reward_fn=reward_fn, tokenizer=tokenizer,
-                                  batch_prompts=rc.batch_prompts, policy_version=rc.policy_version, groups=groups,
-                                  progress=rc.progress, desc=f"rollout {split}")
-    finally:
-        if reward_fn is not None:
-            reward_fn.close()
-        if hasattr(engine, "close"):
-            engine.close()
-    summary.split, summary.store = split, str(path)
-    if writer and summary.responses >= 64 and summary.mean_reward == 0.0:
-        log.warning("all %d rewards of this rollout are 0: if the policy is not untrained, check the verifier "
-                    "(rollout.reward.verifier) and the reference answers", summary.responses)
-    if reward_fn is not None and hasattr(reward_fn.verifier, "stats"):
-        summary.extra["verifier"] = asdict(reward_fn.verifier.stats)
-    summary.extra["data"] = prompt_set.summary()
     return summary

@@ -34,7 +34,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from megatron_cropi.rollout.types import PromptRecord, Response, RolloutGroup, SamplingParams
+from megatron_cropi.records import PromptRecord, Response, RolloutGroup, SamplingParams
 from megatron_cropi.utils.atomic import atomic_write_bytes, fsync_dir
 
 __all__ = ["StoreError", "StoreHeader", "TrajectoryStore", "SCHEMA_VERSION"]

@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterable, Literal, Sequence
 import numpy as np
 import torch
 
-from megatron_cropi.rollout.types import PromptRecord, Response, SamplingParams
+from megatron_cropi.records import PromptRecord, Response, SamplingParams
 
 __all__ = ["VLLMEngine", "WeightSyncExtension", "configure_vllm_env", "run_isolated", "request_seed"]
 

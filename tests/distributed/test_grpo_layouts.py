@@ -25,7 +25,7 @@ GRPO = {
 def _reference_worker(grpo):
     import torch.distributed as dist
 
-    from megatron_cropi.grpo.tiny import build_tiny_trainer, easy_prompts
+    from megatron_cropi.testing.grpo_tiny import build_tiny_trainer, easy_prompts
     from megatron_cropi.model.params import assemble_global_tensors
     from megatron_cropi.parallel import build_parallel_groups, init_distributed
 
@@ -44,7 +44,7 @@ def _reference_worker(grpo):
 def _layout_worker(grpo, rollouts, layouts):
     import torch.distributed as dist
 
-    from megatron_cropi.grpo.tiny import build_tiny_trainer
+    from megatron_cropi.testing.grpo_tiny import build_tiny_trainer
     from megatron_cropi.model.params import assemble_global_tensors
     from megatron_cropi.parallel import build_parallel_groups, destroy_parallel_groups, init_distributed
 

@@ -21,7 +21,7 @@ TB_TAGS = ("reward", "pass_rate", "kl", "entropy", "clip_frac", "grad_norm", "lr
 
 
 def _learn(tp, metrics_dir):
-    from megatron_cropi.grpo.tiny import build_tiny_trainer, easy_prompts
+    from megatron_cropi.testing.grpo_tiny import build_tiny_trainer, easy_prompts
     from megatron_cropi.model.params import assemble_global_tensors
     from megatron_cropi.parallel import build_parallel_groups, init_distributed
 

@@ -24,7 +24,7 @@ GRPO = {
 
 
 def _trainer(g, ckpt_dir, *, save=True, **model):
-    from megatron_cropi.grpo.tiny import build_tiny_trainer, easy_prompts
+    from megatron_cropi.testing.grpo_tiny import build_tiny_trainer, easy_prompts
 
     grpo = GRPO if save else {**GRPO, "checkpoint": {"save_interval": 0}}
     return build_tiny_trainer(g, grpo, prompts=easy_prompts(2), checkpoint_dir=ckpt_dir,

@@ -31,7 +31,7 @@ def _session(model_dir):
     from megatron_cropi.grpo.reference import forward_logprobs
     from megatron_cropi.parallel import build_parallel_groups, init_distributed
     from megatron_cropi.popi.batch import pack_microbatches, sequence_length_for
-    from megatron_cropi.rollout.types import PromptRecord, SamplingParams
+    from megatron_cropi.records import PromptRecord, SamplingParams
     from megatron_cropi.rollout.vllm_engine import VLLMEngine
     from megatron_cropi.testing.tiny import build_tiny_model, tiny_model_config
 

@@ -50,7 +50,7 @@ def _worker(tmp):
     from megatron_cropi.rollout.native_sampler import NativeSampler
     from megatron_cropi.rollout.runner import rollout_prompts
     from megatron_cropi.rollout.store import StoreHeader, TrajectoryStore
-    from megatron_cropi.rollout.types import RolloutGroup, SamplingParams
+    from megatron_cropi.records import RolloutGroup, SamplingParams
     from megatron_cropi.testing.tiny import build_tiny_model, tiny_model_config
 
     init_distributed()

@@ -26,8 +26,8 @@ LIMIT = 160
 
 
 def _finish_and_reference(config_path, killed_store, fresh_store):
-    from megatron_cropi.config.schema import load_run_config
-    from megatron_cropi.rollout.runner import run_rollout
+    from megatron_cropi.run_config import load_run_config
+    from megatron_cropi.commands.rollout import run_rollout
 
     cfg = load_run_config(config_path)
     resumed = run_rollout(cfg, store_dir=killed_store, limit=LIMIT)

@@ -31,7 +31,7 @@ class NameSeededDense:
 
 
 def make_groups(vocab, seed=0):
-    from megatron_cropi.rollout.types import PromptRecord, Response, RolloutGroup
+    from megatron_cropi.records import PromptRecord, Response, RolloutGroup
 
     rng = np.random.default_rng(seed)
     out = []

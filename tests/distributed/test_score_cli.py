@@ -16,7 +16,7 @@ K, N = 4, 24
 
 def _store(out: Path, vocab: int):
     from megatron_cropi.rollout.store import StoreHeader, TrajectoryStore
-    from megatron_cropi.rollout.types import PromptRecord, Response, RolloutGroup, SamplingParams
+    from megatron_cropi.records import PromptRecord, Response, RolloutGroup, SamplingParams
 
     rng = np.random.default_rng(0)
     groups = []

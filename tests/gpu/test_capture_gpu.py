@@ -56,7 +56,7 @@ class CanonicalNames:
 
 def _groups_data(vocab: int, seed: int = 0):
     """G prompts with K responses each; mixed rewards (every group has a gradient)."""
-    from megatron_cropi.rollout.types import PromptRecord, Response, RolloutGroup
+    from megatron_cropi.records import PromptRecord, Response, RolloutGroup
 
     rng = np.random.default_rng(seed)
     out = []

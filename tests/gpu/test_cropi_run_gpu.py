@@ -37,7 +37,7 @@ def _run_worker(cfg_dict):
     import torch
 
     from megatron_cropi.config.loader import from_dict
-    from megatron_cropi.config.schema import RunConfig
+    from megatron_cropi.run_config import RunConfig
     from megatron_cropi.curriculum.controller import run_curriculum
 
     summary = run_curriculum(from_dict(RunConfig, cfg_dict))
@@ -47,7 +47,7 @@ def _run_worker(cfg_dict):
 
 def _check_run(out: Path, cfg_dict: dict):
     from megatron_cropi.config.loader import from_dict
-    from megatron_cropi.config.schema import RunConfig
+    from megatron_cropi.run_config import RunConfig
     from megatron_cropi.dryrun import dry_run
 
     dry = dry_run(from_dict(RunConfig, cfg_dict), world_size=1, gpus_per_node=1)

@@ -16,7 +16,7 @@ GRPO = {"steps": 12, "prompts_per_step": 16, "micro_batch_prompts": 8,
 def _gpu_worker(tp, ckpt_dir):
     import torch.distributed as dist
 
-    from megatron_cropi.grpo.tiny import build_tiny_trainer, easy_prompts
+    from megatron_cropi.testing.grpo_tiny import build_tiny_trainer, easy_prompts
     from megatron_cropi.model.params import assemble_global_tensors
     from megatron_cropi.parallel import build_parallel_groups, init_distributed
 

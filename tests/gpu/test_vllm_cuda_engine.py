@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_cropi.rollout.types import PromptRecord, SamplingParams
+from megatron_cropi.records import PromptRecord, SamplingParams
 
 pytestmark = pytest.mark.gpu
 

@@ -5,7 +5,7 @@ import textwrap
 import pytest
 
 from megatron_cropi.config.loader import ConfigError, from_dict
-from megatron_cropi.config.schema import RunConfig, load_run_config
+from megatron_cropi.run_config import RunConfig, load_run_config
 
 
 def _write(tmp_path, text):

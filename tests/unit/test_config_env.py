@@ -3,7 +3,7 @@
 import pytest
 
 from megatron_cropi.config.loader import ConfigError, expand_env, load_yaml
-from megatron_cropi.config.schema import load_run_config
+from megatron_cropi.run_config import load_run_config
 
 
 def test_expansion_of_set_unset_default_and_escaped_references():

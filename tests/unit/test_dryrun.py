@@ -5,7 +5,7 @@ import json
 import pytest
 
 from megatron_cropi.config.loader import from_dict
-from megatron_cropi.config.schema import RunConfig
+from megatron_cropi.run_config import RunConfig
 from megatron_cropi.dryrun import DryRunError, dry_run
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_cropi.config.schema import load_run_config
+from megatron_cropi.run_config import load_run_config
 from megatron_cropi.dryrun import DryRunError, dry_run
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from megatron_cropi.grpo.data import PromptStream
-from megatron_cropi.rollout.types import PromptRecord
+from megatron_cropi.records import PromptRecord
 
 
 def _prompts(n, tag="p"):

@@ -8,7 +8,7 @@ parameters, plus two norms of 8.
 import pytest
 
 from megatron_cropi.config.loader import from_dict
-from megatron_cropi.config.schema import RunConfig
+from megatron_cropi.run_config import RunConfig
 from megatron_cropi.memory import (
     ModelShape,
     estimate_memory,

@@ -111,7 +111,7 @@ def test_projection_config_validates_and_builds_every_backend():
 
 
 def test_run_config_has_a_projection_section():
-    from megatron_cropi.config.schema import RunConfig
+    from megatron_cropi.run_config import RunConfig
 
     cfg = from_dict(RunConfig, {"projection": {"kind": "gaussian", "k": 4096, "keep_ratio": 0.15}})
     assert cfg.projection.k == 4096 and cfg.projection.keep_ratio == 0.15

@@ -9,7 +9,7 @@ import torch
 from megatron_cropi.influence.feature_store import DONE, EXCLUDED, FLAGGED, PENDING, FeatureHeader, FeatureStore, \
     FeatureStoreMismatch
 from megatron_cropi.influence.scorer import ScoringConfig, score_pool
-from megatron_cropi.rollout.types import PromptRecord, Response, RolloutGroup
+from megatron_cropi.records import PromptRecord, Response, RolloutGroup
 
 K, KDIM = 4, 32
 

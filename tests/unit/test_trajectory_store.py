@@ -13,7 +13,7 @@ import pytest
 
 from megatron_cropi.data.prompt_ids import pool_hash, prompt_id
 from megatron_cropi.rollout.store import StoreError, StoreHeader, TrajectoryStore
-from megatron_cropi.rollout.types import PromptRecord, Response, RolloutGroup, SamplingParams
+from megatron_cropi.records import PromptRecord, Response, RolloutGroup, SamplingParams
 
 
 def make_groups(n: int, k: int = 3, seed: int = 0, start: int = 0) -> list[RolloutGroup]:

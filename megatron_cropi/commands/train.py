@@ -20,28 +20,36 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
+
+import torch.distributed as dist
+
+from megatron_cropi.checkpoint.dist_ckpt import CheckpointError, latest_checkpoint
+from megatron_cropi.curriculum.warmup import run_warmup
+from megatron_cropi.data.loaders import DataError
+from megatron_cropi.layout import RunLayout
+from megatron_cropi.metrics import MetricsLogger
+from megatron_cropi.run_config import load_run_config
+from megatron_cropi.utils.atomic import atomic_write_json
+from megatron_cropi.wiring import PolicyRuntime, initial_weights, setup_run
 
 __all__ = ["run_train", "cmd_train"]
 
 log = logging.getLogger(__name__)
 
 
-def _initial_weights(cfg, groups, tokenizer, prompts, metrics) -> str | None:
-    if cfg.rollout.checkpoint:
-        return cfg.rollout.checkpoint
-    warm = Path(cfg.run.output_dir) / "warmup" / "hf"
-    if (warm / "config.json").is_file():
-        return str(warm)
-    if cfg.curriculum.warmup.enabled and cfg.data.kind == "synthetic":
-        from megatron_cropi.curriculum.warmup import run_warmup
-
-        info = run_warmup(cfg, groups, tokenizer, prompts, warm, metrics=metrics, log=log.info)
+def _start_weights(cfg, layout: RunLayout, groups, tokenizer, prompts, metrics) -> str | None:
+    """:func:`~megatron_cropi.wiring.initial_weights`, making the warm-up first when it is enabled for
+    synthetic data and not there yet (at the same place ``cropi run`` makes it)."""
+    weights = initial_weights(cfg, layout)
+    if weights is None and cfg.curriculum.warmup.enabled and cfg.data.kind == "synthetic":
+        info = run_warmup(cfg, groups, tokenizer, prompts, layout.warmup_hf, metrics=metrics, log=log.info)
         log.info("warm-up done: %d steps, greedy target accuracy %.3f", info["steps"], info["greedy_val"])
-        return str(warm)
-    return None
+        weights = str(layout.warmup_hf)
+    return weights
 
 
 def _split(prompts, name: str) -> list:
@@ -52,27 +60,21 @@ def _split(prompts, name: str) -> list:
 
 def run_train(cfg) -> dict:
     """Train, evaluate, checkpoint and resume as described in the module docstring; return a summary."""
-    import torch.distributed as dist
-
-    from megatron_cropi.checkpoint.dist_ckpt import latest_checkpoint, read_checkpoint_meta
-    from megatron_cropi.curriculum.runtime import PolicyRuntime, setup_run
-    from megatron_cropi.metrics import MetricsLogger
-    from megatron_cropi.utils.atomic import atomic_write_json
-
     gc = cfg.grpo
-    out = Path(cfg.run.output_dir) / "train"
+    layout = RunLayout(cfg.run.output_dir)
+    out = layout.train
     groups, prompts, tokenizer = setup_run(cfg)
     train_set = _split(prompts, gc.split)
     if not train_set:
         raise ValueError(f"grpo.split {gc.split!r} has no prompts")
     eval_set = _split(prompts, gc.eval_split)[: gc.eval_max_prompts] if gc.eval_split and gc.eval_interval else []
-    metrics = MetricsLogger(out / "tensorboard", enabled=groups.is_metrics_rank)
-    hf_dir = _initial_weights(cfg, groups, tokenizer, prompts, metrics)
-    rt = PolicyRuntime(cfg, groups, tokenizer, hf_dir=hf_dir, total_steps=gc.steps, metrics=metrics)
-    trainer = rt.trainer
-    trainer.checkpoint_dir = Path(gc.checkpoint.dir) if gc.checkpoint.dir else out / "checkpoints"
+    metrics = MetricsLogger(out.tensorboard, enabled=groups.is_metrics_rank)
+    hf_dir = _start_weights(cfg, layout, groups, tokenizer, prompts, metrics)
+    runtime = PolicyRuntime(cfg, groups, tokenizer, hf_dir=hf_dir, total_steps=gc.steps, metrics=metrics,
+                            checkpoint_dir=Path(gc.checkpoint.dir) if gc.checkpoint.dir else out.checkpoints)
+    trainer = runtime.trainer
     trainer.set_prompts(train_set)
-    history_path = out / "eval.json"
+    history_path = out.train_history
     history: list[dict] = []
     start = gc.checkpoint.load or (latest_checkpoint(trainer.checkpoint_dir) if gc.checkpoint.resume else None)
     if start:
@@ -100,12 +102,10 @@ def run_train(cfg) -> dict:
                 evaluate()
             if writer and trainer.step_count % 10 == 0:
                 log.info("step %d: reward %.3f kl %.4f", trainer.step_count, last["reward"], last.get("kl", 0.0))
-        saved = latest_checkpoint(trainer.checkpoint_dir)
-        if saved is None or int(read_checkpoint_meta(saved)["step"]) != trainer.step_count:
-            saved = trainer.save()
+        saved = trainer.save_unless_current()
     finally:
-        rt.close()
-    return {"output_dir": str(out), "steps": trainer.step_count, "skipped_steps": trainer.skipped_steps,
+        runtime.close()
+    return {"output_dir": str(out.root), "steps": trainer.step_count, "skipped_steps": trainer.skipped_steps,
             "checkpoint": str(saved), "seconds": time.perf_counter() - t0,
             "last": {k: last[k] for k in ("reward", "pass_rate", "kl", "entropy", "grad_norm") if k in last},
             "eval": history[-1] if history else None}
@@ -113,12 +113,6 @@ def run_train(cfg) -> dict:
 
 def cmd_train(args) -> int:
     """The ``cropi train`` subcommand: prints the summary as JSON on rank 0."""
-    import os
-
-    from megatron_cropi.checkpoint.dist_ckpt import CheckpointError
-    from megatron_cropi.config.schema import load_run_config
-    from megatron_cropi.data.loaders import DataError
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)
     cfg = load_run_config(args.config)

@@ -17,7 +17,7 @@ from megatron_cropi.grpo.rollouts import per_response_rewarder
 from megatron_cropi.grpo.trainer import GrpoTrainer
 from megatron_cropi.metrics import MetricsLogger
 from megatron_cropi.parallel import ParallelGroups
-from megatron_cropi.rollout.types import PromptRecord, Response, SamplingParams
+from megatron_cropi.records import PromptRecord, Response, SamplingParams
 
 __all__ = ["DIGIT_IDS", "first_token_is_digit", "easy_prompts", "build_tiny_trainer"]
 

@@ -51,6 +51,13 @@ class SamplingParams:
     seed: int = 0
     logprobs: Literal["sampling", "raw"] = "sampling"
 
+    @property
+    def logprob_temperature(self) -> float:
+        """T of the distribution the stored log-probs are of: ``π_β(y) ∝ p(y)^(1/T)`` when they are of the
+        sampled distribution at T > 0, else 1 (raw log-probs, or greedy). POPI's importance ratio must
+        compare the current policy at this same temperature."""
+        return self.temperature if self.logprobs == "sampling" and self.temperature > 0 else 1.0
+
 
 @dataclass(frozen=True)
 class Response:

@@ -1,4 +1,10 @@
-"""Wiring: from a :class:`~megatron_cropi.config.schema.RunConfig` to the live objects of a run.
+"""Wiring: from a :class:`~megatron_cropi.run_config.RunConfig` to the live objects of a run.
+
+Every command (``cropi run``, ``train``, ``score``, ``rollout``) builds its objects here and only
+here: the process groups and threads (:func:`setup_run`), the prompt sets (:func:`load_prompt_sets`),
+the weights to start from (:func:`initial_weights`), the policy model (:func:`build_policy_model`),
+the rollout engine (:func:`build_engine`) and the policy's identity in store headers
+(:func:`policy_identity`).
 
 :class:`PolicyRuntime` holds this rank's process groups, the tokenizer, the policy model inside its
 :class:`~megatron_cropi.grpo.trainer.GrpoTrainer` (DDP, optimizer carried across stages), the rollout
@@ -8,20 +14,26 @@ update), the reward function, and the run's prompt sets. The stage controller on
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from megatron_cropi.layout import RunLayout
 from megatron_cropi.parallel import ParallelGroups, build_parallel_groups, init_distributed
-from megatron_cropi.rollout.types import PromptRecord
+from megatron_cropi.records import PromptRecord
+
+
 
 class RunInputError(ValueError):
     """The run's inputs cannot make a run (an empty pool, no target set, a tokenizer that does not fit)."""
 
 
-__all__ = ["RunInputError", "PromptSets", "PolicyRuntime", "load_prompt_sets", "configure_threads", "setup_run", "build_policy_model"]
+__all__ = ["RunInputError", "PromptSets", "PolicyRuntime", "load_prompt_sets", "configure_threads", "setup_run",
+           "build_policy_model", "build_engine", "initial_weights", "pad_id_of", "policy_identity", "checkpoint_identity"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +99,72 @@ def setup_run(cfg) -> tuple[ParallelGroups, PromptSets, object]:
     return groups, prompts, tokenizer
 
 
+def pad_id_of(tokenizer) -> int:
+    """The id sequences are padded with (0 when the tokenizer has none)."""
+    return int(getattr(tokenizer, "pad_token_id", 0) or 0)
+
+
+def initial_weights(cfg, layout: RunLayout) -> str | None:
+    """The HF directory every command starts the policy from: ``rollout.checkpoint`` if set, else the
+    warm-up's export (``warmup/hf``) when it exists, else None (a seeded random initialisation).
+
+    ``cropi run`` and ``cropi train`` make the warm-up first when it is enabled and missing; this rule
+    only says which weights count once it is there.
+    """
+    if cfg.rollout.checkpoint:
+        return cfg.rollout.checkpoint
+    return str(layout.warmup_hf) if (layout.warmup_hf / "config.json").is_file() else None
+
+
+def checkpoint_identity(path: str | Path) -> str:
+    """``hf:<dir name>:<blake2b of config.json and every *.safetensors file>``: differs when any weight does."""
+    path = Path(path)
+    h = hashlib.blake2b(digest_size=12)
+    for f in sorted([path / "config.json"] + list(path.glob("*.safetensors"))):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return f"hf:{path.name}:{h.hexdigest()}"
+
+
+def policy_identity(cfg, hf_dir: str | Path | None) -> str:
+    """The policy a trajectory store was sampled from: its checkpoint's identity, or the random init's."""
+    if hf_dir:
+        return checkpoint_identity(hf_dir)
+    digest = hashlib.blake2b(json.dumps(cfg.model.transformer, sort_keys=True, default=str).encode(),
+                             digest_size=8).hexdigest()
+    return f"random-init:seed={cfg.run.seed}:{cfg.model.preset}:{digest}"
+
+
+def build_engine(cfg, groups: ParallelGroups | None, tokenizer, *, model=None, hf_dir: str | Path | None = None,
+                 isolate: bool = False):
+    """The rollout engine ``rollout.engine`` names.
+
+    ``native``: a :class:`~megatron_cropi.rollout.native_sampler.NativeSampler` on ``model`` (the
+    policy's own weights, shared). ``vllm``: a :class:`~megatron_cropi.rollout.vllm_engine.VLLMEngine`
+    on ``hf_dir`` (weights are pushed to it after updates), one per data-parallel replica on its lead
+    rank; None on the other ranks. ``isolate`` runs vLLM in a child process (``cropi rollout``, where no
+    weights are pushed).
+    """
+    rc = cfg.rollout
+    eos = [tokenizer.eos_token_id]
+    if rc.engine == "native":
+        from megatron_cropi.rollout.native_sampler import NativeSampler
+
+        return NativeSampler(model, groups, stop_token_ids=eos, max_batch_sequences=rc.max_batch_sequences)
+    from megatron_cropi.rollout.vllm_engine import VLLMEngine
+
+    if groups is not None and (groups.tp_rank != 0 or groups.pp_rank != 0):
+        return None
+    v = rc.vllm
+    return VLLMEngine(str(hf_dir or rc.checkpoint), logprobs=rc.logprobs, stop_token_ids=eos,
+                      tensor_parallel_size=v.tensor_parallel_size, dtype=v.dtype,
+                      max_model_len=v.max_model_len or None, gpu_memory_utilization=v.gpu_memory_utilization,
+                      enforce_eager=v.enforce_eager, enable_prefix_caching=v.enable_prefix_caching,
+                      seed=cfg.run.seed, tokenizer_dir=rc.tokenizer_dir or None, isolate=isolate)
+
+
 def build_policy_model(cfg, groups: ParallelGroups, *, hf_dir: str | Path | None = None):
     """This rank's policy stage: weights from an HF directory, else drawn from ``(run.seed, name)``."""
     from megatron_cropi.model.params import init_params_by_global_name
@@ -109,12 +187,14 @@ class PolicyRuntime:
     Args:
         cfg: the run configuration.
         groups, tokenizer: from :func:`setup_run`.
-        hf_dir: initial weights (the warm-up's or ``rollout.checkpoint``); None: seeded random init.
+        hf_dir: initial weights (:func:`initial_weights`); None: seeded random init.
         total_steps: GRPO steps the LR schedule spans.
         metrics: a :class:`~megatron_cropi.metrics.MetricsLogger`.
+        checkpoint_dir: where GRPO checkpoints go (default: the run's ``checkpoints/``).
     """
 
-    def __init__(self, cfg, groups: ParallelGroups, tokenizer, *, hf_dir=None, total_steps: int, metrics=None):
+    def __init__(self, cfg, groups: ParallelGroups, tokenizer, *, hf_dir=None, total_steps: int, metrics=None,
+                 checkpoint_dir: str | Path | None = None):
         from megatron_cropi.grpo.rollouts import make_rewarder
         from megatron_cropi.grpo.trainer import GrpoTrainer
         from megatron_cropi.rewards.base import RewardFunction
@@ -123,36 +203,19 @@ class PolicyRuntime:
         self.cfg, self.groups, self.tokenizer = cfg, groups, tokenizer
         self.hf_dir = str(hf_dir) if hf_dir else ""
         self.model = build_policy_model(cfg, groups, hf_dir=hf_dir)
-        self.engine = self._build_engine()
+        self.engine = build_engine(cfg, groups, tokenizer, model=self.model, hf_dir=self.hf_dir)
         self.reward_fn = RewardFunction(reward_config_for(cfg.rollout.reward, cfg.data.kind))
         self.rewarder = make_rewarder(self.reward_fn, tokenizer)
         self.sampling = cfg.rollout.sampling_params(cfg.run.seed)
         self.trainer = GrpoTrainer(cfg.grpo, cfg.model, groups, model=self.model, engine=self.engine,
                                    rewarder=self.rewarder, sampling=self.sampling, metrics=metrics,
                                    seed=cfg.run.seed, total_steps=max(1, total_steps),
-                                   checkpoint_dir=Path(cfg.run.output_dir) / "checkpoints", pad_id=self.pad_id)
-
-    def _build_engine(self):
-        rc = self.cfg.rollout
-        eos = [self.tokenizer.eos_token_id]
-        if rc.engine == "native":
-            from megatron_cropi.rollout.native_sampler import NativeSampler
-
-            return NativeSampler(self.model, self.groups, stop_token_ids=eos, max_batch_sequences=rc.max_batch_sequences)
-        from megatron_cropi.rollout.vllm_engine import VLLMEngine
-
-        v = rc.vllm
-        if self.groups.tp_rank != 0 or self.groups.pp_rank != 0:
-            return None  # one vLLM engine per DP replica, on its lead rank; weights are pushed to it
-        return VLLMEngine(self.hf_dir or rc.checkpoint, logprobs=rc.logprobs, stop_token_ids=eos,
-                          tensor_parallel_size=v.tensor_parallel_size, dtype=v.dtype,
-                          max_model_len=v.max_model_len or None, gpu_memory_utilization=v.gpu_memory_utilization,
-                          enforce_eager=v.enforce_eager, enable_prefix_caching=v.enable_prefix_caching,
-                          seed=self.cfg.run.seed, tokenizer_dir=rc.tokenizer_dir or None, isolate=False)
+                                   checkpoint_dir=checkpoint_dir or RunLayout(cfg.run.output_dir).checkpoints,
+                                   pad_id=self.pad_id)
 
     @property
     def pad_id(self) -> int:
-        return int(getattr(self.tokenizer, "pad_token_id", 0) or 0)
+        return pad_id_of(self.tokenizer)
 
     def close(self) -> None:
         self.reward_fn.close()
