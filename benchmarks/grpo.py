@@ -1,6 +1,6 @@
 """GRPO step cost on the embedded CPU default's shape, phase by phase, on 1 rank and on DP=2.
 
-Workload (shared/reference/embedded-task.md §3): the ``cpu-default`` policy (0.38M parameters),
+Workload (the CPU default's GRPO settings, docs/design.md §10): the ``cpu-default`` policy (0.38M parameters),
 32 synthetic-suite prompts × K=8 samples at T=1, up to 6 new tokens, one update per step, Adam, the
 native sampler; the *easy* reward (first token a digit, :mod:`megatron_cropi.testing.grpo_tiny`) so that groups
 have reward variance from a random initialisation and no step is skipped. Each configuration runs in
@@ -13,7 +13,7 @@ DP=2's, measured in this run (each DP rank rolls out and trains on half the prom
 
     python benchmarks/grpo.py --quick        # < 3 minutes on the 2-core CPU box
 
-The last line printed is a JSON object. The plain-PyTorch prototype of embedded-task.md took ≈0.26 s
+The last line printed is a JSON object. The plain-PyTorch prototype of the calibration took ≈0.26 s
 per step for this workload (its own model, 1 thread, another run): a reference point, not a ratio.
 """
 

@@ -4,7 +4,7 @@ For a pool of per-prompt gradients ``g_i`` and a target set T, the exact score o
 ``cos(g_i, mean_{t∈T} g_t)``; the projected score is ``cos(P g_i, mean_t P g_t)``.
 precision@10% = |top-10%(projected) ∩ top-10%(exact)| / |top-10%| (random ranking: 10%).
 It is measured for every backend × keep ratio {1, .5, .3, .2, .15, .1, .05, .01, .001} × seeds, and
-plotted beside the paper's published points (shared/reference/paper-notes.md §4.3).
+plotted beside the paper's published points (pixel readings of its precision-vs-sparse-ratio figures).
 
 Gradients: until the POPI capture lands, per-sample LM gradients of a small Megatron GPT built with
 ``megatron_cropi.testing.tiny`` (TP=1, one process, one backward per sequence). The pool mixes
@@ -42,7 +42,7 @@ BACKENDS = {  # name -> ProjectionConfig overrides
     "sjlt": dict(kind="sjlt", sjlt_s=1),
     "sjlt_s4": dict(kind="sjlt", sjlt_s=4),
 }
-# paper-notes.md §4.3, pixel readings of the README figures (precision@10% in %)
+# pixel readings (±1 point) of the paper's precision@10% vs sparse-ratio figures, 1.5B and 3B (in %)
 PAPER_POINTS = {
     "CROPI 1.5B": {1.0: 13.4, 0.9: 16.0, 0.5: 22.5, 0.3: 39.4, 0.2: 67.6, 0.15: 76.5, 0.12: 72.6, 0.1: 69.6,
                    0.09: 68.8, 0.08: 66.4, 0.05: 67.1, 0.03: 62.9, 0.01: 51.4, 1e-3: 33.9, 1e-4: 17.5, 1e-5: 15.7},

@@ -1,7 +1,7 @@
 """Run megatron-core on CPU with gloo: the one place that adapts Megatron's CUDA assumptions.
 
 megatron-core 0.16 is written for CUDA and hard-codes it in a handful of places that a CPU run hits
-(file:line in megatron-core 0.16.1; shared/reference/megatron-cpu.md has the measured list):
+(file:line in megatron-core 0.16.1, each hit by a CPU run; ``tests/unit/test_cpu_runtime.py``):
 
 * ``torch.cuda.current_device()`` in rotary embeddings (every RoPE forward) and p2p communication;
   ``torch.cuda.synchronize()`` in p2p communication.

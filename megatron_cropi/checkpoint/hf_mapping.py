@@ -7,7 +7,7 @@
 Why our own converter and not mbridge: mbridge 0.15 (the version installable next to megatron-core
 0.16 on Python 3.11) hard-codes the Transformer Engine layer spec, calls ``.cuda()`` when building,
 and reads ``hf_config.rope_theta`` which transformers 5 moved into ``rope_parameters``; using it on
-CPU means patching its internals (shared/reference/megatron-cpu.md §7). The mapping itself is small:
+CPU means patching its internals (layer spec, model provider, rope config). The mapping itself is small:
 
 ==========================================================  =========================================
 Megatron (layer ``i``)                                      HF (``model.layers.i.`` prefix omitted)

@@ -71,7 +71,7 @@ class DatasetFile:
 
 @dataclass(frozen=True, kw_only=True)
 class SyntheticConfig:
-    """The synthetic suite's sets (shared/reference/embedded-task.md §1)."""
+    """The synthetic suite's sets (:mod:`megatron_cropi.data.synthetic`; calibration: docs/design.md §10)."""
 
     seed: int = 0
     """Every prompt draw derives from this seed (and split and family names)."""

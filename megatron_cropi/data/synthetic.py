@@ -1,4 +1,4 @@
-"""The synthetic verifiable task suite of the embedded CPU default (shared/reference/embedded-task.md).
+"""The synthetic verifiable task suite of the embedded CPU default (its calibration: docs/design.md §10).
 
 Thirteen families of graded difficulty, each prompt a short string over the 32-id character vocabulary
 (:mod:`~megatron_cropi.data.char_tokenizer`), each answer checked by exact match up to ``<eos>``:
@@ -21,7 +21,7 @@ cmp        ``C123,456=`` → ``<``                 compare two 3-digit numbers
 
 **Arithmetic answers (add*, sub*, mul1, sumd) are written least-significant digit first**: with normal
 order a ~400k-parameter model learns no multi-digit addition in a CPU budget; LSB-first answers give
-a phase transition after ~1500 warm-up steps (embedded-task.md §2). rev/max/min/cmp answers are copies
+a phase transition after ~1500 warm-up steps (docs/design.md §10). rev/max/min/cmp answers are copies
 or symbols and keep their natural order.
 
 Splits (:func:`build_synthetic_sets`), disjoint by prompt id and drawn in this order so that the

@@ -9,7 +9,7 @@
       optim: {lr: 1.0e-6, clip_grad: 1.0, lr_warmup_steps: 0, lr_decay_style: constant}
       checkpoint: {save_interval: 50, keep_last: 2}
 
-Defaults follow the paper's verl GRPO run (shared/reference/paper-notes.md §6.3): lr 1e-6, one update
+Defaults follow the paper's verl GRPO run (docs/design.md §4.5): lr 1e-6, one update
 per step, KL ``low_var_kl`` 0.001, entropy bonus 0.001, clip ratio 0.2 (verl's default).
 """
 

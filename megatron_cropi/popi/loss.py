@@ -1,4 +1,4 @@
-"""The POPI loss (DESIGN.md §3) as pure functions of tensors.
+"""The POPI loss (docs/design.md §4.1) as pure functions of tensors.
 
 For prompt ``s`` with ``K`` stored responses ``τ_k`` (tokens ``a_{k,t}``), rewards ``r_k`` and
 behaviour log-probs ``log β``::

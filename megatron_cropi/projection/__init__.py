@@ -1,4 +1,4 @@
-"""Sparse random projection of per-prompt gradients, computed shard by shard (DESIGN.md §4).
+"""Sparse random projection of per-prompt gradients, computed shard by shard (docs/design.md §4.2).
 
     from megatron_cropi.projection import ProjectionConfig, ShardSpec, build_projector, reduce_sketch
 

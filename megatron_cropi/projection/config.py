@@ -22,7 +22,7 @@ __all__ = ["ProjectionConfig", "build_projector", "register_projector", "project
 
 @dataclass(frozen=True, kw_only=True)
 class ProjectionConfig:
-    """The sparse random projection of per-prompt gradients (DESIGN.md §4)."""
+    """The sparse random projection of per-prompt gradients (docs/design.md §4.2)."""
 
     kind: str = "sjlt"
     """Backend: ``sjlt`` (fast sparse JL), ``gaussian`` / ``rademacher`` (the paper's dense projection

@@ -3,7 +3,7 @@
 math-verify bounds its own parsing and comparison with ``signal.alarm``, which raises "signal only
 works in main thread" off the main thread (Ray actors, thread-pool reward workers); frameworks that
 caught that error shipped silent all-zero rewards, and turning the timeout off gave hangs
-(shared/reference/anchors.md §C). Here every answer is checked in a worker process of a
+instead. Here every answer is checked in a worker process of a
 ``concurrent.futures.ProcessPoolExecutor`` (spawn context) with math-verify's own timeouts disabled,
 and the *parent* enforces the bound:
 

