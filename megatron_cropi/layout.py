@@ -6,6 +6,7 @@
     state.json                               where the run is; the config its finished work was made with
     warmup/hf/                               the supervised warm-up's policy (β), HF format
     rollouts/{pool,target-<name>}/           trajectory stores of β (written once)
+    rollouts/stage{m}/pool/                  the pool rolled out at θ_m (online_learnability)
     features/stage{m}/{pool,target-<name>}/  feature stores at θ_m (``features/<tag>/`` for ``cropi score``)
     selections/stage{m}.json                 each stage's chosen prompts
     checkpoints/step_N/                      GRPO checkpoints (model, optimizer, RNG, data position)
@@ -51,6 +52,10 @@ class RunLayout:
     def rollouts(self, name: str) -> Path:
         """Trajectory store of the prompt set ``name`` (``pool``, ``target-<family>``, or a split name)."""
         return self.rollouts_root / name
+
+    def stage_rollouts(self, m: int, name: str) -> Path:
+        """Trajectory store of set ``name`` rolled out by the stage-``m`` policy θ_m (``rollouts/stage{m}/name``)."""
+        return self.rollouts_root / f"stage{m}" / name
 
     @property
     def features_root(self) -> Path:

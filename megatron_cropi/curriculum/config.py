@@ -88,6 +88,12 @@ class CurriculumConfig:
     which GRPO's on-policy rollouts use. The stored log-probs follow ``rollout.logprobs``."""
     behaviour_max_tokens: int | None = None
     """Longest behaviour response; default ``rollout.max_tokens``."""
+    online_samples: int = 4
+    """``selection.policy: online_learnability``: responses per pool prompt sampled from the current policy
+    θ_m at every stage (GRPO's sampling: ``rollout.temperature`` and ``rollout.max_tokens``)."""
+    online_pool_fraction: float = 1.0
+    """``online_learnability``: fraction of the pool rolled out at every stage (a seeded random subset per
+    stage); the selection's budget stays ``selection.ratio`` × the whole pool."""
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     """Supervised warm-up before the behaviour rollouts."""
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -111,6 +117,10 @@ class CurriculumConfig:
         if self.behaviour_max_tokens is not None:
             require(self.behaviour_max_tokens >= 1, "behaviour_max_tokens", self.behaviour_max_tokens,
                     "must be >= 1 or null")
+        require(2 <= self.online_samples <= 4096, "online_samples", self.online_samples,
+                "must be between 2 and 4096 (one response gives no pass-rate variance)")
+        require(0 < self.online_pool_fraction <= 1, "online_pool_fraction", self.online_pool_fraction,
+                "must be in (0, 1]")
         require(self.probe_prompts >= 0, "probe_prompts", self.probe_prompts, "must be >= 0")
         require(self.probe_max_params >= 0, "probe_max_params", self.probe_max_params, "must be >= 0")
 

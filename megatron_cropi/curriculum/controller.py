@@ -3,6 +3,9 @@
     warm-up (synthetic suite only) → behaviour rollouts by β, once (pool and target sets)
     for stage m:  score at θ_m  →  probe  →  select  →  GRPO for T steps  →  checkpoint θ_{m+1}  →  report
 
+``selection.policy: online_learnability`` replaces β's rollouts and the scoring by a roll-out of the
+pool at θ_m before each selection (its time is charged to the run clock as ``selection``).
+
 Every step leaves files under ``run.output_dir`` (their paths: :class:`~megatron_cropi.layout.RunLayout`)
 and is recorded in ``state.json``; a restarted run skips each step recorded as done, and resumes GRPO
 from its last checkpoint (the data position and RNG come back with it), so the final selections and
@@ -104,7 +107,8 @@ class StageController:
                     continue
                 features = self.step_score(stage)
                 self.step_probe(stage, features)
-                selection = self.step_select(stage, features)
+                pool_rollouts = self.step_online_rollouts(stage)
+                selection = self.step_select(stage, features, pool_rollouts)
                 self.step_train(stage, selection)
                 self.step_report(stage, selection)
             return self.finish(time.perf_counter() - t0)
@@ -133,7 +137,7 @@ class StageController:
         if self.is_done("rollouts"):
             return
         cfg, runtime = self.cfg, self.runtime
-        if cfg.selection.policy in ("full", "random"):
+        if cfg.selection.policy in ("full", "random", "online_learnability"):
             self.mark_done("rollouts", skipped=f"policy {cfg.selection.policy} needs no behaviour rollouts")
             return
         if runtime.trainer.step_count:
@@ -212,8 +216,45 @@ class StageController:
                  if features else {"skipped": "policy is not cropi"})
         self.mark_done(f"stage{stage}/probe", **probe)
 
-    def step_select(self, stage: int, features: dict[str, Path]) -> Selection:
-        """The stage's prompts (``selections/stage{m}.json``)."""
+    def step_online_rollouts(self, stage: int) -> Path:
+        """``online_learnability``: ``curriculum.online_samples`` responses per pool prompt (or a random
+        ``online_pool_fraction`` of the pool) from θ_m at GRPO's sampling, into ``rollouts/stage{m}/pool``;
+        their pass rates are the selection's. Other policies: β's pool store (which may not exist)."""
+        cfg, curriculum = self.cfg, self.cfg.curriculum
+        if cfg.selection.policy != "online_learnability":
+            return self.layout.rollouts("pool")
+        path, step = self.layout.stage_rollouts(stage, "pool"), f"stage{stage}/online_rollouts"
+        if self.is_done(step):
+            return path
+        runtime = self.runtime
+        if runtime.trainer.step_count != stage * curriculum.steps_per_stage:
+            raise RuntimeError(f"stage {stage}'s pool rollouts must come from θ_{stage} (step "
+                               f"{stage * curriculum.steps_per_stage}), but the policy is at step "
+                               f"{runtime.trainer.step_count}")
+        prompts = steps.online_pool_subset(self.prompts.pool, curriculum.online_pool_fraction, seed=cfg.run.seed,
+                                           m=stage)
+        t0 = time.perf_counter()
+        summary = steps.behaviour_rollouts(
+            f"stage{stage}-pool", prompts, path, sampling=steps.online_sampling(runtime.sampling,
+                                                                               curriculum.online_samples, stage),
+            engine=runtime.engine, reward_fn=runtime.reward_fn, tokenizer=self.tokenizer, groups=self.groups,
+            batch_prompts=cfg.rollout.batch_prompts, engine_kind=cfg.rollout.engine, progress=cfg.rollout.progress,
+            policy=f"{policy_identity(cfg, runtime.hf_dir)}+grpo-step{runtime.trainer.step_count}")
+        seconds = time.perf_counter() - t0
+        self.charge("selection", seconds)
+        self.log(f"[online] stage {stage}: {len(prompts)} pool prompts × {curriculum.online_samples} at θ_{stage} "
+                 f"({summary.prompts_rolled_out} rolled out now), pass rate {summary.pass_rate:.3f}, "
+                 f"{summary.zero_variance_groups} zero-variance groups, {seconds:.1f} s")
+        fault_point("online_rollouts")
+        # pass rate and zero-variance count of the prompts rolled out by this call (a resumed store's
+        # earlier prompts are not counted); the selection summary has the whole store's
+        self.mark_done(step, prompts=len(prompts), rolled_out=summary.prompts_rolled_out, pass_rate=summary.pass_rate,
+                       zero_variance_groups=summary.zero_variance_groups, seconds=seconds)
+        return path
+
+    def step_select(self, stage: int, features: dict[str, Path], pool_rollouts: Path) -> Selection:
+        """The stage's prompts (``selections/stage{m}.json``) from ``features`` and the pass rates of
+        the trajectory store ``pool_rollouts``."""
         step = f"stage{stage}/select"
         if self.is_done(step):
             done = steps.read_selection(self.layout.selection(stage))
@@ -221,7 +262,7 @@ class StageController:
                 return done
         t0 = time.perf_counter()
         selection = steps.select_stage(stage, layout=self.layout, pool=self.prompts.pool, cfg=self.cfg.selection,
-                                       seed=self.cfg.run.seed, features=features)
+                                       seed=self.cfg.run.seed, features=features, pool_rollouts=pool_rollouts)
         self.charge("selection", time.perf_counter() - t0)
         fault_point("select")
         self.log(f"[select] stage {stage}: {len(selection.prompt_ids)} prompts by {selection.policy}; mix "

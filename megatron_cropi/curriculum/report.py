@@ -30,7 +30,7 @@ def write_stage_report(m: int, selection: Selection, previous: Selection | None,
     Args:
         previous: stage ``m - 1``'s selection (None at stage 0).
         step_info: what each finished step of the stage recorded in ``state.json``, by step name
-            (``stage{m}/probe``, ``stage{m}/score/<set>``, ``stage{m}/train``).
+            (``stage{m}/probe``, ``stage{m}/score/<set>``, ``stage{m}/online_rollouts``, ``stage{m}/train``).
 
     Call on global rank 0 only (it writes files).
     """
@@ -52,6 +52,8 @@ def write_stage_report(m: int, selection: Selection, previous: Selection | None,
         "train_step_after": train_info.get("step"),
         "written": time.time(),
     }
+    if f"stage{m}/online_rollouts" in step_info:  # online_learnability: the pool rolled out at θ_m
+        report["online_rollouts"] = step_info[f"stage{m}/online_rollouts"]
     pool_scoring = scoring.get("pool", {})
     tb = {"selected": len(selection.prompt_ids),
           "selected_mean_pass_rate": selection.summary.get("mean_pass_rate", float("nan")),

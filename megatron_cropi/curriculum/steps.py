@@ -8,6 +8,7 @@ clock and marks them done. Nothing here knows about the controller.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -23,8 +24,8 @@ from megatron_cropi.selection.policies import Selection, SelectionConfig, Select
 from megatron_cropi.utils.atomic import atomic_write_json
 from megatron_cropi.utils.lead_rank import on_rank0
 
-__all__ = ["behaviour_sampling", "behaviour_rollouts", "feature_set_names", "read_selection", "selected_prompts",
-           "previous_selections", "selection_inputs", "select_stage"]
+__all__ = ["behaviour_sampling", "behaviour_rollouts", "online_sampling", "online_pool_subset", "feature_set_names",
+           "read_selection", "selected_prompts", "previous_selections", "selection_inputs", "select_stage"]
 
 
 def behaviour_sampling(base: SamplingParams, n: int, *, temperature: float | None,
@@ -61,6 +62,27 @@ def behaviour_rollouts(name: str, prompts: Sequence[PromptRecord], path: Path, *
     return rollout_prompts(prompts, engine, sampling, store=store, reward_fn=reward_fn if writer else None,
                            tokenizer=tokenizer, batch_prompts=batch_prompts, policy_version=0, groups=groups,
                            progress=progress and writer, desc=f"rollout {path.name}")
+
+
+def _stage_seed(tag: str, seed: int, m: int) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{tag}:{seed}:{m}".encode(), digest_size=4).digest(), "little") >> 1
+
+
+def online_sampling(base: SamplingParams, n: int, m: int) -> SamplingParams:
+    """The stage-``m`` pool rollouts of ``online_learnability``: GRPO's sampling ``base`` (its temperature
+    and length, not β's) with ``n`` responses and a seed of its own per stage, ``hash(base.seed, m)``."""
+    return dataclasses.replace(base, n=n, seed=_stage_seed("online", base.seed, m))
+
+
+def online_pool_subset(pool: Sequence[PromptRecord], fraction: float, *, seed: int, m: int) -> list[PromptRecord]:
+    """The pool prompts rolled out at stage ``m``: all of them (``fraction`` 1), else a random
+    ``max(1, round(fraction × |pool|))`` of them drawn from ``(seed, m)``; in prompt-id order."""
+    ordered = sorted(pool, key=lambda p: p.prompt_id)
+    if fraction >= 1.0:
+        return ordered
+    size = max(1, int(round(fraction * len(ordered))))
+    rows = np.random.default_rng(_stage_seed("online-pool", seed, m)).choice(len(ordered), size=size, replace=False)
+    return [ordered[i] for i in sorted(rows)]
 
 
 def feature_set_names(target_families: Sequence[str]) -> list[str]:
@@ -103,13 +125,20 @@ def _usable(fs: FeatureStore) -> tuple[np.ndarray, np.ndarray]:
 
 def selection_inputs(pool: Sequence[PromptRecord], *, pool_rollouts: Path | None, features: dict[str, Path],
                      previous: set[str]) -> SelectionInputs:
-    """What a selection policy reads: the pool's ids, sources and β pass rates (from its trajectory
-    store, when there is one), and the pool's and target sets' features when ``features`` names them."""
+    """What a selection policy reads: the pool's ids, sources and pass rates (from the trajectory store
+    ``pool_rollouts``, when there is one: β's, or θ_m's for ``online_learnability``), and the pool's and
+    target sets' features when ``features`` names them.
+
+    Rows follow the store (the feature stores' row order); pool prompts the store does not hold (a
+    partial online roll-out) follow in prompt-id order with pass rate NaN."""
     if pool_rollouts is not None and pool_rollouts.exists():
         pool_groups, _ = read_complete_store(pool_rollouts)
-        inputs = SelectionInputs(prompt_ids=[g.prompt_id for g in pool_groups],
-                                 pass_rates=np.array([g.pass_rate for g in pool_groups]),
-                                 sources=[g.prompt.source for g in pool_groups], previous=previous)
+        held = {g.prompt_id for g in pool_groups}
+        rest = sorted((p for p in pool if p.prompt_id not in held), key=lambda p: p.prompt_id)
+        inputs = SelectionInputs(prompt_ids=[g.prompt_id for g in pool_groups] + [p.prompt_id for p in rest],
+                                 pass_rates=np.array([g.pass_rate for g in pool_groups] + [np.nan] * len(rest)),
+                                 sources=[g.prompt.source for g in pool_groups] + [p.source for p in rest],
+                                 previous=previous)
     else:  # full / random need no rollouts
         ordered = sorted(pool, key=lambda p: p.prompt_id)
         inputs = SelectionInputs(prompt_ids=[p.prompt_id for p in ordered], pass_rates=np.full(len(ordered), np.nan),
@@ -123,13 +152,16 @@ def selection_inputs(pool: Sequence[PromptRecord], *, pool_rollouts: Path | None
 
 
 def select_stage(m: int, *, layout: RunLayout, pool: Sequence[PromptRecord], cfg: SelectionConfig, seed: int,
-                 features: dict[str, Path]) -> Selection:
+                 features: dict[str, Path], pool_rollouts: Path | None) -> Selection:
     """Choose stage ``m``'s prompts on global rank 0, write ``selections/stage{m}.json``, and return the
-    selection on every rank (rank 0's error, if any, is raised on every rank)."""
+    selection on every rank (rank 0's error, if any, is raised on every rank).
+
+    ``pool_rollouts``: the trajectory store the pass rates come from (β's pool store, the stage's
+    θ_m store for ``online_learnability``, or None)."""
 
     def choose() -> Selection:
         t0 = time.perf_counter()
-        inputs = selection_inputs(pool, pool_rollouts=layout.rollouts("pool"), features=features,
+        inputs = selection_inputs(pool, pool_rollouts=pool_rollouts, features=features,
                                   previous=previous_selections(layout, m))
         result = select(cfg, inputs, stage=m, seed=seed)
         result.summary["seconds"] = time.perf_counter() - t0

@@ -8,6 +8,7 @@
              entropy_coef: 0.001, loss_agg: token-mean}
       optim: {lr: 1.0e-6, clip_grad: 1.0, lr_warmup_steps: 0, lr_decay_style: constant}
       checkpoint: {save_interval: 50, keep_last: 2}
+      dynamic_sampling: {enabled: false, max_extra_rounds: 4}   # DAPO's dynamic sampling
 
 Defaults follow the paper's verl GRPO run (docs/design.md §4.5): lr 1e-6, one update
 per step, KL ``low_var_kl`` 0.001, entropy bonus 0.001, clip ratio 0.2 (verl's default).
@@ -20,7 +21,7 @@ from typing import Literal
 
 from megatron_cropi.config.loader import require
 
-__all__ = ["GrpoLossConfig", "OptimConfig", "CheckpointConfig", "GrpoConfig"]
+__all__ = ["GrpoLossConfig", "OptimConfig", "CheckpointConfig", "DynamicSamplingConfig", "GrpoConfig"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,6 +125,28 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DynamicSamplingConfig:
+    """Dynamic sampling (DAPO; GRESO): train every step on ``prompts_per_step`` groups *with* reward variance.
+
+    A step rolls out ``prompts_per_step`` prompts from the prompt stream (round 0), drops the groups whose
+    K rewards are all equal (zero advantage, no policy gradient), and while fewer than ``prompts_per_step``
+    groups are kept draws another ``prompts_per_step`` prompts and rolls them out (an *extra round*), at
+    most ``max_extra_rounds`` times. It trains on the first ``prompts_per_step`` kept groups in draw order
+    (fewer when the cap is reached; the step is skipped when none is kept). The extra rounds' rollout time
+    is part of the step's time, and the stream moves past every drawn prompt (kept or not).
+    """
+
+    enabled: bool = False
+    """Refill the batch with fresh prompts until it has ``prompts_per_step`` groups with reward variance."""
+    max_extra_rounds: int = 4
+    """Rollout rounds a step may add after its first (each of ``prompts_per_step`` prompts)."""
+
+    def __post_init__(self):
+        require(0 <= self.max_extra_rounds <= 1000, "max_extra_rounds", self.max_extra_rounds,
+                "must be between 0 and 1000")
+
+
+@dataclass(frozen=True, kw_only=True)
 class GrpoConfig:
     """Plain GRPO on a prompt set (the full-data baseline), and each CROPI stage's training."""
 
@@ -158,6 +181,8 @@ class GrpoConfig:
     """Optimizer and schedule."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpointing and resume."""
+    dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
+    """Drop zero-variance groups and refill the step's batch with fresh prompts (off by default)."""
 
     def __post_init__(self):
         require(self.steps >= 0, "steps", self.steps, "must be >= 0")

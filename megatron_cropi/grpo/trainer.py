@@ -14,6 +14,8 @@ One :meth:`GrpoTrainer.step`:
 2. on-policy rollouts with the step's sampling seed ``hash(seed, step)`` (samples are functions of
    ``(seed, prompt id, sample index)``, so a resumed run samples what an uninterrupted one would);
 3. rewards on the replica's lead rank, shared with its TP/PP ranks (:mod:`.rollouts`);
+   with ``grpo.dynamic_sampling.enabled``, groups whose rewards are all equal are dropped and the batch
+   is refilled from the stream, round after round (:mod:`.dynamic_sampling`);
 4. the policy update (:class:`~megatron_cropi.grpo.update.PolicyLearner`); a batch in which every group
    has equal rewards is skipped (no optimizer step), counted in ``skipped_steps`` and logged;
 5. weight sync to the engine (:mod:`.weight_sync`);
@@ -35,6 +37,7 @@ import torch.distributed as dist
 
 from megatron_cropi.grpo.config import GrpoConfig
 from megatron_cropi.grpo.data import PromptStream
+from megatron_cropi.grpo.dynamic_sampling import DynamicBatch, collect_dynamic_batch
 from megatron_cropi.grpo.optimizer import build_optimizer, wrap_ddp
 from megatron_cropi.grpo.reference import ReferencePolicy
 from megatron_cropi.grpo.rollouts import Rewarder, RolloutCollector
@@ -103,6 +106,7 @@ class GrpoTrainer:
         self.checkpoint_dir = Path(checkpoint_dir or cfg.checkpoint.dir or "checkpoints")
         self.step_count = 0
         self.skipped_steps = 0
+        self.last_dynamic_batch: DynamicBatch | None = None  # the latest dynamic-sampling step's batch
 
     # -- data ------------------------------------------------------------------------------------
     def set_prompts(self, prompts: Sequence[PromptRecord]) -> None:
@@ -127,18 +131,35 @@ class GrpoTrainer:
             if self.stream is None:
                 raise ValueError("GrpoTrainer.step() without prompts needs a prompt set (prompts= or set_prompts)")
             prompts = self.stream.next_batch(self.cfg.prompts_per_step)
-        local, positions = self._local_slice(prompts)
         sampling = dataclasses.replace(self.sampling, seed=step_seed(self.sampling.seed, self.step_count))
+        if self.cfg.dynamic_sampling.enabled:
+            return self._dynamic_step(prompts, sampling)
+        local, positions = self._local_slice(prompts)
         t0 = time.perf_counter()
         rollouts = self.collector.collect(local, sampling, policy_version=self.step_count)
         rollout_s = time.perf_counter() - t0
         return self.train_on_rollouts(rollouts, positions, rollout_seconds=rollout_s)
 
+    def _dynamic_step(self, prompts: Sequence[PromptRecord], sampling: SamplingParams) -> dict:
+        """A step with dynamic sampling: ``prompts`` is round 0; extra rounds come from the prompt stream."""
+        batch = collect_dynamic_batch(
+            self.collector, self.groups, prompts, draw=self.stream.next_batch if self.stream is not None else None,
+            max_extra_rounds=self.cfg.dynamic_sampling.max_extra_rounds, sampling=sampling,
+            policy_version=self.step_count)
+        self.last_dynamic_batch = batch
+        return self.train_on_rollouts(batch.groups, batch.positions, rollout_seconds=batch.rollout_seconds,
+                                      sampled=batch.sampled, extra_metrics=batch.metrics())
+
     def train_on_rollouts(self, rollouts: Sequence[RolloutGroup], positions: Sequence[int], *,
-                          rollout_seconds: float = 0.0) -> dict:
-        """Steps 3-6 on given, already scored rollout groups of this DP rank (tests use fixed ones)."""
+                          rollout_seconds: float = 0.0, sampled: Sequence[RolloutGroup] | None = None,
+                          extra_metrics: dict | None = None) -> dict:
+        """Steps 3-6 on given, already scored rollout groups of this DP rank (tests use fixed ones).
+
+        ``sampled``: the groups the step's reward statistics are of (default ``rollouts``; dynamic
+        sampling passes every group it rolled out); ``extra_metrics`` are logged with the step's.
+        """
         g = self.groups
-        reward_stats = self._reward_stats(rollouts)
+        reward_stats = self._reward_stats(rollouts if sampled is None else sampled)
         t0 = time.perf_counter()
         out = self.learner.update(rollouts, positions, temperature=self.sampling.temperature)
         train_s = time.perf_counter() - t0
@@ -146,6 +167,7 @@ class GrpoTrainer:
         self.step_count += 1
         self.skipped_steps += int(out["skipped"])
         out.update(reward_stats)
+        out.update(extra_metrics or {})
         out.update(rollout_seconds=rollout_seconds, train_seconds=train_s, weight_sync_seconds=sync_s,
                    tokens_per_s=out.get("response_tokens", 0.0) / max(train_s, 1e-9),
                    rollout_tokens_per_s=reward_stats["generated_tokens"] / rollout_seconds if rollout_seconds else 0.0,

@@ -4,8 +4,12 @@
   reciprocal rank or max). Prompts without a gradient (all rewards equal, or flagged) cannot be picked;
   when no prompt has one the stage uses the configured fallback policy and says so.
 * the paper's baselines: ``full`` (the whole pool), ``random``, ``learnability`` (top ``m`` by
-  ``p(1−p)`` with ``p`` a pass rate; ties broken at random), ``pass_rate_band`` (random ``m`` among
-  prompts with ``lo ≤ p ≤ hi``).
+  ``p(1−p)`` with ``p`` β's offline pass rate; ties broken at random), ``pass_rate_band`` (random ``m``
+  among prompts with ``lo ≤ p ≤ hi``).
+* ``online_learnability`` (SPEED-RL style): top ``m`` by ``p(1−p)`` where ``p`` is the pass rate of a
+  few fresh responses of the *current* policy θ_m; prompts that were not rolled out (``p`` NaN, when
+  only a fraction of the pool is) cannot be picked. ``p(1−p)`` is the variance of a prompt's Bernoulli
+  reward, largest at ``p = ½``, zero for prompts always or never solved (no GRPO gradient).
 
 ``m = int(ratio × |pool|)`` over the full pool every stage (re-selection allowed, as in the paper);
 ``exclude_previous`` removes earlier stages' picks from the candidates.
@@ -21,9 +25,9 @@ import numpy as np
 from megatron_cropi.config.loader import require
 from megatron_cropi.selection.scores import cosine_scores, fuse_max, fuse_reciprocal_rank, target_direction, top_m
 
-__all__ = ["SelectionConfig", "Selection", "SelectionInputs", "SelectionError", "select"]
+__all__ = ["SelectionConfig", "Selection", "SelectionInputs", "SelectionError", "select", "learnability_top"]
 
-POLICIES = ("cropi", "full", "random", "learnability", "pass_rate_band")
+POLICIES = ("cropi", "full", "random", "learnability", "online_learnability", "pass_rate_band")
 
 
 class SelectionError(ValueError):
@@ -34,8 +38,9 @@ class SelectionError(ValueError):
 class SelectionConfig:
     """How each stage's training subset is chosen."""
 
-    policy: Literal["cropi", "full", "random", "learnability", "pass_rate_band"] = "cropi"
-    """Selection policy."""
+    policy: Literal["cropi", "full", "random", "learnability", "online_learnability", "pass_rate_band"] = "cropi"
+    """Selection policy (``online_learnability``: pass rates of the current policy, rolled out every stage
+    with ``curriculum.online_samples`` responses per prompt)."""
     ratio: float = 0.1
     """Fraction of the pool selected per stage (the paper: 10%)."""
     fusion: Literal["reciprocal_rank", "max"] = "reciprocal_rank"
@@ -120,6 +125,17 @@ def _random_tiebreak(keys: np.ndarray, candidates: np.ndarray, m: int, rng) -> n
     return order[:m]
 
 
+def learnability_top(pass_rates: np.ndarray, candidates: np.ndarray, m: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Top ``m`` of ``candidates`` by learnability ``p(1−p)``, ties in random order (``rng``); candidates
+    whose pass rate is NaN (not rolled out) are left out. Returns ``(rows, p(1−p) of the rows)``."""
+    p = np.asarray(pass_rates, dtype=np.float64)
+    keys = p * (1 - p)
+    candidates = np.asarray(candidates, dtype=np.int64)
+    candidates = candidates[np.isfinite(keys[candidates])]
+    picked = _random_tiebreak(keys, candidates, m, rng)
+    return picked, keys[picked]
+
+
 def _cropi(cfg, inp: SelectionInputs, cand: np.ndarray, m: int, seed: int):
     """Top ``m`` candidates by (fused) cosine; target sets without any gradient are skipped and named."""
     per_target, info, skipped = [], {}, {}
@@ -197,6 +213,17 @@ def select(cfg: SelectionConfig, inp: SelectionInputs, *, stage: int, seed: int)
         keys = p * (1 - p)
         picked = _random_tiebreak(keys, cand, m, rng)
         scores = keys[picked]
+    elif policy == "online_learnability":
+        rolled = int(np.isfinite(p[cand]).sum())
+        if rolled == 0:
+            raise SelectionError("online_learnability has no pass rate of the current policy for any candidate "
+                                 "(the stage's pool rollouts are missing)")
+        picked, scores = learnability_top(p, cand, m, rng)
+        rolled_p = p[cand][np.isfinite(p[cand])]
+        summary.update(rolled_out=rolled, rolled_out_mean_pass_rate=float(rolled_p.mean()),
+                       rolled_out_zero_learnability=int(((rolled_p == 0) | (rolled_p == 1)).sum()))
+        if picked.size < m:
+            summary["shortfall"] = f"only {picked.size} candidates were rolled out; selected all of them"
     elif policy == "pass_rate_band":
         lo, hi = cfg.pass_rate_band
         band = cand[(p[cand] >= lo) & (p[cand] <= hi)]
