@@ -193,10 +193,12 @@ def _feature_stores(cfg: RunConfig, rows: dict) -> dict:
     k = cfg.projection.k
     sets = {"pool": sum(rows.get("pool", {}).values())}
     sets.update({f"target-{name}": n for name, n in rows.get("val", {}).items()})
-    per_stage = sum(feature_store_bytes(n, k) for n in sets.values())
-    return {"label": "computed: rows × k × 4 bytes", "rows": sets, "k": k,
+    dtype = cfg.scoring.feature_dtype
+    per_stage = sum(feature_store_bytes(n, k, dtype) for n in sets.values())
+    kept = 1 if cfg.curriculum.keep_features == "resume" else cfg.curriculum.stages
+    return {"label": f"computed: rows × k × {dtype}", "rows": sets, "k": k, "dtype": dtype,
             "per_stage_gib": round(per_stage / GIB, 3),
-            "all_stages_gib": round(per_stage * cfg.curriculum.stages / GIB, 3)}
+            "all_stages_gib": round(per_stage * kept / GIB, 3), "stages_kept": kept}
 
 
 def dry_run(cfg: RunConfig, *, world_size: int | None = None, gpus_per_node: int | None = None,

@@ -20,10 +20,12 @@ A rank of pipeline stage ``p`` (TP size ``t``, PP size ``P``, DP size ``d``) hol
     - a fixed ``overhead_gib`` (CUDA context, NCCL buffers, allocator slack).
 * **vLLM**: ``gpu_memory_utilization × GPU memory``, on the ranks its engine spans. ``cropi run``
   builds one in-process engine per DP replica on the replica's first rank (TP and PP rank 0;
-  ``curriculum/runtime.py``), so the share is held through scoring and training too (``colocated``).
+  ``wiring.py``), so the share is held through scoring and training too (``colocated``).
 * **training** (a GRPO micro-batch of ``b = micro_batch_prompts × rollout.n`` sequences of length
   ``s``) and **scoring** (``b = prompts_per_microbatch × K``, ``K = max(pool_samples, target_samples)``;
-  ``per_prompt``: one prompt): activations (:func:`layer_activation_bytes`) × layers of the stage ×
+  ``per_prompt``: one prompt; with a token budget ``B = scoring.max_tokens_per_microbatch``,
+  ``b = min(b, max(K, ⌈B / s⌉))``: a bound on the tokens, and on ``b·L²``, of a micro-batch of length
+  ``L ≤ s``): activations (:func:`layer_activation_bytes`) × layers of the stage ×
   micro-batches in flight (1F1B: ``min(P − p, M)``), and on the last stage the logits
   (:func:`logits_bytes`).
 
@@ -197,9 +199,12 @@ def index_cache_bytes_per_coordinate(kind: str, *, keep_ratio: float, sjlt_s: in
     return 0  # dense (test oracle, tiny models) and registered backends: not modelled
 
 
-def feature_store_bytes(rows: int, k: int) -> int:
-    """One feature store on disk: ``rows × k`` float32 (plus a one-byte status per row)."""
-    return rows * k * 4 + rows
+def feature_store_bytes(rows: int, k: int, dtype: str = "float32") -> int:
+    """One feature store on disk: ``rows × k`` values in ``dtype`` (``scoring.feature_dtype``), a status
+    byte per row, and float16's fp32 scale per row."""
+    from megatron_cropi.influence.feature_store import feature_bytes_per_row
+
+    return rows * feature_bytes_per_row(dtype, k)
 
 
 def sequence_length(cfg) -> tuple[int, str]:
@@ -259,6 +264,9 @@ def estimate_memory(cfg, *, dp: int, gpu_memory_gib: float = 80.0, attention: st
     k_max = max(cc.pool_samples, cc.target_samples)
     ppm = 1 if sc.mode == "per_prompt" else sc.prompts_per_microbatch
     score_b, score_mbs = ppm * k_max, sc.microbatches_per_call
+    if sc.max_tokens_per_microbatch:
+        # length-aware micro-batches hold <= min(ppm·K·s, max(B, K·s)) tokens: as sequences of length s
+        score_b = min(score_b, max(k_max, math.ceil(sc.max_tokens_per_microbatch / seq)))
     train_layer = layer_activation_bytes(m, seq=seq, micro_batch=train_b, tp=tp, attention=attention,
                                          sequence_parallel=sp, act_bytes=w)
     score_layer = layer_activation_bytes(m, seq=seq, micro_batch=score_b, tp=tp, attention=attention,

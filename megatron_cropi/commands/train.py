@@ -60,23 +60,23 @@ def _split(prompts, name: str) -> list:
 
 def run_train(cfg) -> dict:
     """Train, evaluate, checkpoint and resume as described in the module docstring; return a summary."""
-    gc = cfg.grpo
+    grpo_cfg = cfg.grpo
     layout = RunLayout(cfg.run.output_dir)
     out = layout.train
     groups, prompts, tokenizer = setup_run(cfg)
-    train_set = _split(prompts, gc.split)
+    train_set = _split(prompts, grpo_cfg.split)
     if not train_set:
-        raise ValueError(f"grpo.split {gc.split!r} has no prompts")
-    eval_set = _split(prompts, gc.eval_split)[: gc.eval_max_prompts] if gc.eval_split and gc.eval_interval else []
+        raise ValueError(f"grpo.split {grpo_cfg.split!r} has no prompts")
+    eval_set = _split(prompts, grpo_cfg.eval_split)[: grpo_cfg.eval_max_prompts] if grpo_cfg.eval_split and grpo_cfg.eval_interval else []
     metrics = MetricsLogger(out.tensorboard, enabled=groups.is_metrics_rank)
     hf_dir = _start_weights(cfg, layout, groups, tokenizer, prompts, metrics)
-    runtime = PolicyRuntime(cfg, groups, tokenizer, hf_dir=hf_dir, total_steps=gc.steps, metrics=metrics,
-                            checkpoint_dir=Path(gc.checkpoint.dir) if gc.checkpoint.dir else out.checkpoints)
+    runtime = PolicyRuntime(cfg, groups, tokenizer, hf_dir=hf_dir, total_steps=grpo_cfg.steps, metrics=metrics,
+                            checkpoint_dir=Path(grpo_cfg.checkpoint.dir) if grpo_cfg.checkpoint.dir else out.checkpoints)
     trainer = runtime.trainer
     trainer.set_prompts(train_set)
     history_path = out.train_history
     history: list[dict] = []
-    start = gc.checkpoint.load or (latest_checkpoint(trainer.checkpoint_dir) if gc.checkpoint.resume else None)
+    start = grpo_cfg.checkpoint.load or (latest_checkpoint(trainer.checkpoint_dir) if grpo_cfg.checkpoint.resume else None)
     if start:
         trainer.load(start)
         if history_path.is_file():
@@ -85,7 +85,7 @@ def run_train(cfg) -> dict:
     writer = dist.get_rank() == 0
 
     def evaluate():
-        res = trainer.evaluate(eval_set, samples=gc.eval_samples, seed=cfg.run.seed)
+        res = trainer.evaluate(eval_set, samples=grpo_cfg.eval_samples, seed=cfg.run.seed)
         metrics.log(trainer.step_count, res, prefix="eval")
         history.append({"step": trainer.step_count, **res})
         if writer:
@@ -96,9 +96,9 @@ def run_train(cfg) -> dict:
     try:
         if eval_set and trainer.step_count == 0 and not history:
             evaluate()
-        while trainer.step_count < gc.steps:
+        while trainer.step_count < grpo_cfg.steps:
             last = trainer.step()
-            if eval_set and (trainer.step_count % gc.eval_interval == 0 or trainer.step_count == gc.steps):
+            if eval_set and (trainer.step_count % grpo_cfg.eval_interval == 0 or trainer.step_count == grpo_cfg.steps):
                 evaluate()
             if writer and trainer.step_count % 10 == 0:
                 log.info("step %d: reward %.3f kl %.4f", trainer.step_count, last["reward"], last.get("kl", 0.0))

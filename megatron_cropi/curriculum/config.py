@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from megatron_cropi.config.loader import require
 
@@ -104,6 +105,9 @@ class CurriculumConfig:
     """Pool prompts whose projected cosines are compared with exact ones in each stage report (0: off)."""
     probe_max_params: int = 5_000_000
     """Skip the probe when the scored parameters exceed this (exact per-prompt gradients are held)."""
+    keep_features: Literal["all", "resume"] = "all"
+    """Feature stores kept on disk: ``all`` stages' (for analysis), or only what a resume needs
+    (``resume``: a stage's stores are deleted once its selection is recorded)."""
 
     def __post_init__(self):
         require(1 <= self.stages <= 10_000, "stages", self.stages, "must be between 1 and 10000")
@@ -123,6 +127,7 @@ class CurriculumConfig:
                 "must be in (0, 1]")
         require(self.probe_prompts >= 0, "probe_prompts", self.probe_prompts, "must be >= 0")
         require(self.probe_max_params >= 0, "probe_max_params", self.probe_max_params, "must be >= 0")
+        require(self.keep_features in ("all", "resume"), "keep_features", self.keep_features, "must be all or resume")
 
     @property
     def total_steps(self) -> int:

@@ -25,6 +25,7 @@ from megatron_cropi.curriculum.faults import fault_point
 from megatron_cropi.curriculum.probe import probe_projection_quality
 from megatron_cropi.curriculum.report import write_final_report, write_stage_report
 from megatron_cropi.curriculum.state import RunState
+from megatron_cropi.influence.feature_store import prune_feature_stores
 from megatron_cropi.influence.stores import PolicyScorer, score_store
 from megatron_cropi.layout import RunLayout
 from megatron_cropi.metrics import MetricsLogger
@@ -268,6 +269,10 @@ class StageController:
         self.log(f"[select] stage {stage}: {len(selection.prompt_ids)} prompts by {selection.policy}; mix "
                  f"{dict(list(selection.summary['source_mix'].items())[:6])}")
         self.mark_done(step, seconds=selection.summary["seconds"])
+        if self.cfg.curriculum.keep_features == "resume" and self.is_rank0:
+            freed = prune_feature_stores(self.layout.features_root, keep_stages=set())
+            self.log(f"[select] stage {stage}: feature stores deleted ({freed / 2**20:.1f} MiB); "
+                     "curriculum.keep_features: resume")
         return selection
 
     def step_train(self, stage: int, selection: Selection) -> None:

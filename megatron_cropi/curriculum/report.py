@@ -54,6 +54,9 @@ def write_stage_report(m: int, selection: Selection, previous: Selection | None,
     }
     if f"stage{m}/online_rollouts" in step_info:  # online_learnability: the pool rolled out at θ_m
         report["online_rollouts"] = step_info[f"stage{m}/online_rollouts"]
+    # the target direction rests on the target prompts that have a gradient (mixed rewards under β)
+    report["target_prompts_used"] = {name: {"used": t["target_prompts_used"], "of": t.get("target_prompts")}
+                                     for name, t in selection.summary.get("targets", {}).items()}
     pool_scoring = scoring.get("pool", {})
     tb = {"selected": len(selection.prompt_ids),
           "selected_mean_pass_rate": selection.summary.get("mean_pass_rate", float("nan")),
@@ -69,6 +72,8 @@ def write_stage_report(m: int, selection: Selection, previous: Selection | None,
             tb[f"probe_{key}"] = probe[key]
     for src, count in selection.summary.get("source_mix", {}).items():
         tb[f"mix/{src}"] = count / max(len(selection.prompt_ids), 1)
+    for name, used in report["target_prompts_used"].items():
+        tb[f"target_prompts_used/{name}"] = used["used"]
     metrics.log(first_step, tb, prefix="influence")
     if selection.scores and selection.policy == "cropi":
         metrics.histogram(first_step, "influence/selected_scores", selection.scores)
@@ -93,6 +98,9 @@ def _stage_markdown(r: dict) -> str:
         q = s["cosine_quantiles"]
         lines.append("- cosine to the target: " + ", ".join(f"q{float(k):g} = {v:.3f}" for k, v in q.items()))
     lines.append("- task mix: " + ", ".join(f"{k} {v}" for k, v in s.get("source_mix", {}).items()))
+    for name, used in r.get("target_prompts_used", {}).items():
+        lines.append(f"- target direction {name}: built from {used['used']} of {used['of']} target prompts "
+                     "(the others had all-equal behaviour rewards: no gradient)")
     for name, st in r["scoring"].items():
         if st:
             lines.append(f"- scoring {name}: {st.get('scored')} scored, {st.get('excluded')} excluded, "

@@ -149,7 +149,8 @@ def _cropi(cfg, inp: SelectionInputs, cand: np.ndarray, m: int, seed: int):
         mask = np.full_like(s, -np.inf)
         mask[cand] = s[cand]
         per_target.append(mask)
-        info[name] = {"target_prompts_used": int(chosen.size)}
+        info[name] = {"target_prompts_used": int(chosen.size), "target_prompts": int(len(tu)),
+                      "with_gradient": int(np.asarray(tu).sum())}
     if not per_target:
         return None, None, {"targets": info, "skipped_targets": skipped}
     fused = fuse_reciprocal_rank(per_target, m) if cfg.fusion == "reciprocal_rank" and len(per_target) > 1 \

@@ -124,3 +124,10 @@ def test_estimate_counts_vllm_share_reference_and_pipeline_in_flight():
     assert s0["peak_bytes"] == 640 * 20 + 320 * 9 + max(2 * 2176, 2 * 2176 + 4 * 192)
     assert s1["peak_bytes"] == 648 * 20 + 324 * 9 + max(2176 + 16 * 4 * 2 * 22, 2176 + 16 * 4 * 2 * 14 + 4 * 192)
     assert (s0["peak_phase"], s1["peak_phase"]) == ("scoring", "training")
+
+
+def test_feature_store_bytes_follow_the_storage_dtype():
+    # k values per row + a status byte; float16 adds its fp32 row scale
+    assert feature_store_bytes(10, 4, "float32") == 10 * (4 * 4 + 1)
+    assert feature_store_bytes(10, 4, "float16") == 10 * (4 * 2 + 4 + 1)
+    assert feature_store_bytes(10, 4, "bfloat16") == 10 * (4 * 2 + 1)

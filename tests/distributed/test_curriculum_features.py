@@ -1,0 +1,35 @@
+"""``curriculum.keep_features: resume`` deletes each stage's feature stores once its selection is
+recorded, and changes nothing else: the selections equal a run that keeps every store."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+
+def _run(tmp: Path, out: Path, **changes) -> dict:
+    from megatron_cropi.testing.cli import run_cli
+    from megatron_cropi.testing.tiny import tiny_curriculum_config
+
+    cfg = tmp / f"{out.name}.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_curriculum_config(str(out), **changes)))
+    rc, log = run_cli(["run", str(cfg)], timeout=240)
+    assert rc == 0, log[-4000:]
+    return {p.name: json.loads(p.read_text())["prompt_ids"] for p in sorted((out / "selections").glob("stage*.json"))}
+
+
+@pytest.mark.timeout(600)
+def test_keep_features_resume_prunes_stores_and_keeps_selections(tmp_path):
+    kept = _run(tmp_path, tmp_path / "all")
+    pruned = _run(tmp_path, tmp_path / "resume", **{"curriculum.keep_features": "resume"})
+    assert len(kept) == 2 and pruned == kept
+    assert [p.name for p in (tmp_path / "all" / "features").iterdir()] != []
+    assert not any((tmp_path / "resume" / "features").iterdir()), "a stage's feature stores were left on disk"
+    # the stage report says how many target prompts the direction rests on (those with mixed β rewards)
+    report = json.loads((tmp_path / "all" / "reports" / "stage0.json").read_text())
+    used = report["target_prompts_used"]["cmp"]
+    statuses = np.fromfile(tmp_path / "all" / "features" / "stage0" / "target-cmp" / "status.u8", dtype=np.uint8)
+    assert used == {"used": int((statuses == 1).sum()), "of": 12}
+    assert "target direction cmp: built from" in (tmp_path / "all" / "reports" / "stage0.md").read_text()
