@@ -1,28 +1,61 @@
-"""CROPI vs full-data GRPO vs random-10% vs learnability on the synthetic suite, equal GRPO steps.
+"""CROPI against full-data GRPO and four data-selection baselines on the synthetic suite, equal GRPO steps.
 
-One supervised warm-up gives the shared behaviour policy β (its HF export); every method then runs
-the same number of GRPO steps from it, for each seed (seeds vary sampling and batching). Reported:
+One supervised warm-up (on the chosen target family's sets) gives the shared behaviour policy β (its
+HF export). Then every method runs the same number of GRPO steps from β, once per seed. Seeds change
+sampling and batching. All methods use the same engine, batch size, learning rate, GRPO settings and
+evaluation. A method differs only by the config overrides in ``METHODS``:
 
-* step-level acceleration: steps full-data GRPO needs to reach its final target accuracy (mean of its
-  last two evaluations) over the steps CROPI needs to reach the same, per seed, with the spread;
-* wall-clock acceleration, the same on the run clock, which charges CROPI its behaviour rollouts,
-  scoring and selection (evaluation time is charged to no method);
-* every method's untargeted (check-set) accuracy, and CROPI's minus full-data's in points.
+* ``cropi``: POPI-gradient alignment with the target set, 10% of the pool per stage;
+* ``full``: the whole pool (full-data GRPO, the reference);
+* ``random``: a random 10% per stage;
+* ``learnability``: the 10% with the highest learnability p(1-p) under β's offline pass rates. The
+  rates are fixed, so the selection is the same in every stage;
+* ``online_learnability``: learnability from the current policy's pass rates (``selection.policy:
+  online_learnability``);
+* ``dynamic_sampling``: the whole pool, with DAPO-style dynamic sampling that drops groups whose rewards
+  are all equal (``grpo.dynamic_sampling.enabled``).
 
-Target accuracy is the sampled pass rate (mean over 4 samples at T = 1) on the held-out target test
-set; greedy accuracy is reported beside it.
+Accuracy is evaluated every ``--eval-every`` GRPO steps, and at step 0 and at the end. ``target_sampled``
+is the sampled pass rate (4 samples at T = 1) on the held-out target test set and is the headline
+metric. Greedy target accuracy and greedy accuracy on the untargeted check set (every other family)
+are also recorded. ``--eval-max-prompts`` caps the prompts per set, with the same cap for every method.
 
-    python benchmarks/curriculum.py --quick      # 3 seeds, shorter stages
-    python benchmarks/curriculum.py              # 3 seeds × 6 stages × 50 steps (the calibration's)
+What is measured, per seed s, and then as a mean with a 95% Student-t interval over seeds
+(mean ± t_{0.975, n-1} · sd / √n, over the seeds that have a value):
 
-The last line printed is a JSON object with ``step_acceleration``, ``wallclock_acceleration``,
-``untargeted_delta_pts`` and ``seeds``.
+* threshold(s): full-data GRPO's final target accuracy, the mean of its last two evaluations;
+* step acceleration: the first evaluated step at which full reaches the threshold, divided by the
+  first evaluated step at which the method reaches it;
+* wall-clock acceleration: the same ratio on the run clock (``clock_seconds`` in each record of
+  ``metrics/eval.jsonl``). The clock charges every method its own work: behaviour rollouts, scoring,
+  selection, probes and training. Evaluation is charged to no method;
+* ``wallclock_vs_best_baseline``: the best baseline is the non-CROPI method with the highest final
+  target accuracy, averaged over seeds. The figure is that baseline's run-clock time to reach its own
+  final accuracy, divided by CROPI's run-clock time to reach the same accuracy; it is formed per seed;
+* ``untargeted_delta_pts``: 100 × (the method's final check-set greedy accuracy − full's).
+
+A method that never reaches the threshold in a seed gets no ratio for that seed. Those seeds are
+counted under ``not_reached``, not dropped silently. A method whose run fails (for example, a config
+key the package does not accept yet) is reported under ``failed``, with its log path. The other
+methods still run.
+
+    python benchmarks/curriculum.py --quick                     # 2 seeds × 4 stages × 25 steps
+    python benchmarks/curriculum.py                             # 5 seeds × 6 stages × 50 steps, target add3c
+    python benchmarks/curriculum.py --target sub3 --methods cropi,full,random
+
+Results go to ``benchmarks/results/curriculum/<target>/`` (``--out`` overrides this): ``result.json``
+(every method, every seed, the intervals), ``curriculum.png``, and one run directory and log per
+method and seed. Rerunning the same command into the same folder resumes unfinished runs (``cropi
+run`` refuses to resume a run whose resolved config has changed, e.g. after new config defaults: then
+use a fresh ``--out``). The last line printed is one JSON object with CROPI's figures (means): ``step_acceleration``, ``wallclock_acceleration``,
+``wallclock_vs_best_baseline``, ``untargeted_delta_pts``, ``seeds`` and ``target``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -34,22 +67,52 @@ import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("cropi", "full", "random", "learnability")
+sys.path.insert(0, str(ROOT))
+
+# method name -> config overrides (dotted key -> value), applied on top of the shared base config
+METHODS: dict[str, dict] = {
+    "cropi": {"selection.policy": "cropi"},
+    "full": {"selection.policy": "full"},
+    "random": {"selection.policy": "random"},
+    "learnability": {"selection.policy": "learnability"},
+    "online_learnability": {"selection.policy": "online_learnability"},
+    "dynamic_sampling": {"selection.policy": "full", "grpo.dynamic_sampling": {"enabled": True}},
+}
+REFERENCE = "full"
+HEADLINE = "cropi"
+KEY = "target_sampled"
+COLORS = {"cropi": "C3", "full": "C0", "random": "C7", "learnability": "C2", "online_learnability": "C1",
+          "dynamic_sampling": "C4"}
+# two-sided 95% Student-t quantiles t_{0.975, df}; beyond 30 degrees of freedom 1.96 is used
+T975 = [None, 12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045,
+        2.042]
+
+
+def set_key(cfg: dict, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    node = cfg
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[last] = json.loads(json.dumps(value))
 
 
 def base_config(args) -> dict:
     cfg = yaml.safe_load((ROOT / "examples/configs/tiny_cpu.yaml").read_text())
     cfg["run"]["num_threads"] = 1
     cfg["rollout"]["progress"] = False
+    cfg["data"]["synthetic"]["target"] = args.target
     cfg["curriculum"]["stages"] = args.stages
     cfg["curriculum"]["steps_per_stage"] = args.steps_per_stage
     cfg["curriculum"]["eval"]["every"] = args.eval_every
+    cfg["curriculum"]["eval"]["max_prompts"] = args.eval_max_prompts
     cfg["curriculum"]["probe_prompts"] = 0
     cfg["curriculum"]["plot"] = False
     return cfg
 
 
-def run_cli(cfg: dict, out: Path, log: Path) -> float:
+def run_cli(cfg: dict, out: Path, log: Path) -> dict:
+    """One ``cropi run`` in a fresh process; returns ``{"ok", "rc", "wall_seconds", "log"}``."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -57,140 +120,355 @@ def run_cli(cfg: dict, out: Path, log: Path) -> float:
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     t0 = time.perf_counter()
-    with open(log, "w") as f:
+    with open(log, "a") as f:
+        f.write(f"==== cropi run {path} ({time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+        f.flush()
         rc = subprocess.run([sys.executable, "-m", "megatron_cropi.cli", "run", str(path)], stdout=f,
                             stderr=subprocess.STDOUT, env=env).returncode
-    if rc != 0:
-        raise RuntimeError(f"cropi run failed ({rc}); see {log}")
-    return time.perf_counter() - t0
+    return {"ok": rc == 0, "rc": rc, "wall_seconds": time.perf_counter() - t0, "log": str(log)}
+
+
+def log_tail(log: str | Path, lines: int = 3) -> str:
+    try:
+        text = Path(log).read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return "\n".join(text[-lines:])
 
 
 def eval_records(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics" / "eval.jsonl").read_text().splitlines() if x]
+    path = run_dir / "metrics" / "eval.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x] if path.exists() else []
 
 
-def first_reaching(records: list[dict], key: str, threshold: float, axis: str) -> float | None:
+def final_accuracy(records: list[dict], key: str = KEY) -> float:
+    """Final accuracy: the mean of the last two evaluations."""
+    return float(np.mean([r[key] for r in records[-2:]]))
+
+
+def first_reaching(records: list[dict], threshold: float, key: str = KEY) -> dict | None:
+    """The first evaluation record at which ``key`` reaches ``threshold`` (None if none does)."""
     for r in records:
-        if r.get(key, -1) >= threshold - 1e-12:
-            return float(r[axis])
+        if r.get(key, -1.0) >= threshold - 1e-12:
+            return r
     return None
 
 
-def acceleration(full: list[dict], method: list[dict], axis: str, key: str = "target_sampled") -> dict:
-    """Steps (or clock seconds) full-data GRPO needs to reach its final accuracy, over the method's."""
-    threshold = float(np.mean([r[key] for r in full[-2:]]))
-    t_full = first_reaching(full, key, threshold, axis)
-    t_m = first_reaching(method, key, threshold, axis)
-    ratio = (t_full / t_m) if (t_full is not None and t_m) else (float("inf") if t_m == 0 else None)
-    return {"threshold": threshold, "full": t_full, "method": t_m, "acceleration": ratio}
+def ratio(reference: list[dict], method: list[dict], threshold: float, axis: str) -> dict:
+    """The time (``axis``: step or clock seconds) ``reference`` needs to reach ``threshold`` over the time
+    ``method`` needs.
+
+    ``status``: ``ok``; ``not_reached`` (the method never reaches it); ``reference_not_reached``;
+    ``at_start`` (one of them reaches it at the step-0 evaluation of β, so there is nothing to
+    accelerate and the ratio is undefined)."""
+    r_ref = first_reaching(reference, threshold)
+    r_m = first_reaching(method, threshold)
+    t_ref = float(r_ref[axis]) if r_ref else None
+    t_m = float(r_m[axis]) if r_m else None
+    if r_m is None:
+        status, value = "not_reached", None
+    elif r_ref is None:
+        status, value = "reference_not_reached", None
+    elif r_m["step"] == 0 or r_ref["step"] == 0 or t_m <= 0:
+        status, value = "at_start", None
+    else:
+        status, value = "ok", t_ref / t_m
+    return {"threshold": threshold, "reference": t_ref, "method": t_m, "value": value, "status": status}
+
+
+def interval(values: list[float]) -> dict:
+    """Mean and 95% Student-t interval of ``values`` (None where fewer than two)."""
+    n = len(values)
+    if n == 0:
+        return {"mean": None, "ci95": None, "sd": None, "n": 0}
+    mean = float(np.mean(values))
+    if n == 1:
+        return {"mean": mean, "ci95": None, "sd": None, "n": 1}
+    sd = float(np.std(values, ddof=1))
+    t = T975[n - 1] if n - 1 < len(T975) else 1.96
+    half = t * sd / math.sqrt(n)
+    return {"mean": mean, "ci95": [mean - half, mean + half], "sd": sd, "n": n}
+
+
+def summarize(per_seed: list[dict]) -> dict:
+    """Per-seed ``{"seed", "value", "status"}`` -> the interval over the seeds with a value, and counts."""
+    values = [e["value"] for e in per_seed if e["status"] == "ok"]
+    out = interval(values)
+    counts: dict[str, int] = {}
+    for e in per_seed:
+        counts[e["status"]] = counts.get(e["status"], 0) + 1
+    out["reached"] = counts.get("ok", 0)
+    out["not_reached"] = counts.get("not_reached", 0)
+    out["without_value"] = {k: v for k, v in counts.items() if k != "ok"}
+    out["status_counts"] = counts
+    out["per_seed"] = per_seed
+    return out
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--seeds", type=int, default=3)
+    from megatron_cropi.data.synthetic import FAMILIES, TARGET_FAMILY
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="2 seeds × 4 stages × 25 steps (unless given)")
+    ap.add_argument("--target", default=TARGET_FAMILY, help=f"target family, one of {', '.join(FAMILIES)}")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds per method (default 5; 2 with --quick)")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help=f"comma-separated subset of {', '.join(METHODS)} (must include {REFERENCE})")
     ap.add_argument("--stages", type=int, default=None)
     ap.add_argument("--steps-per-stage", type=int, default=None)
-    ap.add_argument("--eval-every", type=int, default=None)
+    ap.add_argument("--eval-every", type=int, default=10, help="GRPO steps between evaluations")
+    ap.add_argument("--eval-max-prompts", type=int, default=0,
+                    help="evaluate at most this many prompts per set, for every method (0: all)")
     ap.add_argument("--workers", type=int, default=2, help="runs in parallel (one thread each)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/curriculum"))
+    ap.add_argument("--out", default=None, help="output folder (default benchmarks/results/curriculum/<target>)")
     args = ap.parse_args()
+    if args.target not in FAMILIES:
+        ap.error(f"unknown target family {args.target!r}; the synthetic suite's families are: {', '.join(FAMILIES)}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        ap.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if REFERENCE not in methods:
+        ap.error(f"--methods must include {REFERENCE!r}: its final accuracy is the threshold")
+    methods = list(dict.fromkeys(methods))
+    args.seeds = args.seeds if args.seeds is not None else (2 if args.quick else 5)
+    if args.seeds < 1:
+        ap.error("--seeds must be >= 1")
     args.stages = args.stages or (4 if args.quick else 6)
     args.steps_per_stage = args.steps_per_stage or (25 if args.quick else 50)
-    args.eval_every = args.eval_every or 25
-    out = Path(args.out)
+    out = Path(args.out) if args.out else ROOT / "benchmarks/results/curriculum" / args.target
     out.mkdir(parents=True, exist_ok=True)
     cfg0 = base_config(args)
+    t_start = time.perf_counter()
 
-    # 1. the shared behaviour policy: warm-up only (zero stages of training)
+    # 1. the shared behaviour policy β: warm-up only (one stage of zero GRPO steps)
     warm = json.loads(json.dumps(cfg0))
     warm["run"]["output_dir"] = str(out / "warmup")
     warm["selection"]["policy"] = "full"
     warm["curriculum"]["stages"] = 1
     warm["curriculum"]["steps_per_stage"] = 0
-    t_warm = run_cli(warm, out / "warmup", out / "warmup.log")
+    warm_run = run_cli(warm, out / "warmup", out / "warmup.log")
+    if not warm_run["ok"]:
+        sys.exit(f"the warm-up failed (exit {warm_run['rc']}); see {warm_run['log']}\n{log_tail(warm_run['log'])}")
     beta = out / "warmup" / "warmup" / "hf"
 
     # 2. every method × seed from β
     jobs = []
     for seed in range(args.seeds):
-        for method in METHODS:
+        for method in methods:
             cfg = json.loads(json.dumps(cfg0))
             cfg["run"]["seed"] = 1000 + seed
             cfg["run"]["output_dir"] = str(out / f"{method}-s{seed}")
-            cfg["selection"]["policy"] = method
             cfg["curriculum"]["warmup"]["enabled"] = False
             cfg["rollout"]["checkpoint"] = str(beta)
+            for key, value in METHODS[method].items():
+                set_key(cfg, key, value)
             jobs.append((method, seed, cfg))
-    walls = {}
+    runs_info: dict[tuple[str, int], dict] = {}
     with ThreadPoolExecutor(max_workers=args.workers) as pool:
         futures = {pool.submit(run_cli, cfg, Path(cfg["run"]["output_dir"]),
                                Path(cfg["run"]["output_dir"] + ".log")): (m, s) for m, s, cfg in jobs}
         for fut, key in futures.items():
-            walls[key] = fut.result()
+            runs_info[key] = fut.result()
+            if not runs_info[key]["ok"]:
+                print(f"[curriculum] {key[0]} seed {key[1]} failed (exit {runs_info[key]['rc']}); "
+                      f"see {runs_info[key]['log']}", file=sys.stderr)
 
-    runs = {(m, s): eval_records(out / f"{m}-s{s}") for m in METHODS for s in range(args.seeds)}
-    per_seed = []
-    for s in range(args.seeds):
-        full = runs[("full", s)]
-        entry = {"seed": s}
-        for m in ("cropi", "learnability", "random"):
-            entry[m] = {"steps": acceleration(full, runs[(m, s)], "step"),
-                        "clock": acceleration(full, runs[(m, s)], "clock_seconds")}
-        per_seed.append(entry)
+    runs: dict[tuple[str, int], list[dict]] = {}
+    for (m, s), info in runs_info.items():
+        recs = eval_records(out / f"{m}-s{s}") if info["ok"] else []
+        if info["ok"] and len(recs) < 2:
+            info.update(ok=False, error="fewer than two evaluations in metrics/eval.jsonl")
+        if info["ok"]:
+            runs[(m, s)] = recs
+        else:
+            info.setdefault("error", log_tail(info["log"]))
+    failed = {m: {"seeds": [s for s in range(args.seeds) if (m, s) not in runs],
+                  "logs": [runs_info[(m, s)]["log"] for s in range(args.seeds) if (m, s) not in runs],
+                  "error": next(runs_info[(m, s)].get("error", "") for s in range(args.seeds) if (m, s) not in runs)}
+              for m in methods if any((m, s) not in runs for s in range(args.seeds))}
+    ok_seeds = {m: [s for s in range(args.seeds) if (m, s) in runs] for m in methods}
 
-    def stat(values):
-        vals = [v for v in values if v is not None and np.isfinite(v)]
-        return {"mean": float(np.mean(vals)) if vals else None, "min": float(min(vals)) if vals else None,
-                "max": float(max(vals)) if vals else None, "n": len(vals), "per_seed": values}
+    # 3. figures per method and seed
+    def final_of(m: str, s: int) -> dict:
+        recs = runs[(m, s)]
+        return {KEY: final_accuracy(recs), "target_greedy": recs[-1].get("target_greedy"),
+                "check_greedy": recs[-1].get("check_greedy"), "clock_seconds": recs[-1]["clock_seconds"],
+                "eval_seconds": float(sum(r.get("seconds", 0.0) for r in recs)), "evaluations": len(recs),
+                "wall_seconds": runs_info[(m, s)]["wall_seconds"]}
 
-    final = {m: {k: float(np.mean([runs[(m, s)][-1].get(k, np.nan) for s in range(args.seeds)]))
-                 for k in ("target_sampled", "target_greedy", "check_greedy")} for m in METHODS}
-    initial = runs[("full", 0)][0]
+    finals = {m: {s: final_of(m, s) for s in ok_seeds[m]} for m in methods}
+
+    def vs_reference(m: str, axis: str) -> dict:
+        per_seed = []
+        for s in range(args.seeds):
+            if (m, s) not in runs:
+                per_seed.append({"seed": s, "value": None, "status": "failed"})
+            elif (REFERENCE, s) not in runs:
+                per_seed.append({"seed": s, "value": None, "status": "reference_failed"})
+            else:
+                thr = finals[REFERENCE][s][KEY]
+                per_seed.append({"seed": s, **ratio(runs[(REFERENCE, s)], runs[(m, s)], thr, axis)})
+        return summarize(per_seed)
+
+    def delta_pts(m: str, key: str) -> dict:
+        per_seed = []
+        for s in range(args.seeds):
+            a = finals[m].get(s, {}).get(key)
+            b = finals[REFERENCE].get(s, {}).get(key)
+            ok = a is not None and b is not None
+            per_seed.append({"seed": s, "value": 100.0 * (a - b) if ok else None, "status": "ok" if ok else "failed"})
+        return summarize(per_seed)
+
+    by_method = {}
+    for m in methods:
+        by_method[m] = {
+            "overrides": METHODS[m],
+            "seeds_ok": ok_seeds[m],
+            "final_target_sampled": interval([finals[m][s][KEY] for s in ok_seeds[m]]),
+            "final_target_greedy": interval([finals[m][s]["target_greedy"] for s in ok_seeds[m]
+                                             if finals[m][s]["target_greedy"] is not None]),
+            "final_check_greedy": interval([finals[m][s]["check_greedy"] for s in ok_seeds[m]
+                                            if finals[m][s]["check_greedy"] is not None]),
+            "clock_seconds_final": interval([finals[m][s]["clock_seconds"] for s in ok_seeds[m]]),
+            "eval_seconds": interval([finals[m][s]["eval_seconds"] for s in ok_seeds[m]]),
+            "step_acceleration": vs_reference(m, "step"),
+            "wallclock_acceleration": vs_reference(m, "clock_seconds"),
+            "untargeted_delta_pts": delta_pts(m, "check_greedy"),
+            "per_seed": {str(s): finals[m][s] for s in ok_seeds[m]},
+        }
+
+    # best baseline: the non-CROPI method with the highest mean final target accuracy
+    baselines = [m for m in methods if m != HEADLINE and ok_seeds[m]]
+    best = max(baselines, key=lambda m: by_method[m]["final_target_sampled"]["mean"]) if baselines else None
+    vs_best = None
+    if best is not None and HEADLINE in methods:
+        per_seed_clock, per_seed_step = [], []
+        for s in range(args.seeds):
+            if (HEADLINE, s) not in runs or (best, s) not in runs:
+                per_seed_clock.append({"seed": s, "value": None, "status": "failed"})
+                per_seed_step.append({"seed": s, "value": None, "status": "failed"})
+                continue
+            thr = finals[best][s][KEY]
+            per_seed_clock.append({"seed": s, **ratio(runs[(best, s)], runs[(HEADLINE, s)], thr, "clock_seconds")})
+            per_seed_step.append({"seed": s, **ratio(runs[(best, s)], runs[(HEADLINE, s)], thr, "step")})
+        vs_best = {"baseline": best, "wallclock": summarize(per_seed_clock), "step": summarize(per_seed_step)}
+
+    initial = runs[(REFERENCE, ok_seeds[REFERENCE][0])][0] if ok_seeds[REFERENCE] else {}
+    head = by_method.get(HEADLINE)
     result = {
-        "seeds": args.seeds, "stages": args.stages, "steps_per_stage": args.steps_per_stage,
-        "warmup_seconds": t_warm,
-        "initial": {k: initial.get(k) for k in ("target_sampled", "target_greedy", "check_greedy")},
-        "final_mean": final,
-        "step_acceleration_by_method": {m: stat([e[m]["steps"]["acceleration"] for e in per_seed])
-                                        for m in ("cropi", "learnability", "random")},
-        "wallclock_acceleration_by_method": {m: stat([e[m]["clock"]["acceleration"] for e in per_seed])
-                                             for m in ("cropi", "learnability", "random")},
-        "clock_seconds_final_mean": {m: float(np.mean([runs[(m, s)][-1]["clock_seconds"] for s in range(args.seeds)]))
-                                     for m in METHODS},
-        "per_seed": per_seed,
+        "target": args.target, "seeds": args.seeds, "methods": methods, "stages": args.stages,
+        "steps_per_stage": args.steps_per_stage, "eval_every": args.eval_every,
+        "eval_max_prompts": args.eval_max_prompts, "metric": KEY,
+        "interval": "95% Student-t interval over seeds: mean ± t(0.975, n-1)·sd/√n, over the seeds with a value",
+        "threshold": f"{REFERENCE}'s final {KEY} per seed (mean of its last two evaluations)",
+        "warmup_seconds": warm_run["wall_seconds"], "total_seconds": None,
+        "initial": {k: initial.get(k) for k in (KEY, "target_greedy", "check_greedy")},
+        "failed": failed,
+        "best_baseline": best,
+        "wallclock_vs_best_baseline_detail": vs_best,
+        "by_method": by_method,
     }
-    result["step_acceleration"] = result["step_acceleration_by_method"]["cropi"]["mean"]
-    result["wallclock_acceleration"] = result["wallclock_acceleration_by_method"]["cropi"]["mean"]
-    result["untargeted_delta_pts"] = 100.0 * (final["cropi"]["check_greedy"] - final["full"]["check_greedy"])
-    plot(runs, args, out / "curriculum.png")
+
+    def mean_of(block):
+        return block["mean"] if block else None
+
+    result["step_acceleration"] = mean_of(head and head["step_acceleration"])
+    result["wallclock_acceleration"] = mean_of(head and head["wallclock_acceleration"])
+    result["wallclock_vs_best_baseline"] = mean_of(vs_best and vs_best["wallclock"])
+    result["untargeted_delta_pts"] = mean_of(head and head["untargeted_delta_pts"])
+    plot(runs, methods, args, out / "curriculum.png")
+    result["total_seconds"] = time.perf_counter() - t_start
     (out / "result.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
-    print(json.dumps({k: result[k] for k in ("step_acceleration", "wallclock_acceleration", "untargeted_delta_pts",
-                                             "seeds", "final_mean")}))
+
+    # a readable table, then the one JSON line
+    print(f"target {args.target}, {args.seeds} seeds, {args.stages} × {args.steps_per_stage} steps; "
+          f"threshold = {REFERENCE}'s final accuracy; 95% t-intervals; results in {out / 'result.json'}")
+    for m in methods:
+        b = by_method[m]
+        if not ok_seeds[m]:
+            print(f"  {m:20s} FAILED in every seed; see {failed[m]['logs'][0]}")
+            continue
+        sa, wa = b["step_acceleration"], b["wallclock_acceleration"]
+        print(f"  {m:20s} final {b['final_target_sampled']['mean']:.3f}  step× {fmt(sa)}  clock× {fmt(wa)}  "
+              f"untargeted {fmt(b['untargeted_delta_pts'])} pts"
+              + (f"  (failed seeds {failed[m]['seeds']})" if m in failed else ""))
+    if vs_best:
+        print(f"  {HEADLINE} vs best baseline ({best}), run clock: {fmt(vs_best['wallclock'])}")
+
+    def ci(block):
+        return block["ci95"] if block else None
+
+    line = {
+        "step_acceleration": result["step_acceleration"],
+        "wallclock_acceleration": result["wallclock_acceleration"],
+        "wallclock_vs_best_baseline": result["wallclock_vs_best_baseline"],
+        "untargeted_delta_pts": result["untargeted_delta_pts"],
+        "seeds": args.seeds, "target": args.target,
+        "step_acceleration_ci95": ci(head and head["step_acceleration"]),
+        "wallclock_acceleration_ci95": ci(head and head["wallclock_acceleration"]),
+        "wallclock_vs_best_baseline_ci95": ci(vs_best and vs_best["wallclock"]),
+        "untargeted_delta_pts_ci95": ci(head and head["untargeted_delta_pts"]),
+        "not_reached": {"step": head["step_acceleration"]["not_reached"] if head else None,
+                        "wallclock": head["wallclock_acceleration"]["not_reached"] if head else None,
+                        "vs_best_baseline": vs_best["wallclock"]["not_reached"] if vs_best else None},
+        "seeds_without_value": {
+            "step": head["step_acceleration"]["without_value"] if head else None,
+            "wallclock": head["wallclock_acceleration"]["without_value"] if head else None,
+            "vs_best_baseline": vs_best["wallclock"]["without_value"] if vs_best else None,
+            "untargeted": head["untargeted_delta_pts"]["without_value"] if head else None},
+        "best_baseline": best,
+        "final_target_sampled": {m: by_method[m]["final_target_sampled"]["mean"] for m in methods},
+        "failed": sorted(failed),
+        "result": str(out / "result.json"),
+    }
+    print(json.dumps(line))
 
 
-def plot(runs, args, path: Path) -> None:
+def fmt(block: dict) -> str:
+    if block["mean"] is None:
+        s = "n/a"
+    elif block["ci95"] is None:
+        s = f"{block['mean']:.2f}"
+    else:
+        s = f"{block['mean']:.2f} [{block['ci95'][0]:.2f}, {block['ci95'][1]:.2f}]"
+    missing = block.get("without_value") or {}
+    if missing:
+        s += " (" + ", ".join(f"{n} seed(s) {k.replace('_', ' ')}" for k, n in missing.items()) + ")"
+    return s
+
+
+def plot(runs: dict, methods: list[str], args, path: Path) -> None:
+    """Mean target accuracy against step and against the run clock, and check accuracy against step,
+    per method; the band is the seeds' min–max."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for m, color in zip(METHODS, ("C3", "C0", "C7", "C2")):
-        for ax, key, axis in ((axes[0], "target_sampled", "step"), (axes[1], "target_sampled", "clock_seconds"),
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    for m in methods:
+        curves = [runs[(m, s)] for s in range(args.seeds) if (m, s) in runs]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        color = COLORS.get(m)
+        for ax, key, axis in ((axes[0], KEY, "step"), (axes[1], KEY, "clock_seconds"),
                               (axes[2], "check_greedy", "step")):
-            curves = [runs[(m, s)] for s in range(args.seeds)]
-            xs = np.array([[r[axis] for r in c] for c in curves], dtype=float)
-            ys = np.array([[r.get(key, np.nan) for r in c] for c in curves], dtype=float)
-            ax.plot(xs.mean(0), ys.mean(0), "-o", color=color, label=m, markersize=3)
-            ax.fill_between(xs.mean(0), ys.min(0), ys.max(0), color=color, alpha=0.15)
-    axes[0].set(xlabel="GRPO step", ylabel="target accuracy (sampled, T=1)", title="target vs step")
-    axes[1].set(xlabel="run clock (s): rollouts + scoring + selection + training", title="target vs wall-clock")
+            xs = np.array([[r[axis] for r in c[:n]] for c in curves], dtype=float)
+            ys = np.array([[r.get(key, np.nan) for r in c[:n]] for c in curves], dtype=float)
+            ax.plot(xs.mean(0), ys.mean(0), "-o", color=color, label=f"{m} ({len(curves)})", markersize=2.5)
+            if len(curves) > 1:
+                ax.fill_between(xs.mean(0), ys.min(0), ys.max(0), color=color, alpha=0.15)
+    axes[0].set(xlabel="GRPO step", ylabel=f"target accuracy ({args.target}, sampled, T=1)", title="target vs step")
+    axes[1].set(xlabel="run clock (s): rollouts + scoring + selection + training",
+                title="target vs run clock (evaluation not charged)")
     axes[2].set(xlabel="GRPO step", ylabel="untargeted check accuracy (greedy)", title="untargeted families")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"curriculum benchmark, target {args.target}: mean over seeds, band = seeds' min–max", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
