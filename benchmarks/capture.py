@@ -24,13 +24,13 @@ Memory: the extra memory of scoring a pool of N and of 4N prompts (mode b throug
 into a feature store), each in a fresh subprocess. After imports, model, projector and pool are built,
 the child sets glibc to map every block >= 64 KiB with ``mmap`` and return it on free (and trims its
 heap), so that resident memory follows live memory rather than what the allocator keeps; then it resets
-the kernel's peak-RSS mark (``/proc/self/clear_refs``), reads ``VmRSS`` as the baseline, scores, and
+the kernel's peak-RSS mark (``clear_refs``), reads ``VmRSS`` as the baseline, scores, and
 reports ``VmHWM`` − baseline: the peak of what scoring adds (activations, per-prompt gradients, sketches,
-the store's dirty pages), not the peak of the whole process. (``ru_maxrss``, used before, cannot be reset:
-the transient peak of building the model masked scoring, and the figure stayed at the same value for N and
-4N.) Where ``clear_refs`` cannot be written, a 1 ms sampler of ``VmRSS`` takes the peak instead
-(``mem_method`` says which). CPU tensors do not pass through Python's allocator, so ``tracemalloc`` would
-not see them.
+the store's dirty pages), not the peak of the whole process. (``ru_maxrss``, used before, cannot be reset,
+and Linux carries it across fork and exec: each child reported the parent's peak, 1317.6 MiB, set by the
+old anchor's 630 MiB Gaussian blocks, for N and 4N alike, and an increment of 0.) Where ``clear_refs``
+cannot be written, a 1 ms sampler of ``VmRSS`` takes the peak instead (``mem_method`` says which). CPU
+tensors do not pass through Python's allocator, so ``tracemalloc`` would not see them.
 
     python benchmarks/capture.py --quick        # < 3 minutes on the 2-core CPU box
 
@@ -307,7 +307,8 @@ def log(*a):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="pool 32, memory at 64 and 256 prompts, best of 2")
+    ap.add_argument("--quick", action="store_true",
+                    help="pool 32, memory at 64 and 256 prompts, best of 3 (paper method 2)")
     ap.add_argument("--n", type=int, default=None, help="pool size (prompts; default 32, 128 without --quick)")
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--kind", default="sjlt", help="fast projector for modes a/b")
@@ -329,7 +330,8 @@ def main():
 
     t_start = time.perf_counter()
     n = args.n or (32 if args.quick else 128)
-    repeats = 2 if args.quick else 3
+    repeats = 3 if args.quick else 5
+    paper_repeats = 2 if args.quick else 3
     paper_batch = min(n, args.paper_batch or args.ppm)
     model, groups, cfg = setup()
     pool = make_pool(n, cfg.vocab_size)
@@ -351,7 +353,7 @@ def main():
     anchor(pool[:1])  # warm-up
     paper = {}
     for b in sorted({paper_batch, n}):
-        t, share = time_paper_method(anchor, pool, b, repeats)
+        t, share = time_paper_method(anchor, pool, b, paper_repeats)
         paper[str(b)] = {"seconds_per_prompt": t, "projection_share": share, "speedup_of_mode_b": t / t_b}
         log(f"paper method, {b} prompts per projection: {t:.4f} s/prompt ({share:.0%} in the projection), "
             f"{t / t_b:.1f}x mode b")
