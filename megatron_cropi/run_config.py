@@ -81,6 +81,9 @@ class RunConfig:
                                           self.parallel.pipeline_model_parallel_size)
         if errors:
             raise ConfigError("parallel", "the model cannot be split this way: " + "; ".join(errors))
+        layers = self.model.transformer["num_layers"]
+        require(self.scoring.last_layers <= layers, "scoring.last_layers", self.scoring.last_layers,
+                f"must be at most the model's {layers} decoder layers")
 
     @property
     def output_dir(self) -> Path:

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from megatron_cropi.influence.feature_store import DONE, FeatureStore
+from megatron_cropi.influence.scorer import scored_layouts
 from megatron_cropi.influence.stores import MemoryFeatureSink, PolicyScorer, score_store
 from megatron_cropi.layout import RunLayout
-from megatron_cropi.popi.capture import select_layouts
 from megatron_cropi.projection.exact import ExactProjector
 from megatron_cropi.selection.scores import cosine_scores, target_direction
 
@@ -44,8 +44,7 @@ def probe_projection_quality(m: int, features: dict[str, Path], scorer: PolicySc
     """
     if probe_prompts <= 0 or not features:
         return {"skipped": "no probe set (curriculum.probe_prompts: 0) or no features"}
-    layouts = select_layouts(scorer.model, scorer.groups, include=scorer.cfg.include_params,
-                             exclude=scorer.cfg.exclude_params)
+    layouts = scored_layouts(scorer.model, scorer.groups, scorer.cfg)
     exact_projector = ExactProjector.for_layouts(layouts.values(), scorer.groups)
     if exact_projector.k > max_params:
         return {"skipped": f"{exact_projector.k} scored parameters exceed curriculum.probe_max_params"}

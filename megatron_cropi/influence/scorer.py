@@ -7,6 +7,16 @@ through the model. The remaining ("live") prompts are cut into fixed chunks of
 contiguous slice of a chunk, the k-vectors are gathered to global rank 0, which writes the chunk.
 Chunk boundaries depend only on the pool, so a resumed run recomputes exactly the chunks that were not
 written and its result equals an uninterrupted run's bit for bit.
+
+Two options make scoring cheaper with the same features (to float error):
+
+* ``max_tokens_per_microbatch > 0``: length-aware micro-batches (:mod:`megatron_cropi.popi.buckets`).
+  Live prompts are sorted by length and cut into schedule calls; a call's micro-batches are padded to
+  its longest sequence (rounded up to ``length_multiple``) and hold as many prompts as fit the token
+  budget. A chunk is then ``dp`` consecutive calls, one per replica.
+* ``truncate_backward``: the backward stops below the lowest scored module
+  (:mod:`megatron_cropi.popi.truncate`); with ``last_layers: L`` only the last ``L`` decoder layers, the
+  final norm and the output layer are scored (:func:`scored_layouts`).
 """
 
 from __future__ import annotations
@@ -22,13 +32,22 @@ import torch.distributed as dist
 from megatron_cropi.config.loader import require
 from megatron_cropi.influence.feature_store import DONE, EXCLUDED, FLAGGED, FeatureStore, hash_strings
 from megatron_cropi.parallel import ParallelGroups
+from megatron_cropi.model.params import ParamLayout
 from megatron_cropi.popi.batch import pack_microbatches, sequence_length_for
+from megatron_cropi.popi.buckets import (
+    group_lengths,
+    group_token_counts,
+    length_bucketed_calls,
+    padded_tokens,
+    uniform_calls,
+    without_padding_rows,
+)
 from megatron_cropi.popi.capture import PopiCapture, select_layouts
 from megatron_cropi.popi.loss import PopiLossConfig
 from megatron_cropi.records import RolloutGroup
 from megatron_cropi.utils.lead_rank import share_from_rank0
 
-__all__ = ["ScoringConfig", "ScoreStats", "score_pool", "param_set_hash"]
+__all__ = ["ScoringConfig", "ScoreStats", "score_pool", "param_set_hash", "scored_layouts", "last_layers_patterns"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,7 +67,24 @@ class ScoringConfig:
     exclude_params: tuple[str, ...] = ()
     """Regexes on global parameter names to leave out."""
     seq_length: int | None = None
-    """Padded sequence length; default the longest prompt + response of the pool."""
+    """Padded sequence length; default the longest prompt + response of the pool. With a token budget:
+    the longest padded length (the cap)."""
+    max_tokens_per_microbatch: int = 0
+    """Token budget per micro-batch (rows × padded length); 0 = off: every micro-batch holds
+    ``prompts_per_microbatch`` prompts padded to ``seq_length``. On: prompts sorted by length, each
+    schedule call's micro-batches padded to the call's longest sequence (rounded up to
+    ``length_multiple``) and holding ``clamp(budget // (K × length), 1, prompts_per_microbatch)``
+    prompts (``popi/buckets.py``). A budget of ``prompts_per_microbatch × K × seq_length`` keeps the
+    longest micro-batch's memory."""
+    length_multiple: int = 8
+    """With a token budget: padded lengths are multiples of this (fewer distinct shapes)."""
+    truncate_backward: bool = False
+    """Stop the backward below the lowest scored module (the same features; cheaper when only upper
+    layers are scored, e.g. with ``last_layers``)."""
+    last_layers: int = 0
+    """Score only the last L decoder layers, the final norm and the output layer (0 = off). With tied
+    embeddings the output layer is the input embedding and is not included. Exclusive with
+    ``include_params``."""
     feature_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     """Storage dtype of the feature stores (read back as float32): float16 scales each row by its max
     |x| (a fp32 scale per row), bfloat16 keeps float32's range; both halve the disk footprint."""
@@ -62,6 +98,13 @@ class ScoringConfig:
             require(self.seq_length >= 2, "seq_length", self.seq_length, "must be >= 2 or null")
         require(self.feature_dtype in ("float32", "float16", "bfloat16"), "feature_dtype", self.feature_dtype,
                 "must be one of float32, float16, bfloat16")
+        require(self.max_tokens_per_microbatch >= 0, "max_tokens_per_microbatch", self.max_tokens_per_microbatch,
+                "must be >= 0 (0 = off)")
+        require(1 <= self.length_multiple <= 4096, "length_multiple", self.length_multiple,
+                "must be between 1 and 4096")
+        require(self.last_layers >= 0, "last_layers", self.last_layers, "must be >= 0 (0 = all layers)")
+        require(not (self.last_layers and self.include_params), "last_layers", self.last_layers,
+                "cannot be combined with include_params (set one of them)")
 
 
 @dataclass
@@ -74,15 +117,42 @@ class ScoreStats:
     flagged: int = 0
     skipped_done: int = 0
     seconds: float = 0.0
+    tokens: int = 0
+    """Real tokens (prompt + response of every sequence) of the scored chunks, all replicas."""
+    padded_tokens: int = 0
+    """Token positions computed for them: rows × padded length of every micro-batch (its padding rows too)."""
 
     @property
     def seconds_per_prompt(self) -> float:
         return self.seconds / max(self.scored, 1)
 
+    @property
+    def padding_fraction(self) -> float:
+        """``1 − tokens / padded_tokens``: the share of computed positions that were padding."""
+        return 1.0 - self.tokens / self.padded_tokens if self.padded_tokens else 0.0
+
+
+def last_layers_patterns(num_layers: int, last: int) -> tuple[str, ...]:
+    """Regexes on global names of the last ``last`` of ``num_layers`` decoder layers, the final norm and
+    the (untied) output layer."""
+    require(1 <= last <= num_layers, "scoring.last_layers", last, f"must be between 1 and the model's {num_layers} "
+            "decoder layers")
+    idx = "|".join(str(i) for i in range(num_layers - last, num_layers))
+    return (rf"^decoder\.layers\.({idx})\.", r"^decoder\.final_layernorm\.", r"^output_layer\.")
+
+
+def scored_layouts(model, groups: ParallelGroups, cfg: ScoringConfig) -> dict[str, ParamLayout]:
+    """This rank's scored parameters: ``include_params`` (or the ``last_layers`` patterns) minus
+    ``exclude_params``, matched on global names (:func:`~megatron_cropi.popi.capture.select_layouts`)."""
+    include = cfg.include_params
+    if cfg.last_layers:
+        include = last_layers_patterns(int(model.config.num_layers), cfg.last_layers)
+    return select_layouts(model, groups, include=include, exclude=cfg.exclude_params)
+
 
 def param_set_hash(model, groups: ParallelGroups, cfg: ScoringConfig) -> str:
     """Hash of the scored parameters' global names and shapes, identical on every rank."""
-    layouts = select_layouts(model, groups, include=cfg.include_params, exclude=cfg.exclude_params)
+    layouts = scored_layouts(model, groups, cfg)
     mine = sorted({f"{l.global_name}:{tuple(l.global_shape)}" for l in layouts.values()})
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
@@ -129,31 +199,45 @@ def score_pool(
     stats.excluded = int(zero_var.sum())
 
     live = np.flatnonzero(~zero_var)
-    per_replica = cfg.prompts_per_microbatch * cfg.microbatches_per_call
     ppm = 1 if cfg.mode == "per_prompt" else cfg.prompts_per_microbatch
-    chunk = groups.dp_size * per_replica
     seq = cfg.seq_length or sequence_length_for(rollouts)
+    live_groups = [rollouts[i] for i in live]
+    if cfg.max_tokens_per_microbatch:
+        calls = length_bucketed_calls(group_lengths(live_groups), responses_per_prompt=responses_per_prompt,
+                                      max_tokens=cfg.max_tokens_per_microbatch, max_prompts=ppm,
+                                      microbatches_per_call=cfg.microbatches_per_call,
+                                      multiple=cfg.length_multiple, cap=seq)
+    else:
+        calls = uniform_calls(live.size, prompts_per_call=cfg.prompts_per_microbatch * cfg.microbatches_per_call,
+                              seq_length=seq, prompts_per_microbatch=ppm)
+    real_tokens = group_token_counts(live_groups)
+    trim_rows = bool(cfg.max_tokens_per_microbatch) and groups.pp_size == 1  # PP exchanges one shape per call
     capture = PopiCapture(model, groups, projector, mode=cfg.mode, loss_cfg=cfg.loss, temperature=temperature,
-                          layouts=select_layouts(model, groups, include=cfg.include_params,
-                                                 exclude=cfg.exclude_params))
+                          layouts=scored_layouts(model, groups, cfg), truncate_backward=cfg.truncate_backward)
     bar = None
     if progress and rank0:
         from tqdm import tqdm
 
         bar = tqdm(total=live.size, desc="scoring", unit="prompt", initial=int((status[live] != 0).sum()))
     done_chunks = 0
-    for start in range(0, live.size, chunk):
-        rows = live[start:start + chunk]
+    for start in range(0, len(calls), groups.dp_size):  # a chunk: one call per data-parallel replica
+        step = calls[start:start + groups.dp_size]
+        rows = live[np.concatenate([c.indices for c in step])]
         if not (status[rows] == 0).any():
             stats.skipped_done += rows.size
             continue
         if max_chunks is not None and done_chunks >= max_chunks:
             break
-        mine = rows[groups.dp_rank * per_replica:(groups.dp_rank + 1) * per_replica]
+        call = step[groups.dp_rank] if groups.dp_rank < len(step) else None
+        mine = live[call.indices] if call is not None else live[:0]
         payload = None
         if mine.size:
-            mbs = pack_microbatches([rollouts[i] for i in mine], list(range(mine.size)), prompts_per_microbatch=ppm,
-                                    responses_per_prompt=responses_per_prompt, seq_length=seq, pad_id=pad_id)
+            mbs = pack_microbatches([rollouts[i] for i in mine], list(range(mine.size)),
+                                    prompts_per_microbatch=call.prompts_per_microbatch,
+                                    responses_per_prompt=responses_per_prompt, seq_length=call.seq_length,
+                                    pad_id=pad_id)
+            if trim_rows:
+                mbs = [without_padding_rows(mb, responses_per_prompt) for mb in mbs]
             out = capture.run(mbs, mine.size, responses_per_prompt)
             if groups.tp_rank == 0 and groups.pp_rank == 0:
                 payload = (mine, out.sketches.numpy(), out.finite.numpy())
@@ -169,6 +253,8 @@ def score_pool(
             if bar is not None:
                 bar.update(rows.size)
         stats.scored += rows.size
+        stats.tokens += int(sum(real_tokens[c.indices].sum() for c in step))
+        stats.padded_tokens += sum(padded_tokens(c, responses_per_prompt, padding_rows=not trim_rows) for c in step)
         done_chunks += 1
         if on_chunk is not None:
             on_chunk()

@@ -12,6 +12,9 @@ Modes (must agree to float error):
 * ``batched`` (b): many prompts per micro-batch; frozen weights; per-prompt gradients formed per layer
   from its input and output gradient.
 
+With ``truncate_backward`` the backward stops below the lowest scored module
+(:mod:`megatron_cropi.popi.truncate`); the sketches are those of the full backward.
+
 Non-finite log-probs, losses or sketches flag the prompt (its sketch is zeroed) and the run goes on.
 """
 
@@ -30,6 +33,7 @@ from megatron_cropi.parallel import ParallelGroups
 from megatron_cropi.popi.batch import PopiMicrobatch
 from megatron_cropi.popi.hooks import BatchedTap, PerPromptTap
 from megatron_cropi.popi.loss import PopiLossConfig, popi_group_losses
+from megatron_cropi.popi.truncate import BackwardCut, lowest_scored_position
 from megatron_cropi.projection.reduce import reduce_sketch
 
 __all__ = ["CaptureOutput", "PopiCapture", "select_layouts"]
@@ -94,16 +98,20 @@ class PopiCapture:
         temperature: T of the behaviour distribution; current log-probs use the same T so that
             ``ρ = 1`` at θ = β.
         layouts: parameters to score (default: all, :func:`select_layouts`).
+        truncate_backward: stop the backward below the lowest scored module (same sketches, less
+            compute when only upper layers are scored). Construction is then a collective over the PP
+            group.
     """
 
     def __init__(self, model, groups: ParallelGroups, projector, *, mode: Literal["per_prompt", "batched"],
                  loss_cfg: PopiLossConfig = PopiLossConfig(), temperature: float = 1.0,
-                 layouts: dict[str, ParamLayout] | None = None):
+                 layouts: dict[str, ParamLayout] | None = None, truncate_backward: bool = False):
         if mode not in ("per_prompt", "batched"):
             raise ValueError(f"capture mode must be 'per_prompt' or 'batched', got {mode!r}")
         self.model, self.groups, self.projector = model, groups, projector
         self.mode, self.loss_cfg, self.temperature = mode, loss_cfg, temperature
         self.layouts = layouts if layouts is not None else select_layouts(model, groups)
+        self.lowest = lowest_scored_position(model, groups, self.layouts) if truncate_backward else 0
 
     def run(self, microbatches: list[PopiMicrobatch], num_rows: int, responses_per_prompt: int) -> CaptureOutput:
         """Capture the groups of ``microbatches``; ``mb.rows`` index ``[0, num_rows)``.
@@ -117,6 +125,10 @@ class PopiCapture:
         k = responses_per_prompt
         seq = microbatches[0].tokens.shape[1]
         n_seq = microbatches[0].tokens.shape[0]
+        if any(mb.tokens.shape[1] != seq or (g.pp_size > 1 and mb.tokens.shape[0] != n_seq) for mb in microbatches):
+            raise ValueError("one capture call needs one sequence length (and under PP one micro-batch size: the "
+                             "stages exchange one activation shape), got "
+                             f"{sorted({tuple(mb.tokens.shape) for mb in microbatches})}")
         if self.mode == "per_prompt" and any(mb.num_groups != 1 or n_seq != k for mb in microbatches):
             raise ValueError("per_prompt capture needs exactly one prompt (K sequences) per micro-batch")
         partial = torch.zeros(num_rows, self.projector.k, dtype=torch.float32, device=device)
@@ -124,7 +136,10 @@ class PopiCapture:
         mask = causal_attention_mask(seq, device)
         num_mb = len(microbatches)
         tap = (PerPromptTap(self.model, self.layouts, self.projector, partial) if self.mode == "per_prompt"
-               else BatchedTap(self.model, self.layouts, self.projector, partial, k))
+               else BatchedTap(self.model, self.layouts, self.projector, partial, k,
+                               restart_at_embedding=self.lowest <= 0))
+        cut = (BackwardCut(self.model, self.lowest, root=self.mode == "batched") if self.lowest > 0
+               else contextlib.nullcontext())
 
         def forward_step(data_iterator, model):
             mb_id, mb = next(data_iterator)
@@ -156,7 +171,7 @@ class PopiCapture:
 
             return out, loss_func
 
-        with tap, _plain_schedule(self.model.config):
+        with tap, cut, _plain_schedule(self.model.config):
             reduced = forward_backward(self.model, g, forward_step_func=forward_step,
                                        data_iterator=iter(list(enumerate(microbatches))),
                                        num_microbatches=num_mb, seq_length=seq, micro_batch_size=n_seq)

@@ -129,6 +129,9 @@ class BatchedTap(_Tap):
         projector: a :class:`~megatron_cropi.projection.base.Projector`.
         partial: ``[num_rows, k]`` float32 accumulator.
         responses_per_prompt: K (sequences per group, consecutive in the batch).
+        restart_at_embedding: make the embedding output a leaf that requires grad (the graph's root:
+            every weight is frozen); False when a truncated backward (:mod:`megatron_cropi.popi.truncate`)
+            roots the graph higher up, so that the layers below build no graph at all.
 
     Raises:
         UnsupportedParameterError: a scored parameter lives in a module the tap cannot see (e.g. a
@@ -136,7 +139,7 @@ class BatchedTap(_Tap):
     """
 
     def __init__(self, model, layouts: dict[str, ParamLayout], projector, partial: torch.Tensor,
-                 responses_per_prompt: int):
+                 responses_per_prompt: int, *, restart_at_embedding: bool = True):
         from megatron.core.tensor_parallel.layers import (
             ColumnParallelLinear,
             RowParallelLinear,
@@ -146,6 +149,7 @@ class BatchedTap(_Tap):
         super().__init__(model)
         self.layouts, self.projector, self.partial = layouts, projector, partial
         self.k = responses_per_prompt
+        self.restart_at_embedding = restart_at_embedding
         self.rows_of: dict[int, torch.Tensor] = {}  # micro-batch id -> [G] partial rows
         self.current_mb: int | None = None
         by_param = {id(p): layouts[n] for n, p in model.named_parameters() if n in layouts}
@@ -222,6 +226,8 @@ class BatchedTap(_Tap):
         output.register_hook(on_grad)
 
     def _embedding_hook(self, module, args, output):
+        if not self.restart_at_embedding:
+            return None
         ids = args[0]
         mb = self.current_mb
         # Parameters are frozen, so nothing upstream requires grad: restart the graph here to get
