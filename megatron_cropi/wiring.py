@@ -1,7 +1,7 @@
 """Wiring: from a :class:`~megatron_cropi.run_config.RunConfig` to the live objects of a run.
 
-Every command (``cropi run``, ``train``, ``score``, ``rollout``) builds its objects here and only
-here: the process groups and threads (:func:`setup_run`), the prompt sets (:func:`load_prompt_sets`),
+The commands (``cropi run``, ``train``, ``score``, ``rollout``) build their live objects here: the
+process groups and threads (:func:`setup_run`), the prompt sets (:func:`load_prompt_sets`),
 the weights to start from (:func:`initial_weights`), the policy model (:func:`build_policy_model`),
 the rollout engine (:func:`build_engine`) and the policy's identity in store headers
 (:func:`policy_identity`).
@@ -9,7 +9,7 @@ the rollout engine (:func:`build_engine`) and the policy's identity in store hea
 :class:`PolicyRuntime` holds this rank's process groups, the tokenizer, the policy model inside its
 :class:`~megatron_cropi.grpo.trainer.GrpoTrainer` (DDP, optimizer carried across stages), the rollout
 engine that samples from it (the native sampler shares its weights; vLLM gets them pushed after each
-update), the reward function, and the run's prompt sets. The stage controller only calls into it.
+update) and the reward function. The stage controller only calls into it.
 """
 
 from __future__ import annotations

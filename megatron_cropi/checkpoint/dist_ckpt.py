@@ -46,7 +46,7 @@ import torch.distributed as dist
 from megatron_cropi.model.params import param_layouts
 from megatron_cropi.parallel import ParallelGroups
 from megatron_cropi.utils.atomic import atomic_write_json, fsync_dir
-from megatron_cropi.utils.lead_rank import on_rank0, share_from_rank0
+from megatron_cropi.utils.rank_zero import on_rank0, share_from_rank0
 
 __all__ = [
     "CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "read_checkpoint_meta",

@@ -254,7 +254,7 @@ def save_model_as_hf(
     """
     import torch.distributed as dist
 
-    from megatron_cropi.utils.lead_rank import share_from_rank0
+    from megatron_cropi.utils.rank_zero import share_from_rank0
 
     inner = _unwrap(model)
     dims = GPTDimensions.from_model(inner)

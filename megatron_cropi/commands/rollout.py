@@ -24,6 +24,7 @@ from megatron_cropi.rewards.config import reward_config_for
 from megatron_cropi.rollout.runner import RolloutSummary, rollout_prompts
 from megatron_cropi.rollout.store import StoreError, StoreHeader, TrajectoryStore
 from megatron_cropi.run_config import load_run_config
+from megatron_cropi.utils.rank_zero import on_rank0
 from megatron_cropi.wiring import build_engine, build_policy_model, policy_identity
 
 __all__ = ["cmd_rollout", "run_rollout"]
@@ -72,13 +73,19 @@ def run_rollout(cfg, *, split: str | None = None, store_dir: str | None = None, 
     store = reward_fn = None
     path = Path(store_dir or rc.store_dir or RunLayout(cfg.run.output_dir).rollouts(split))
     try:
-        if writer:
+        opened: list = []  # store and verifier stay on rank 0; every rank learns if opening failed
+
+        def open_store():
             header = StoreHeader.build(sampling, tokenizer=tokenizer.identity, model=policy_identity(cfg, rc.checkpoint),
                                        policy_version=rc.policy_version, num_prompts=len(prompts), engine=rc.engine,
                                        pool_hash=pool_hash(p.prompt_id for p in prompts),
                                        extra={"split": split, "data": prompt_set.summary()})
-            store = TrajectoryStore.open_for_append(path, header, repair=repair)
-            reward_fn = RewardFunction(reward_config_for(rc.reward, cfg.data.kind))
+            opened.append(TrajectoryStore.open_for_append(path, header, repair=repair))
+            opened.append(RewardFunction(reward_config_for(rc.reward, cfg.data.kind)))
+
+        on_rank0(open_store)
+        if writer:
+            store, reward_fn = opened
         summary = rollout_prompts(prompts, engine, sampling, store=store, reward_fn=reward_fn, tokenizer=tokenizer,
                                   batch_prompts=rc.batch_prompts, policy_version=rc.policy_version, groups=groups,
                                   progress=rc.progress, desc=f"rollout {split}")

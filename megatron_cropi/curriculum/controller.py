@@ -23,15 +23,15 @@ from megatron_cropi.curriculum import steps
 from megatron_cropi.curriculum.evaluate import EvalLog, evaluate_policy
 from megatron_cropi.curriculum.faults import fault_point
 from megatron_cropi.curriculum.probe import probe_projection_quality
-from megatron_cropi.curriculum.report import write_final_report, write_stage_report
+from megatron_cropi.curriculum.report import stage_scalars, write_final_report, write_stage_report
 from megatron_cropi.curriculum.state import RunState
 from megatron_cropi.influence.feature_store import prune_feature_stores
 from megatron_cropi.influence.stores import PolicyScorer, score_store
 from megatron_cropi.layout import RunLayout
 from megatron_cropi.metrics import MetricsLogger
 from megatron_cropi.selection.policies import Selection
-from megatron_cropi.utils.lead_rank import on_rank0, share_from_rank0
-from megatron_cropi.wiring import PolicyRuntime, initial_weights, policy_identity, setup_run
+from megatron_cropi.utils.rank_zero import on_rank0, share_from_rank0
+from megatron_cropi.wiring import PolicyRuntime, policy_identity, setup_run
 
 __all__ = ["StageController", "run_curriculum"]
 
@@ -110,8 +110,10 @@ class StageController:
                 self.step_probe(stage, features)
                 pool_rollouts = self.step_online_rollouts(stage)
                 selection = self.step_select(stage, features, pool_rollouts)
+                self.prune_features()
                 self.step_train(stage, selection)
                 self.step_report(stage, selection)
+            self.prune_features()
             return self.finish(time.perf_counter() - t0)
         finally:
             self.runtime.close()
@@ -121,7 +123,7 @@ class StageController:
         """The β policy's HF directory: the warm-up's, ``rollout.checkpoint``, or None (random init)."""
         cfg = self.cfg
         if not cfg.curriculum.warmup.enabled:
-            return initial_weights(cfg, self.layout)
+            return cfg.rollout.checkpoint or None
         if self.is_done("warmup") and (self.layout.warmup_hf / "config.json").exists():
             return str(self.layout.warmup_hf)
         from megatron_cropi.curriculum.warmup import run_warmup
@@ -144,7 +146,7 @@ class StageController:
         if runtime.trainer.step_count:
             raise RuntimeError("behaviour rollouts must come from β, but the policy has already been trained")
         curriculum = cfg.curriculum
-        beta = policy_identity(cfg, runtime.hf_dir)
+        beta = self.policy_identity()
         sets = [("pool", self.prompts.pool, curriculum.pool_samples)] + [
             (f"target-{t}", recs, curriculum.target_samples) for t, recs in sorted(self.prompts.targets.items())]
         for name, prompts, n in sets:
@@ -162,22 +164,30 @@ class StageController:
             fault_point(f"rollouts:{name}")
         self.mark_done("rollouts")
 
+    def policy_identity(self) -> str:
+        """β's identity for store headers: hashed once, on global rank 0 (it reads every weight file)."""
+        if not hasattr(self, "_beta_identity"):
+            self._beta_identity = share_from_rank0(
+                policy_identity(self.cfg, self.runtime.hf_dir) if self.is_rank0 else None)
+        return self._beta_identity
+
     def resume_training(self) -> None:
         """Load the latest GRPO checkpoint (if any) with its stage's prompt set for the data position."""
         from megatron_cropi.checkpoint.dist_ckpt import latest_checkpoint, read_checkpoint_meta
 
-        ckpt = latest_checkpoint(self.layout.checkpoints)
+        # rank 0 reads the directory and every rank acts on what it found (a shared filesystem may
+        # show a new checkpoint to some nodes later than to others)
+        ckpt = share_from_rank0(latest_checkpoint(self.layout.checkpoints) if self.is_rank0 else None)
         if ckpt is None:
             return
         trainer = self.runtime.trainer
         step = int(read_checkpoint_meta(ckpt)["step"])
         stage = max(step - 1, 0) // max(self.cfg.curriculum.steps_per_stage, 1)
-        selection = steps.read_selection(self.layout.selection(stage))
+        selection = on_rank0(lambda: steps.read_selection(self.layout.selection(stage)))
         if selection is not None:
             trainer.set_prompts(steps.selected_prompts(self.prompts.pool, selection))
         trainer.load(ckpt)
-        if self.is_rank0:
-            self.eval_log.truncate_after(step)
+        on_rank0(lambda: self.eval_log.truncate_after(step))
         self.log(f"[resume] from {ckpt.name} (step {step}, stage {stage})")
 
     def scorer(self) -> PolicyScorer:
@@ -240,7 +250,7 @@ class StageController:
                                                                                curriculum.online_samples, stage),
             engine=runtime.engine, reward_fn=runtime.reward_fn, tokenizer=self.tokenizer, groups=self.groups,
             batch_prompts=cfg.rollout.batch_prompts, engine_kind=cfg.rollout.engine, progress=cfg.rollout.progress,
-            policy=f"{policy_identity(cfg, runtime.hf_dir)}+grpo-step{runtime.trainer.step_count}")
+            policy=f"{self.policy_identity()}+grpo-step{runtime.trainer.step_count}")
         seconds = time.perf_counter() - t0
         self.charge("selection", seconds)
         self.log(f"[online] stage {stage}: {len(prompts)} pool prompts × {curriculum.online_samples} at θ_{stage} "
@@ -258,7 +268,7 @@ class StageController:
         the trajectory store ``pool_rollouts``."""
         step = f"stage{stage}/select"
         if self.is_done(step):
-            done = steps.read_selection(self.layout.selection(stage))
+            done = on_rank0(lambda: steps.read_selection(self.layout.selection(stage)))
             if done is not None:
                 return done
         t0 = time.perf_counter()
@@ -269,11 +279,17 @@ class StageController:
         self.log(f"[select] stage {stage}: {len(selection.prompt_ids)} prompts by {selection.policy}; mix "
                  f"{dict(list(selection.summary['source_mix'].items())[:6])}")
         self.mark_done(step, seconds=selection.summary["seconds"])
-        if self.cfg.curriculum.keep_features == "resume" and self.is_rank0:
-            freed = prune_feature_stores(self.layout.features_root, keep_stages=set())
-            self.log(f"[select] stage {stage}: feature stores deleted ({freed / 2**20:.1f} MiB); "
-                     "curriculum.keep_features: resume")
         return selection
+
+    def prune_features(self) -> None:
+        """``curriculum.keep_features: resume``: delete every stage's feature stores whose selection is
+        recorded (all of them, when called after a selection). Idempotent, so a run that died mid-prune
+        or right after marking a selection finishes the job on its next pass."""
+        if self.cfg.curriculum.keep_features != "resume":
+            return
+        freed = on_rank0(lambda: prune_feature_stores(self.layout.features_root, keep_stages=set()))
+        if freed:
+            self.log(f"[features] deleted {freed / 2**20:.1f} MiB of feature stores (curriculum.keep_features: resume)")
 
     def step_train(self, stage: int, selection: Selection) -> None:
         """GRPO steps ``m·T .. (m+1)·T`` of stage m on the selection; state after every step; checkpoint at the end."""
@@ -309,7 +325,7 @@ class StageController:
 
         runtime = self.runtime
         step = runtime.trainer.step_count
-        done = share_from_rank0(self.eval_log.at_step(step) if self.is_rank0 else None)
+        done = on_rank0(lambda: self.eval_log.at_step(step))
         if done is not None:
             return done
         t0 = time.perf_counter()
@@ -320,19 +336,26 @@ class StageController:
         rec["seconds"] = time.perf_counter() - t0
         rec["clock_seconds"] = self.clock_seconds
         self.metrics.log(step, {k: v for k, v in rec.items() if isinstance(v, float)}, prefix="eval")
-        if self.is_rank0:
-            self.eval_log.append(rec)
+        on_rank0(lambda: self.eval_log.append(rec))
         self.log(f"[eval] step {step}: target sampled {rec['target_sampled']:.3f}"
                  + (f" greedy {rec['target_greedy']:.3f}" if "target_greedy" in rec else "")
                  + (f", check {rec['check_greedy']:.3f}" if "check_greedy" in rec else ""))
         return rec
 
     def step_report(self, stage: int, selection: Selection) -> None:
-        if self.is_rank0:
+        """``reports/stage{m}.{json,md}`` (rank 0) and the stage's influence metrics (the metrics rank)."""
+        first_step = stage * self.cfg.curriculum.steps_per_stage
+
+        def write() -> dict:
             previous = steps.read_selection(self.layout.selection(stage - 1)) if stage > 0 else None
-            write_stage_report(stage, selection, previous, step_info=self.state.data.get("info", {}),
-                               steps_per_stage=self.cfg.curriculum.steps_per_stage, layout=self.layout,
-                               metrics=self.metrics)
+            return write_stage_report(stage, selection, previous, step_info=self.state.data.get("info", {}),
+                                      steps_per_stage=self.cfg.curriculum.steps_per_stage, layout=self.layout)
+
+        report = on_rank0(write)
+        # every rank logs: with PP > 1 the metrics rank (last stage) is not global rank 0
+        self.metrics.log(first_step, stage_scalars(report, selection), prefix="influence")
+        if selection.scores and selection.policy == "cropi":
+            self.metrics.histogram(first_step, "influence/selected_scores", selection.scores)
         self.mark_done(f"stage{stage}/report")
 
     def finish(self, seconds: float) -> dict:
@@ -340,7 +363,8 @@ class StageController:
         from megatron_cropi.checkpoint import save_model_as_hf
 
         cfg = self.cfg
-        if not (self.layout.final_hf / "config.json").exists() or not self.is_done("final_hf"):
+        exported = on_rank0(lambda: (self.layout.final_hf / "config.json").exists())
+        if not exported or not self.is_done("final_hf"):
             save_model_as_hf(self.runtime.trainer.ddp, self.groups, cfg.model, self.layout.final_hf, overwrite=True)
             self.mark_done("final_hf")
         summary = on_rank0(lambda: write_final_report(

@@ -92,7 +92,16 @@ class EvalLog:
         self.path = Path(path)
 
     def records(self) -> list[dict]:
-        return [json.loads(x) for x in self.path.read_text().splitlines() if x] if self.path.exists() else []
+        """Every record; a torn last line (the process died while appending) is left out."""
+        lines = [x for x in self.path.read_text().splitlines() if x] if self.path.exists() else []
+        out = []
+        for i, line in enumerate(lines):
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i < len(lines) - 1:
+                    raise ValueError(f"{self.path}: line {i + 1} is not JSON") from None
+        return out
 
     def at_step(self, step: int) -> dict | None:
         """The record of ``step`` if one was written (a resumed run does not evaluate twice)."""
@@ -100,6 +109,12 @@ class EvalLog:
 
     def append(self, record: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() and self.path.stat().st_size:
+            with open(self.path, "rb") as f:
+                f.seek(-1, 2)
+                torn = f.read(1) != b"\n"
+            if torn:  # drop the torn record rather than glue the new one onto it
+                self.truncate_after(record["step"])
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 

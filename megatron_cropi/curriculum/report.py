@@ -16,16 +16,15 @@ from pathlib import Path
 import numpy as np
 
 from megatron_cropi.layout import RunLayout
-from megatron_cropi.metrics import MetricsLogger
 from megatron_cropi.selection.policies import Selection
 from megatron_cropi.utils.atomic import atomic_write_json, atomic_write_text
 
-__all__ = ["write_stage_report", "write_final_report", "plot_accuracy"]
+__all__ = ["write_stage_report", "stage_scalars", "write_final_report", "plot_accuracy"]
 
 
 def write_stage_report(m: int, selection: Selection, previous: Selection | None, *, step_info: dict[str, dict],
-                       steps_per_stage: int, layout: RunLayout, metrics: MetricsLogger) -> dict:
-    """Write ``reports/stage{m}.{json,md}`` and the stage's influence metrics; return the report.
+                       steps_per_stage: int, layout: RunLayout) -> dict:
+    """Write ``reports/stage{m}.{json,md}``; return the report (its TensorBoard scalars: :func:`stage_scalars`).
 
     Args:
         previous: stage ``m - 1``'s selection (None at stage 0).
@@ -57,29 +56,32 @@ def write_stage_report(m: int, selection: Selection, previous: Selection | None,
     # the target direction rests on the target prompts that have a gradient (mixed rewards under β)
     report["target_prompts_used"] = {name: {"used": t["target_prompts_used"], "of": t.get("target_prompts")}
                                      for name, t in selection.summary.get("targets", {}).items()}
-    pool_scoring = scoring.get("pool", {})
-    tb = {"selected": len(selection.prompt_ids),
-          "selected_mean_pass_rate": selection.summary.get("mean_pass_rate", float("nan")),
-          "zero_variance_prompts": pool_scoring.get("excluded", float("nan")),
-          "flagged_prompts": pool_scoring.get("flagged", float("nan")),
-          "seconds_per_scored_prompt": (pool_scoring.get("seconds", np.nan) / max(pool_scoring.get("scored", 0), 1)
-                                        if pool_scoring else float("nan")),
-          "selection_seconds": selection.summary.get("seconds", float("nan"))}
-    if overlap is not None:
-        tb["overlap_with_previous"] = overlap
-    for key in ("spearman", "precision_at_10pct"):
-        if key in probe:
-            tb[f"probe_{key}"] = probe[key]
-    for src, count in selection.summary.get("source_mix", {}).items():
-        tb[f"mix/{src}"] = count / max(len(selection.prompt_ids), 1)
-    for name, used in report["target_prompts_used"].items():
-        tb[f"target_prompts_used/{name}"] = used["used"]
-    metrics.log(first_step, tb, prefix="influence")
-    if selection.scores and selection.policy == "cropi":
-        metrics.histogram(first_step, "influence/selected_scores", selection.scores)
     atomic_write_json(layout.stage_report(m, "json"), report)
     atomic_write_text(layout.stage_report(m, "md"), _stage_markdown(report))
     return report
+
+
+def stage_scalars(report: dict, selection: Selection) -> dict[str, float]:
+    """The stage's influence metrics for TensorBoard (``influence/*``), from its report."""
+    pool_scoring = report["scoring"].get("pool", {})
+    probe = report["projection_probe"]
+    scalars = {"selected": len(selection.prompt_ids),
+               "selected_mean_pass_rate": selection.summary.get("mean_pass_rate", float("nan")),
+               "zero_variance_prompts": pool_scoring.get("excluded", float("nan")),
+               "flagged_prompts": pool_scoring.get("flagged", float("nan")),
+               "seconds_per_scored_prompt": (pool_scoring.get("seconds", np.nan) / max(pool_scoring.get("scored", 0), 1)
+                                             if pool_scoring else float("nan")),
+               "selection_seconds": selection.summary.get("seconds", float("nan"))}
+    if report["overlap_with_previous"] is not None:
+        scalars["overlap_with_previous"] = report["overlap_with_previous"]
+    for key in ("spearman", "precision_at_10pct"):
+        if key in probe:
+            scalars[f"probe_{key}"] = probe[key]
+    for src, count in selection.summary.get("source_mix", {}).items():
+        scalars[f"mix/{src}"] = count / max(len(selection.prompt_ids), 1)
+    for name, used in report["target_prompts_used"].items():
+        scalars[f"target_prompts_used/{name}"] = used["used"]
+    return scalars
 
 
 def _stage_markdown(r: dict) -> str:

@@ -1,7 +1,8 @@
 """``state.json``: where a run is, and the configuration its finished work was made with.
 
 Written atomically after every step. On restart the controller skips every step recorded as done
-(after checking its outputs) and resumes GRPO from the last checkpoint. A configuration change that
+(the step's files are named by :class:`~megatron_cropi.layout.RunLayout`; stores refuse stale
+contents by their identity headers) and resumes GRPO from the last checkpoint. A configuration change that
 would invalidate finished work (seed, k, ratio, pool, ...) is refused with the changed keys named,
 unless the user asks for a new run, which moves the old outputs aside (nothing is deleted).
 """

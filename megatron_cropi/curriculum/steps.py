@@ -22,7 +22,7 @@ from megatron_cropi.layout import RunLayout
 from megatron_cropi.records import PromptRecord, SamplingParams
 from megatron_cropi.selection.policies import Selection, SelectionConfig, SelectionInputs, select
 from megatron_cropi.utils.atomic import atomic_write_json
-from megatron_cropi.utils.lead_rank import on_rank0
+from megatron_cropi.utils.rank_zero import on_rank0
 
 __all__ = ["behaviour_sampling", "behaviour_rollouts", "online_sampling", "online_pool_subset", "feature_set_names",
            "read_selection", "selected_prompts", "previous_selections", "selection_inputs", "select_stage"]
@@ -53,12 +53,16 @@ def behaviour_rollouts(name: str, prompts: Sequence[PromptRecord], path: Path, *
     from megatron_cropi.rollout.store import StoreHeader, TrajectoryStore
 
     writer = groups.rank == 0
-    store = None
-    if writer:
+    opened: list = []  # the store stays on rank 0 (it writes); every rank learns if opening failed
+
+    def open_store():
         header = StoreHeader.build(sampling, tokenizer=tokenizer.identity, model=policy, policy_version=0,
                                    num_prompts=len(prompts), engine=engine_kind,
                                    pool_hash=pool_hash(p.prompt_id for p in prompts), extra={"set": path.name})
-        store = TrajectoryStore.open_for_append(path, header)
+        opened.append(TrajectoryStore.open_for_append(path, header))
+
+    on_rank0(open_store)
+    store = opened[0] if writer else None
     return rollout_prompts(prompts, engine, sampling, store=store, reward_fn=reward_fn if writer else None,
                            tokenizer=tokenizer, batch_prompts=batch_prompts, policy_version=0, groups=groups,
                            progress=progress and writer, desc=f"rollout {path.name}")

@@ -229,7 +229,10 @@ class GrpoTrainer:
         """The newest checkpoint in ``checkpoint_dir`` when it is of the current step, else a new one."""
         from megatron_cropi.checkpoint.dist_ckpt import latest_checkpoint, read_checkpoint_meta
 
-        last = latest_checkpoint(self.checkpoint_dir)
+        from megatron_cropi.utils.rank_zero import share_from_rank0
+
+        # rank 0 decides for all: save() is a collective, and ranks must not disagree on the directory
+        last = share_from_rank0(latest_checkpoint(self.checkpoint_dir) if self.groups.rank == 0 else None)
         if last is not None and int(read_checkpoint_meta(last)["step"]) == self.step_count:
             return last
         return self.save()

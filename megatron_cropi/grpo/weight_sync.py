@@ -74,8 +74,6 @@ class VLLMWeightPush(WeightSync):
             save_model_as_hf(model, groups, self.model_cfg, base, overwrite=True)
             if self.engine is not None:  # an isolated engine reads its directory at every generate
                 self.engine.model_dir = str(base)
-                if hasattr(self.engine, "_kwargs"):
-                    self.engine._kwargs["model_dir"] = str(base)
         self.pushes += 1
         return time.perf_counter() - t0
 

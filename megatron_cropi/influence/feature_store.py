@@ -276,7 +276,7 @@ def prune_feature_stores(features_root: str | Path, keep_stages: set[int]) -> in
     root = Path(features_root)
     if not root.is_dir():
         return 0
-    doomed = []
+    doomed: dict[Path, None] = {}  # ordered and without repeats: a leftover may be listed, then reused
     for entry in sorted(root.iterdir()):
         if not entry.is_dir() or entry.is_symlink():
             continue
@@ -286,9 +286,9 @@ def prune_feature_stores(features_root: str | Path, keep_stages: set[int]) -> in
             if tmp.exists():
                 shutil.rmtree(tmp)
             entry.rename(tmp)
-            doomed.append(tmp)
+            doomed[tmp] = None
         elif re.fullmatch(r"\.stage\d+\.pruning", entry.name):
-            doomed.append(entry)
+            doomed[entry] = None
     if doomed:
         fsync_dir(root)
     freed = 0

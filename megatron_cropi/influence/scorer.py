@@ -45,7 +45,7 @@ from megatron_cropi.popi.buckets import (
 from megatron_cropi.popi.capture import PopiCapture, select_layouts
 from megatron_cropi.popi.loss import PopiLossConfig
 from megatron_cropi.records import RolloutGroup
-from megatron_cropi.utils.lead_rank import share_from_rank0
+from megatron_cropi.utils.rank_zero import share_from_rank0
 
 __all__ = ["ScoringConfig", "ScoreStats", "score_pool", "param_set_hash", "scored_layouts", "last_layers_patterns"]
 

@@ -20,6 +20,7 @@ from megatron_cropi.influence.scorer import ScoreStats, ScoringConfig, param_set
 from megatron_cropi.parallel import ParallelGroups
 from megatron_cropi.records import RolloutGroup, SamplingParams
 from megatron_cropi.rollout.store import TrajectoryStore
+from megatron_cropi.utils.rank_zero import on_rank0
 
 __all__ = ["FeatureSink", "MemoryFeatureSink", "PolicyScorer", "read_complete_store", "score_store"]
 
@@ -108,7 +109,9 @@ def score_store(rollouts_dir: Path, out: Path | FeatureSink, scorer: PolicyScore
         groups_list = [groups_list[i] for i in rows]
     rank0 = dist.get_rank() == 0
     if isinstance(out, (str, Path)):
-        sink = FeatureStore.open(Path(out), scorer.header(groups_list)) if rank0 else None
+        opened: list[FeatureStore] = []  # memory maps stay on rank 0; only success or the error is shared
+        on_rank0(lambda: opened.append(FeatureStore.open(Path(out), scorer.header(groups_list))))
+        sink = opened[0] if rank0 else None
     else:
         sink = out if rank0 else None
     return score_pool(groups_list, sink, model=scorer.model, groups=scorer.groups,

@@ -23,7 +23,7 @@ from megatron_cropi.data.tokenizer import TextTokenizer
 from megatron_cropi.rewards.base import RewardFunction, VerifyItem
 from megatron_cropi.records import PromptRecord, Response, RolloutEngine, RolloutGroup, SamplingParams
 from megatron_cropi.rollout.store import TrajectoryStore
-from megatron_cropi.utils.lead_rank import share_from_rank0
+from megatron_cropi.utils.rank_zero import share_from_rank0
 
 __all__ = ["RolloutSummary", "score_groups", "rollout_prompts"]
 

@@ -141,3 +141,13 @@ def test_scoring_config_feature_dtype():
     assert "feature_dtype" in str(info.value) and "float64" in str(info.value)
     with pytest.raises(ConfigError, match="feature_dtype"):
         ScoringConfig(feature_dtype="int8")
+
+
+def test_prune_after_a_prune_died_between_rename_and_delete(tmp_path):
+    """A stage's leftover ``.stage{m}.pruning`` and a new ``stage{m}`` (re-scored) are both removed once."""
+    root = tmp_path / "features"
+    FeatureStore.open(root / "stage0" / "pool", _header(5))
+    (root / "stage0").rename(root / ".stage0.pruning")  # the earlier prune died here
+    FeatureStore.open(root / "stage0" / "pool", _header(5))
+    assert prune_feature_stores(root, set()) > 0
+    assert list(root.iterdir()) == []

@@ -1,6 +1,7 @@
 """Rank 0 acts, every rank learns the result or the error.
 
-Files of a run are written by global rank 0 alone (one writer, atomic writes); the other ranks must
+A run's files (stores, state, reports; not TensorBoard, which the metrics rank writes) are written by
+global rank 0 alone (one writer, atomic writes); the other ranks must
 still learn what it found (a value) or that it failed (the exception, re-raised on every rank), or
 they would go on into the next collective and wait forever for a rank that has died.
 """
