@@ -125,6 +125,9 @@ class FeatureHeader:
     prompt_id_hash: str
     dtype: str = "float32"
     """Storage dtype of the features (see the module docstring); stores without it are float32."""
+    responses_per_prompt: int = 0
+    """Responses per prompt the features were computed from (``scoring.max_responses_per_prompt``;
+    0 = every stored response; stores without it used all)."""
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self):

@@ -85,6 +85,10 @@ class ScoringConfig:
     """Score only the last L decoder layers, the final norm and the output layer (0 = off). With tied
     embeddings the output layer is the input embedding and is not included. Exclusive with
     ``include_params``."""
+    max_responses_per_prompt: int = 0
+    """Score each prompt on at most this many of its stored responses (the first ones; 0 = all): fewer
+    responses than were rolled out make scoring cheaper, and the group advantages are those of the
+    subset (a prompt whose subset has all-equal rewards is excluded)."""
     feature_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     """Storage dtype of the feature stores (read back as float32): float16 scales each row by its max
     |x| (a fp32 scale per row), bfloat16 keeps float32's range; both halve the disk footprint."""
@@ -102,6 +106,8 @@ class ScoringConfig:
                 "must be >= 0 (0 = off)")
         require(1 <= self.length_multiple <= 4096, "length_multiple", self.length_multiple,
                 "must be between 1 and 4096")
+        require(self.max_responses_per_prompt == 0 or self.max_responses_per_prompt >= 2, "max_responses_per_prompt",
+                self.max_responses_per_prompt, "must be 0 (all) or >= 2 (a group of one has no advantage)")
         require(self.last_layers >= 0, "last_layers", self.last_layers, "must be >= 0 (0 = all layers)")
         require(not (self.last_layers and self.include_params), "last_layers", self.last_layers,
                 "cannot be combined with include_params (set one of them)")

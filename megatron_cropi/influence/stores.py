@@ -8,6 +8,7 @@ stored log-probs, and the pad id.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -73,7 +74,7 @@ class PolicyScorer:
                              projector=json.dumps(self.projector.describe(), sort_keys=True, default=str),
                              param_set_hash=self.param_set_hash, checkpoint_step=self.checkpoint_step,
                              prompt_id_hash=hash_strings(g.prompt_id for g in rollouts),
-                             dtype=self.cfg.feature_dtype)
+                             dtype=self.cfg.feature_dtype, responses_per_prompt=self.cfg.max_responses_per_prompt)
 
 
 def read_complete_store(path: Path) -> tuple[list[RolloutGroup], SamplingParams]:
@@ -107,6 +108,12 @@ def score_store(rollouts_dir: Path, out: Path | FeatureSink, scorer: PolicyScore
     groups_list, sampling = read_complete_store(rollouts_dir)
     if rows is not None:
         groups_list = [groups_list[i] for i in rows]
+    k = sampling.n
+    cap = scorer.cfg.max_responses_per_prompt
+    if cap and cap < k:  # the first ``cap`` responses of each group (samples are i.i.d. by index)
+        groups_list = [dataclasses.replace(g, responses=g.responses[:cap], rewards=g.rewards[:cap])
+                       for g in groups_list]
+        k = cap
     rank0 = dist.get_rank() == 0
     if isinstance(out, (str, Path)):
         opened: list[FeatureStore] = []  # memory maps stay on rank 0; only success or the error is shared
@@ -116,5 +123,5 @@ def score_store(rollouts_dir: Path, out: Path | FeatureSink, scorer: PolicyScore
         sink = out if rank0 else None
     return score_pool(groups_list, sink, model=scorer.model, groups=scorer.groups,
                       projector=projector or scorer.projector, cfg=scorer.cfg,
-                      temperature=sampling.logprob_temperature, responses_per_prompt=sampling.n,
+                      temperature=sampling.logprob_temperature, responses_per_prompt=k,
                       pad_id=scorer.pad_id, progress=scorer.progress, on_chunk=on_chunk)

@@ -174,3 +174,37 @@ def test_per_prompt_capture_inside_megatron_ddp(tiny):
     assert ((got - ref).norm(dim=1) / ref.norm(dim=1)).max() < 1e-5
     assert all(float(p.main_grad.abs().max()) == 0.0 for p in model.parameters() if hasattr(p, "main_grad"))
     assert ddp is not None
+
+
+def test_max_responses_per_prompt_scores_the_first_responses_only(tiny, tmp_path):
+    """``scoring.max_responses_per_prompt: 2`` on a stored pool of K = 4 equals scoring, by hand, groups
+    cut to their first two responses; prompts whose first two rewards are equal become excluded."""
+    from megatron_cropi.data.prompt_ids import pool_hash
+    from megatron_cropi.influence.stores import PolicyScorer, score_store
+    from megatron_cropi.records import SamplingParams
+    from megatron_cropi.rollout.store import StoreHeader, TrajectoryStore
+
+    model, groups, mcfg = tiny
+    pool = sorted(_pool(mcfg.vocab_size), key=lambda g: g.prompt_id)
+    # mixed rewards in the first two responses for even rows, equal ones for odd rows
+    pool = [dataclasses.replace(g, rewards=np.array([1, 0, 1, 0] if i % 2 == 0 else [1, 1, 0, 1], np.float32))
+            for i, g in enumerate(pool)]
+    header = StoreHeader.build(SamplingParams(n=K, temperature=1.0), tokenizer="t", model="m", policy_version=0,
+                               num_prompts=len(pool), engine="native", pool_hash=pool_hash(g.prompt_id for g in pool))
+    store = TrajectoryStore.open_for_append(tmp_path / "rollouts", header)
+    store.append(pool)
+    store.mark_complete()
+
+    cfg = ScoringConfig(prompts_per_microbatch=2, microbatches_per_call=1, seq_length=8, max_responses_per_prompt=2)
+    scorer = PolicyScorer(model, groups, _projector(), cfg, projection_seed=0, checkpoint_step=0, pad_id=0)
+    stats = score_store(tmp_path / "rollouts", tmp_path / "features", scorer)
+    got = FeatureStore.load(tmp_path / "features")
+    assert got.header.responses_per_prompt == 2 and stats.excluded == len(pool) // 2
+
+    cut = [dataclasses.replace(g, responses=g.responses[:2], rewards=g.rewards[:2]) for g in pool]
+    want = _store(tmp_path / "by_hand", len(cut))
+    score_pool(cut, want, model=model, groups=groups, projector=_projector(), cfg=cfg, temperature=1.0,
+               responses_per_prompt=2, progress=False)
+    assert np.array_equal(got.statuses(), want.statuses())
+    assert np.allclose(got.matrix(), want.matrix(), rtol=1e-6, atol=1e-7)
+    assert (got.statuses()[1::2] == EXCLUDED).all() and (got.statuses()[::2] == DONE).all()
