@@ -63,7 +63,7 @@ class EvalConfig:
     check: bool = True
     """Also report greedy accuracy on the untargeted check set."""
     max_prompts: int = 0
-    """Evaluate at most this many prompts per set (0: all)."""
+    """Evaluate at most this many prompts per set, evenly spaced over it so every source is in (0: all)."""
 
     def __post_init__(self):
         require(self.every >= 1, "every", self.every, "must be >= 1")

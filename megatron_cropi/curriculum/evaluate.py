@@ -19,7 +19,15 @@ from megatron_cropi.parallel import ParallelGroups
 from megatron_cropi.records import PromptRecord, SamplingParams
 from megatron_cropi.utils.atomic import atomic_write_text
 
-__all__ = ["evaluate_accuracy", "evaluate_policy", "EvalLog"]
+__all__ = ["evenly_spaced", "evaluate_accuracy", "evaluate_policy", "EvalLog"]
+
+
+def evenly_spaced(items: Sequence, count: int) -> list:
+    """``count`` items at evenly spaced positions ``⌊i·n/count⌋`` (all of them when ``count`` is 0 or ≥ n)."""
+    n = len(items)
+    if not count or count >= n:
+        return list(items)
+    return [items[i * n // count] for i in range(count)]
 
 
 def evaluate_accuracy(collector, groups: ParallelGroups, prompts: Sequence[PromptRecord], sampling: SamplingParams, *,
@@ -30,12 +38,13 @@ def evaluate_accuracy(collector, groups: ParallelGroups, prompts: Sequence[Promp
         collector: a :class:`~megatron_cropi.grpo.rollouts.RolloutCollector` (engine + rewarder).
         sampling: the run's sampling parameters (max tokens, log-prob mode).
         seed: sampling seed (an evaluation never touches the training RNG).
-        max_prompts: evaluate the first this many prompts (0: all).
+        max_prompts: evaluate this many prompts, evenly spaced over the set (0: all). Evenly spaced, not
+            the first ones: sets are ordered by source, and a prefix would evaluate only the first sources.
 
     Returns:
         ``{"pass_rate": float, "prompts": int, "by_source": {source: pass rate}}``.
     """
-    prompts = list(prompts[:max_prompts] if max_prompts else prompts)
+    prompts = evenly_spaced(prompts, max_prompts)
     greedy = temperature == 0
     sp = dataclasses.replace(sampling, n=1 if greedy else samples, temperature=temperature, seed=seed,
                              top_p=1.0, logprobs="raw" if greedy else sampling.logprobs)

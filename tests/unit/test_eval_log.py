@@ -9,3 +9,13 @@ def test_eval_log_survives_a_torn_last_line(tmp_path):
     assert log.records() == [{"step": 0, "a": 1.0}, {"step": 25, "a": 2.0}]
     log.truncate_after(0)
     assert log.records() == [{"step": 0, "a": 1.0}]
+
+
+def test_max_prompts_takes_every_source_not_a_prefix():
+    from megatron_cropi.curriculum.evaluate import evenly_spaced
+
+    by_source = [f"{src}{i}" for src in "abcde" for i in range(30)]  # a check set ordered by source
+    picked = evenly_spaced(by_source, 15)
+    assert len(picked) == 15 and len(set(picked)) == 15
+    assert {p[0] for p in picked} == set("abcde") and sum(p[0] == "a" for p in picked) == 3
+    assert evenly_spaced(by_source, 0) == by_source and evenly_spaced(by_source, 500) == by_source
