@@ -65,7 +65,7 @@ def behaviour_rollouts(name: str, prompts: Sequence[PromptRecord], path: Path, *
     store = opened[0] if writer else None
     return rollout_prompts(prompts, engine, sampling, store=store, reward_fn=reward_fn if writer else None,
                            tokenizer=tokenizer, batch_prompts=batch_prompts, policy_version=0, groups=groups,
-                           progress=progress and writer, desc=f"rollout {path.name}")
+                           progress=progress and writer, desc=f"rollout {name}")
 
 
 def _stage_seed(tag: str, seed: int, m: int) -> int:
