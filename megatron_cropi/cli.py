@@ -6,6 +6,10 @@
     cropi rollout CONFIG [--split S]      roll a prompt set out into a trajectory store (resumes)
     cropi score CONFIG [--checkpoint D]   projected POPI gradients of stored trajectories (resumes)
     cropi train CONFIG                    plain GRPO on grpo.split: the full-data baseline (resumes)
+    cropi status RUN_DIR [--json]         where a run is: stage, step, time, disk, last selection
+
+Every CONFIG may be followed by overrides ``key.path=value`` (YAML values, validated like the file),
+and ``--print-config`` prints the resolved config (after ``extends:`` and overrides) as YAML.
 
 Distributed subcommands run under torchrun (``torchrun --nproc-per-node N -m megatron_cropi.cli ...``).
 """
@@ -15,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+from megatron_cropi.commands.config_args import add_config_arguments, print_config, split_overrides
 
 __all__ = ["main", "build_parser"]
 
@@ -51,6 +57,12 @@ def _cmd_score(args) -> int:
     return cmd_score(args)
 
 
+def _cmd_status(args) -> int:
+    from megatron_cropi.commands.status import cmd_status
+
+    return cmd_status(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cropi", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_check_env)
     p = sub.add_parser("run", help="run a CROPI curriculum (or validate it with --dry-run)")
-    p.add_argument("config", help="YAML run config")
+    add_config_arguments(p)
     p.add_argument("--dry-run", action="store_true", help="validate config, layout and paths; run nothing")
     p.add_argument("--world-size", type=int, default=None, help="ranks of the intended launch (dry run)")
     p.add_argument("--gpus-per-node", type=int, default=None, help="ranks per node of the intended launch (dry run)")
@@ -68,23 +80,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start a new run in run.output_dir even if the config changed (old outputs moved aside)")
     p.set_defaults(func=_cmd_run)
     p = sub.add_parser("rollout", help="roll a prompt set out into a trajectory store (resumes)")
-    p.add_argument("config", help="YAML run config")
+    add_config_arguments(p)
     p.add_argument("--split", default=None, help="pool, val, test or check (default: rollout.split)")
     p.add_argument("--store", default=None, help="store directory (default: rollout.store_dir)")
     p.add_argument("--limit", type=int, default=0, help="only the first N prompts of the split")
     p.add_argument("--repair", action="store_true", help="drop corrupt store parts and roll them out again")
     p.set_defaults(func=_cmd_rollout)
     p = sub.add_parser("train", help="plain GRPO on a prompt set: the full-data baseline (resumes)")
-    p.add_argument("config", help="YAML run config")
+    add_config_arguments(p)
     p.add_argument("--steps", type=int, default=None, help="override grpo.steps")
     p.set_defaults(func=_cmd_train)
     p = sub.add_parser("score", help="projected POPI gradients of stored trajectories at a checkpoint (resumes)")
-    p.add_argument("config", help="YAML run config")
+    add_config_arguments(p)
     p.add_argument("--sets", default=None, help="comma-separated stores under run.output_dir/rollouts (default: "
                    "pool, val and target-*)")
     p.add_argument("--checkpoint", default=None, help="GRPO checkpoint (step_N) or HF directory of the policy")
     p.add_argument("--tag", default=None, help="features go to run.output_dir/features/TAG (default step<N>)")
     p.set_defaults(func=_cmd_score)
+    p = sub.add_parser("status", help="where a run is: stage, step, time per phase, disk, last selection's health")
+    p.add_argument("run_dir", help="run.output_dir of a `cropi run` (running or finished)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=_cmd_status)
     return parser
 
 
@@ -103,8 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     user_errors = (ConfigError, DryRunError, LaunchError, ConfigChangedError, SelectionError, RunInputError,
                    DataError, StoreError, FeatureStoreMismatch, CheckpointError)
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides, unknown = split_overrides(extra)
+    if unknown or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
     try:
+        if getattr(args, "print_config", False):
+            return print_config(args)
         return args.func(args)
     except user_errors as err:
         print(f"cropi {args.command}: error: {err}", file=sys.stderr)

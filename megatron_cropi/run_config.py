@@ -13,8 +13,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Mapping
 
-from megatron_cropi.config.loader import ConfigError, from_dict, load_yaml, require, to_dict
+import yaml
+
+from megatron_cropi.config.compose import compose_config
+from megatron_cropi.config.loader import ConfigError, from_dict, require, to_dict
 from megatron_cropi.curriculum.config import CurriculumConfig
 from megatron_cropi.data.config import DataConfig
 from megatron_cropi.grpo.config import GrpoConfig
@@ -24,7 +28,7 @@ from megatron_cropi.projection.config import ProjectionConfig
 from megatron_cropi.rollout.config import RolloutConfig
 from megatron_cropi.selection.policies import SelectionConfig
 
-__all__ = ["RunSection", "ParallelConfig", "RunConfig", "load_run_config"]
+__all__ = ["RunSection", "ParallelConfig", "RunConfig", "load_run_config", "config_to_yaml"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,10 +97,22 @@ class RunConfig:
         return to_dict(self)
 
 
-def load_run_config(path: str | Path) -> RunConfig:
-    """Load and validate a YAML run config; :class:`~megatron_cropi.config.loader.ConfigError` names
-    the file's bad key, value and what was expected."""
+def load_run_config(path: str | Path, overrides: Iterable[str] = (),
+                    environ: Mapping[str, str] | None = None) -> RunConfig:
+    """Load and validate a YAML run config, its ``extends`` chain and command-line ``overrides``
+    (``key.path=value``, :mod:`megatron_cropi.config.compose`).
+
+    Raises:
+        ConfigError: naming the bad key, its value, what was expected, and where the value came from
+            (``in FILE`` or ``from command-line override 'k=v'``).
+    """
+    tree = compose_config(path, overrides, environ)
     try:
-        return from_dict(RunConfig, load_yaml(path))
+        return from_dict(RunConfig, tree.data)
     except ConfigError as err:
-        raise ConfigError(err.key, f"{err.message} (in {path})") from None
+        raise ConfigError(err.key, f"{err.message} ({tree.origin(err.key)})") from None
+
+
+def config_to_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML (every key, defaults included); loading it gives ``cfg`` back."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=False, allow_unicode=True, width=100)

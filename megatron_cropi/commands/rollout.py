@@ -23,7 +23,7 @@ from megatron_cropi.rewards.base import RewardFunction
 from megatron_cropi.rewards.config import reward_config_for
 from megatron_cropi.rollout.runner import RolloutSummary, rollout_prompts
 from megatron_cropi.rollout.store import StoreError, StoreHeader, TrajectoryStore
-from megatron_cropi.run_config import load_run_config
+from megatron_cropi.commands.config_args import load_config
 from megatron_cropi.utils.rank_zero import on_rank0
 from megatron_cropi.wiring import build_engine, build_policy_model, policy_identity
 
@@ -107,7 +107,7 @@ def run_rollout(cfg, *, split: str | None = None, store_dir: str | None = None, 
 def cmd_rollout(args) -> int:
     """The ``cropi rollout`` subcommand: prints the summary as JSON on rank 0."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_run_config(args.config)
+    cfg = load_config(args)
     try:
         summary = run_rollout(cfg, split=args.split, store_dir=args.store, limit=args.limit, repair=args.repair)
     except (DataError, StoreError, ValueError, FileNotFoundError) as err:

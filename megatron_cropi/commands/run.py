@@ -6,14 +6,14 @@ import json
 
 from megatron_cropi.curriculum.controller import run_curriculum
 from megatron_cropi.dryrun import dry_run
-from megatron_cropi.run_config import load_run_config
+from megatron_cropi.commands.config_args import load_config
 
 __all__ = ["cmd_run"]
 
 
 def cmd_run(args) -> int:
     """Print the dry run's summary, or run the curriculum and print its final summary as one JSON line."""
-    cfg = load_run_config(args.config)
+    cfg = load_config(args)
     if args.dry_run:
         summary = dry_run(cfg, world_size=args.world_size, gpus_per_node=args.gpus_per_node,
                           gpu_memory_gib=args.gpu_memory_gib)

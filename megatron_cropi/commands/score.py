@@ -23,7 +23,7 @@ from megatron_cropi.curriculum.faults import fault_point
 from megatron_cropi.influence.stores import PolicyScorer, score_store
 from megatron_cropi.layout import RunLayout
 from megatron_cropi.projection.config import build_projector
-from megatron_cropi.run_config import load_run_config
+from megatron_cropi.commands.config_args import load_config
 from megatron_cropi.wiring import build_policy_model, initial_weights, pad_id_of, setup_run
 
 __all__ = ["cmd_score", "score_sets"]
@@ -66,7 +66,7 @@ def score_sets(cfg, sets: list[str], *, checkpoint: str | None = None, tag: str 
 
 
 def cmd_score(args) -> int:
-    cfg = load_run_config(args.config)
+    cfg = load_config(args)
     root = RunLayout(cfg.run.output_dir).rollouts_root
     if args.sets:
         sets = [s for s in args.sets.split(",") if s]

@@ -32,7 +32,7 @@ from megatron_cropi.curriculum.warmup import run_warmup
 from megatron_cropi.data.loaders import DataError
 from megatron_cropi.layout import RunLayout
 from megatron_cropi.metrics import MetricsLogger
-from megatron_cropi.run_config import load_run_config
+from megatron_cropi.commands.config_args import load_config
 from megatron_cropi.utils.atomic import atomic_write_json
 from megatron_cropi.wiring import PolicyRuntime, initial_weights, setup_run
 
@@ -115,7 +115,7 @@ def cmd_train(args) -> int:
     """The ``cropi train`` subcommand: prints the summary as JSON on rank 0."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)
-    cfg = load_run_config(args.config)
+    cfg = load_config(args)
     if args.steps is not None:
         cfg = dataclasses.replace(cfg, grpo=dataclasses.replace(cfg.grpo, steps=args.steps))
     try:
