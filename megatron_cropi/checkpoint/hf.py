@@ -60,7 +60,7 @@ def model_config_from_hf(
     hf_dir: str | Path, *, params_dtype: str | None = None, layer_spec: str = "auto",
     max_sequence_length: int | None = None,
 ) -> ModelConfig:
-    """The ``custom`` :class:`ModelConfig` of an HF Qwen2/Qwen2.5/Llama directory.
+    """The ``custom`` :class:`ModelConfig` of an HF Qwen2/Qwen2.5/Qwen3/Llama directory.
 
     See :func:`megatron_cropi.checkpoint.hf_mapping.model_config_from_hf_config` for the arguments.
 

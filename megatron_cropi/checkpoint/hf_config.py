@@ -1,11 +1,13 @@
-"""HF ``config.json`` ↔ our model description, for Qwen2/Qwen2.5 and Llama.
+"""HF ``config.json`` ↔ our model description, for Qwen2/Qwen2.5, Qwen3 (dense) and Llama.
 
 :class:`GPTDimensions` is the small set of sizes and flags that both the tensor mapping
 (:mod:`.hf_mapping`) and the checks between a checkpoint and a model need. It is built from a
 :class:`~megatron_cropi.model.config.ModelConfig`, from a live Megatron ``GPTModel``, or from an HF
-``config.json``, so any two can be compared field by field. Supported: ``Qwen2ForCausalLM`` (QKV bias)
-and ``LlamaForCausalLM`` (no bias) with SwiGLU, RMSNorm and plain RoPE; anything else (RoPE scaling,
-sliding-window attention, other activations) is rejected with the key that asks for it.
+``config.json``, so any two can be compared field by field. Supported: ``Qwen2ForCausalLM`` (QKV bias),
+``Qwen3ForCausalLM`` (no bias; RMSNorm over each query and key head, Megatron's ``qk_layernorm``; its
+``head_dim`` is not ``hidden/heads``) and ``LlamaForCausalLM`` (no bias), all with SwiGLU, RMSNorm and
+plain RoPE; anything else (RoPE scaling, sliding-window attention, attention biases on Qwen3/Llama,
+other activations) is rejected with the key that asks for it.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ __all__ = [
     "hf_config_from_dimensions",
 ]
 
-SUPPORTED_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
+SUPPORTED_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
 # HF tensors that carry nothing a GPTModel holds (old Llama checkpoints store RoPE's inv_freq).
 IGNORED_HF_TENSORS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 _DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -40,7 +42,7 @@ class HFCheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class GPTDimensions:
-    """Everything the mapping needs to know about a Qwen2/Llama model.
+    """Everything the mapping needs to know about a Qwen2/Qwen3/Llama model.
 
     Built from a :class:`ModelConfig` (:meth:`from_model_config`), from a Megatron ``GPTModel``
     (:meth:`from_model`) or from an HF ``config.json`` (:meth:`from_hf_config`), so the three can be
@@ -60,7 +62,9 @@ class GPTDimensions:
     tied: bool
     """``lm_head`` shares the embedding (``tie_word_embeddings``)."""
     qkv_bias: bool
-    """Bias on the Q/K/V projections (Qwen2: yes; Llama: no)."""
+    """Bias on the Q/K/V projections (Qwen2: yes; Qwen3, Llama: no)."""
+    qk_norm: bool = False
+    """RMSNorm ``[d]`` over every query and key head before RoPE (Qwen3; Megatron's ``qk_layernorm``)."""
     norm_epsilon: float | None = None
     rotary_base: float | None = None
 
@@ -74,8 +78,8 @@ class GPTDimensions:
             num_groups=cfg.num_query_groups,
             head_dim=t.get("kv_channels") or t["hidden_size"] // t["num_attention_heads"],
             ffn_hidden_size=cfg.ffn_hidden_size, vocab_size=cfg.vocab_size, tied=bool(cfg.tie_word_embeddings),
-            qkv_bias=bool(t.get("add_qkv_bias")), norm_epsilon=t.get("layernorm_epsilon"),
-            rotary_base=float(cfg.rotary_base),
+            qkv_bias=bool(t.get("add_qkv_bias")), qk_norm=bool(t.get("qk_layernorm")),
+            norm_epsilon=t.get("layernorm_epsilon"), rotary_base=float(cfg.rotary_base),
         )
 
     @classmethod
@@ -90,7 +94,7 @@ class GPTDimensions:
             num_groups=c.num_query_groups or c.num_attention_heads, head_dim=c.kv_channels,
             ffn_hidden_size=c.ffn_hidden_size, vocab_size=model.vocab_size,
             tied=bool(model.share_embeddings_and_output_weights), qkv_bias=bool(c.add_qkv_bias),
-            norm_epsilon=c.layernorm_epsilon, rotary_base=None if base is None else float(base),
+            qk_norm=bool(c.qk_layernorm), norm_epsilon=c.layernorm_epsilon, rotary_base=None if base is None else float(base),
         )
 
     @classmethod
@@ -117,10 +121,12 @@ class GPTDimensions:
             raise HFCheckpointError(f"{source}: {key} {rope_type!r} is not supported; expected 'default' RoPE")
         # transformers < 5 writes rope_theta at the top level, transformers >= 5 inside rope_parameters
         theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
-        if arch == "LlamaForCausalLM":
+        if arch in ("LlamaForCausalLM", "Qwen3ForCausalLM"):
+            # Qwen3's attention_bias would also put a bias on o_proj, which add_bias_linear=False has not
             for key in ("attention_bias", "mlp_bias"):
                 if hf.get(key):
-                    raise HFCheckpointError(f"{source}: {key}=true is not supported for Llama; expected false")
+                    name = "Llama" if arch == "LlamaForCausalLM" else "Qwen3"
+                    raise HFCheckpointError(f"{source}: {key}=true is not supported for {name}; expected false")
         hidden, heads = int(get("hidden_size")), int(get("num_attention_heads"))
         return cls(
             num_layers=int(get("num_hidden_layers")), hidden_size=hidden, num_heads=heads,
@@ -128,7 +134,7 @@ class GPTDimensions:
             head_dim=int(hf.get("head_dim") or hidden // heads),
             ffn_hidden_size=int(get("intermediate_size")), vocab_size=int(get("vocab_size")),
             tied=bool(hf.get("tie_word_embeddings", False)), qkv_bias=arch == "Qwen2ForCausalLM",
-            norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)), rotary_base=float(theta),
+            qk_norm=arch == "Qwen3ForCausalLM", norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)), rotary_base=float(theta),
         )
 
     def differences(self, other: "GPTDimensions") -> list[str]:
@@ -151,7 +157,7 @@ class GPTDimensions:
 def _require_swiglu_rmsnorm(gated, norm, activation, bias_linear, where: str) -> None:
     if not (gated and norm == "RMSNorm" and activation == "silu" and not bias_linear):
         raise HFCheckpointError(
-            f"{where}: HF Qwen2/Llama conversion needs gated_linear_unit=True, normalization='RMSNorm', "
+            f"{where}: HF Qwen2/Qwen3/Llama conversion needs gated_linear_unit=True, normalization='RMSNorm', "
             f"activation silu and add_bias_linear=False; got gated_linear_unit={gated!r}, "
             f"normalization={norm!r}, activation={activation!r}, add_bias_linear={bias_linear!r}"
         )
@@ -180,7 +186,7 @@ def model_config_from_hf_config(
     max_sequence_length: int | None = None,
     source: str = "config.json",
 ) -> ModelConfig:
-    """A ``custom`` :class:`ModelConfig` equal to an HF Qwen2/Llama ``config.json``.
+    """A ``custom`` :class:`ModelConfig` equal to an HF Qwen2/Qwen3/Llama ``config.json``.
 
     Args:
         hf: the parsed ``config.json``.
@@ -198,6 +204,8 @@ def model_config_from_hf_config(
         layernorm_epsilon=dims.norm_epsilon, add_qkv_bias=dims.qkv_bias, add_bias_linear=False,
         gated_linear_unit=True, normalization="RMSNorm",
     )
+    if dims.qk_norm:
+        transformer["qk_layernorm"] = True
     if dims.head_dim != dims.hidden_size // dims.num_heads:
         transformer["kv_channels"] = dims.head_dim
     return ModelConfig(
@@ -211,12 +219,15 @@ def model_config_from_hf_config(
 def hf_config_from_dimensions(
     dims: GPTDimensions, *, dtype: torch.dtype, max_position_embeddings: int, base: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """An HF ``config.json`` for ``dims``: Qwen2 when it has a QKV bias, Llama otherwise.
+    """An HF ``config.json`` for ``dims``: Qwen3 with q/k norms, Qwen2 with a QKV bias, Llama otherwise.
 
     ``base`` (e.g. the imported checkpoint's config) keeps keys we do not own (token ids, ...).
     Both ``rope_theta`` (transformers < 5, vLLM) and ``rope_parameters`` (transformers ≥ 5) are written.
     """
-    arch = "Qwen2ForCausalLM" if dims.qkv_bias else "LlamaForCausalLM"
+    if dims.qk_norm and dims.qkv_bias:
+        raise HFCheckpointError("q/k norms together with a QKV bias match no supported HF architecture "
+                                "(Qwen3 has no QKV bias, Qwen2 no q/k norms)")
+    arch = "Qwen3ForCausalLM" if dims.qk_norm else "Qwen2ForCausalLM" if dims.qkv_bias else "LlamaForCausalLM"
     dtype_name = str(dtype).removeprefix("torch.")
     out = {k: v for k, v in (base or {}).items() if k not in ("rope_scaling", "auto_map", "quantization_config")}
     out.update(
@@ -231,6 +242,8 @@ def hf_config_from_dimensions(
     out["rope_parameters"] = {"rope_theta": out["rope_theta"], "rope_type": "default"}
     if arch == "LlamaForCausalLM":
         out.update(attention_bias=False, mlp_bias=False)
+    elif arch == "Qwen3ForCausalLM":
+        out.update(attention_bias=False, use_sliding_window=False)
     else:
         out.update(use_sliding_window=False)
     return out

@@ -1,4 +1,4 @@
-"""Pure name and layout mapping between HF Qwen2/Llama tensors and a *global* Megatron ``GPTModel``.
+"""Pure name and layout mapping between HF Qwen2/Qwen3/Llama tensors and a *global* Megatron ``GPTModel``.
 
 "Global" means the names and shapes of the unsharded TP=1/PP=1 model built by
 :func:`megatron_cropi.model.provider.build_gpt_model`; TP/PP shards are cut from these tensors with
@@ -19,6 +19,8 @@ Megatron (layer ``i``)                                      HF (``model.layers.i
   ``[ng·(nq/ng + 2)·d, h]``, rows ``[ng, nq/ng + 2, d]``    interleaved per query group (below)
 ``decoder.layers.i.self_attention.linear_qkv.bias``         ``self_attn.{q,k,v}_proj.bias`` (Qwen2)
 ``decoder.layers.i.self_attention.linear_proj.weight``      ``self_attn.o_proj.weight`` ``[h, nq·d]``
+``decoder.layers.i.self_attention.q_layernorm.weight``      ``self_attn.q_norm.weight`` ``[d]`` (Qwen3)
+``decoder.layers.i.self_attention.k_layernorm.weight``      ``self_attn.k_norm.weight`` ``[d]`` (Qwen3)
 ``decoder.layers.i.pre_mlp_layernorm.weight``  ``[h]``      ``post_attention_layernorm.weight``
   (TE spec: ``mlp.linear_fc1.layer_norm_weight``)
 ``decoder.layers.i.mlp.linear_fc1.weight``  ``[2f, h]``     ``cat(mlp.gate_proj, mlp.up_proj)`` rows
@@ -65,7 +67,11 @@ _LAYER_ONE_TO_ONE = {
     "mlp.linear_fc1.layer_norm_weight": "post_attention_layernorm.weight",
     "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
     "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+    "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
 }
+# Per-head norms (Qwen3): one [d] weight shared by every head, replicated over TP ranks.
+_QK_NORMS = ("self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight")
 _GLOBAL_ONE_TO_ONE = {
     "embedding.word_embeddings.weight": "model.embed_tokens.weight",
     "decoder.final_layernorm.weight": "model.norm.weight",
@@ -88,6 +94,9 @@ def megatron_global_shapes(dims: GPTDimensions, *, fused_norms: bool = False) ->
         out[p + "self_attention.linear_qkv.weight"] = (dims.qkv_rows, h)
         if dims.qkv_bias:
             out[p + "self_attention.linear_qkv.bias"] = (dims.qkv_rows,)
+        if dims.qk_norm:
+            for norm in _QK_NORMS:
+                out[p + norm] = (d,)
         out[p + "self_attention.linear_proj.weight"] = (h, dims.num_heads * d)
         out[p + ("mlp.linear_fc1.layer_norm_weight" if fused_norms else "pre_mlp_layernorm.weight")] = (h,)
         out[p + "mlp.linear_fc1.weight"] = (2 * dims.ffn_hidden_size, h)
@@ -108,13 +117,16 @@ def hf_shapes_for(global_name: str, dims: GPTDimensions) -> dict[str, tuple[int,
         return {_GLOBAL_ONE_TO_ONE[global_name]: shape}
     m = _LAYER.fullmatch(global_name)
     if m is None:
-        raise HFCheckpointError(f"{global_name}: not a parameter of a Qwen2/Llama GPTModel")
+        raise HFCheckpointError(f"{global_name}: not a parameter of a Qwen2/Qwen3/Llama GPTModel")
     layer, rest = int(m.group(1)), m.group(2)
     if layer >= dims.num_layers:
         raise HFCheckpointError(f"{global_name}: layer {layer} >= num_layers={dims.num_layers}")
     p = f"model.layers.{layer}."
+    if rest in _QK_NORMS and not dims.qk_norm:
+        raise HFCheckpointError(f"{global_name}: the model has no q/k norms (qk_layernorm=False)")
     if rest in _LAYER_ONE_TO_ONE:
-        shape = {"self_attention.linear_proj.weight": (h, dims.num_heads * d), "mlp.linear_fc2.weight": (h, f)}
+        shape = {"self_attention.linear_proj.weight": (h, dims.num_heads * d), "mlp.linear_fc2.weight": (h, f),
+                 **{norm: (d,) for norm in _QK_NORMS}}
         return {p + _LAYER_ONE_TO_ONE[rest]: shape.get(rest, (h,))}
     if rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
         kind = rest.rsplit(".", 1)[1]
@@ -126,7 +138,7 @@ def hf_shapes_for(global_name: str, dims: GPTDimensions) -> dict[str, tuple[int,
                 p + f"self_attn.v_proj.{kind}": (dims.num_groups * d, *tail)}
     if rest == "mlp.linear_fc1.weight":
         return {p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h)}
-    raise HFCheckpointError(f"{global_name}: not a parameter of a Qwen2/Llama GPTModel")
+    raise HFCheckpointError(f"{global_name}: not a parameter of a Qwen2/Qwen3/Llama GPTModel")
 
 
 def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...], what: str) -> None:

@@ -7,6 +7,9 @@ the ones the user leaves out. Unknown ``transformer`` keys are rejected by name 
 
 Qwen2 family in Megatron terms: RMSNorm, SwiGLU (``gated_linear_unit`` + SiLU), RoPE, grouped-query
 attention (``num_query_groups``), bias on QKV only (``add_qkv_bias=True, add_bias_linear=False``).
+Qwen3 (dense) differs by :data:`QWEN3_TRANSFORMER_OVERRIDES`: no QKV bias, an RMSNorm over each query
+and key head before RoPE (``qk_layernorm``), and a head size of its own (``kv_channels`` = 128, which
+is not ``hidden_size / num_attention_heads`` for most sizes).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any, Literal
 
 from megatron_cropi.config.loader import ConfigError, require
 
-__all__ = ["ModelConfig", "MODEL_PRESETS", "QWEN2_TRANSFORMER_DEFAULTS"]
+__all__ = ["ModelConfig", "MODEL_PRESETS", "QWEN2_TRANSFORMER_DEFAULTS", "QWEN3_TRANSFORMER_OVERRIDES"]
 
 # Shared by every Qwen2-family preset; fields of megatron.core TransformerConfig.
 QWEN2_TRANSFORMER_DEFAULTS: dict[str, Any] = {
@@ -37,6 +40,9 @@ QWEN2_TRANSFORMER_DEFAULTS: dict[str, Any] = {
     "gradient_accumulation_fusion": False,
 }
 
+# Qwen3 dense over the Qwen2 defaults (HF Qwen3Attention: attention_bias=False, q_norm/k_norm on head_dim).
+QWEN3_TRANSFORMER_OVERRIDES: dict[str, Any] = {"add_qkv_bias": False, "qk_layernorm": True}
+
 # name -> (our fields, transformer fields). Tiny sizes are for tests and the CPU default.
 MODEL_PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # Tests: every TP in {1,2} and PP in {1,2} fits (heads, groups, layers, vocab, ffn all even).
@@ -54,6 +60,12 @@ MODEL_PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         dict(vocab_size=32, max_sequence_length=32, tie_word_embeddings=False, rotary_base=10000.0),
         dict(num_layers=2, hidden_size=128, ffn_hidden_size=352, num_attention_heads=4, num_query_groups=2),
     ),
+    # Tests: Qwen3's layer at tiny size; head_dim 32 ≠ 64/4 so kv_channels is exercised.
+    "tiny-qwen3": (
+        dict(vocab_size=128, max_sequence_length=64, tie_word_embeddings=False, rotary_base=1e6),
+        dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2,
+             kv_channels=32, **QWEN3_TRANSFORMER_OVERRIDES),
+    ),
     "qwen2.5-0.5b": (
         dict(vocab_size=151936, max_sequence_length=32768, tie_word_embeddings=True, rotary_base=1e6),
         dict(num_layers=24, hidden_size=896, ffn_hidden_size=4864, num_attention_heads=14, num_query_groups=2),
@@ -65,6 +77,17 @@ MODEL_PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "qwen2.5-7b": (
         dict(vocab_size=152064, max_sequence_length=32768, tie_word_embeddings=False, rotary_base=1e6),
         dict(num_layers=28, hidden_size=3584, ffn_hidden_size=18944, num_attention_heads=28, num_query_groups=4),
+    ),
+    # config.json of Qwen/Qwen3-1.7B and Qwen/Qwen3-8B (max_position_embeddings 40960, rms_norm_eps 1e-6).
+    "qwen3-1.7b": (
+        dict(vocab_size=151936, max_sequence_length=40960, tie_word_embeddings=True, rotary_base=1e6),
+        dict(num_layers=28, hidden_size=2048, ffn_hidden_size=6144, num_attention_heads=16, num_query_groups=8,
+             kv_channels=128, **QWEN3_TRANSFORMER_OVERRIDES),
+    ),
+    "qwen3-8b": (
+        dict(vocab_size=151936, max_sequence_length=40960, tie_word_embeddings=False, rotary_base=1e6),
+        dict(num_layers=36, hidden_size=4096, ffn_hidden_size=12288, num_attention_heads=32, num_query_groups=8,
+             kv_channels=128, **QWEN3_TRANSFORMER_OVERRIDES),
     ),
 }
 
@@ -90,19 +113,20 @@ def _transformer_field_names() -> set[str]:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """The policy model: a Megatron ``GPTModel`` of the Qwen2 family.
+    """The policy model: a Megatron ``GPTModel`` of the Qwen2 or Qwen3 (dense) family.
 
     Fields left ``None`` come from ``preset``; after construction every field is resolved.
     """
 
     preset: str = "tiny"
-    """Named size: tiny, tiny-vllm, cpu-default, qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b, or custom."""
+    """Named size: tiny, tiny-vllm, cpu-default, tiny-qwen3, qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b,
+    qwen3-1.7b, qwen3-8b, or custom."""
     vocab_size: int | None = None
     """Rows of the embedding (and output layer); must be divisible by the TP size."""
     max_sequence_length: int | None = None
     """Longest prompt + response the model sees."""
     tie_word_embeddings: bool | None = None
-    """Share the embedding with the output layer (Qwen2.5 ≤3B do)."""
+    """Share the embedding with the output layer (Qwen2.5 ≤3B and Qwen3 ≤4B do)."""
     rotary_base: float | None = None
     """RoPE theta."""
     activation: Literal["silu", "gelu"] = "silu"
@@ -182,6 +206,7 @@ class ModelConfig:
         attn = h * (q + kv) + (q + kv if t.get("add_qkv_bias") else 0) + q * h
         fc1 = (2 if t.get("gated_linear_unit") else 1) * self.ffn_hidden_size
         mlp = h * fc1 + self.ffn_hidden_size * h
-        per_layer = attn + mlp + 2 * h
+        qk_norms = 2 * head_dim if t.get("qk_layernorm") else 0
+        per_layer = attn + mlp + 2 * h + qk_norms
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return layers * per_layer + emb + h

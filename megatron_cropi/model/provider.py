@@ -1,4 +1,5 @@
-"""Build the policy: a Megatron-Core ``GPTModel`` of the Qwen2 family on this rank's TP/PP shard.
+"""Build the policy: a Megatron-Core ``GPTModel`` of the Qwen2 or Qwen3 (dense) family on this rank's
+TP/PP shard.
 
 ``build_gpt_model(cfg, groups)`` is the model provider every step uses (capture, sampler, GRPO,
 checkpoint conversion). The layer spec comes from Megatron's own spec functions: Transformer Engine's
@@ -78,6 +79,8 @@ def build_layer_spec(cfg: ModelConfig, kind: str | None = None):
     )
 
     kind = kind or resolve_layer_spec(cfg)
+    # Qwen3: both specs build q_layernorm/k_layernorm as the layer's norm class over head_dim (local:
+    # torch RMSNorm; TE: TENorm); megatron's finalize_model_grads sums their gradients over TP.
     qk_norm = bool(cfg.transformer.get("qk_layernorm", False))
     if kind == "te":
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)

@@ -1,4 +1,4 @@
-"""Tiny random HF Qwen2/Llama models saved to a local directory (no hub), for tests and benchmarks.
+"""Tiny random HF Qwen2/Qwen3/Llama models saved to a local directory (no hub), for tests and benchmarks.
 
 Every parameter is drawn at random (norm weights ``1 + N(0, 0.1²)``, biases and matrices
 ``N(0, std²)``) rather than HF's init (zero biases, unit norms), so a conversion that drops a bias or
@@ -19,8 +19,8 @@ def tiny_hf_config(
     num_heads: int = 4, num_kv_heads: int = 2, head_dim: int | None = None, intermediate_size: int = 96,
     rope_theta: float = 1e6, rms_norm_eps: float = 1e-6, max_position_embeddings: int = 64,
 ):
-    """A transformers ``Qwen2Config`` (``arch="qwen2"``) or ``LlamaConfig`` (``"llama"``)."""
-    from transformers import LlamaConfig, Qwen2Config
+    """A transformers ``Qwen2Config`` (``arch="qwen2"``), ``Qwen3Config`` (``"qwen3"``) or ``LlamaConfig``."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
     common = dict(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
@@ -32,9 +32,11 @@ def tiny_hf_config(
         common["head_dim"] = head_dim
     if arch == "qwen2":
         return Qwen2Config(**common)
+    if arch == "qwen3":
+        return Qwen3Config(**common)
     if arch == "llama":
         return LlamaConfig(**common)
-    raise ValueError(f"arch must be 'qwen2' or 'llama', got {arch!r}")
+    raise ValueError(f"arch must be 'qwen2', 'qwen3' or 'llama', got {arch!r}")
 
 
 @torch.no_grad()
@@ -74,3 +76,15 @@ QWEN25_1_5B_CONFIG = {
 }
 QWEN25_7B_CONFIG = dict(QWEN25_1_5B_CONFIG, hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
                         num_key_value_heads=4, tie_word_embeddings=False, vocab_size=152064, max_window_layers=28)
+
+# config.json of Qwen/Qwen3-1.7B and Qwen/Qwen3-8B (transformers 4.51 style): q/k norms, head_dim 128.
+QWEN3_1_7B_CONFIG = {
+    "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 151643,
+    "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+    "intermediate_size": 6144, "max_position_embeddings": 40960, "max_window_layers": 28, "model_type": "qwen3",
+    "num_attention_heads": 16, "num_hidden_layers": 28, "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
+    "rope_scaling": None, "rope_theta": 1000000, "sliding_window": None, "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936,
+}
+QWEN3_8B_CONFIG = dict(QWEN3_1_7B_CONFIG, hidden_size=4096, intermediate_size=12288, num_attention_heads=32,
+                       num_hidden_layers=36, max_window_layers=36, tie_word_embeddings=False)
