@@ -161,6 +161,9 @@ class GrpoConfig:
     old_logprobs: Literal["behaviour", "recompute"] = "behaviour"
     """Old-policy log-probs of the ratio: the sampler's (native sampler: equal to the training forward in
     fp32) or recomputed by a forward-only pass of the policy before the update (vLLM in bf16)."""
+    logprob_chunk_tokens: int = 1024
+    """Token positions per fp32 chunk of the log-prob and entropy (``model/logprobs.py``); 0 = the whole
+    micro-batch at once (the same values, several times the logit memory)."""
     drop_zero_variance_groups: bool = True
     """Leave groups whose K rewards are all equal out of the batch (they carry no policy gradient)."""
     split: Literal["pool", "val", "test", "check"] = "pool"
@@ -190,6 +193,8 @@ class GrpoConfig:
         require(self.micro_batch_prompts >= 1, "micro_batch_prompts", self.micro_batch_prompts, "must be >= 1")
         require(1 <= self.updates_per_step <= self.prompts_per_step, "updates_per_step", self.updates_per_step,
                 f"must be in [1, prompts_per_step={self.prompts_per_step}]")
+        require(self.logprob_chunk_tokens >= 0, "logprob_chunk_tokens", self.logprob_chunk_tokens,
+                "must be >= 0 (0 = the whole micro-batch at once)")
         require(self.eval_interval >= 0, "eval_interval", self.eval_interval, "must be >= 0")
         require(self.eval_samples >= 1, "eval_samples", self.eval_samples, "must be >= 1")
         require(self.eval_max_prompts >= 1, "eval_max_prompts", self.eval_max_prompts, "must be >= 1")

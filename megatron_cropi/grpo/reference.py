@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from megatron_cropi.model.config import ModelConfig
-from megatron_cropi.model.logprobs import vocab_parallel_logprobs
+from megatron_cropi.model.logprobs import DEFAULT_CHUNK_TOKENS, vocab_parallel_logprobs
 from megatron_cropi.model.schedule import causal_attention_mask, forward_backward
 from megatron_cropi.parallel import ParallelGroups
 from megatron_cropi.popi.batch import PopiMicrobatch
@@ -31,7 +31,7 @@ def unwrap_model(model):
 
 @torch.no_grad()
 def forward_logprobs(model, groups: ParallelGroups, microbatches: list[PopiMicrobatch], *,
-                     temperature: float = 1.0) -> list[torch.Tensor]:
+                     temperature: float = 1.0, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> list[torch.Tensor]:
     """``[N, S]`` float32 log-probs of ``mb.labels`` per micro-batch on the last stage; ``[]`` elsewhere.
 
     Every rank of a pipeline group passes the same micro-batches (all of one shape).
@@ -50,7 +50,7 @@ def forward_logprobs(model, groups: ParallelGroups, microbatches: list[PopiMicro
 
         def loss_func(logits):
             logp = vocab_parallel_logprobs(logits, mb.labels, tp_group=groups.tp, tp_rank=groups.tp_rank,
-                                           temperature=temperature)
+                                           temperature=temperature, chunk_tokens=chunk_tokens)
             return torch.zeros((), device=device), {"logprobs": logp.detach().float()}
 
         return out, loss_func
@@ -90,6 +90,8 @@ class ReferencePolicy:
         for name, p in self.model.named_parameters():
             p.copy_(src[name].detach())
 
-    def logprobs(self, microbatches: list[PopiMicrobatch], *, temperature: float = 1.0) -> list[torch.Tensor]:
+    def logprobs(self, microbatches: list[PopiMicrobatch], *, temperature: float = 1.0,
+                 chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> list[torch.Tensor]:
         """:func:`forward_logprobs` of the reference model."""
-        return forward_logprobs(self.model, self.groups, microbatches, temperature=temperature)
+        return forward_logprobs(self.model, self.groups, microbatches, temperature=temperature,
+                                chunk_tokens=chunk_tokens)

@@ -120,9 +120,11 @@ class PolicyLearner:
         minibatches = self._minibatches(live, live_pos, k, seq)
         ref_lp = old_lp = None
         if self.reference is not None:
-            ref_lp = [self.reference.logprobs(mbs, temperature=temperature) for mbs in minibatches]
+            ref_lp = [self.reference.logprobs(mbs, temperature=temperature, chunk_tokens=cfg.logprob_chunk_tokens)
+                      for mbs in minibatches]
         if cfg.old_logprobs == "recompute":
-            old_lp = [forward_logprobs(self.model, g, mbs, temperature=temperature) for mbs in minibatches]
+            old_lp = [forward_logprobs(self.model, g, mbs, temperature=temperature, chunk_tokens=cfg.logprob_chunk_tokens)
+                      for mbs in minibatches]
         sums = np.zeros(len(STAT_KEYS) + 1)
         grad_norms, updates = [], 0
         self.model.train()
@@ -148,7 +150,7 @@ class PolicyLearner:
 
     def _train_minibatch(self, mbs: list[PopiMicrobatch], norm: LossNormalizer, temperature: float,
                          ref_lp: list[torch.Tensor] | None, old_lp: list[torch.Tensor] | None):
-        g, lcfg = self.groups, self.cfg.loss
+        g, lcfg, chunk = self.groups, self.cfg.loss, self.cfg.logprob_chunk_tokens
         device = g.device
         num_mb, seq, rows = len(mbs), mbs[0].tokens.shape[1], mbs[0].tokens.shape[0]
         mask = causal_attention_mask(seq, device)
@@ -162,12 +164,13 @@ class PolicyLearner:
 
             def loss_func(logits):
                 logp = vocab_parallel_logprobs(logits, mb.labels, tp_group=g.tp, tp_rank=g.tp_rank,
-                                               temperature=temperature)
+                                               temperature=temperature, chunk_tokens=chunk)
                 if lcfg.entropy_coef > 0:
-                    ent = vocab_parallel_entropy(logits, tp_group=g.tp, temperature=temperature)
+                    ent = vocab_parallel_entropy(logits, tp_group=g.tp, temperature=temperature, chunk_tokens=chunk)
                 else:
                     with torch.no_grad():
-                        ent = vocab_parallel_entropy(logits.detach(), tp_group=g.tp, temperature=temperature)
+                        ent = vocab_parallel_entropy(logits.detach(), tp_group=g.tp, temperature=temperature,
+                                                     chunk_tokens=chunk)
                 adv = group_advantages(mb.rewards, mb.group_index, max(mb.num_groups, 1), eps=lcfg.adv_eps)
                 old = mb.behaviour_logprobs if old_lp is None else old_lp[i].to(device)
                 ref = None if ref_lp is None else ref_lp[i].to(device)

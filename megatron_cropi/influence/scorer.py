@@ -89,6 +89,10 @@ class ScoringConfig:
     """Score each prompt on at most this many of its stored responses (the first ones; 0 = all): fewer
     responses than were rolled out make scoring cheaper, and the group advantages are those of the
     subset (a prompt whose subset has all-equal rewards is excluded)."""
+    logprob_chunk_tokens: int = 1024
+    """Token positions per fp32 chunk of the vocab-parallel log-softmax (``model/logprobs.py``): the
+    work tensors are ``[chunk, V/TP]`` instead of ``[rows × seq, V/TP]``; 0 = the whole micro-batch at
+    once (the same values, several times the logit memory)."""
     feature_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     """Storage dtype of the feature stores (read back as float32): float16 scales each row by its max
     |x| (a fp32 scale per row), bfloat16 keeps float32's range; both halve the disk footprint."""
@@ -102,6 +106,8 @@ class ScoringConfig:
             require(self.seq_length >= 2, "seq_length", self.seq_length, "must be >= 2 or null")
         require(self.feature_dtype in ("float32", "float16", "bfloat16"), "feature_dtype", self.feature_dtype,
                 "must be one of float32, float16, bfloat16")
+        require(self.logprob_chunk_tokens >= 0, "logprob_chunk_tokens", self.logprob_chunk_tokens,
+                "must be >= 0 (0 = the whole micro-batch at once)")
         require(self.max_tokens_per_microbatch >= 0, "max_tokens_per_microbatch", self.max_tokens_per_microbatch,
                 "must be >= 0 (0 = off)")
         require(1 <= self.length_multiple <= 4096, "length_multiple", self.length_multiple,
@@ -219,7 +225,8 @@ def score_pool(
     real_tokens = group_token_counts(live_groups)
     trim_rows = bool(cfg.max_tokens_per_microbatch) and groups.pp_size == 1  # PP exchanges one shape per call
     capture = PopiCapture(model, groups, projector, mode=cfg.mode, loss_cfg=cfg.loss, temperature=temperature,
-                          layouts=scored_layouts(model, groups, cfg), truncate_backward=cfg.truncate_backward)
+                          layouts=scored_layouts(model, groups, cfg), truncate_backward=cfg.truncate_backward,
+                          logprob_chunk_tokens=cfg.logprob_chunk_tokens)
     bar = None
     if progress and rank0:
         from tqdm import tqdm

@@ -26,7 +26,7 @@ from typing import Literal
 
 import torch
 
-from megatron_cropi.model.logprobs import vocab_parallel_logprobs
+from megatron_cropi.model.logprobs import DEFAULT_CHUNK_TOKENS, vocab_parallel_logprobs
 from megatron_cropi.model.params import ParamLayout, param_layouts
 from megatron_cropi.model.schedule import broadcast_from_last_stage, causal_attention_mask, forward_backward, scale_for_schedule
 from megatron_cropi.parallel import ParallelGroups
@@ -101,16 +101,20 @@ class PopiCapture:
         truncate_backward: stop the backward below the lowest scored module (same sketches, less
             compute when only upper layers are scored). Construction is then a collective over the PP
             group.
+        logprob_chunk_tokens: token positions per fp32 log-softmax chunk (``scoring.logprob_chunk_tokens``;
+            0 = the whole micro-batch at once).
     """
 
     def __init__(self, model, groups: ParallelGroups, projector, *, mode: Literal["per_prompt", "batched"],
                  loss_cfg: PopiLossConfig = PopiLossConfig(), temperature: float = 1.0,
-                 layouts: dict[str, ParamLayout] | None = None, truncate_backward: bool = False):
+                 layouts: dict[str, ParamLayout] | None = None, truncate_backward: bool = False,
+                 logprob_chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
         if mode not in ("per_prompt", "batched"):
             raise ValueError(f"capture mode must be 'per_prompt' or 'batched', got {mode!r}")
         self.model, self.groups, self.projector = model, groups, projector
         self.mode, self.loss_cfg, self.temperature = mode, loss_cfg, temperature
         self.layouts = layouts if layouts is not None else select_layouts(model, groups)
+        self.logprob_chunk_tokens = logprob_chunk_tokens
         self.lowest = lowest_scored_position(model, groups, self.layouts) if truncate_backward else 0
 
     def run(self, microbatches: list[PopiMicrobatch], num_rows: int, responses_per_prompt: int) -> CaptureOutput:
@@ -153,7 +157,7 @@ class PopiCapture:
 
             def loss_func(logits):
                 logp = vocab_parallel_logprobs(logits, mb.labels, tp_group=g.tp, tp_rank=g.tp_rank,
-                                               temperature=self.temperature)
+                                               temperature=self.temperature, chunk_tokens=self.logprob_chunk_tokens)
                 # A non-finite log-prob flags its prompt; its terms are cut out of the graph so the
                 # backward of the other prompts in the batch stays clean.
                 bad_tok = ~torch.isfinite(logp) & (mb.mask > 0)
