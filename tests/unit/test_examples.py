@@ -19,7 +19,7 @@ from megatron_cropi.run_config import load_run_config
 from megatron_cropi.dryrun import DryRunError, dry_run
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = sorted((ROOT / "examples" / "configs").glob("qwen*.yaml"))
+CONFIGS = sorted((ROOT / "examples" / "configs").glob("qwen*_*node.yaml"))  # not the shared *_base.yaml
 LAUNCH = sorted((ROOT / "examples" / "launch").glob("*.sh"))
 
 from megatron_cropi.testing.hf_tiny import QWEN25_1_5B_CONFIG as QWEN25_1_5B  # noqa: E402
@@ -104,6 +104,27 @@ def test_example_config_passes_the_dry_run(config, inputs, tmp_path, monkeypatch
             cfg.grpo.loss.entropy_coef) == (128, 1e-6, 0.001, "low_var_kl", 0.001)
     assert cfg.rollout.max_tokens == (2048 if "1.5b" in config.name else 4096)
     assert cfg.selection.fusion == "reciprocal_rank" and {f.source for f in cfg.data.val} == {"gsm8k", "math"}
+
+
+def test_the_7b_node_files_extend_one_base_and_differ_only_in_their_output_dir(monkeypatch):
+    from megatron_cropi.config.compose import compose_config
+
+    monkeypatch.setenv("DATA_DIR", "/data")
+    monkeypatch.setenv("MODEL_DIR", "/models/7b")
+    monkeypatch.delenv("OUTPUT_DIR", raising=False)
+    base = ROOT / "examples" / "configs" / "qwen2.5-7b-instruct_base.yaml"
+    resolved = {}
+    for config in [c for c in CONFIGS if c.name.startswith("qwen2.5-7b-instruct_")]:
+        tree = compose_config(config)
+        assert tree.files == [str(config), str(config.parent / base.name)]
+        assert set(tree.data) == set(compose_config(base).data)
+        cfg = load_run_config(config)
+        resolved[config.name] = cfg.to_dict()
+        assert cfg.run.output_dir == f"runs/{config.stem}"
+    assert len(resolved) == 3
+    first, *rest = resolved.values()
+    for other in rest:
+        assert {**other, "run": {**other["run"], "output_dir": ""}} == {**first, "run": {**first["run"], "output_dir": ""}}
 
 
 def test_the_dry_run_fails_an_example_when_its_inputs_are_wrong(inputs, tmp_path, monkeypatch):
