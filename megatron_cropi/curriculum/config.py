@@ -89,6 +89,11 @@ class CurriculumConfig:
     which GRPO's on-policy rollouts use. The stored log-probs follow ``rollout.logprobs``."""
     behaviour_max_tokens: int | None = None
     """Longest behaviour response; default ``rollout.max_tokens``."""
+    refresh_behaviour_every: int = 0
+    """Re-roll the pool and target sets (behaviour sampling) at the current checkpoint θ_m every this many
+    stages (m = M, 2M, ...), into ``rollouts/stage{m}/``; later stages score those (0: never, β's rollouts
+    serve every stage). At a refresh stage POPI is on-policy (ρ ≡ 1), and prompts that were all-correct or
+    all-wrong under β can return. Its time is charged to the run clock as ``rollouts``."""
     online_samples: int = 4
     """``selection.policy: online_learnability``: responses per pool prompt sampled from the current policy
     θ_m at every stage (GRPO's sampling: ``rollout.temperature`` and ``rollout.max_tokens``)."""
@@ -121,6 +126,8 @@ class CurriculumConfig:
         if self.behaviour_max_tokens is not None:
             require(self.behaviour_max_tokens >= 1, "behaviour_max_tokens", self.behaviour_max_tokens,
                     "must be >= 1 or null")
+        require(self.refresh_behaviour_every >= 0, "refresh_behaviour_every", self.refresh_behaviour_every,
+                "must be >= 0 (0: never)")
         require(2 <= self.online_samples <= 4096, "online_samples", self.online_samples,
                 "must be between 2 and 4096 (one response gives no pass-rate variance)")
         require(0 < self.online_pool_fraction <= 1, "online_pool_fraction", self.online_pool_fraction,

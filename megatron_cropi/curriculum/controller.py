@@ -5,6 +5,8 @@
 
 ``selection.policy: online_learnability`` replaces β's rollouts and the scoring by a roll-out of the
 pool at θ_m before each selection (its time is charged to the run clock as ``selection``).
+``curriculum.refresh_behaviour_every: M`` re-rolls the behaviour sets at θ_m every M stages (before
+that stage's scoring); stages score the newest refresh.
 
 Every step leaves files under ``run.output_dir`` (their paths: :class:`~megatron_cropi.layout.RunLayout`)
 and is recorded in ``state.json``; a restarted run skips each step recorded as done, and resumes GRPO
@@ -106,6 +108,7 @@ class StageController:
             for stage in range(curriculum.stages):
                 if self.is_done(f"stage{stage}/report"):
                     continue
+                self.step_refresh_behaviour(stage)
                 features = self.step_score(stage)
                 self.step_probe(stage, features)
                 pool_rollouts = self.step_online_rollouts(stage)
@@ -135,6 +138,39 @@ class StageController:
         self.mark_done("warmup", **{k: v for k, v in info.items() if k != "history"})
         return str(self.layout.warmup_hf)
 
+    def behaviour_sets(self) -> list[tuple[str, list, int]]:
+        """``(name, prompts, responses per prompt)`` of every set rolled out by the behaviour policy: the
+        pool, each target set, and the check set as ``guard`` when ``selection.guard.source`` is ``check``."""
+        curriculum = self.cfg.curriculum
+        sets = [("pool", self.prompts.pool, curriculum.pool_samples)] + [
+            (f"target-{t}", recs, curriculum.target_samples) for t, recs in sorted(self.prompts.targets.items())]
+        if self.cfg.selection.guard.source == "check":
+            sets.append(("guard", self.prompts.check, curriculum.target_samples))
+        return sets
+
+    def behaviour_store(self, stage: int, name: str) -> Path:
+        """The trajectory store of set ``name`` that stage ``stage`` scores: β's, or the newest refresh's."""
+        refreshed = steps.refresh_stage_of(stage, self.cfg.curriculum.refresh_behaviour_every)
+        return self.layout.stage_rollouts(refreshed, name) if refreshed else self.layout.rollouts(name)
+
+    def _roll_out_behaviour(self, stage: int, policy: str) -> None:
+        """Roll every behaviour set out with the current policy (β at stage 0) into its stage's stores."""
+        cfg, runtime, curriculum = self.cfg, self.runtime, self.cfg.curriculum
+        for name, prompts, n in self.behaviour_sets():
+            t0 = time.perf_counter()
+            sampling = steps.behaviour_sampling(runtime.sampling, n, temperature=curriculum.behaviour_temperature,
+                                                max_tokens=curriculum.behaviour_max_tokens, refresh_stage=stage)
+            label = name if stage == 0 else f"stage{stage}-{name}"
+            summary = steps.behaviour_rollouts(
+                label, prompts, self.behaviour_store(stage, name), sampling=sampling, engine=runtime.engine,
+                reward_fn=runtime.reward_fn, tokenizer=self.tokenizer, groups=self.groups,
+                batch_prompts=cfg.rollout.batch_prompts, policy=policy, engine_kind=cfg.rollout.engine,
+                progress=cfg.rollout.progress)
+            self.charge("rollouts", time.perf_counter() - t0)
+            self.log(f"[rollouts] {label}: {len(prompts)} prompts, pass rate {summary.pass_rate:.3f}, "
+                     f"{summary.zero_variance_groups} zero-variance groups")
+            fault_point(f"rollouts:{name}" if stage == 0 else f"refresh:{name}")
+
     def step_behaviour_rollouts(self) -> None:
         """K responses per pool and target prompt from β (the policy before any GRPO step), once."""
         if self.is_done("rollouts"):
@@ -145,24 +181,25 @@ class StageController:
             return
         if runtime.trainer.step_count:
             raise RuntimeError("behaviour rollouts must come from β, but the policy has already been trained")
-        curriculum = cfg.curriculum
-        beta = self.policy_identity()
-        sets = [("pool", self.prompts.pool, curriculum.pool_samples)] + [
-            (f"target-{t}", recs, curriculum.target_samples) for t, recs in sorted(self.prompts.targets.items())]
-        for name, prompts, n in sets:
-            t0 = time.perf_counter()
-            sampling = steps.behaviour_sampling(runtime.sampling, n, temperature=curriculum.behaviour_temperature,
-                                                max_tokens=curriculum.behaviour_max_tokens)
-            summary = steps.behaviour_rollouts(
-                name, prompts, self.layout.rollouts(name), sampling=sampling, engine=runtime.engine,
-                reward_fn=runtime.reward_fn, tokenizer=self.tokenizer, groups=self.groups,
-                batch_prompts=cfg.rollout.batch_prompts, policy=beta, engine_kind=cfg.rollout.engine,
-                progress=cfg.rollout.progress)
-            self.charge("rollouts", time.perf_counter() - t0)
-            self.log(f"[rollouts] {name}: {len(prompts)} prompts, pass rate {summary.pass_rate:.3f}, "
-                     f"{summary.zero_variance_groups} zero-variance groups")
-            fault_point(f"rollouts:{name}")
+        self._roll_out_behaviour(0, self.policy_identity())
         self.mark_done("rollouts")
+
+    def step_refresh_behaviour(self, stage: int) -> None:
+        """``curriculum.refresh_behaviour_every``: at a refresh stage m, the behaviour sets rolled out again
+        by θ_m (into ``rollouts/stage{m}/``), so that stage's POPI is on-policy."""
+        every = self.cfg.curriculum.refresh_behaviour_every
+        step = f"stage{stage}/refresh"
+        if stage == 0 or steps.refresh_stage_of(stage, every) != stage or self.is_done(step) \
+                or self.cfg.selection.policy in ("full", "random", "online_learnability"):
+            return
+        trainer_step = self.runtime.trainer.step_count
+        if trainer_step != stage * self.cfg.curriculum.steps_per_stage:
+            raise RuntimeError(f"stage {stage}'s behaviour refresh must come from θ_{stage} (step "
+                               f"{stage * self.cfg.curriculum.steps_per_stage}), but the policy is at step "
+                               f"{trainer_step}")
+        t0 = time.perf_counter()
+        self._roll_out_behaviour(stage, f"{self.policy_identity()}+grpo-step{trainer_step}")
+        self.mark_done(step, seconds=time.perf_counter() - t0, policy_step=trainer_step)
 
     def policy_identity(self) -> str:
         """β's identity for store headers: hashed once, on global rank 0 (it reads every weight file)."""
@@ -201,13 +238,13 @@ class StageController:
         """Projected POPI gradients of the pool and the target sets at θ_m; ``{set: feature store}``."""
         if self.cfg.selection.policy != "cropi":
             return {}
-        names = steps.feature_set_names(self.prompts.targets)
+        names = steps.feature_set_names(self.prompts.targets, guard=self.cfg.selection.guard.source == "check")
         paths = {name: self.layout.features(stage, name) for name in names}
         todo = [name for name in names if not self.is_done(f"stage{stage}/score/{name}")]
         scorer = self.scorer() if todo else None
         for name in todo:
             t0 = time.perf_counter()
-            stats = score_store(self.layout.rollouts(name), paths[name], scorer,
+            stats = score_store(self.behaviour_store(stage, name), paths[name], scorer,
                                 on_chunk=lambda: fault_point("score:chunk"))
             self.log(f"[score] stage {stage} {name}: {stats.scored} scored, {stats.excluded} zero-variance excluded, "
                      f"{stats.flagged} flagged, {stats.seconds:.1f} s ({1e3 * stats.seconds_per_prompt:.1f} ms/prompt)")
@@ -220,7 +257,8 @@ class StageController:
         if self.is_done(f"stage{stage}/probe"):
             return
         curriculum = self.cfg.curriculum
-        probe = (probe_projection_quality(stage, features, self.scorer(), layout=self.layout,
+        stores = {name: self.behaviour_store(stage, name) for name in features}
+        probe = (probe_projection_quality(stage, features, self.scorer(), stores=stores,
                                           probe_prompts=curriculum.probe_prompts, max_params=curriculum.probe_max_params,
                                           max_target_prompts=self.cfg.selection.max_target_prompts,
                                           seed=self.cfg.run.seed)
@@ -233,7 +271,7 @@ class StageController:
         their pass rates are the selection's. Other policies: β's pool store (which may not exist)."""
         cfg, curriculum = self.cfg, self.cfg.curriculum
         if cfg.selection.policy != "online_learnability":
-            return self.layout.rollouts("pool")
+            return self.behaviour_store(stage, "pool")
         path, step = self.layout.stage_rollouts(stage, "pool"), f"stage{stage}/online_rollouts"
         if self.is_done(step):
             return path

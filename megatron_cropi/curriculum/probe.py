@@ -16,7 +16,6 @@ import numpy as np
 from megatron_cropi.influence.feature_store import DONE, FeatureStore
 from megatron_cropi.influence.scorer import scored_layouts
 from megatron_cropi.influence.stores import MemoryFeatureSink, PolicyScorer, score_store
-from megatron_cropi.layout import RunLayout
 from megatron_cropi.projection.exact import ExactProjector
 from megatron_cropi.selection.scores import cosine_scores, target_direction
 
@@ -30,12 +29,13 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1]) if a.size > 2 else float("nan")
 
 
-def probe_projection_quality(m: int, features: dict[str, Path], scorer: PolicyScorer, *, layout: RunLayout,
+def probe_projection_quality(m: int, features: dict[str, Path], scorer: PolicyScorer, *, stores: dict[str, Path],
                              probe_prompts: int, max_params: int, max_target_prompts: int, seed: int) -> dict:
     """Projected vs exact cosines to the first target set's direction (see the module docstring).
 
     Args:
         features: ``{set name: feature store}`` of stage ``m``.
+        stores: ``{set name: trajectory store}`` the features were scored from.
         scorer: the policy at θ_m, as the features were scored.
         probe_prompts: pool prompts in the probe (``curriculum.probe_prompts``; 0 skips the probe).
 
@@ -62,7 +62,7 @@ def probe_projection_quality(m: int, features: dict[str, Path], scorer: PolicySc
             rows = np.sort(target_direction(fs.matrix(), fs.statuses() == DONE, max_prompts=max_target_prompts,
                                             seed=seed)[1])
         exact = MemoryFeatureSink(len(rows), exact_projector.k)
-        score_store(layout.rollouts(name), exact, scorer, rows=rows, projector=exact_projector)
+        score_store(stores[name], exact, scorer, rows=rows, projector=exact_projector)
         vecs[name] = (fs.matrix()[rows], exact.features)
     if scorer.groups.rank != 0:
         return {}

@@ -24,16 +24,27 @@ from megatron_cropi.selection.policies import Selection, SelectionConfig, Select
 from megatron_cropi.utils.atomic import atomic_write_json
 from megatron_cropi.utils.rank_zero import on_rank0
 
-__all__ = ["behaviour_sampling", "behaviour_rollouts", "online_sampling", "online_pool_subset", "feature_set_names",
+__all__ = ["behaviour_sampling", "behaviour_rollouts", "online_sampling", "online_pool_subset", "refresh_stage_of",
+           "feature_set_names",
            "read_selection", "selected_prompts", "previous_selections", "selection_inputs", "select_stage"]
 
 
 def behaviour_sampling(base: SamplingParams, n: int, *, temperature: float | None,
-                       max_tokens: int | None) -> SamplingParams:
+                       max_tokens: int | None, refresh_stage: int = 0) -> SamplingParams:
     """β's sampling: GRPO's ``base`` with ``n`` responses, and ``curriculum.behaviour_temperature`` /
-    ``behaviour_max_tokens`` where set (the paper rolls β out at T = 0.5, GRPO at T = 1)."""
+    ``behaviour_max_tokens`` where set (the paper rolls β out at T = 0.5, GRPO at T = 1).
+
+    ``refresh_stage`` m > 0: the behaviour refresh at θ_m, the same sampling with a seed of its own,
+    ``hash(base.seed, m)``."""
+    seed = base.seed if refresh_stage == 0 else _stage_seed("refresh", base.seed, refresh_stage)
     return dataclasses.replace(base, n=n, temperature=base.temperature if temperature is None else temperature,
-                               max_tokens=base.max_tokens if max_tokens is None else max_tokens)
+                               max_tokens=base.max_tokens if max_tokens is None else max_tokens, seed=seed)
+
+
+def refresh_stage_of(m: int, every: int) -> int:
+    """The stage whose behaviour rollouts stage ``m`` scores with: the last refresh at or before ``m``
+    (``curriculum.refresh_behaviour_every``; 0: never, β's rollouts of stage 0)."""
+    return 0 if every <= 0 else (m // every) * every
 
 
 def behaviour_rollouts(name: str, prompts: Sequence[PromptRecord], path: Path, *, sampling: SamplingParams, engine,
@@ -89,9 +100,10 @@ def online_pool_subset(pool: Sequence[PromptRecord], fraction: float, *, seed: i
     return [ordered[i] for i in sorted(rows)]
 
 
-def feature_set_names(target_families: Sequence[str]) -> list[str]:
-    """The sets scored at every stage: ``pool`` and ``target-<family>`` for each target set."""
-    return ["pool"] + [f"target-{t}" for t in sorted(target_families)]
+def feature_set_names(target_families: Sequence[str], *, guard: bool = False) -> list[str]:
+    """The sets scored at every stage: ``pool``, ``target-<family>`` for each target set, and ``guard``
+    (the check set, when ``selection.guard.source`` is ``check``)."""
+    return ["pool"] + [f"target-{t}" for t in sorted(target_families)] + (["guard"] if guard else [])
 
 
 def read_selection(path: Path) -> Selection | None:
@@ -152,6 +164,8 @@ def selection_inputs(pool: Sequence[PromptRecord], *, pool_rollouts: Path | None
         for name, path in features.items():
             if name.startswith("target-"):
                 inputs.targets[name[len("target-"):]] = _usable(FeatureStore.load(path))
+            elif name == "guard":
+                inputs.guard = _usable(FeatureStore.load(path))
     return inputs
 
 

@@ -23,6 +23,7 @@ from typing import Literal, Sequence
 import numpy as np
 
 from megatron_cropi.config.loader import require
+from megatron_cropi.selection.guard import GuardConfig, guard_candidates
 from megatron_cropi.selection.scores import cosine_scores, fuse_max, fuse_reciprocal_rank, target_direction, top_m
 
 __all__ = ["SelectionConfig", "Selection", "SelectionInputs", "SelectionError", "select", "learnability_top"]
@@ -55,6 +56,8 @@ class SelectionConfig:
     """Policy used when cropi has no prompt with a gradient; ``error`` stops the run instead."""
     exclude_previous: bool = False
     """Never pick a prompt an earlier stage picked."""
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    """A guard set whose gradient cropi's picks must not conflict with (:mod:`.guard`); off by default."""
 
     def __post_init__(self):
         require(0 < self.ratio <= 1, "ratio", self.ratio, "must be in (0, 1]")
@@ -76,6 +79,7 @@ class SelectionInputs:
         usable: ``[N]`` rows with a gradient (status done, nonzero).
         targets: ``{name: (features [M, k], usable [M])}`` per target set (cropi only).
         previous: prompt ids picked by earlier stages.
+        guard: ``(features [U, k], usable [U])`` of the guard set (``selection.guard.source: check``).
     """
 
     prompt_ids: Sequence[str]
@@ -85,6 +89,7 @@ class SelectionInputs:
     usable: np.ndarray | None = None
     targets: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     previous: set[str] = field(default_factory=set)
+    guard: tuple[np.ndarray, np.ndarray] | None = None
 
 
 @dataclass
@@ -137,7 +142,8 @@ def learnability_top(pass_rates: np.ndarray, candidates: np.ndarray, m: int, rng
 
 
 def _cropi(cfg, inp: SelectionInputs, cand: np.ndarray, m: int, seed: int):
-    """Top ``m`` candidates by (fused) cosine; target sets without any gradient are skipped and named."""
+    """Fused cosine scores ``[N]`` (``-inf`` outside ``cand``), or None when no target set has a gradient;
+    target sets without any gradient are skipped and named."""
     per_target, info, skipped = [], {}, {}
     for name, (tf, tu) in sorted(inp.targets.items()):
         try:
@@ -152,11 +158,46 @@ def _cropi(cfg, inp: SelectionInputs, cand: np.ndarray, m: int, seed: int):
         info[name] = {"target_prompts_used": int(chosen.size), "target_prompts": int(len(tu)),
                       "with_gradient": int(np.asarray(tu).sum())}
     if not per_target:
-        return None, None, {"targets": info, "skipped_targets": skipped}
+        return None, {"targets": info, "skipped_targets": skipped}
     fused = fuse_reciprocal_rank(per_target, m) if cfg.fusion == "reciprocal_rank" and len(per_target) > 1 \
         else (per_target[0] if len(per_target) == 1 else fuse_max(per_target))
-    picked = top_m(fused, m)
-    return picked, fused[picked], {"targets": info, "skipped_targets": skipped, "cosine": per_target}
+    return fused, {"targets": info, "skipped_targets": skipped, "cosine": per_target}
+
+
+def _guarded(cfg: SelectionConfig, inp: SelectionInputs, cand: np.ndarray, seed: int):
+    """``cand`` after the guard's ``drop`` (all of it for ``demote``), the demoted rows, and the guard's summary.
+
+    Raises:
+        SelectionError: every candidate conflicts with the guard set (``drop``), or the guard set has no gradient.
+    """
+    guard = cfg.guard
+    if guard.source == "check":
+        if inp.guard is None:
+            raise SelectionError("selection.guard.source is check, but the check set's features are missing")
+        guard_features, guard_usable = inp.guard
+    else:  # pool: the pool's own mean gradient (full-data GRPO's direction)
+        guard_features, guard_usable = inp.features, inp.usable
+    try:
+        result = guard_candidates(guard, cand, inp.features, inp.usable, guard_features, guard_usable, seed=seed)
+    except ValueError as err:
+        raise SelectionError(f"selection.guard (source {guard.source}): {err}") from None
+    if guard.mode == "demote":
+        return cand, set(cand[~result.keep].tolist()), result.summary
+    kept = cand[result.keep]
+    if kept.size == 0:
+        raise SelectionError(f"selection.guard (source {guard.source}, threshold {guard.threshold}): every one of "
+                             f"the {cand.size} candidates conflicts with the guard set; nothing selected (lower "
+                             f"selection.guard.threshold, use mode demote, or turn the guard off)")
+    result.summary["dropped"] = int(cand.size - kept.size)
+    return kept, set(), result.summary
+
+
+def _top_demoting(fused: np.ndarray, demoted: set[int], m: int) -> np.ndarray:
+    """Top ``m`` finite rows of ``fused``: rows not in ``demoted`` first, each part best first."""
+    order = top_m(fused, fused.size)
+    if demoted:
+        order = np.array([i for i in order if i not in demoted] + [i for i in order if i in demoted], dtype=np.int64)
+    return order[:m]
 
 
 def select(cfg: SelectionConfig, inp: SelectionInputs, *, stage: int, seed: int) -> Selection:
@@ -187,12 +228,20 @@ def select(cfg: SelectionConfig, inp: SelectionInputs, *, stage: int, seed: int)
         if not usable[cand].any():
             why = "no pool prompt had a gradient (every group's rewards were equal)"
         else:
-            picked, scores, extra = _cropi(cfg, inp, cand[usable[cand]], m, seed)
+            scored, demoted = cand[usable[cand]], set()
+            if cfg.guard.enabled:
+                scored, demoted, summary["guard"] = _guarded(cfg, inp, scored, seed)
+            fused, extra = _cropi(cfg, inp, scored, m, seed)
             summary["targets"] = extra["targets"]
             if extra["skipped_targets"]:
                 summary["skipped_targets"] = extra["skipped_targets"]
-            if picked is None:
+            if fused is None:
                 why = "no target set had a prompt with a gradient"
+            else:
+                picked = _top_demoting(fused, demoted, m)
+                scores = fused[picked]
+                if demoted:
+                    summary["guard"]["demoted_selected"] = int(sum(int(i) in demoted for i in picked))
         if why is not None:
             if cfg.fallback == "error":
                 raise SelectionError(f"{why}; set selection.fallback to a baseline policy to continue")
