@@ -18,7 +18,7 @@ from typing import Iterable, Mapping
 import yaml
 
 from megatron_cropi.config.compose import compose_config
-from megatron_cropi.config.loader import ConfigError, from_dict, require, to_dict
+from megatron_cropi.config.loader import ConfigError, from_dict, non_default_keys, require, to_dict
 from megatron_cropi.curriculum.config import CurriculumConfig
 from megatron_cropi.data.config import DataConfig
 from megatron_cropi.grpo.config import GrpoConfig
@@ -81,6 +81,7 @@ class RunConfig:
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
     def __post_init__(self):
+        self._refuse_ignored_keys()
         errors = self.model.layout_errors(self.parallel.tensor_model_parallel_size,
                                           self.parallel.pipeline_model_parallel_size)
         if errors:
@@ -88,6 +89,31 @@ class RunConfig:
         layers = self.model.transformer["num_layers"]
         require(self.scoring.last_layers <= layers, "scoring.last_layers", self.scoring.last_layers,
                 f"must be at most the model's {layers} decoder layers")
+        policy = self.selection.policy
+        if self.curriculum.refresh_behaviour_every and policy not in ("cropi", "learnability", "pass_rate_band"):
+            raise ConfigError("curriculum.refresh_behaviour_every", f"{self.curriculum.refresh_behaviour_every}: "
+                              f"selection.policy {policy} uses no behaviour rollouts (set it to 0)")
+        if self.selection.guard.enabled and policy != "cropi":
+            raise ConfigError("selection.guard.source", f"{self.selection.guard.source}: the guard applies to "
+                              f"selection.policy cropi only, not {policy} (set it to none)")
+
+    def _refuse_ignored_keys(self) -> None:
+        """A key the chosen mode never reads is an error naming it, not a setting silently dropped.
+
+        Only modes a config is not meant to switch: the data kind (``DataConfig``), the rollout engine
+        and the warm-up with files. Policy-specific keys stay allowed: one config is routinely run
+        under several ``selection.policy`` values to compare them.
+        """
+        if self.rollout.engine != "vllm":
+            changed = non_default_keys(self.rollout.vllm, prefix="rollout.vllm")
+            if changed:
+                key, value = changed[0]
+                raise ConfigError(key, f"{value!r} is ignored because rollout.engine is {self.rollout.engine!r}; "
+                                       "set rollout.engine: vllm, or remove rollout.vllm (override: rollout.vllm={})")
+        if self.curriculum.warmup.enabled and self.data.kind != "synthetic":
+            raise ConfigError("curriculum.warmup.enabled", f"True with data.kind {self.data.kind!r}: the warm-up "
+                              "trains on the synthetic suite only (real models arrive instruction-tuned); set "
+                              "curriculum.warmup.enabled: false")
 
     @property
     def output_dir(self) -> Path:

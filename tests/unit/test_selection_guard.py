@@ -75,3 +75,16 @@ def test_guard_errors_name_what_is_missing():
                _inputs(guard=(np.zeros((2, 2)), np.zeros(2, bool))), stage=0, seed=0)
     with pytest.raises(ConfigError, match="mode"):
         GuardConfig(mode="skip")
+
+
+def test_keys_the_policy_ignores_are_refused_by_name():
+    from megatron_cropi.config.loader import from_dict
+    from megatron_cropi.run_config import RunConfig
+
+    with pytest.raises(ConfigError, match=r"selection.guard.source: pool: the guard applies to selection.policy "
+                                          r"cropi only, not random"):
+        from_dict(RunConfig, {"selection": {"policy": "random", "guard": {"source": "pool"}}})
+    with pytest.raises(ConfigError, match=r"curriculum.refresh_behaviour_every: 2: selection.policy full uses no "
+                                          r"behaviour rollouts"):
+        from_dict(RunConfig, {"selection": {"policy": "full"}, "curriculum": {"refresh_behaviour_every": 2}})
+    from_dict(RunConfig, {"selection": {"guard": {"source": "pool"}}, "curriculum": {"refresh_behaviour_every": 2}})
