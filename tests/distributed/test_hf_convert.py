@@ -1,8 +1,8 @@
-"""HF Qwen2/Llama checkpoints in and out of a real Megatron GPTModel on gloo.
+"""HF Qwen2/Qwen3/Llama checkpoints in and out of a real Megatron GPTModel on gloo.
 
-Tiny random HF models (fp32, tied and untied, GQA, a Llama with head_dim ≠ hidden/heads) are
-saved locally; loaded at TP=1, TP=2, PP=2 (and TP=2×PP=2) their Megatron logits equal HF
-transformers' to 1e-4; exported from TP=2 and PP=2 they equal the original safetensors bit for bit,
+Tiny random HF models (fp32, tied and untied, GQA, a Llama with head_dim ≠ hidden/heads, Qwen3 with
+its q/k norms and head_dim ≠ hidden/heads) are saved locally; loaded at TP=1, TP=2, PP=2 (and
+TP=2×PP=2) their Megatron logits equal HF transformers' to 1e-4; exported from TP=2 and PP=2 they equal the original safetensors bit for bit,
 and importing the export gives back the same parameters bit for bit. Bad checkpoints fail on every
 rank with an error naming the tensor, and a failed export does not leave ranks waiting.
 """
@@ -21,7 +21,11 @@ MODELS = {  # name -> (arch, config overrides, the layout it is exported from)
     "qwen2-tied": ("qwen2", dict(tied=True, num_kv_heads=4), (1, 2)),
     "llama-untied-hd32": ("llama", dict(tied=False, head_dim=32), (1, 2)),
     "llama-tied": ("llama", dict(tied=True, rope_theta=5e5), (2, 1)),
+    # Qwen3: q/k RMSNorm per head, no QKV bias; head_dim 32 ≠ 64/4 (and 8 ≠ 64/4 below)
+    "qwen3-untied-hd32": ("qwen3", dict(tied=False, head_dim=32), (2, 1)),
+    "qwen3-tied-hd8": ("qwen3", dict(tied=True, head_dim=8, num_kv_heads=4), (1, 2)),
 }
+ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
 
 
 def _forward_logits(model, groups, ids):
@@ -180,7 +184,7 @@ def test_hf_megatron_conversion_on_two_ranks(hf_models):
             assert _bitwise_equal(exported[key], original[key]), f"{name} TP={tp} PP={pp}: {key} differs"
         assert res[0]["reimport_equal"][(name, tp, pp)], f"{name} TP={tp} PP={pp}: re-import differs"
         cfg = json.loads((export / "config.json").read_text())
-        assert cfg["architectures"] == [("Qwen2" if name.startswith("qwen2") else "Llama") + "ForCausalLM"]
+        assert cfg["architectures"] == [ARCHITECTURES[MODELS[name][0]]]
         assert (export / "generation_config.json").is_file()  # carried over from the source
         # transformers reads the exported config the same way (rope theta, head_dim, tying)
         assert torch.equal(hf_logits(export, ids), refs[name])
@@ -193,29 +197,38 @@ def test_hf_megatron_conversion_on_two_ranks(hf_models):
         assert all("already exists" in errors[("exists", name)] for name in MODELS)
 
 
-def _tp2pp2_worker(hf_dir, ids, target):
+def _tp2pp2_worker(hf_dirs, ids, targets):
     from megatron_cropi.checkpoint import load_hf_into_model, model_config_from_hf, save_model_as_hf
     from megatron_cropi.model.provider import build_gpt_model
-    from megatron_cropi.parallel import build_parallel_groups, init_distributed
+    from megatron_cropi.parallel import build_parallel_groups, destroy_parallel_groups, init_distributed
 
     init_distributed()
-    cfg = model_config_from_hf(hf_dir)
-    groups = build_parallel_groups(2, 2)
-    model = build_gpt_model(cfg, groups)
-    load_hf_into_model(model, groups, hf_dir)
-    logits = _forward_logits(model, groups, ids)
-    save_model_as_hf(model, groups, cfg, target, max_shard_bytes=40_000)  # several shards + index
-    return logits
+    out = {}
+    for name, hf_dir in hf_dirs.items():
+        cfg = model_config_from_hf(hf_dir)
+        groups = build_parallel_groups(2, 2)
+        model = build_gpt_model(cfg, groups)
+        load_hf_into_model(model, groups, hf_dir)
+        logits = _forward_logits(model, groups, ids)
+        if logits is not None:
+            out[name] = logits
+        save_model_as_hf(model, groups, cfg, targets[name], max_shard_bytes=40_000)  # several shards + index
+        destroy_parallel_groups()
+    return out
 
 
 @pytest.mark.timeout(300)
-def test_tp2_by_pp2_tied_qwen2_on_four_ranks(hf_models):
+def test_tp2_by_pp2_tied_qwen2_and_qwen3_on_four_ranks(hf_models):
     root, dirs, ids, refs = hf_models
-    target = root / "tp2pp2-export"
-    res = run_ranks(_tp2pp2_worker, 4, args=(dirs["qwen2-tied"], ids, str(target)), timeout_s=280)
-    logits = [r for r in res if r is not None]
-    assert len(logits) == 1
-    assert (logits[0] - refs["qwen2-tied"]).abs().max().item() <= 1e-4
-    index = json.loads((target / "model.safetensors.index.json").read_text())
-    assert len(set(index["weight_map"].values())) > 1
-    assert torch.equal(hf_logits(target, ids), refs["qwen2-tied"])
+    names = ("qwen2-tied", "qwen3-untied-hd32")
+    targets = {name: str(root / f"tp2pp2-export-{name}") for name in names}
+    res = run_ranks(_tp2pp2_worker, 4, args=({n: dirs[n] for n in names}, ids, targets), timeout_s=280)
+    logits = [r for r in res if r]
+    assert len(logits) == 1 and set(logits[0]) == set(names)
+    for name in names:
+        err = (logits[0][name] - refs[name]).abs().max().item()
+        assert err <= 1e-4, f"{name} TP=2 PP=2: max |Megatron - HF| logits = {err:.2e}"
+        target = root / f"tp2pp2-export-{name}"
+        index = json.loads((target / "model.safetensors.index.json").read_text())
+        assert len(set(index["weight_map"].values())) > 1
+        assert torch.equal(hf_logits(target, ids), refs[name])
