@@ -26,8 +26,9 @@ A rank of pipeline stage ``p`` (TP size ``t``, PP size ``P``, DP size ``d``) hol
   ``per_prompt``: one prompt; with a token budget ``B = scoring.max_tokens_per_microbatch``,
   ``b = min(b, max(K, ⌈B / s⌉))``: a bound on the tokens, and on ``b·L²``, of a micro-batch of length
   ``L ≤ s``): activations (:func:`layer_activation_bytes`) × layers of the stage ×
-  micro-batches in flight (1F1B: ``min(P − p, M)``), and on the last stage the logits
-  (:func:`logits_bytes`).
+  micro-batches in flight (1F1B: ``min(P − p, M)``), and on the last stage the logits and the
+  log-prob's work on them (:func:`logits_bytes`: chunked by ``scoring.logprob_chunk_tokens`` /
+  ``grpo.logprob_chunk_tokens``, or whole at 0).
 
 ``peak = resident + vLLM + max(training, scoring)`` per stage; the estimate is the largest stage.
 
@@ -176,16 +177,28 @@ def stage_activation_bytes(layer: dict, *, layers: int, in_flight: int, recomput
     return in_flight * math.ceil(layers / n) * layer["input"] + n * full
 
 
-def logits_bytes(vocab: int, *, tp: int, seq: int, micro_batch: int, fp32_copies: int, act_bytes: int = 2) -> int:
-    """Logits of the last stage: ``V/t × s × b × (e + 4 × copies)``.
+CHUNK_FP32_COPIES = 4
+"""fp32 ``[c, V/t]`` work tensors alive at once in a chunk of the chunked log-prob/entropy: the chunk's
+tempered logits, their shifted copy, its ``exp`` and (entropy) ``exp · z``."""
 
-    The log-prob of :func:`megatron_cropi.model.logprobs.vocab_parallel_logprobs` holds, at its peak,
-    the logits in the activation dtype plus three fp32 ``[s, b, V/t]`` tensors (the fp32/tempered
-    logits, their shifted copy and its ``exp``, kept for backward): ``fp32_copies = 3``. The GRPO
-    loss with an entropy bonus adds the entropy's ``exp`` and tempered logits (kept by its product):
-    ``fp32_copies = 5``.
+
+def logits_bytes(vocab: int, *, tp: int, seq: int, micro_batch: int, fp32_copies: int, act_bytes: int = 2,
+                 chunk_tokens: int = 0, logit_grads: int = 1) -> int:
+    """Logits of the last stage and the log-prob/entropy work on them, for ``N = s × b`` positions.
+
+    * ``chunk_tokens = 0`` (the whole-tensor path of :mod:`megatron_cropi.model.logprobs`):
+      ``V/t × N × (e + 4 × copies)``: the logits in the activation dtype plus ``fp32_copies`` fp32
+      ``[N, V/t]`` tensors kept for backward: 3 for the log-prob (the fp32/tempered logits, their
+      shifted copy and its ``exp``), 5 with an entropy bonus (its ``exp`` and tempered logits too).
+    * ``chunk_tokens = c > 0``: ``V/t × (N × e × (1 + logit_grads) + min(c, N) × 4 × 4)``: the logits
+      (kept for backward by the autograd functions themselves, no copy), ``logit_grads`` gradients of
+      them in the activation dtype during backward (2 with an entropy bonus: autograd sums the
+      log-prob's and the entropy's), and :data:`CHUNK_FP32_COPIES` fp32 ``[c, V/t]`` work tensors.
     """
-    return (vocab // tp) * seq * micro_batch * (act_bytes + 4 * fp32_copies)
+    n, v = seq * micro_batch, vocab // tp
+    if chunk_tokens <= 0:
+        return v * n * (act_bytes + 4 * fp32_copies)
+    return v * (n * act_bytes * (1 + logit_grads) + min(chunk_tokens, n) * 4 * CHUNK_FP32_COPIES)
 
 
 def index_cache_bytes_per_coordinate(kind: str, *, keep_ratio: float, sjlt_s: int = 1, cache_index: bool = True) -> int:
@@ -296,14 +309,16 @@ def estimate_memory(cfg, *, dp: int, gpu_memory_gib: float = 80.0, attention: st
                                                   recompute=recompute[0], recompute_method=recompute[1],
                                                   recompute_num_layers=recompute[2]),
             "logits": logits_bytes(m.vocab, tp=tp, seq=seq, micro_batch=train_b,
-                                   fp32_copies=5 if loss.entropy_coef > 0 else 3, act_bytes=w) if last else 0,
+                                   fp32_copies=5 if loss.entropy_coef > 0 else 3, act_bytes=w,
+                                   chunk_tokens=cfg.grpo.logprob_chunk_tokens,
+                                   logit_grads=2 if loss.entropy_coef > 0 else 1) if last else 0,
         }
         score = {
             "activations": stage_activation_bytes(score_layer, layers=layers, in_flight=in_flight_score,
                                                   recompute=recompute[0], recompute_method=recompute[1],
                                                   recompute_num_layers=recompute[2]),
             "logits": logits_bytes(m.vocab, tp=tp, seq=seq, micro_batch=score_b, fp32_copies=3,
-                                   act_bytes=w) if last else 0,
+                                   act_bytes=w, chunk_tokens=sc.logprob_chunk_tokens) if last else 0,
             "capture": capture_b,
         }
         holds_vllm = vllm_gib > 0 and (p == 0 or vllm_tp > tp)
@@ -333,6 +348,7 @@ def estimate_memory(cfg, *, dp: int, gpu_memory_gib: float = 80.0, attention: st
             "sequence_parallel": sp, "recompute": recompute[0] or "none",
             "training_micro_batch_sequences": train_b, "training_microbatches_per_step": train_mbs,
             "scoring_micro_batch_sequences": score_b, "scoring_microbatches_per_call": score_mbs,
+            "logprob_chunk_tokens": {"scoring": sc.logprob_chunk_tokens, "training": cfg.grpo.logprob_chunk_tokens},
             "vllm": ({"share_gib": round(vllm_gib, 3), "tensor_parallel_size": vllm_tp, "colocated": True,
                       "held_through_scoring_and_training": True} if cfg.rollout.engine == "vllm" else None),
             "overhead_gib": overhead_gib,

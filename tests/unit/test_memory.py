@@ -72,8 +72,18 @@ def test_stage_activations_under_recomputation():
 
 
 def test_logits_optimizer_cache_and_store_sizes():
+    # whole-tensor log-prob (chunk 0): bf16 logits + 3 (5 with entropy) fp32 copies of [N, V/t]
     assert logits_bytes(16, tp=2, seq=4, micro_batch=2, fp32_copies=3) == 8 * 4 * 2 * 14
     assert logits_bytes(16, tp=1, seq=4, micro_batch=2, fp32_copies=5) == 16 * 4 * 2 * 22
+    # chunked: bf16 logits + their gradient(s) over all N = 8 positions, 4 fp32 [c, V/t] work tensors
+    assert logits_bytes(16, tp=2, seq=4, micro_batch=2, fp32_copies=3, chunk_tokens=3) == 8 * (8 * 2 * 2 + 3 * 16)
+    assert logits_bytes(16, tp=1, seq=4, micro_batch=2, fp32_copies=5, chunk_tokens=3,
+                        logit_grads=2) == 16 * (8 * 2 * 3 + 3 * 16)
+    assert logits_bytes(16, tp=1, seq=4, micro_batch=2, fp32_copies=3, chunk_tokens=1024) == 16 * (8 * 2 * 2 + 8 * 16)
+    # at scale the fp32 copies dominate: 1.5B scoring, 16 sequences of 2560 at TP2: 14 B -> 4 B per logit
+    whole = logits_bytes(151936, tp=2, seq=2560, micro_batch=16, fp32_copies=3)
+    chunked = logits_bytes(151936, tp=2, seq=2560, micro_batch=16, fp32_copies=3, chunk_tokens=1024)
+    assert 3.0 < whole / chunked < 3.5
     assert optimizer_bytes_per_param("adam", "bfloat16") == 12
     assert optimizer_bytes_per_param("adam", "float32") == 8
     assert optimizer_bytes_per_param("sgd", "bfloat16") == 8
@@ -100,10 +110,17 @@ def test_estimate_of_a_whole_run_by_hand():
     (stage,) = est["stages"]
     n = 1288
     resident = n * 2 + n * 4 + n * 12 // 2 + n * 2 + int(0.5 * n) * 9   # weights, fp32 grads, Adam/DP, reference, cache
-    train = 2 * 2176 + 16 * 4 * 2 * 22       # 1 micro-batch of 2 sequences in flight; logits with entropy
-    score = 2 * 2176 + 16 * 4 * 2 * 14 + 4 * 192   # + one fc1's per-prompt weight gradients in fp32
+    # 1 micro-batch of 2 sequences in flight; chunked logits of N = 8 positions (chunk 1024 > N):
+    # bf16 logits + 2 bf16 gradients (entropy bonus) + 4 fp32 chunk copies; scoring: 1 gradient
+    train = 2 * 2176 + 16 * (8 * 2 * 3 + 8 * 16)
+    score = 2 * 2176 + 16 * (8 * 2 * 2 + 8 * 16) + 4 * 192   # + one fc1's per-prompt weight gradients in fp32
     assert stage["peak_bytes"] == resident + max(train, score) == est["peak_bytes"]
-    assert stage["peak_phase"] == "training"
+    assert stage["peak_phase"] == "scoring"
+    assert est["assumptions"]["logprob_chunk_tokens"] == {"scoring": 1024, "training": 1024}
+    # chunk 0: the whole-tensor path's 3 (5) fp32 copies
+    whole = estimate_memory(_cfg(scoring={"logprob_chunk_tokens": 0}, grpo={"logprob_chunk_tokens": 0}), dp=2,
+                            overhead_gib=0.0)
+    assert whole["peak_bytes"] == resident + max(2 * 2176 + 16 * 4 * 2 * 22, 2 * 2176 + 16 * 4 * 2 * 14 + 4 * 192)
     assert est["assumptions"]["sequence_length"] == 4 and est["assumptions"]["vllm"] is None
 
 
@@ -122,8 +139,9 @@ def test_estimate_counts_vllm_share_reference_and_pipeline_in_flight():
     assert pp["assumptions"]["training_microbatches_per_step"] == 4
     assert (s0["parameters"], s1["parameters"]) == (640, 648)
     assert s0["peak_bytes"] == 640 * 20 + 320 * 9 + max(2 * 2176, 2 * 2176 + 4 * 192)
-    assert s1["peak_bytes"] == 648 * 20 + 324 * 9 + max(2176 + 16 * 4 * 2 * 22, 2176 + 16 * 4 * 2 * 14 + 4 * 192)
-    assert (s0["peak_phase"], s1["peak_phase"]) == ("scoring", "training")
+    assert s1["peak_bytes"] == 648 * 20 + 324 * 9 + max(2176 + 16 * (8 * 2 * 3 + 8 * 16),
+                                                        2176 + 16 * (8 * 2 * 2 + 8 * 16) + 4 * 192)
+    assert (s0["peak_phase"], s1["peak_phase"]) == ("scoring", "scoring")
 
 
 def test_feature_store_bytes_follow_the_storage_dtype():
