@@ -27,7 +27,7 @@ from typing import Any, Literal, Mapping, TypeVar, Union, get_args, get_origin, 
 
 import yaml
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "load_yaml", "expand_env", "require"]
+__all__ = ["ConfigError", "from_dict", "to_dict", "load_yaml", "expand_env", "require", "non_default_keys"]
 
 T = TypeVar("T")
 
@@ -183,6 +183,22 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     return obj
+
+
+def non_default_keys(obj: Any, reference: Any = None, prefix: str = "") -> list[tuple[str, Any]]:
+    """``(dotted key, value)`` of every leaf of the config ``obj`` that differs from ``reference``
+    (default: ``type(obj)()``, the dataclass's defaults); lists are leaves. For "this key is ignored
+    here" checks: a key set to its default is as good as absent."""
+    if reference is None:
+        reference = type(obj)()
+    mine, theirs = to_dict(obj), to_dict(reference)
+
+    def walk(a: Any, b: Any, path: str) -> list[tuple[str, Any]]:
+        if isinstance(a, dict) and isinstance(b, dict):
+            return [kv for k in a for kv in walk(a[k], b.get(k), f"{path}.{k}" if path else str(k))]
+        return [] if a == b else [(path, a)]
+
+    return walk(mine, theirs, prefix)
 
 
 _ENV_REF = re.compile(r"\$\$\{|\$\{([^}]*)\}")

@@ -16,12 +16,12 @@ nested mappings): gsm8k ``question``/``answer`` (final answer after ``####``), m
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Literal
 
-from megatron_cropi.config.loader import require
+from megatron_cropi.config.loader import ConfigError, non_default_keys, require
 
-__all__ = ["DatasetFile", "SyntheticConfig", "DataConfig", "FORMAT_FIELDS", "SPLITS"]
+__all__ = ["DatasetFile", "SyntheticConfig", "DataConfig", "FORMAT_FIELDS", "SPLITS", "FILES_ONLY_KEYS"]
 
 SPLITS = ("pool", "val", "test", "check")
 
@@ -32,6 +32,10 @@ FORMAT_FIELDS: dict[str, tuple[str, str, str]] = {
     "deepscaler": ("problem", "answer", "none"),
     "custom": ("prompt", "answer", "none"),
 }
+
+# Keys that only ``kind: files`` reads; the synthetic suite has its own tokenizer and prompts.
+FILES_ONLY_KEYS = ("pool", "val", "test", "check", "tokenizer", "use_chat_template", "system_prompt",
+                   "prompt_template", "max_prompt_tokens")
 
 DEFAULT_TEMPLATE = "{prompt}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
 
@@ -129,6 +133,7 @@ class DataConfig:
     """Prompts longer than this (after templating) are dropped and counted; 0: no limit."""
 
     def __post_init__(self):
+        self._refuse_ignored_keys()
         if self.kind == "files":
             require(bool(self.pool), "pool", self.pool, "at least one file when kind is 'files'")
             require(bool(self.tokenizer), "tokenizer", self.tokenizer, "an HF tokenizer directory when kind is 'files'")
@@ -139,6 +144,26 @@ class DataConfig:
         except (KeyError, IndexError, ValueError) as err:
             require(False, "prompt_template", self.prompt_template, f"a valid format string ({err})")
         require(self.max_prompt_tokens >= 0, "max_prompt_tokens", self.max_prompt_tokens, "must be >= 0")
+
+    def _refuse_ignored_keys(self) -> None:
+        """A key the chosen ``kind`` never reads is an error naming it (files named without ``kind:
+        files`` would otherwise be skipped silently in favour of the synthetic suite)."""
+        if self.kind == "synthetic":
+            defaults = {f.name: f.default for f in fields(self) if f.default is not MISSING}
+            for key in FILES_ONLY_KEYS:
+                value = getattr(self, key)
+                if value != defaults[key]:
+                    shown = [f.path for f in value] if key in SPLITS else value
+                    hint = ("set data.kind: files to read these files" if key in SPLITS or key == "tokenizer"
+                            else f"it applies to data.kind: files only; remove data.{key}")
+                    raise ConfigError(key, f"{shown!r} is ignored because data.kind is 'synthetic' (the default, "
+                                           f"the built-in task suite): {hint}")
+        elif self.kind == "files":
+            changed = non_default_keys(self.synthetic, prefix="synthetic")
+            if changed:
+                key, value = changed[0]
+                raise ConfigError(key, f"{value!r} is ignored because data.kind is 'files' (the synthetic suite is "
+                                       "not used); remove data.synthetic")
 
     def files(self, split: str) -> tuple[DatasetFile, ...]:
         """The files of ``split`` (pool, val, test or check)."""

@@ -80,3 +80,39 @@ def test_config_is_frozen():
     cfg = from_dict(RunConfig, {})
     with pytest.raises(Exception):
         cfg.run.seed = 3
+
+
+@pytest.mark.parametrize("data, key, fragment", [
+    ({"pool": [{"path": "/d/gsm8k.parquet", "format": "gsm8k"}], "tokenizer": "/tok"}, "data.pool", "set data.kind: files"),
+    ({"val": [{"path": "/d/v.jsonl"}]}, "data.val", "'/d/v.jsonl'"),
+    ({"tokenizer": "/models/qwen"}, "data.tokenizer", "data.kind is 'synthetic'"),
+    ({"max_prompt_tokens": 512}, "data.max_prompt_tokens", "512"),
+    ({"system_prompt": "Think."}, "data.system_prompt", "data.kind: files only"),
+    ({"kind": "files", "tokenizer": "/tok", "pool": [{"path": "a.jsonl"}], "synthetic": {"per_family": 3}},
+     "data.synthetic.per_family", "data.kind is 'files'"),
+])
+def test_keys_the_data_kind_ignores_are_errors_naming_them(data, key, fragment):
+    with pytest.raises(ConfigError) as info:
+        from_dict(RunConfig, {"data": data})
+    assert info.value.key == key and fragment in str(info.value)
+
+
+def test_keys_set_to_their_defaults_are_not_ignored_keys():
+    from_dict(RunConfig, {"data": {"kind": "synthetic", "pool": [], "use_chat_template": True, "tokenizer": ""}})
+    from_dict(RunConfig, {"data": {"kind": "files", "tokenizer": "/tok", "pool": [{"path": "a.jsonl"}],
+                                   "synthetic": {"per_family": 160}}})
+
+
+def test_keys_the_engine_or_the_data_ignore_at_run_level(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        from_dict(RunConfig, {"rollout": {"engine": "native", "vllm": {"gpu_memory_utilization": 0.3}}})
+    assert info.value.key == "rollout.vllm.gpu_memory_utilization" and "0.3" in str(info.value)
+    from_dict(RunConfig, {"rollout": {"engine": "vllm", "checkpoint": "/m", "vllm": {"gpu_memory_utilization": 0.3}}})
+    files = {"kind": "files", "tokenizer": "/tok", "pool": [{"path": "a.jsonl"}]}
+    with pytest.raises(ConfigError) as info:
+        from_dict(RunConfig, {"data": files, "curriculum": {"warmup": {"enabled": True}}})
+    assert info.value.key == "curriculum.warmup.enabled"
+    # an override switching the engine can drop the engine's section in the same breath
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("rollout: {engine: vllm, checkpoint: /m, vllm: {dtype: bfloat16}}\n")
+    assert load_run_config(cfg, ["rollout.engine=native", "rollout.vllm={}"]).rollout.engine == "native"
