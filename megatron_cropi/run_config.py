@@ -18,8 +18,10 @@ from typing import Iterable, Mapping
 import yaml
 
 from megatron_cropi.config.compose import compose_config
-from megatron_cropi.config.loader import ConfigError, from_dict, non_default_keys, require, to_dict
+from megatron_cropi.config.loader import (ConfigError, from_dict, non_default_keys, prune_unknown_keys,
+                                         require, to_dict)
 from megatron_cropi.curriculum.config import CurriculumConfig
+from megatron_cropi.curriculum.state import register_config_upgrade
 from megatron_cropi.data.config import DataConfig
 from megatron_cropi.grpo.config import GrpoConfig
 from megatron_cropi.influence.scorer import ScoringConfig
@@ -28,7 +30,8 @@ from megatron_cropi.projection.config import ProjectionConfig
 from megatron_cropi.rollout.config import RolloutConfig
 from megatron_cropi.selection.policies import SelectionConfig
 
-__all__ = ["RunSection", "ParallelConfig", "RunConfig", "load_run_config", "config_to_yaml"]
+__all__ = ["RunSection", "ParallelConfig", "RunConfig", "load_run_config", "config_to_yaml",
+           "upgrade_stored_config"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,6 +140,16 @@ def load_run_config(path: str | Path, overrides: Iterable[str] = (),
         return from_dict(RunConfig, tree.data)
     except ConfigError as err:
         raise ConfigError(err.key, f"{err.message} ({tree.origin(err.key)})") from None
+
+
+def upgrade_stored_config(stored: dict) -> dict:
+    """A resolved config stored by a run (``state.json``) read through today's schema: keys added since
+    take their defaults (in the stored config's context, e.g. its model preset), keys removed are
+    dropped. Resume compares this with the new config (:mod:`megatron_cropi.curriculum.state`)."""
+    return to_dict(from_dict(RunConfig, prune_unknown_keys(RunConfig, stored)))
+
+
+register_config_upgrade(upgrade_stored_config)
 
 
 def config_to_yaml(cfg: RunConfig) -> str:

@@ -25,11 +25,13 @@ from megatron_cropi.model.config import ModelConfig
 
 from megatron_cropi.testing.hf_tiny import QWEN25_1_5B_CONFIG as QWEN25_1_5B  # noqa: E402
 from megatron_cropi.testing.hf_tiny import QWEN25_7B_CONFIG as QWEN25_7B  # noqa: E402
+from megatron_cropi.testing.hf_tiny import QWEN3_1_7B_CONFIG as QWEN3_1_7B  # noqa: E402
+from megatron_cropi.testing.hf_tiny import QWEN3_8B_CONFIG as QWEN3_8B  # noqa: E402
 
 
-def _dims(nq=4, ng=2, d=8, tied=False, bias=True, layers=2, hidden=16, ffn=24, vocab=32):
+def _dims(nq=4, ng=2, d=8, tied=False, bias=True, layers=2, hidden=16, ffn=24, vocab=32, qk_norm=False):
     return GPTDimensions(num_layers=layers, hidden_size=hidden, num_heads=nq, num_groups=ng, head_dim=d,
-                         ffn_hidden_size=ffn, vocab_size=vocab, tied=tied, qkv_bias=bias)
+                         ffn_hidden_size=ffn, vocab_size=vocab, tied=tied, qkv_bias=bias, qk_norm=qk_norm)
 
 
 def _random_hf_state(dims, seed=0):
@@ -85,19 +87,21 @@ def test_fc1_is_gate_then_up():
     assert torch.equal(fc1[:24], gate) and torch.equal(fc1[24:], up)
 
 
-@pytest.mark.parametrize("nq,ng,d,tied,bias,fused", [
-    (nq, ng, d, tied, bias, fused)
-    for (nq, ng), d, tied, bias, fused in itertools.product([(4, 4), (4, 2), (6, 1), (8, 2)], [4, 12], [False, True],
-                                                             [False, True], [False, True])
+# attention: "bias" (Qwen2), "plain" (Llama), "qk_norm" (Qwen3: q/k norms, no bias)
+@pytest.mark.parametrize("nq,ng,d,tied,attention,fused", [
+    (nq, ng, d, tied, attention, fused)
+    for (nq, ng), d, tied, attention, fused in itertools.product(
+        [(4, 4), (4, 2), (6, 1), (8, 2)], [4, 12], [False, True], ["bias", "plain", "qk_norm"], [False, True])
 ])
-def test_round_trip_is_bit_exact_both_ways(nq, ng, d, tied, bias, fused):
-    dims = _dims(nq=nq, ng=ng, d=d, tied=tied, bias=bias)
+def test_round_trip_is_bit_exact_both_ways(nq, ng, d, tied, attention, fused):
+    dims = _dims(nq=nq, ng=ng, d=d, tied=tied, bias=attention == "bias", qk_norm=attention == "qk_norm")
     hf = _random_hf_state(dims, seed=nq * 100 + ng * 10 + d)
     meg = hf_to_megatron_global(hf, dims, fused_norms=fused)
     assert set(meg) == set(megatron_global_shapes(dims, fused_norms=fused))
     assert all(tuple(meg[k].shape) == s for k, s in megatron_global_shapes(dims, fused_norms=fused).items())
     assert any(k.endswith("linear_qkv.layer_norm_weight") for k in meg) == fused
     assert ("output_layer.weight" in meg) != tied and ("lm_head.weight" in hf) != tied
+    assert any(k.endswith("self_attention.q_layernorm.weight") for k in meg) == (attention == "qk_norm")
     back = megatron_global_to_hf(meg, dims)
     _same_bits(back, hf)
     _same_bits(hf_to_megatron_global(back, dims, fused_norms=fused), meg)
@@ -128,6 +132,29 @@ def test_conversion_errors_name_the_tensor():
         megatron_global_to_hf(meg, dims)
 
 
+def test_qwen3_qk_norms_map_one_to_one_and_are_checked():
+    dims = _dims(d=12, bias=False, qk_norm=True)
+    hf = _random_hf_state(dims)
+    meg = hf_to_megatron_global(hf, dims)
+    for i in range(2):
+        for m, h in (("q_layernorm", "q_norm"), ("k_layernorm", "k_norm")):
+            assert meg[f"decoder.layers.{i}.self_attention.{m}.weight"] is hf[f"model.layers.{i}.self_attn.{h}.weight"]
+            assert meg[f"decoder.layers.{i}.self_attention.{m}.weight"].shape == (12,)  # head_dim, not hidden
+    # a Qwen3 checkpoint read as a model without q/k norms: the norms would be dropped
+    with pytest.raises(HFCheckpointError, match=r"not used by the model.*q_norm\.weight"):
+        hf_to_megatron_global(hf, _dims(d=12, bias=False))
+    # a Qwen2/Llama checkpoint read as a Qwen3 model: the norms are missing
+    with pytest.raises(HFCheckpointError, match=r"'model\.layers\.0\.self_attn\.q_norm\.weight'.*missing"):
+        hf_to_megatron_global(_random_hf_state(_dims(d=12, bias=False)), dims)
+    bad = dict(hf, **{"model.layers.1.self_attn.k_norm.weight": torch.ones(16)})
+    with pytest.raises(HFCheckpointError, match=r"k_norm\.weight.*\(16,\).*\(12,\)"):
+        hf_to_megatron_global(bad, dims)
+    with pytest.raises(HFCheckpointError, match=r"unexpected \['decoder\.layers\.0\.self_attention\.q_layernorm"):
+        megatron_global_to_hf(meg, _dims(d=12, bias=False))
+    with pytest.raises(HFCheckpointError, match="no q/k norms"):
+        to_megatron_tensor("decoder.layers.0.self_attention.k_layernorm.weight", hf, _dims(d=12, bias=False))
+
+
 def test_tied_checkpoint_may_carry_a_redundant_lm_head():
     dims = _dims(tied=True)
     hf = _random_hf_state(dims)
@@ -148,6 +175,41 @@ def test_real_qwen25_configs_match_our_presets(hf, preset):
                                                                           ref.rotary_base)
     assert cfg.num_parameters() == ref.num_parameters()
     assert "kv_channels" not in cfg.transformer  # head_dim = hidden / heads
+
+
+@pytest.mark.parametrize("hf,preset", [(QWEN3_1_7B, "qwen3-1.7b"), (QWEN3_8B, "qwen3-8b")])
+def test_real_qwen3_configs_match_our_presets(hf, preset):
+    cfg = model_config_from_hf_config(hf)
+    ref = ModelConfig(preset=preset)
+    assert cfg.preset == "custom" and cfg.params_dtype == "bfloat16"
+    for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                "add_qkv_bias", "qk_layernorm", "layernorm_epsilon", "gated_linear_unit", "normalization"):
+        assert cfg.transformer[key] == ref.transformer[key], key
+    assert cfg.transformer["qk_layernorm"] is True and cfg.transformer["add_qkv_bias"] is False
+    # head_dim 128 = hidden/heads for these two sizes (not for Qwen3-0.6B/4B/32B): kv_channels only when it differs
+    assert ref.transformer["kv_channels"] == 128 and cfg.transformer.get("kv_channels", 128) == 128
+    assert (cfg.vocab_size, cfg.tie_word_embeddings, cfg.rotary_base, cfg.max_sequence_length) == (
+        ref.vocab_size, ref.tie_word_embeddings, ref.rotary_base, ref.max_sequence_length)
+    assert cfg.num_parameters() == ref.num_parameters()
+    dims = GPTDimensions.from_model_config(ref)
+    assert dims.differences(GPTDimensions.from_hf_config(hf)) == [] and dims.qk_norm and not dims.qkv_bias
+    # our config.json for it is a Qwen3 one that parses back to the same model
+    out = hf_config_from_dimensions(dims, dtype=torch.bfloat16, max_position_embeddings=40960, base=hf)
+    assert out["architectures"] == ["Qwen3ForCausalLM"] and out["model_type"] == "qwen3"
+    assert out["head_dim"] == 128 and out["attention_bias"] is False
+    assert GPTDimensions.from_hf_config(out) == dims
+
+
+def test_qwen3_models_differ_from_qwen2_by_qk_norm_and_bad_qwen3_configs_are_named():
+    qwen2_like = GPTDimensions.from_hf_config(dict(QWEN3_1_7B, architectures=["Qwen2ForCausalLM"]))
+    assert GPTDimensions.from_hf_config(QWEN3_1_7B).differences(qwen2_like) == [
+        "qkv_bias: False vs True", "qk_norm: True vs False"]
+    with pytest.raises(HFCheckpointError, match="attention_bias=true is not supported for Qwen3"):
+        model_config_from_hf_config(dict(QWEN3_1_7B, attention_bias=True))
+    with pytest.raises(HFCheckpointError, match="use_sliding_window"):
+        model_config_from_hf_config(dict(QWEN3_1_7B, use_sliding_window=True))
+    with pytest.raises(HFCheckpointError, match="q/k norms together with a QKV bias"):
+        hf_config_from_dimensions(_dims(qk_norm=True, bias=True), dtype=torch.float32, max_position_embeddings=64)
 
 
 def test_transformers5_rope_parameters_llama_head_dim_and_overrides():
@@ -271,7 +333,8 @@ def test_writer_is_atomic_and_never_loses_the_previous_checkpoint(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
-@pytest.mark.parametrize("arch,kw", [("qwen2", dict(tied=True)), ("llama", dict(head_dim=32, num_kv_heads=1))])
+@pytest.mark.parametrize("arch,kw", [("qwen2", dict(tied=True)), ("llama", dict(head_dim=32, num_kv_heads=1)),
+                                     ("qwen3", dict(head_dim=32)), ("qwen3", dict(tied=True, head_dim=8))])
 def test_pure_round_trip_through_files_loads_in_transformers(tmp_path, arch, kw):
     """HF dir → global Megatron → our writer and config.json → transformers: identical logits."""
     from safetensors.torch import load_file
