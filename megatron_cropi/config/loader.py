@@ -27,7 +27,8 @@ from typing import Any, Literal, Mapping, TypeVar, Union, get_args, get_origin, 
 
 import yaml
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "load_yaml", "expand_env", "require", "non_default_keys"]
+__all__ = ["ConfigError", "from_dict", "to_dict", "load_yaml", "expand_env", "require", "non_default_keys",
+           "prune_unknown_keys"]
 
 T = TypeVar("T")
 
@@ -199,6 +200,37 @@ def non_default_keys(obj: Any, reference: Any = None, prefix: str = "") -> list[
         return [] if a == b else [(path, a)]
 
     return walk(mine, theirs, prefix)
+
+
+def _dataclass_in(tp: Any) -> Any:
+    """The dataclass a value annotated ``tp`` holds as a mapping (``X``, ``X | None``), else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if get_origin(tp) in (Union, types.UnionType):
+        return next((a for a in get_args(tp) if dataclasses.is_dataclass(a)), None)
+    return None
+
+
+def prune_unknown_keys(cls: type, data: Any) -> Any:
+    """``data`` without the keys the dataclass ``cls`` (recursively, lists of dataclasses included)
+    does not accept: a config written by an older schema read by this one."""
+    if not isinstance(data, Mapping):
+        return data
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    out = {}
+    for key, value in data.items():
+        if key not in names:
+            continue
+        tp = hints[key]
+        inner = _dataclass_in(tp)
+        if inner is not None:
+            value = prune_unknown_keys(inner, value)
+        elif get_origin(tp) in (tuple, list) and isinstance(value, list) and get_args(tp):
+            item = _dataclass_in(get_args(tp)[0])
+            value = [prune_unknown_keys(item, v) for v in value] if item is not None else value
+        out[key] = value
+    return out
 
 
 _ENV_REF = re.compile(r"\$\$\{|\$\{([^}]*)\}")
