@@ -50,7 +50,7 @@ from megatron_cropi.utils.rank_zero import on_rank0, share_from_rank0
 
 __all__ = [
     "CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "read_checkpoint_meta",
-    "model_dimensions", "FORMAT_VERSION",
+    "model_dimensions", "reload_main_params", "FORMAT_VERSION",
 ]
 
 log = logging.getLogger(__name__)
@@ -157,6 +157,16 @@ def _finish_optimizer_load(optimizer) -> None:
         for state in inner.state.values():
             if isinstance(state.get("step"), torch.Tensor):
                 state["step"] = state["step"].detach().clone()
+
+
+def reload_main_params(optimizer) -> None:
+    """Copy the model's current weights into the optimizer's fp32 main weights (every sub-optimizer).
+
+    Needed after any write to the model's parameters outside the optimizer (a weights-only or HF load):
+    megatron-core's mixed-precision optimizers step the main copy and copy it back into the model. A
+    no-op for fp32 models (the main weights are the parameters, or views of them).
+    """
+    optimizer.reload_model_params()
 
 
 def _optimizer_has_state(optimizer, device) -> bool:
@@ -336,14 +346,21 @@ def load_checkpoint(
     scheduler=None,
     reference=None,
     restore_rng: bool = True,
+    weights_only: bool = False,
 ) -> dict:
     """Load a checkpoint into this rank's model (and optimizer, scheduler, reference); every rank calls it.
 
+    Whatever is loaded, the optimizer's main weights end equal to the model's loaded weights: a bf16/fp16
+    model's optimizer (distributed or not) keeps its own fp32 copy and writes that copy back into the
+    model at every step, so a copy left at the old weights would undo the load at the first step.
+
     Args:
         ckpt: a checkpoint directory (``.../step_N``).
-        optimizer: load the optimizer state too (the checkpoint must have one).
+        optimizer: load the optimizer state too (the checkpoint must have one unless ``weights_only``).
         reference: load the saved reference model into this module (the checkpoint must have one).
         restore_rng: restore this rank's RNG states when the checkpoint's layout is this run's.
+        weights_only: read the model weights only; ``optimizer`` (if given) keeps its moments and
+            step but takes its main weights from the loaded model (``reload_model_params``).
 
     Returns:
         ``meta.json``'s content (``meta["state"]`` is the trainer state saved with it).
@@ -356,18 +373,20 @@ def load_checkpoint(
     ckpt = Path(ckpt)
     meta = read_checkpoint_meta(ckpt)
     _check_shapes(ckpt, meta, model, groups)
-    if optimizer is not None and not meta.get("has_optimizer"):
+    if optimizer is not None and not weights_only and not meta.get("has_optimizer"):
         raise CheckpointError(f"{ckpt}: has no optimizer state; load it without the optimizer")
     if reference is not None and not meta.get("has_reference"):
         raise CheckpointError(f"{ckpt}: has no reference model")
-    if optimizer is not None and not meta.get("optimizer_state", True):
-        optimizer = None  # saved before the first optimizer step: the fresh optimizer is that state
-    sharded = _sharded_state(model, optimizer, reference, is_loading=True)
+    # saved before the first optimizer step, the fresh optimizer is that state (all but its main weights)
+    read_optimizer = optimizer is not None and not weights_only and meta.get("optimizer_state", True)
+    sharded = _sharded_state(model, optimizer if read_optimizer else None, reference, is_loading=True)
     loaded = dist_checkpointing.load(sharded, str(ckpt / "dist"))
     _unwrap(model).load_state_dict(loaded["model"])
-    if optimizer is not None:
+    if read_optimizer:  # the reshardable state carries the fp32 main weights themselves
         optimizer.load_state_dict(loaded["optimizer"])
         _finish_optimizer_load(optimizer)
+    elif optimizer is not None:
+        reload_main_params(optimizer)
     if reference is not None:
         _unwrap(reference).load_state_dict({k.removeprefix("reference."): v for k, v in loaded["reference"].items()})
     if scheduler is not None and meta.get("scheduler"):

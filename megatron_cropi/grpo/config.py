@@ -117,7 +117,8 @@ class CheckpointConfig:
     load: str = ""
     """Start from this checkpoint directory instead (weights, optimizer and position)."""
     load_optimizer: bool = True
-    """Load the optimizer state too (False: weights and position only, e.g. after changing the layout)."""
+    """Load the optimizer state too (False: weights and position only, e.g. after changing the layout; the
+    optimizer's fp32 main weights are then reloaded from the loaded weights, so the first step keeps them)."""
 
     def __post_init__(self):
         require(self.save_interval >= 0, "save_interval", self.save_interval, "must be >= 0")

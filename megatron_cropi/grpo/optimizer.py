@@ -70,6 +70,7 @@ def build_optimizer(ddp_model, groups: ParallelGroups, cfg: OptimConfig, *, tota
     )
     optimizer = get_megatron_optimizer(ocfg, [ddp_model], pg_collection=groups.pg_collection,
                                        use_gloo_process_groups=False)
+    _fix_param_group_index_map(optimizer)
     decay = cfg.lr_decay_steps or max(total_steps, cfg.lr_warmup_steps + 1)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=cfg.lr_warmup_init, max_lr=cfg.lr, min_lr=cfg.min_lr,
@@ -78,6 +79,28 @@ def build_optimizer(ddp_model, groups: ParallelGroups, cfg: OptimConfig, *, tota
         wd_incr_steps=1, wd_incr_style="constant", use_checkpoint_opt_param_scheduler=True,
     )
     return optimizer, scheduler
+
+
+def _fix_param_group_index_map(optimizer) -> None:
+    """Point each model parameter at its own main parameter in the distributed optimizer's groups.
+
+    megatron-core 0.16 numbers a parameter by its position among the group's parameters in buffer
+    order, but orders the inner optimizer's group as ``[fp32 params..., fp32 copies of bf16/fp16
+    params...]``. When a group mixes the two (a bf16 model on the local spec keeps its norm weights in
+    fp32) the numbers point at other parameters' main weights and moments, and saving or loading the
+    optimizer state fails or swaps them; the optimizer step itself does not use the map.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, DistributedOptimizer) or not hasattr(opt, "model_fp32_groups"):
+            continue
+        fixed = {}
+        for gi, (fp32, half) in enumerate(zip(opt.model_fp32_groups, opt.model_float16_groups)):
+            for order, param in enumerate([*fp32, *half]):  # the order of param_groups[gi]["params"]
+                fixed[param] = (gi, order)
+        if len(fixed) == len(opt.model_param_group_index_map):
+            opt.model_param_group_index_map = fixed
 
 
 def current_lr(optimizer) -> float:

@@ -5,7 +5,7 @@
     for _ in range(T):
         metrics = trainer.step()            # or trainer.step(prompts) with an explicit global batch
     trainer.set_prompts(subset)            # next CROPI stage: new prompts, same optimizer state
-    trainer.save(); trainer.load(path)
+    trainer.save(); trainer.load(path)      # or load(path, load_optimizer=False); load_hf(hf_dir)
 
 One :meth:`GrpoTrainer.step`:
 
@@ -238,15 +238,32 @@ class GrpoTrainer:
         return self.save()
 
     def load(self, path: str | Path, *, load_optimizer: bool | None = None) -> dict:
-        """Restore a checkpoint (any TP/PP/DP layout of the same model), then push the weights to the engine."""
+        """Restore a checkpoint (any TP/PP/DP layout of the same model), then push the weights to the engine.
+
+        Without the optimizer state (``load_optimizer`` False) the optimizer keeps its moments but its
+        fp32 main weights are reloaded from the loaded model, so the next step starts from the loaded
+        weights (:func:`~megatron_cropi.checkpoint.dist_ckpt.load_checkpoint`, ``weights_only``).
+        """
         from megatron_cropi.checkpoint.dist_ckpt import load_checkpoint
 
         with_opt = self.cfg.checkpoint.load_optimizer if load_optimizer is None else load_optimizer
-        meta = load_checkpoint(path, model=self.ddp, groups=self.groups, optimizer=self.optimizer if with_opt else None,
-                               scheduler=self.scheduler if with_opt else None, reference=self._reference_model)
+        meta = load_checkpoint(path, model=self.ddp, groups=self.groups, optimizer=self.optimizer,
+                               scheduler=self.scheduler if with_opt else None, reference=self._reference_model,
+                               weights_only=not with_opt)
         self.load_state_dict(meta["state"])
         self.weight_sync.push(self.ddp, self.groups)
         return meta
+
+    def load_hf(self, hf_dir: str | Path) -> int:
+        """Replace the policy's weights by an HF checkpoint's (the optimizer's main weights follow), push
+        them to the engine; returns how many parameters were set. Every rank calls it."""
+        from megatron_cropi.checkpoint import load_hf_into_model
+        from megatron_cropi.checkpoint.dist_ckpt import reload_main_params
+
+        count = load_hf_into_model(self.model, self.groups, hf_dir)
+        reload_main_params(self.optimizer)  # else the first step writes the old fp32 main weights back
+        self.weight_sync.push(self.ddp, self.groups)
+        return count
 
     @property
     def _reference_model(self):
