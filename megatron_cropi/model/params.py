@@ -10,7 +10,10 @@ conversion all need to know, for each local element, which element of the *unsha
   SwiGLU's ``linear_fc1`` is the exception: each TP shard is ``[gate_shard; up_shard]``, so a shard is
   two blocks of the global ``[gate; up]`` tensor.
 * Replicated parameters (norms, non-partitioned biases) hold the same values and gradients on every
-  TP rank; they are *owned* by TP rank 0 so that sums over the TP group count them once.
+  TP rank; they are *owned* by TP rank 0 so that sums over the TP group count them once. Qwen3's
+  per-head q/k norms are the exception: their values are replicated but each TP rank's raw gradient
+  comes from its own heads only (``grad_partial_over_tp``), so the raw gradients of all TP ranks add
+  up, as megatron's ``finalize_model_grads`` adds them for training.
 """
 
 from __future__ import annotations
@@ -34,11 +37,19 @@ class ParamLayout:
         local_name: name in this rank's module (``decoder.layers.0.mlp.linear_fc1.weight``).
         pieces: ``(local_slices, ShardSpec)`` pairs covering the local tensor.
         owned: False for a TP-replicated parameter on TP ranks other than 0.
+        grad_partial_over_tp: replicated values, but the raw gradient on each TP rank is a partial sum
+            (q/k norms: each rank normalises its own heads); the TP ranks' raw gradients add up.
     """
 
     local_name: str
     pieces: tuple[tuple[tuple[slice, ...], ShardSpec], ...]
     owned: bool
+    grad_partial_over_tp: bool = False
+
+    @property
+    def projects_raw_grad(self) -> bool:
+        """This rank contributes its raw (not yet TP-reduced) gradient to a sum over the TP group."""
+        return self.owned or self.grad_partial_over_tp
 
     @property
     def global_name(self) -> str:
@@ -61,6 +72,12 @@ def _global_name(local_name: str, model, tied: bool) -> str:
 
 def _is_swiglu_fc1(local_name: str, model) -> bool:
     return ".mlp.linear_fc1." in local_name and bool(getattr(model.config, "gated_linear_unit", False))
+
+
+def _is_qk_norm(local_name: str, model) -> bool:
+    # megatron's finalize_model_grads sums these over TP by the same rule (config.qk_layernorm + name)
+    return bool(getattr(model.config, "qk_layernorm", False)) and (
+        ".q_layernorm." in local_name or ".k_layernorm." in local_name)
 
 
 def param_layouts(model, groups: ParallelGroups) -> dict[str, ParamLayout]:
@@ -97,7 +114,7 @@ def param_layouts(model, groups: ParallelGroups) -> dict[str, ParamLayout]:
         else:
             pieces = ((full, ShardSpec(gname, local_shape, (0,) * len(local_shape), local_shape)),)
             owned = tp_rank == 0
-        layouts[name] = ParamLayout(name, pieces, owned)
+        layouts[name] = ParamLayout(name, pieces, owned, grad_partial_over_tp=_is_qk_norm(name, model))
     return layouts
 
 
@@ -142,7 +159,9 @@ def assemble_global_tensors(model, groups: ParallelGroups, *, attr: str = "grad"
     for name, layout in param_layouts(model, groups).items():
         p = params[name]
         value = p.data if attr == "data" else (p.grad if p.grad is not None else getattr(p, "main_grad", None))
-        if value is None or not layout.owned or groups.dp_rank != 0:
+        # raw gradients: a q/k norm's TP partials add up (values are replicated: TP rank 0 only)
+        counted = layout.projects_raw_grad if attr == "grad" else layout.owned
+        if value is None or not counted or groups.dp_rank != 0:
             continue
         if attr == "data" and (layout.global_name in mine or name != layout.global_name and name == "output_layer.weight"):
             continue  # tied output-layer copy under PP: the first stage's embedding holds the same values

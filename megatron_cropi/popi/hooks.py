@@ -15,7 +15,8 @@ exit:
   micro-batch id, so interleaved schedules are handled.
 
 Both add into ``partial[row]`` (``[num_rows, k]`` float32), this rank's share of each prompt's sketch;
-TP-replicated parameters are projected on TP rank 0 only.
+TP-replicated parameters are projected on TP rank 0 only, except q/k norms whose raw gradient is a
+partial sum over TP ranks (:attr:`ParamLayout.projects_raw_grad`).
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ class PerPromptTap(_Tap):
         def hook(param):
             if param.grad is None:
                 return
-            if layout.owned:
+            if layout.projects_raw_grad:
                 if self.current_row is None:
                     raise RuntimeError("gradient arrived before any micro-batch output was marked")
                 rows = torch.tensor([self.current_row], device=self.partial.device)
@@ -184,7 +185,7 @@ class BatchedTap(_Tap):
 
     def _add(self, param, mb_id: int, grads: torch.Tensor) -> None:
         layout = self._by_param.get(id(param))
-        if layout is None or not layout.owned:
+        if layout is None or not layout.projects_raw_grad:
             return
         rows = self.rows_of[mb_id]
         g = rows.numel()

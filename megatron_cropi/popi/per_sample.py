@@ -26,11 +26,14 @@ __all__ = [
 
 
 def _by_group(t: torch.Tensor, k: int) -> torch.Tensor:
-    """``[S, N, F]`` → ``[G, K·S, F]`` (sequence-first activations grouped by prompt)."""
-    s, n, f = t.shape
+    """``[S, N, ..., F]`` → ``[G, K·S·…, F]`` (sequence-first activations grouped by prompt).
+
+    Extra middle dims are folded in with S: Qwen3's per-head q/k norms see ``[S, N, heads, d]``.
+    """
+    n = t.shape[1]
     if n % k != 0:
         raise ValueError(f"{n} sequences are not a whole number of groups of {k}")
-    return t.permute(1, 0, 2).reshape(n // k, k * s, f)
+    return t.transpose(0, 1).reshape(n // k, -1, t.shape[-1])
 
 
 def grouped_linear_weight_grads(x: torch.Tensor, dy: torch.Tensor, k: int) -> torch.Tensor:
@@ -51,8 +54,8 @@ def grouped_norm_grads(x: torch.Tensor, dy: torch.Tensor, k: int, *, kind: str, 
     """Per-group gradients of a norm's affine parameters.
 
     Args:
-        x: the norm's input ``[S, N, H]``.
-        dy: gradient of its output ``[S, N, H]``.
+        x: the norm's input ``[S, N, H]`` (or ``[S, N, heads, d]`` for per-head q/k norms).
+        dy: gradient of its output, same shape.
         kind: ``"RMSNorm"`` or ``"LayerNorm"``.
         eps: the norm's epsilon.
 

@@ -30,12 +30,14 @@ class NameSeededDense:
         return shard.reshape(shard.shape[0], -1).float() @ cols.T
 
 
-def make_groups(vocab, seed=0):
+def make_groups(vocab, seed=0, num=G, mixed=False):
+    """``num`` prompts × K random responses; ``mixed``: no group has all-equal rewards (every oracle
+    gradient non-zero)."""
     from megatron_cropi.records import PromptRecord, Response, RolloutGroup
 
     rng = np.random.default_rng(seed)
     out = []
-    for i in range(G):
+    for i in range(num):
         prompt = PromptRecord(prompt_id=f"p{i}", token_ids=rng.integers(1, vocab, PROMPT).astype(np.int32), answer="")
         responses = []
         for _ in range(K):
@@ -45,11 +47,13 @@ def make_groups(vocab, seed=0):
         rewards = rng.integers(0, 2, K).astype(np.float32)
         if i == 0:
             rewards[:] = [1, 0, 0, 1]
+        if mixed and rewards.min() == rewards.max():
+            rewards[0] = 1 - rewards[0]
         out.append(RolloutGroup(prompt, tuple(responses), rewards))
     return out
 
 
-def _capture_worker(layouts, tied):
+def _capture_worker(layouts, tied, preset="tiny"):
     import torch.distributed as dist
 
     from megatron_cropi.model.params import assemble_global_tensors
@@ -63,7 +67,7 @@ def _capture_worker(layouts, tied):
     from megatron_cropi.testing.tiny import build_tiny_model, tiny_model_config
 
     init_distributed()
-    cfg = tiny_model_config(tie_word_embeddings=tied)
+    cfg = tiny_model_config(preset, tie_word_embeddings=tied)
     groups_data = make_groups(cfg.vocab_size)
     projector = NameSeededDense(k=64)
     loss_cfg = PopiLossConfig(clip_eps=None)
@@ -113,8 +117,9 @@ def _check(results, layouts):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("tied", [False, True])
-def test_capture_matches_autograd_oracle_tp_pp(tied):
+@pytest.mark.parametrize("tied,preset", [(False, "tiny"), (True, "tiny"), (False, "tiny-qwen3")])
+def test_capture_matches_autograd_oracle_tp_pp(tied, preset):
+    """``tiny-qwen3``: q/k norms (replicated over TP, partial gradient per TP rank), head_dim ≠ hidden/heads."""
     layouts = [(1, 1), (2, 1), (1, 2), (2, 2)]
-    results = run_ranks(_capture_worker, 4, args=(layouts, tied), timeout_s=280)[0]
+    results = run_ranks(_capture_worker, 4, args=(layouts, tied, preset), timeout_s=280)[0]
     _check(results, layouts)
