@@ -4,8 +4,10 @@
       steps: 300
       prompts_per_step: 32          # global batch of prompts (all data-parallel ranks together)
       micro_batch_prompts: 8        # prompts (× rollout.n sequences) per Megatron micro-batch
+      old_logprobs: behaviour       # or recompute (vLLM); the engine/trainer gap is then logged
+      drop_zero_variance_groups: true   # false: keep them in the token-mean as verl does
       loss: {clip_eps_low: 0.2, clip_eps_high: 0.28, kl_coef: 0.001, kl_type: low_var_kl,
-             entropy_coef: 0.001, loss_agg: token-mean}
+             entropy_coef: 0.001, loss_agg: token-mean, tis_imp_ratio_cap: null}
       optim: {lr: 1.0e-6, clip_grad: 1.0, lr_warmup_steps: 0, lr_decay_style: constant}
       checkpoint: {save_interval: 50, keep_last: 2}
       dynamic_sampling: {enabled: false, max_extra_rounds: 4}   # DAPO's dynamic sampling
@@ -45,6 +47,13 @@ class GrpoLossConfig:
     ``seq-mean-token-mean``: mean over sequences of each sequence's token mean."""
     adv_eps: float = 1e-4
     """ε in the group-normalised advantage ``(r − mean) / (std + ε)`` (the same as POPI's)."""
+    tis_imp_ratio_cap: float | None = None
+    """Truncated importance sampling of the rollout engine/trainer mismatch (verl's ``tis_imp_ratio_cap``):
+    each token's policy-gradient term is weighted by ``min(exp(log π_old − log μ), C)``, with ``log π_old``
+    the trainer's recomputed old log-probs and ``log μ`` the engine's (e.g. vLLM in bf16), a constant
+    (no gradient). Corrects the bias of training on samples of the engine's slightly different
+    distribution; C (e.g. 2) bounds the variance. Null (default): off. Needs ``grpo.old_logprobs:
+    recompute`` (otherwise both are the engine's numbers and every weight is 1)."""
 
     def __post_init__(self):
         require(0.0 <= self.clip_eps_low < 1.0, "clip_eps_low", self.clip_eps_low, "must be in [0, 1)")
@@ -54,6 +63,8 @@ class GrpoLossConfig:
         require(self.kl_coef >= 0.0, "kl_coef", self.kl_coef, "must be >= 0")
         require(self.entropy_coef >= 0.0, "entropy_coef", self.entropy_coef, "must be >= 0")
         require(self.adv_eps > 0.0, "adv_eps", self.adv_eps, "must be > 0")
+        require(self.tis_imp_ratio_cap is None or self.tis_imp_ratio_cap > 0.0, "tis_imp_ratio_cap",
+                self.tis_imp_ratio_cap, "must be > 0 or null")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,6 +99,17 @@ class OptimConfig:
     """Shard optimizer state over the data-parallel group (megatron-core ``DistributedOptimizer``)."""
     grad_reduce_in_fp32: bool = True
     """Accumulate and reduce gradients in fp32 (bf16/fp16 models)."""
+    initial_loss_scale: float = 65536.0
+    """fp16 only (``model.params_dtype: float16``): first scale of megatron-core's dynamic loss scaler.
+    The loss is multiplied by it before the backward and the gradients divided by it before the step;
+    a step with an inf/NaN gradient is skipped and the scale lowered. (2^16, not Megatron's 2^32: a
+    fresh run then does not start with ~16 skipped steps.)"""
+    min_loss_scale: float = 1.0
+    """fp16 only: the dynamic loss scale never goes below this."""
+    loss_scale_window: int = 1000
+    """fp16 only: the scale doubles after this many optimizer steps without an overflow."""
+    hysteresis: int = 2
+    """fp16 only: overflows tolerated before the scale is halved."""
 
     def __post_init__(self):
         require(self.lr > 0, "lr", self.lr, "must be > 0")
@@ -100,6 +122,13 @@ class OptimConfig:
         require(self.clip_grad >= 0, "clip_grad", self.clip_grad, "must be >= 0 (0: off)")
         require(self.lr_warmup_steps >= 0, "lr_warmup_steps", self.lr_warmup_steps, "must be >= 0")
         require(self.lr_decay_steps >= 0, "lr_decay_steps", self.lr_decay_steps, "must be >= 0")
+        require(self.initial_loss_scale >= self.min_loss_scale > 0, "initial_loss_scale", self.initial_loss_scale,
+                f"must be >= min_loss_scale={self.min_loss_scale} > 0")
+        require(self.loss_scale_window >= 1, "loss_scale_window", self.loss_scale_window, "must be >= 1")
+        require(self.hysteresis >= 1, "hysteresis", self.hysteresis, "must be >= 1")
+        require(self.optimizer == "adam" or not self.use_distributed_optimizer, "use_distributed_optimizer",
+                self.use_distributed_optimizer, f"must be false with optimizer {self.optimizer!r} (megatron-core's "
+                "distributed optimizer shards Adam only)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -166,7 +195,14 @@ class GrpoConfig:
     """Token positions per fp32 chunk of the log-prob and entropy (``model/logprobs.py``); 0 = the whole
     micro-batch at once (the same values, several times the logit memory)."""
     drop_zero_variance_groups: bool = True
-    """Leave groups whose K rewards are all equal out of the batch (they carry no policy gradient)."""
+    """Zero-variance groups (all K rewards equal: advantage 0, no policy gradient). True (default): left
+    out of the batch, so they are not in the token-mean's denominator and add no KL/entropy term, and a
+    step whose groups all have equal rewards is skipped (no optimizer step). Why: the policy-gradient
+    step size then does not shrink as more groups saturate (at pass rate 0 or 1 a kept group only
+    dilutes the mean), and no compute goes to groups without signal; it is also what the scored
+    POPI gradient does (§4.1 of docs/design.md: zero-variance prompts have g = 0 and are excluded).
+    False: kept as verl does (the paper's pipeline): their tokens count in the token-mean, their KL and
+    entropy terms apply, and every step takes an optimizer step."""
     split: Literal["pool", "val", "test", "check"] = "pool"
     """Prompt set ``cropi train`` trains on."""
     eval_split: Literal["", "pool", "val", "test", "check"] = "test"
@@ -200,3 +236,6 @@ class GrpoConfig:
         require(self.eval_samples >= 1, "eval_samples", self.eval_samples, "must be >= 1")
         require(self.eval_max_prompts >= 1, "eval_max_prompts", self.eval_max_prompts, "must be >= 1")
         require(self.log_interval >= 1, "log_interval", self.log_interval, "must be >= 1")
+        require(self.loss.tis_imp_ratio_cap is None or self.old_logprobs == "recompute", "loss.tis_imp_ratio_cap",
+                self.loss.tis_imp_ratio_cap, f"needs grpo.old_logprobs: recompute (got {self.old_logprobs!r}: the "
+                "old log-probs are then the engine's own and there is no mismatch to correct)")

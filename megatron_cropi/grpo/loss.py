@@ -16,10 +16,20 @@ micro-batch on every data-parallel rank): :class:`LossNormalizer` carries them i
 loss, so the sum of the micro-batch losses over all ranks is exactly ``L`` (the trainer undoes
 Megatron's ``/num_microbatches`` and DDP's ``/dp``). ``d`` is clamped to [−20, 20] in ``low_var_kl``
 like verl's. Advantages are constants: no gradient flows through the rewards.
+
+With recomputed old log-probs, the rollout engine's own log-probs ``log μ`` (vLLM, bf16) are passed as
+``rollout_logprobs``; with δ = log π_old − log μ per token the sums of ``|δ|`` and of the k3 estimate
+of KL(μ ‖ π_old), ``e^δ − 1 − δ`` (unbiased on tokens sampled from μ, ≥ 0), measure the engine/trainer
+mismatch, and truncated importance sampling (``tis_imp_ratio_cap`` = C, verl's TIS) weights the
+policy-gradient term::
+
+    w_{n,t}   = min(exp(clamp(δ, −20, 20)), C)          a constant (no gradient)
+    pg_{n,t} ← w_{n,t} · pg_{n,t}
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -28,11 +38,32 @@ from megatron_cropi.grpo.config import GrpoLossConfig
 
 __all__ = [
     "LossNormalizer", "policy_gradient_terms", "kl_penalty", "aggregate", "grpo_loss", "STAT_KEYS",
-    "finalize_stats",
+    "finalize_stats", "truncated_is_weights", "MISMATCH_KEYS",
 ]
 
-STAT_KEYS = ("tokens", "sequences", "pg_loss", "kl", "entropy", "clipped", "clipped_dual", "ratio", "log_ratio_abs")
-"""Sums that :func:`grpo_loss` returns per micro-batch; token sums except ``sequences``."""
+STAT_KEYS = ("tokens", "sequences", "pg_loss", "kl", "entropy", "clipped", "clipped_dual", "ratio", "log_ratio_abs",
+             "rollout_abs_diff", "rollout_kl", "tis_weight", "tis_capped")
+"""Sums that :func:`grpo_loss` returns per micro-batch; token sums except ``sequences``. The last four
+are zero unless rollout log-probs are given (recomputed old log-probs)."""
+
+MISMATCH_KEYS = ("rollout_logprob_abs_diff", "rollout_kl", "tis_weight_mean", "tis_capped_frac")
+"""Keys of :func:`finalize_stats` that describe the engine/trainer mismatch (meaningful only when the
+old log-probs were recomputed)."""
+
+
+def truncated_is_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance weights ``min(exp(log π_old − log μ), cap)`` per token, detached.
+
+    Args:
+        old_logprobs: ``[N, T]`` the trainer's (recomputed) old-policy log-probs.
+        rollout_logprobs: ``[N, T]`` the rollout engine's log-probs of the same tokens.
+        cap: C > 0; weights above it are set to it (bounded variance).
+
+    Returns:
+        ``[N, T]`` weights in ``(0, cap]`` (the log-ratio is clamped to [−20, 20] first, like ρ's).
+    """
+    delta = torch.clamp(old_logprobs.detach() - rollout_logprobs.detach().to(old_logprobs.dtype), -20.0, 20.0)
+    return torch.clamp(torch.exp(delta), max=float(cap))
 
 
 @dataclass(frozen=True)
@@ -126,6 +157,7 @@ def grpo_loss(
     *,
     ref_logprobs: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
+    rollout_logprobs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """This micro-batch's share of the step's GRPO loss, and its metric sums.
 
@@ -138,6 +170,9 @@ def grpo_loss(
         ref_logprobs: ``[N, T]`` of the reference policy (needed when ``cfg.kl_coef > 0``).
         entropy: ``[N, T]`` entropy of the current policy (differentiable; needed when
             ``cfg.entropy_coef > 0``, optional otherwise, for the metric).
+        rollout_logprobs: ``[N, T]`` the rollout engine's log-probs when ``old_logprobs`` were
+            recomputed: the mismatch sums, and the TIS weights when ``cfg.tis_imp_ratio_cap`` is set
+            (which then needs them).
 
     Returns:
         ``(loss, sums)``: the scalar loss (summing these over every micro-batch of every rank gives
@@ -150,7 +185,15 @@ def grpo_loss(
         raise ValueError("kl_coef > 0 needs ref_logprobs (the reference policy's log-probs)")
     if cfg.entropy_coef > 0 and entropy is None:
         raise ValueError("entropy_coef > 0 needs the policy's entropy")
+    if cfg.tis_imp_ratio_cap is not None and rollout_logprobs is None:
+        raise ValueError("tis_imp_ratio_cap needs rollout_logprobs (the engine's log-probs)")
     pg, ratio, clipped, dual = policy_gradient_terms(logprobs, old_logprobs, advantages, cfg)
+    delta = tis = None
+    if rollout_logprobs is not None:
+        delta = torch.clamp(old_logprobs.detach().to(torch.float64) - rollout_logprobs.to(torch.float64), -20.0, 20.0)
+        if cfg.tis_imp_ratio_cap is not None:
+            tis = truncated_is_weights(old_logprobs, rollout_logprobs, cfg.tis_imp_ratio_cap)
+            pg = pg * tis.to(pg.dtype)
     total = pg
     kl = None
     if ref_logprobs is not None:
@@ -179,6 +222,10 @@ def grpo_loss(
         "clipped_dual": tsum(dual.to(torch.float64)),
         "ratio": tsum(ratio),
         "log_ratio_abs": tsum((logprobs - old_logprobs).abs()),
+        "rollout_abs_diff": tsum(None if delta is None else delta.abs()),
+        "rollout_kl": tsum(None if delta is None else torch.expm1(delta) - delta),
+        "tis_weight": tsum(tis),
+        "tis_capped": tsum(None if tis is None else (delta > math.log(cfg.tis_imp_ratio_cap)).to(torch.float64)),
     }
     return loss, sums
 
@@ -194,6 +241,10 @@ def finalize_stats(sums: dict[str, float]) -> dict[str, float]:
         "clip_frac_dual": sums.get("clipped_dual", 0.0) / n,
         "ratio_mean": sums.get("ratio", 0.0) / n,
         "abs_log_ratio": sums.get("log_ratio_abs", 0.0) / n,
+        "rollout_logprob_abs_diff": sums.get("rollout_abs_diff", 0.0) / n,
+        "rollout_kl": sums.get("rollout_kl", 0.0) / n,
+        "tis_weight_mean": sums.get("tis_weight", 0.0) / n,
+        "tis_capped_frac": sums.get("tis_capped", 0.0) / n,
         "response_tokens": sums.get("tokens", 0.0),
         "sequences": sums.get("sequences", 0.0),
     }

@@ -7,6 +7,8 @@
 * :func:`build_optimizer`: ``get_megatron_optimizer`` (Adam = AdamW with decoupled weight decay, no
   decay on biases and norms; ``DistributedOptimizer`` when ``use_distributed_optimizer``) with global
   gradient-norm clipping over every TP/PP/DP shard, and ``OptimizerParamScheduler`` for the LR.
+  fp16 models get megatron-core's dynamic loss scaler (:func:`loss_scaler`; the learner multiplies
+  its loss by the scale through ``config.grad_scale_func``, as Megatron's ``training.py`` does).
 
 DDP's gradient scaling: with ``average_in_collective=False`` each rank's gradient is multiplied by
 ``1/dp`` before the sum over the DP group, so the reduced gradient is the *mean* of the ranks' losses'
@@ -23,7 +25,7 @@ import torch
 from megatron_cropi.grpo.config import OptimConfig
 from megatron_cropi.parallel import ParallelGroups
 
-__all__ = ["wrap_ddp", "build_optimizer", "dp_loss_scale", "current_lr"]
+__all__ = ["wrap_ddp", "build_optimizer", "dp_loss_scale", "current_lr", "loss_scaler"]
 
 
 def wrap_ddp(model, groups: ParallelGroups, cfg: OptimConfig):
@@ -67,6 +69,9 @@ def build_optimizer(ddp_model, groups: ParallelGroups, cfg: OptimConfig, *, tota
         adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
         clip_grad=cfg.clip_grad, use_distributed_optimizer=cfg.use_distributed_optimizer,
         params_dtype=dtype, bf16=dtype is torch.bfloat16, fp16=dtype is torch.float16,
+        # fp16: megatron-core's dynamic loss scaler (the learner sets grad_scale_func for its backward)
+        initial_loss_scale=cfg.initial_loss_scale, min_loss_scale=cfg.min_loss_scale,
+        loss_scale_window=cfg.loss_scale_window, hysteresis=cfg.hysteresis,
     )
     optimizer = get_megatron_optimizer(ocfg, [ddp_model], pg_collection=groups.pg_collection,
                                        use_gloo_process_groups=False)
@@ -101,6 +106,15 @@ def _fix_param_group_index_map(optimizer) -> None:
                 fixed[param] = (gi, order)
         if len(fixed) == len(opt.model_param_group_index_map):
             opt.model_param_group_index_map = fixed
+
+
+def loss_scaler(optimizer):
+    """The optimizer's loss scaler (fp16: a ``DynamicGradScaler``), or None (bf16/fp32 need none)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        scaler = getattr(opt, "grad_scaler", None)
+        if scaler is not None:
+            return scaler
+    return None
 
 
 def current_lr(optimizer) -> float:

@@ -17,8 +17,10 @@ One :meth:`GrpoTrainer.step`:
    with ``grpo.dynamic_sampling.enabled``, groups whose rewards are all equal are dropped and the batch
    is refilled from the stream, round after round (:mod:`.dynamic_sampling`);
 4. the policy update (:class:`~megatron_cropi.grpo.update.PolicyLearner`); a batch in which every group
-   has equal rewards is skipped (no optimizer step), counted in ``skipped_steps`` and logged;
-5. weight sync to the engine (:mod:`.weight_sync`);
+   has equal rewards is skipped (no optimizer step), counted in ``skipped_steps`` and logged; an update
+   whose gradient has a NaN/inf is skipped too, counted in ``nonfinite_updates`` and logged (warning);
+5. weight sync to the engine (:mod:`.weight_sync`), only when an optimizer step was taken: after a
+   skipped step the engine keeps the previous (finite) weights;
 6. metrics (identical on every rank; written by the metrics rank) and a checkpoint every
    ``checkpoint.save_interval`` steps.
 """
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import time
 from pathlib import Path
 from typing import Sequence
@@ -49,6 +52,8 @@ from megatron_cropi.parallel import ParallelGroups
 from megatron_cropi.records import PromptRecord, RolloutGroup, SamplingParams
 
 __all__ = ["GrpoTrainer", "step_seed"]
+
+log = logging.getLogger(__name__)
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -89,6 +94,10 @@ class GrpoTrainer:
         if sampling.logprobs == "raw" and sampling.temperature != 1.0 and cfg.old_logprobs == "behaviour":
             raise ValueError("rollout.logprobs is 'raw' with temperature != 1: the sampler's log-probs are not of the "
                              "sampled distribution; use logprobs: sampling or grpo.old_logprobs: recompute")
+        if sampling.logprobs == "raw" and sampling.temperature != 1.0 and cfg.loss.tis_imp_ratio_cap is not None:
+            raise ValueError(f"grpo.loss.tis_imp_ratio_cap={cfg.loss.tis_imp_ratio_cap} with rollout.logprobs 'raw' "
+                             f"and temperature {sampling.temperature}: the engine's log-probs are not of the sampled "
+                             "distribution, so the importance weights would be wrong; use rollout.logprobs: sampling")
         self.cfg, self.model_cfg, self.groups = cfg, model_cfg, groups
         self.sampling, self.seed = sampling, int(seed)
         self.metrics = metrics or MetricsLogger("", enabled=False)
@@ -106,6 +115,7 @@ class GrpoTrainer:
         self.checkpoint_dir = Path(checkpoint_dir or cfg.checkpoint.dir or "checkpoints")
         self.step_count = 0
         self.skipped_steps = 0
+        self.nonfinite_updates = 0  # optimizer steps skipped for a NaN/inf gradient (fp16 overflows too)
         self.last_dynamic_batch: DynamicBatch | None = None  # the latest dynamic-sampling step's batch
 
     # -- data ------------------------------------------------------------------------------------
@@ -166,13 +176,20 @@ class GrpoTrainer:
         sync_s = self.weight_sync.push(self.ddp, g) if out.get("updates", 0) > 0 else 0.0
         self.step_count += 1
         self.skipped_steps += int(out["skipped"])
+        self.nonfinite_updates += int(out.get("nonfinite_updates", 0))
+        if out.get("nonfinite_updates", 0) and g.rank == 0:
+            log.warning("step %d: non-finite gradient in %d of %d updates, skipped (%d so far); the engine keeps "
+                        "the previous weights%s", self.step_count, out["nonfinite_updates"],
+                        out["nonfinite_updates"] + out["updates"], self.nonfinite_updates,
+                        f" (fp16 loss scale now {out['loss_scale']:g})" if "loss_scale" in out else "")
         out.update(reward_stats)
         out.update(extra_metrics or {})
         out.update(rollout_seconds=rollout_seconds, train_seconds=train_s, weight_sync_seconds=sync_s,
                    tokens_per_s=out.get("response_tokens", 0.0) / max(train_s, 1e-9),
                    rollout_tokens_per_s=reward_stats["generated_tokens"] / rollout_seconds if rollout_seconds else 0.0,
-                   skipped_total=float(self.skipped_steps), step=float(self.step_count))
-        if self.step_count % self.cfg.log_interval == 0 or out["skipped"]:
+                   skipped_total=float(self.skipped_steps), nonfinite_total=float(self.nonfinite_updates),
+                   step=float(self.step_count))
+        if self.step_count % self.cfg.log_interval == 0 or out["skipped"] or out.get("nonfinite_updates", 0):
             self.metrics.log(self.step_count, out, prefix="train")
         interval = self.cfg.checkpoint.save_interval
         if interval and self.step_count % interval == 0:
@@ -208,12 +225,13 @@ class GrpoTrainer:
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """JSON-serialisable trainer state: step, skipped steps, data position."""
-        return {"step": self.step_count, "skipped_steps": self.skipped_steps,
+        return {"step": self.step_count, "skipped_steps": self.skipped_steps, "nonfinite_updates": self.nonfinite_updates,
                 "data": self.stream.state_dict() if self.stream is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.nonfinite_updates = int(state.get("nonfinite_updates", 0))
         if state.get("data") is not None and self.stream is not None:
             self.stream.load_state_dict(state["data"])
 

@@ -3,8 +3,9 @@
 :meth:`PolicyLearner.update` takes this data-parallel rank's rollout groups (every rank of a TP/PP
 replica passes the same ones) with their positions in the step's global prompt batch, and:
 
-1. drops zero-variance groups (all K rewards equal: advantage 0, no policy gradient) when configured;
-   if no group of the whole step is left, the step is *skipped* (no optimizer step) and reported;
+1. drops zero-variance groups (all K rewards equal: advantage 0, no policy gradient) when
+   ``drop_zero_variance_groups`` (the default; kept in the batch and the token-mean otherwise, as verl
+   does); if no group of the whole step is left, the step is *skipped* (no optimizer step) and reported;
 2. splits the groups into ``updates_per_step`` mini-batches by global position (``position % U``, so
    the split does not depend on the DP size) and packs each into fixed-shape micro-batches
    (:func:`megatron_cropi.popi.batch.pack_microbatches`: ``micro_batch_prompts × K`` rows, one
@@ -17,21 +18,30 @@ replica passes the same ones) with their positions in the step's global prompt b
    second), so the reduced gradient is exactly that of the step's global loss; then the optimizer
    step (clip, update) and the LR schedule.
 
+NaN guard: after the backward (and the DP reduction) every rank checks its gradient buffers for
+NaN/inf and the flags are OR-ed over the whole world, so every rank agrees; a non-finite gradient
+skips that optimizer step (weights, optimizer state and LR schedule untouched), counted in
+``nonfinite_updates``. megatron-core's clip does not catch NaN (the norm is NaN and so is every
+clipped gradient) and its bf16/fp32 optimizers do not check. fp16 models use Megatron's dynamic loss
+scaler instead: the loss is multiplied by the scale (``grad_scale_func``, set for the update only) and
+the optimizer unscales, detects overflow, skips the step and lowers the scale; that skip is counted the
+same way.
+
 Group-normalised advantages (``popi.loss.group_advantages``) are computed per micro-batch: a group
 never straddles two micro-batches.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from megatron_cropi.grpo.config import GrpoConfig
-from megatron_cropi.grpo.loss import STAT_KEYS, LossNormalizer, finalize_stats, grpo_loss
-from megatron_cropi.grpo.optimizer import current_lr, dp_loss_scale
+from megatron_cropi.grpo.loss import MISMATCH_KEYS, STAT_KEYS, LossNormalizer, finalize_stats, grpo_loss
+from megatron_cropi.grpo.optimizer import current_lr, dp_loss_scale, loss_scaler
 from megatron_cropi.grpo.reference import ReferencePolicy, forward_logprobs
 from megatron_cropi.model.logprobs import vocab_parallel_entropy, vocab_parallel_logprobs
 from megatron_cropi.model.schedule import broadcast_from_last_stage, causal_attention_mask, forward_backward, scale_for_schedule
@@ -76,6 +86,9 @@ class PolicyLearner:
             raise ValueError("grpo.loss.kl_coef > 0 needs a reference policy")
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.groups, self.cfg, self.reference, self.pad_id = groups, cfg, reference, pad_id
+        self.loss_scaled = loss_scaler(optimizer) is not None
+        self.after_backward: Callable[[object], None] | None = None
+        """Fault injection (tests): called with the DDP model after each backward, before the NaN check."""
 
     # -- batch layout ------------------------------------------------------------------------------
     def _shape(self, live: Sequence[RolloutGroup]) -> tuple[int, int]:
@@ -99,8 +112,11 @@ class PolicyLearner:
     def update(self, rollouts: Sequence[RolloutGroup], positions: Sequence[int], *, temperature: float) -> dict:
         """Train on this rank's ``rollouts`` (global batch positions ``positions``); return step metrics.
 
-        Metrics are identical on every rank: ``skipped`` (1 when no group of the step had reward
-        variance), ``groups``/``live_groups``, the token means of the loss terms, ``grad_norm``, ``lr``.
+        Metrics are identical on every rank: ``skipped`` (1 when no group was left to train on),
+        ``groups``/``live_groups``, the token means of the loss terms, ``grad_norm``, ``lr``,
+        ``updates`` and ``nonfinite_updates`` (optimizer steps taken / skipped for a NaN/inf gradient),
+        ``loss_scale`` (fp16), and with recomputed old log-probs the engine/trainer mismatch
+        (``rollout_logprob_abs_diff``, ``rollout_kl``; ``tis_*`` with TIS on).
         """
         g, cfg = self.groups, self.cfg
         if len(rollouts) != len(positions):
@@ -108,13 +124,12 @@ class PolicyLearner:
         keep = [i for i, grp in enumerate(rollouts) if not (cfg.drop_zero_variance_groups and grp.zero_variance)]
         live = [rollouts[i] for i in keep]
         live_pos = [int(positions[i]) for i in keep]
-        n_groups, n_live, n_zero, n_signal = _allreduce(
-            [len(rollouts), len(live), sum(grp.zero_variance for grp in rollouts),
-             sum(not grp.zero_variance for grp in live)], g)
+        n_groups, n_live, n_zero = _allreduce(
+            [len(rollouts), len(live), sum(grp.zero_variance for grp in rollouts)], g)
         metrics = {"groups": n_groups, "live_groups": n_live, "zero_variance_groups": n_zero,
                    "lr": current_lr(self.optimizer)}  # the LR of this step's (first) update
-        if n_signal == 0:  # every group of the step has equal rewards: no policy gradient anywhere
-            metrics.update(skipped=1.0, updates=0.0)
+        if n_live == 0:  # every group of the step had equal rewards and was dropped: no policy gradient
+            metrics.update(skipped=1.0, updates=0.0, nonfinite_updates=0.0)
             return metrics
         k, seq = self._shape(live)
         minibatches = self._minibatches(live, live_pos, k, seq)
@@ -126,7 +141,7 @@ class PolicyLearner:
             old_lp = [forward_logprobs(self.model, g, mbs, temperature=temperature, chunk_tokens=cfg.logprob_chunk_tokens)
                       for mbs in minibatches]
         sums = np.zeros(len(STAT_KEYS) + 1)
-        grad_norms, updates = [], 0
+        grad_norms, updates, nonfinite = [], 0, 0
         self.model.train()
         for u, mbs in enumerate(minibatches):
             norm = LossNormalizer.from_masks([mb.mask for mb in mbs], g.dp if g.dp_size > 1 else None, device=g.device)
@@ -138,15 +153,35 @@ class PolicyLearner:
             if ok:
                 updates += 1
                 grad_norms.append(gn)
+            else:
+                nonfinite += 1
         sums_t = torch.tensor(sums, dtype=torch.float64, device=g.device)
         if g.dp_size > 1:
             dist.all_reduce(sums_t, group=g.dp)
         sums_t = broadcast_from_last_stage(sums_t, g, shape=sums_t.shape, dtype=sums_t.dtype)
         stat = dict(zip(STAT_KEYS, sums_t[:-1].tolist()))
-        metrics.update(finalize_stats(stat))
-        metrics.update(skipped=0.0, updates=float(updates), loss=float(sums_t[-1]) / max(1, len(minibatches)),
+        final = finalize_stats(stat)
+        if cfg.old_logprobs != "recompute":  # old log-probs are the engine's own: no mismatch to report
+            final = {k: v for k, v in final.items() if k not in MISMATCH_KEYS}
+        elif cfg.loss.tis_imp_ratio_cap is None:
+            final = {k: v for k, v in final.items() if not k.startswith("tis_")}
+        metrics.update(final)
+        metrics.update(skipped=0.0, updates=float(updates), nonfinite_updates=float(nonfinite),
+                       loss=float(sums_t[-1]) / max(1, len(minibatches)),
                        grad_norm=float(np.mean(grad_norms)) if grad_norms else float("nan"))
+        if self.loss_scaled:
+            metrics["loss_scale"] = float(loss_scaler(self.optimizer).scale)
         return metrics
+
+    def _grads_finite(self) -> bool:
+        """Whether every gradient of every rank is finite (a world-wide collective)."""
+        bufs = list(getattr(self.model, "buffers", [])) + list(getattr(self.model, "expert_parallel_buffers", []))
+        grads = [b.grad_data for b in bufs] or [p.main_grad for p in self.model.parameters() if hasattr(p, "main_grad")]
+        bad = torch.zeros(1, dtype=torch.float32, device=self.groups.device)
+        for t in grads:
+            bad += (~torch.isfinite(t)).any().float()
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank skips together (TP/PP/DP shards differ)
+        return bad.item() == 0
 
     def _train_minibatch(self, mbs: list[PopiMicrobatch], norm: LossNormalizer, temperature: float,
                          ref_lp: list[torch.Tensor] | None, old_lp: list[torch.Tensor] | None):
@@ -173,8 +208,10 @@ class PolicyLearner:
                                                      chunk_tokens=chunk)
                 adv = group_advantages(mb.rewards, mb.group_index, max(mb.num_groups, 1), eps=lcfg.adv_eps)
                 old = mb.behaviour_logprobs if old_lp is None else old_lp[i].to(device)
+                rollout = None if old_lp is None else mb.behaviour_logprobs  # the engine's, for mismatch/TIS
                 ref = None if ref_lp is None else ref_lp[i].to(device)
-                loss, stat = grpo_loss(logp, old, adv, mb.mask, lcfg, norm, ref_logprobs=ref, entropy=ent)
+                loss, stat = grpo_loss(logp, old, adv, mb.mask, lcfg, norm, ref_logprobs=ref, entropy=ent,
+                                       rollout_logprobs=rollout)
                 packed = torch.stack([stat[k] for k in STAT_KEYS] + [loss.detach().to(torch.float64)])
                 return scale_for_schedule(loss * scale, num_mb), {"stats": packed}
 
@@ -182,11 +219,23 @@ class PolicyLearner:
 
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        reduced = forward_backward(self.model, g, forward_step_func=forward_step,
-                                   data_iterator=iter(list(enumerate(mbs))), num_microbatches=num_mb,
-                                   seq_length=seq, micro_batch_size=rows)
+        config = self.model.config
+        # the loss scale applies to this backward only: other backwards on the same model (POPI capture)
+        # want unscaled gradients
+        config.grad_scale_func = self.optimizer.scale_loss if self.loss_scaled else None
+        try:
+            reduced = forward_backward(self.model, g, forward_step_func=forward_step,
+                                       data_iterator=iter(list(enumerate(mbs))), num_microbatches=num_mb,
+                                       seq_length=seq, micro_batch_size=rows)
+        finally:
+            config.grad_scale_func = None
         for item in reduced:
             sums += item["stats"].cpu().numpy()
+        if self.after_backward is not None:
+            self.after_backward(self.model)
+        # with a loss scaler the optimizer checks (and must see the overflow to lower the scale)
+        if not self.loss_scaled and not self._grads_finite():
+            return sums, float("nan"), False
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(1)

@@ -8,7 +8,8 @@ import torch
 
 from megatron_cropi.config.loader import ConfigError, from_dict
 from megatron_cropi.grpo.config import GrpoConfig, GrpoLossConfig
-from megatron_cropi.grpo.loss import LossNormalizer, aggregate, finalize_stats, grpo_loss, kl_penalty, policy_gradient_terms
+from megatron_cropi.grpo.loss import (LossNormalizer, aggregate, finalize_stats, grpo_loss, kl_penalty,
+                                      policy_gradient_terms, truncated_is_weights)
 from megatron_cropi.model.logprobs import vocab_parallel_entropy, vocab_parallel_logprobs
 
 # Two sequences, three positions; the last position of sequence 0 is not a response token.
@@ -180,3 +181,59 @@ def test_gradients_match_finite_differences(kl_type, agg):
                 fd.view(-1)[i] = (up - down) / (2 * h)
         assert g.abs().max() > 1e-4
         assert torch.allclose(g, fd, atol=1e-7, rtol=1e-5), f"max |autograd − FD| = {(g - fd).abs().max():.2e}"
+
+
+# Truncated importance sampling of the engine/trainer mismatch (issue 14). The current log-probs equal
+# the trainer's old ones (ratio 1, no PPO clip), so pg = −A per token before the TIS weight.
+ROLLOUT = torch.tensor([[-1.0, -0.5, -3.0], [-0.2, -2.0, -0.7]], dtype=torch.float64)
+
+
+def test_truncated_is_weights_hand_computed():
+    # δ = old − rollout = [[−0.2, 0, 2], [0, 1, 0]]; C = 2 caps e^2 and e^1
+    w = truncated_is_weights(OLD, ROLLOUT, 2.0)
+    want = torch.tensor([[math.exp(-0.2), 1.0, 2.0], [1.0, 2.0, 1.0]], dtype=torch.float64)
+    assert torch.allclose(w, want, atol=1e-12, rtol=0)
+    assert not w.requires_grad
+    assert truncated_is_weights(OLD, ROLLOUT, 10.0)[1, 1].item() == pytest.approx(math.e)
+
+
+def test_tis_weights_the_policy_gradient_and_logs_the_mismatch():
+    cfg = GrpoLossConfig(clip_eps_low=0.2, clip_eps_high=0.28, dual_clip_c=3.0, kl_coef=0.0, entropy_coef=0.0,
+                         tis_imp_ratio_cap=2.0)
+    norm = LossNormalizer(tokens=5, sequences=2)
+    logp = OLD.clone().requires_grad_(True)
+    loss, sums = grpo_loss(logp, OLD, ADV, MASK, cfg, norm, rollout_logprobs=ROLLOUT)
+    # seq 0 (A = 1): −e^−0.2 − 1; seq 1 (A = −0.5): 0.5·1 + 0.5·2 + 0.5·1 = 2 (the masked token is out)
+    pg_sum = -math.exp(-0.2) - 1.0 + 2.0
+    assert loss.item() == pytest.approx(pg_sum / 5, abs=1e-12)
+    assert sums["pg_loss"].item() == pytest.approx(pg_sum, abs=1e-12)
+    assert sums["tis_weight"].item() == pytest.approx(math.exp(-0.2) + 1.0 + 1.0 + 2.0 + 1.0, abs=1e-12)
+    assert sums["tis_capped"].item() == 1  # the capped token under the mask is not counted
+    assert sums["rollout_abs_diff"].item() == pytest.approx(1.2, abs=1e-12)
+    # k3: e^δ − 1 − δ summed over the response tokens
+    assert sums["rollout_kl"].item() == pytest.approx(math.exp(-0.2) - 0.8 + math.e - 2.0, abs=1e-12)
+    # the weight is a constant: ∂L/∂log π = −A·w·ρ/N at ρ = 1
+    loss.backward()
+    want = torch.tensor([[-math.exp(-0.2), -1.0, 0.0], [0.5, 1.0, 0.5]], dtype=torch.float64) / 5
+    assert torch.allclose(logp.grad, want, atol=1e-12, rtol=0)
+    stats = finalize_stats({k: v.item() for k, v in sums.items()})
+    assert stats["rollout_logprob_abs_diff"] == pytest.approx(0.24) and stats["tis_capped_frac"] == pytest.approx(0.2)
+
+    # off (the default): the same call leaves the loss alone but still measures the gap
+    off = GrpoLossConfig(**{**cfg.__dict__, "tis_imp_ratio_cap": None})
+    loss_off, sums_off = grpo_loss(OLD, OLD, ADV, MASK, off, norm, rollout_logprobs=ROLLOUT)
+    assert loss_off.item() == pytest.approx((-2.0 + 1.5) / 5, abs=1e-12)
+    assert sums_off["rollout_abs_diff"].item() == pytest.approx(1.2) and sums_off["tis_weight"].item() == 0
+    with pytest.raises(ValueError, match="tis_imp_ratio_cap needs rollout_logprobs"):
+        grpo_loss(OLD, OLD, ADV, MASK, cfg, norm)
+
+
+def test_tis_config_is_off_by_default_and_checked():
+    assert GrpoLossConfig().tis_imp_ratio_cap is None
+    with pytest.raises(ConfigError, match="tis_imp_ratio_cap"):
+        from_dict(GrpoLossConfig, {"tis_imp_ratio_cap": 0.0})
+    with pytest.raises(ConfigError, match="tis_imp_ratio_cap.*old_logprobs: recompute"):
+        from_dict(GrpoConfig, {"loss": {"tis_imp_ratio_cap": 2.0}})
+    cfg = from_dict(GrpoConfig, {"old_logprobs": "recompute", "loss": {"tis_imp_ratio_cap": 2.0}})
+    assert cfg.loss.tis_imp_ratio_cap == 2.0
+    assert GrpoConfig().drop_zero_variance_groups is True  # the documented default (see GrpoConfig)
