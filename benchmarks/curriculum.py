@@ -16,7 +16,11 @@ evaluation. A method differs only by the config overrides in ``METHODS``:
   are all equal (``grpo.dynamic_sampling.enabled``);
 * ``cropi_dynamic``: CROPI's selection, trained with dynamic sampling (the two compose: CROPI chooses
   the stage's prompts, dynamic sampling drops the zero-variance groups among them). A CROPI variant,
-  never a baseline; ``--headline cropi_dynamic`` makes it the method the last line reports.
+  never a baseline; ``--headline cropi_dynamic`` makes it the method the last line reports;
+* ``cropi_guard``: CROPI with the pool as guard set (``selection.guard.source: pool``): prompts whose
+  gradient conflicts with the pool's mean gradient are dropped. A CROPI variant;
+* ``cropi_refresh``: CROPI with the behaviour sets rolled out again at the current checkpoint every 2
+  stages (``curriculum.refresh_behaviour_every: 2``; the refresh is charged to the clock). A CROPI variant.
 
 Accuracy is evaluated every ``--eval-every`` GRPO steps, and at step 0 and at the end. ``target_sampled``
 is the sampled pass rate (4 samples at T = 1) on the held-out target test set and is the headline
@@ -81,12 +85,14 @@ METHODS: dict[str, dict] = {
     "online_learnability": {"selection.policy": "online_learnability"},
     "dynamic_sampling": {"selection.policy": "full", "grpo.dynamic_sampling": {"enabled": True}},
     "cropi_dynamic": {"selection.policy": "cropi", "grpo.dynamic_sampling": {"enabled": True}},
+    "cropi_guard": {"selection.policy": "cropi", "selection.guard": {"source": "pool"}},
+    "cropi_refresh": {"selection.policy": "cropi", "curriculum.refresh_behaviour_every": 2},
 }
 REFERENCE = "full"
 HEADLINE = "cropi"
 KEY = "target_sampled"
 COLORS = {"cropi": "C3", "full": "C0", "random": "C7", "learnability": "C2", "online_learnability": "C1",
-          "dynamic_sampling": "C4", "cropi_dynamic": "C5"}
+          "dynamic_sampling": "C4", "cropi_dynamic": "C5", "cropi_guard": "C6", "cropi_refresh": "C8"}
 # two-sided 95% Student-t quantiles t_{0.975, df}; beyond 30 degrees of freedom 1.96 is used
 T975 = [None, 12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045,

@@ -9,6 +9,7 @@
     rollouts/stage{m}/pool/                  the pool rolled out at θ_m (online_learnability)
     features/stage{m}/{pool,target-<name>}/  feature stores at θ_m (``features/<tag>/`` for ``cropi score``)
     selections/stage{m}.json                 each stage's chosen prompts
+    rankings/stage{m}.json                   the carried influence score of every pool prompt (shortlist)
     checkpoints/step_N/                      GRPO checkpoints (model, optimizer, RNG, data position)
     metrics/eval.jsonl                       evaluations against GRPO step
     tensorboard/                             TensorBoard event files
@@ -67,6 +68,10 @@ class RunLayout:
 
     def selection(self, m: int) -> Path:
         return self.root / "selections" / f"stage{m}.json"
+
+    def ranking(self, m: int) -> Path:
+        """The carried influence score of every pool prompt after stage ``m`` (``influence/shortlist.py``)."""
+        return self.root / "rankings" / f"stage{m}.json"
 
     @property
     def checkpoints(self) -> Path:

@@ -21,11 +21,11 @@ import dataclasses
 import time
 from pathlib import Path
 
-from megatron_cropi.curriculum import steps
-from megatron_cropi.curriculum.evaluate import EvalLog, evaluate_policy
+from megatron_cropi.curriculum import behaviour, steps
+from megatron_cropi.curriculum.evaluate import EvalLog, eval_line, evaluate_runtime
 from megatron_cropi.curriculum.faults import fault_point
 from megatron_cropi.curriculum.probe import probe_projection_quality
-from megatron_cropi.curriculum.report import stage_scalars, write_final_report, write_stage_report
+from megatron_cropi.curriculum.report import publish_stage_report, write_final_report
 from megatron_cropi.curriculum.state import RunState
 from megatron_cropi.influence.feature_store import prune_feature_stores
 from megatron_cropi.influence.stores import PolicyScorer, score_store
@@ -139,37 +139,30 @@ class StageController:
         return str(self.layout.warmup_hf)
 
     def behaviour_sets(self) -> list[tuple[str, list, int]]:
-        """``(name, prompts, responses per prompt)`` of every set rolled out by the behaviour policy: the
-        pool, each target set, and the check set as ``guard`` when ``selection.guard.source`` is ``check``."""
+        """The sets the behaviour policy rolls out (:func:`~.behaviour.behaviour_sets`)."""
         curriculum = self.cfg.curriculum
-        sets = [("pool", self.prompts.pool, curriculum.pool_samples)] + [
-            (f"target-{t}", recs, curriculum.target_samples) for t, recs in sorted(self.prompts.targets.items())]
-        if self.cfg.selection.guard.source == "check":
-            sets.append(("guard", self.prompts.check, curriculum.target_samples))
-        return sets
+        return behaviour.behaviour_sets(self.prompts.pool, self.prompts.targets, self.prompts.check,
+                                        pool_samples=curriculum.pool_samples, target_samples=curriculum.target_samples,
+                                        guard_check=self.cfg.selection.guard.source == "check")
 
     def behaviour_store(self, stage: int, name: str) -> Path:
         """The trajectory store of set ``name`` that stage ``stage`` scores: β's, or the newest refresh's."""
-        refreshed = steps.refresh_stage_of(stage, self.cfg.curriculum.refresh_behaviour_every)
+        refreshed = behaviour.refresh_stage_of(stage, self.cfg.curriculum.refresh_behaviour_every)
         return self.layout.stage_rollouts(refreshed, name) if refreshed else self.layout.rollouts(name)
 
     def _roll_out_behaviour(self, stage: int, policy: str) -> None:
         """Roll every behaviour set out with the current policy (β at stage 0) into its stage's stores."""
-        cfg, runtime, curriculum = self.cfg, self.runtime, self.cfg.curriculum
-        for name, prompts, n in self.behaviour_sets():
-            t0 = time.perf_counter()
-            sampling = steps.behaviour_sampling(runtime.sampling, n, temperature=curriculum.behaviour_temperature,
-                                                max_tokens=curriculum.behaviour_max_tokens, refresh_stage=stage)
-            label = name if stage == 0 else f"stage{stage}-{name}"
-            summary = steps.behaviour_rollouts(
-                label, prompts, self.behaviour_store(stage, name), sampling=sampling, engine=runtime.engine,
-                reward_fn=runtime.reward_fn, tokenizer=self.tokenizer, groups=self.groups,
-                batch_prompts=cfg.rollout.batch_prompts, policy=policy, engine_kind=cfg.rollout.engine,
-                progress=cfg.rollout.progress)
-            self.charge("rollouts", time.perf_counter() - t0)
+        cfg, runtime = self.cfg, self.runtime
+
+        def done(label: str, prompts: list, summary, seconds: float) -> None:
+            self.charge("rollouts", seconds)
             self.log(f"[rollouts] {label}: {len(prompts)} prompts, pass rate {summary.pass_rate:.3f}, "
                      f"{summary.zero_variance_groups} zero-variance groups")
-            fault_point(f"rollouts:{name}" if stage == 0 else f"refresh:{name}")
+
+        behaviour.roll_out_sets(self.behaviour_sets(), lambda name: self.behaviour_store(stage, name), stage=stage,
+                                base=runtime.sampling, curriculum=cfg.curriculum, rollout=cfg.rollout,
+                                engine=runtime.engine, reward_fn=runtime.reward_fn, tokenizer=self.tokenizer,
+                                groups=self.groups, policy=policy, on_set=done)
 
     def step_behaviour_rollouts(self) -> None:
         """K responses per pool and target prompt from β (the policy before any GRPO step), once."""
@@ -187,19 +180,21 @@ class StageController:
     def step_refresh_behaviour(self, stage: int) -> None:
         """``curriculum.refresh_behaviour_every``: at a refresh stage m, the behaviour sets rolled out again
         by θ_m (into ``rollouts/stage{m}/``), so that stage's POPI is on-policy."""
-        every = self.cfg.curriculum.refresh_behaviour_every
         step = f"stage{stage}/refresh"
-        if stage == 0 or steps.refresh_stage_of(stage, every) != stage or self.is_done(step) \
-                or self.cfg.selection.policy in ("full", "random", "online_learnability"):
+        if stage == 0 or behaviour.refresh_stage_of(stage, self.cfg.curriculum.refresh_behaviour_every) != stage \
+                or self.is_done(step) or self.cfg.selection.policy in ("full", "random", "online_learnability"):
             return
-        trainer_step = self.runtime.trainer.step_count
-        if trainer_step != stage * self.cfg.curriculum.steps_per_stage:
-            raise RuntimeError(f"stage {stage}'s behaviour refresh must come from θ_{stage} (step "
-                               f"{stage * self.cfg.curriculum.steps_per_stage}), but the policy is at step "
-                               f"{trainer_step}")
-        t0 = time.perf_counter()
+        self.require_stage_start(stage, "behaviour refresh")
+        t0, trainer_step = time.perf_counter(), self.runtime.trainer.step_count
         self._roll_out_behaviour(stage, f"{self.policy_identity()}+grpo-step{trainer_step}")
         self.mark_done(step, seconds=time.perf_counter() - t0, policy_step=trainer_step)
+
+    def require_stage_start(self, stage: int, what: str) -> None:
+        """Raise unless the policy is θ_stage, the checkpoint stage ``stage`` starts from."""
+        start = stage * self.cfg.curriculum.steps_per_stage
+        if self.runtime.trainer.step_count != start:
+            raise RuntimeError(f"stage {stage}'s {what} must come from θ_{stage} (step {start}), but the policy "
+                               f"is at step {self.runtime.trainer.step_count}")
 
     def policy_identity(self) -> str:
         """β's identity for store headers: hashed once, on global rank 0 (it reads every weight file)."""
@@ -245,12 +240,24 @@ class StageController:
         for name in todo:
             t0 = time.perf_counter()
             stats = score_store(self.behaviour_store(stage, name), paths[name], scorer,
-                                on_chunk=lambda: fault_point("score:chunk"))
+                                on_chunk=lambda: fault_point("score:chunk"),
+                                shortlist=self.pool_shortlist(stage) if name == "pool" else None)
             self.log(f"[score] stage {stage} {name}: {stats.scored} scored, {stats.excluded} zero-variance excluded, "
-                     f"{stats.flagged} flagged, {stats.seconds:.1f} s ({1e3 * stats.seconds_per_prompt:.1f} ms/prompt)")
+                     + (f"{stats.shortlisted_out} left out by the shortlist, " if stats.shortlisted_out else "")
+                     + f"{stats.flagged} flagged, {stats.seconds:.1f} s ({1e3 * stats.seconds_per_prompt:.1f} ms/prompt)")
             self.charge("scoring", time.perf_counter() - t0)
             self.mark_done(f"stage{stage}/score/{name}", **dataclasses.asdict(stats))
         return paths
+
+    def pool_shortlist(self, stage: int):
+        """``scoring.shortlist``: which pool rows stage ``stage`` scores, from the carried ranking of the
+        stage before (rank 0 reads it; every rank gets the same)."""
+        shortlist = self.cfg.scoring.shortlist
+        if shortlist.scores_everything(stage):
+            return None
+        carried = share_from_rank0(steps.read_ranking(self.layout, stage - 1) if self.is_rank0 else None)
+        budget = int(self.cfg.selection.ratio * len(self.prompts.pool))
+        return steps.pool_shortlist(shortlist, stage, carried, budget=budget, seed=self.cfg.run.seed)
 
     def step_probe(self, stage: int, features: dict[str, Path]) -> None:
         """Projection quality on a probe set at θ_m (the checkpoint the features were made at)."""
@@ -276,17 +283,13 @@ class StageController:
         if self.is_done(step):
             return path
         runtime = self.runtime
-        if runtime.trainer.step_count != stage * curriculum.steps_per_stage:
-            raise RuntimeError(f"stage {stage}'s pool rollouts must come from θ_{stage} (step "
-                               f"{stage * curriculum.steps_per_stage}), but the policy is at step "
-                               f"{runtime.trainer.step_count}")
-        prompts = steps.online_pool_subset(self.prompts.pool, curriculum.online_pool_fraction, seed=cfg.run.seed,
-                                           m=stage)
+        self.require_stage_start(stage, "pool rollouts")
+        prompts = behaviour.online_pool_subset(self.prompts.pool, curriculum.online_pool_fraction, seed=cfg.run.seed,
+                                               m=stage)
         t0 = time.perf_counter()
-        summary = steps.behaviour_rollouts(
-            f"stage{stage}-pool", prompts, path, sampling=steps.online_sampling(runtime.sampling,
-                                                                               curriculum.online_samples, stage),
-            engine=runtime.engine, reward_fn=runtime.reward_fn, tokenizer=self.tokenizer, groups=self.groups,
+        summary = behaviour.behaviour_rollouts(
+            f"stage{stage}-pool", prompts, path,
+            sampling=behaviour.online_sampling(runtime.sampling, curriculum.online_samples, stage), engine=runtime.engine, reward_fn=runtime.reward_fn, tokenizer=self.tokenizer, groups=self.groups,
             batch_prompts=cfg.rollout.batch_prompts, engine_kind=cfg.rollout.engine, progress=cfg.rollout.progress,
             policy=f"{self.policy_identity()}+grpo-step{runtime.trainer.step_count}")
         seconds = time.perf_counter() - t0
@@ -359,41 +362,22 @@ class StageController:
 
     def evaluate(self) -> dict:
         """Target and check-set accuracy now, logged to TensorBoard and ``metrics/eval.jsonl`` (once per step)."""
-        from megatron_cropi.grpo.rollouts import RolloutCollector
-
-        runtime = self.runtime
-        step = runtime.trainer.step_count
+        step = self.runtime.trainer.step_count
         done = on_rank0(lambda: self.eval_log.at_step(step))
         if done is not None:
             return done
-        t0 = time.perf_counter()
-        rec = {"step": step, **evaluate_policy(RolloutCollector(runtime.engine, runtime.rewarder, self.groups),
-                                               self.groups, test=self.prompts.test, check=self.prompts.check,
-                                               sampling=runtime.sampling, cfg=self.cfg.curriculum.eval,
-                                               seed=self.cfg.run.seed + EVAL_SEED_OFFSET)}
-        rec["seconds"] = time.perf_counter() - t0
+        rec = evaluate_runtime(self.runtime, self.groups, self.prompts, self.cfg.curriculum.eval,
+                               seed=self.cfg.run.seed + EVAL_SEED_OFFSET)
         rec["clock_seconds"] = self.clock_seconds
         self.metrics.log(step, {k: v for k, v in rec.items() if isinstance(v, float)}, prefix="eval")
         on_rank0(lambda: self.eval_log.append(rec))
-        self.log(f"[eval] step {step}: target sampled {rec['target_sampled']:.3f}"
-                 + (f" greedy {rec['target_greedy']:.3f}" if "target_greedy" in rec else "")
-                 + (f", check {rec['check_greedy']:.3f}" if "check_greedy" in rec else ""))
+        self.log(eval_line(rec))
         return rec
 
     def step_report(self, stage: int, selection: Selection) -> None:
         """``reports/stage{m}.{json,md}`` (rank 0) and the stage's influence metrics (the metrics rank)."""
-        first_step = stage * self.cfg.curriculum.steps_per_stage
-
-        def write() -> dict:
-            previous = steps.read_selection(self.layout.selection(stage - 1)) if stage > 0 else None
-            return write_stage_report(stage, selection, previous, step_info=self.state.data.get("info", {}),
-                                      steps_per_stage=self.cfg.curriculum.steps_per_stage, layout=self.layout)
-
-        report = on_rank0(write)
-        # every rank logs: with PP > 1 the metrics rank (last stage) is not global rank 0
-        self.metrics.log(first_step, stage_scalars(report, selection), prefix="influence")
-        if selection.scores and selection.policy == "cropi":
-            self.metrics.histogram(first_step, "influence/selected_scores", selection.scores)
+        publish_stage_report(stage, selection, layout=self.layout, step_info=self.state.data.get("info", {}),
+                             steps_per_stage=self.cfg.curriculum.steps_per_stage, metrics=self.metrics)
         self.mark_done(f"stage{stage}/report")
 
     def finish(self, seconds: float) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -19,7 +20,7 @@ from megatron_cropi.parallel import ParallelGroups
 from megatron_cropi.records import PromptRecord, SamplingParams
 from megatron_cropi.utils.atomic import atomic_write_text
 
-__all__ = ["evenly_spaced", "evaluate_accuracy", "evaluate_policy", "EvalLog"]
+__all__ = ["evenly_spaced", "evaluate_accuracy", "evaluate_policy", "evaluate_runtime", "eval_line", "EvalLog"]
 
 
 def evenly_spaced(items: Sequence, count: int) -> list:
@@ -92,6 +93,26 @@ def evaluate_policy(collector, groups: ParallelGroups, *, test: Sequence[PromptR
         rec["check_greedy"] = res["pass_rate"]
         rec["check_by_source"] = res["by_source"]
     return rec
+
+
+def evaluate_runtime(runtime, groups: ParallelGroups, prompts, cfg, *, seed: int) -> dict:
+    """:func:`evaluate_policy` of a :class:`~megatron_cropi.wiring.PolicyRuntime` now, on the run's test and
+    check sets (``prompts``: the run's prompt sets); the record has ``step`` and ``seconds``."""
+    from megatron_cropi.grpo.rollouts import RolloutCollector
+
+    t0 = time.perf_counter()
+    rec = {"step": runtime.trainer.step_count,
+           **evaluate_policy(RolloutCollector(runtime.engine, runtime.rewarder, groups), groups, test=prompts.test,
+                             check=prompts.check, sampling=runtime.sampling, cfg=cfg, seed=seed)}
+    rec["seconds"] = time.perf_counter() - t0
+    return rec
+
+
+def eval_line(rec: dict) -> str:
+    """The log line of an evaluation record."""
+    return (f"[eval] step {rec['step']}: target sampled {rec['target_sampled']:.3f}"
+            + (f" greedy {rec['target_greedy']:.3f}" if "target_greedy" in rec else "")
+            + (f", check {rec['check_greedy']:.3f}" if "check_greedy" in rec else ""))
 
 
 class EvalLog:

@@ -18,8 +18,9 @@ import numpy as np
 from megatron_cropi.layout import RunLayout
 from megatron_cropi.selection.policies import Selection
 from megatron_cropi.utils.atomic import atomic_write_json, atomic_write_text
+from megatron_cropi.utils.rank_zero import on_rank0
 
-__all__ = ["write_stage_report", "stage_scalars", "write_final_report", "plot_accuracy"]
+__all__ = ["write_stage_report", "publish_stage_report", "stage_scalars", "write_final_report", "plot_accuracy"]
 
 
 def write_stage_report(m: int, selection: Selection, previous: Selection | None, *, step_info: dict[str, dict],
@@ -53,11 +54,32 @@ def write_stage_report(m: int, selection: Selection, previous: Selection | None,
     }
     if f"stage{m}/online_rollouts" in step_info:  # online_learnability: the pool rolled out at θ_m
         report["online_rollouts"] = step_info[f"stage{m}/online_rollouts"]
+    if f"stage{m}/refresh" in step_info:  # the behaviour sets rolled out again at θ_m: on-policy POPI
+        report["behaviour_refresh"] = step_info[f"stage{m}/refresh"]
     # the target direction rests on the target prompts that have a gradient (mixed rewards under β)
     report["target_prompts_used"] = {name: {"used": t["target_prompts_used"], "of": t.get("target_prompts")}
                                      for name, t in selection.summary.get("targets", {}).items()}
     atomic_write_json(layout.stage_report(m, "json"), report)
     atomic_write_text(layout.stage_report(m, "md"), _stage_markdown(report))
+    return report
+
+
+def publish_stage_report(m: int, selection: Selection, *, layout: RunLayout, step_info: dict[str, dict],
+                         steps_per_stage: int, metrics) -> dict:
+    """:func:`write_stage_report` on global rank 0 (against stage ``m − 1``'s selection), and the stage's
+    influence scalars and score histogram logged by every rank (with PP > 1 the metrics rank, the last
+    stage, is not global rank 0). Returns the report on every rank."""
+
+    def write() -> dict:
+        path = layout.selection(m - 1)
+        previous = Selection.from_dict(json.loads(path.read_text())) if m > 0 and path.exists() else None
+        return write_stage_report(m, selection, previous, step_info=step_info, steps_per_stage=steps_per_stage,
+                                  layout=layout)
+
+    report = on_rank0(write)
+    metrics.log(m * steps_per_stage, stage_scalars(report, selection), prefix="influence")
+    if selection.scores and selection.policy == "cropi":
+        metrics.histogram(m * steps_per_stage, "influence/selected_scores", selection.scores)
     return report
 
 
@@ -81,6 +103,8 @@ def stage_scalars(report: dict, selection: Selection) -> dict[str, float]:
         scalars[f"mix/{src}"] = count / max(len(selection.prompt_ids), 1)
     for name, used in report["target_prompts_used"].items():
         scalars[f"target_prompts_used/{name}"] = used["used"]
+    if "guard" in selection.summary:
+        scalars["guard_conflicting"] = selection.summary["guard"]["conflicting"]
     return scalars
 
 
@@ -91,6 +115,13 @@ def _stage_markdown(r: dict) -> str:
              f"(budget {s.get('budget')})"]
     if "fallback" in s:
         lines.append(f"- fallback: {s['fallback']}")
+    if "behaviour_refresh" in r:
+        lines.append(f"- behaviour sets rolled out again at this stage's checkpoint (GRPO step "
+                     f"{r['behaviour_refresh'].get('policy_step')}, {r['behaviour_refresh'].get('seconds', 0):.1f} s)")
+    if "guard" in s:
+        g = s["guard"]
+        lines.append(f"- guard ({g['source']}, {g['mode']}, cos < {g['threshold']:g} conflicts): {g['conflicting']} of "
+                     f"{g['candidates']} candidates conflict; direction from {g['guard_prompts_used']} guard prompts")
     if "zero_gradient_prompts" in s:
         lines.append(f"- prompts without a gradient (all rewards equal or flagged): {s['zero_gradient_prompts']}")
     if r["overlap_with_previous"] is not None:

@@ -1,4 +1,5 @@
-"""The bodies of the controller's steps. Each gets its inputs as values and returns its outputs.
+"""The bodies of the controller's scoring and selection steps (behaviour rollouts: :mod:`.behaviour`).
+Each gets its inputs as values and returns its outputs.
 
 Files they read and write are named by the run's :class:`~megatron_cropi.layout.RunLayout`; the
 controller decides which steps still have to run (``state.json``), charges their time to the run
@@ -7,8 +8,6 @@ clock and marks them done. Nothing here knows about the controller.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -19,85 +18,14 @@ import numpy as np
 from megatron_cropi.influence.feature_store import DONE, FeatureStore
 from megatron_cropi.influence.stores import read_complete_store
 from megatron_cropi.layout import RunLayout
-from megatron_cropi.records import PromptRecord, SamplingParams
-from megatron_cropi.selection.policies import Selection, SelectionConfig, SelectionInputs, select
+from megatron_cropi.records import PromptRecord
+from megatron_cropi.influence.shortlist import ShortlistConfig, carry_ranking, shortlist_mask
+from megatron_cropi.selection.policies import Selection, SelectionConfig, SelectionInputs, ranking_scores, select
 from megatron_cropi.utils.atomic import atomic_write_json
 from megatron_cropi.utils.rank_zero import on_rank0
 
-__all__ = ["behaviour_sampling", "behaviour_rollouts", "online_sampling", "online_pool_subset", "refresh_stage_of",
-           "feature_set_names",
-           "read_selection", "selected_prompts", "previous_selections", "selection_inputs", "select_stage"]
-
-
-def behaviour_sampling(base: SamplingParams, n: int, *, temperature: float | None,
-                       max_tokens: int | None, refresh_stage: int = 0) -> SamplingParams:
-    """β's sampling: GRPO's ``base`` with ``n`` responses, and ``curriculum.behaviour_temperature`` /
-    ``behaviour_max_tokens`` where set (the paper rolls β out at T = 0.5, GRPO at T = 1).
-
-    ``refresh_stage`` m > 0: the behaviour refresh at θ_m, the same sampling with a seed of its own,
-    ``hash(base.seed, m)``."""
-    seed = base.seed if refresh_stage == 0 else _stage_seed("refresh", base.seed, refresh_stage)
-    return dataclasses.replace(base, n=n, temperature=base.temperature if temperature is None else temperature,
-                               max_tokens=base.max_tokens if max_tokens is None else max_tokens, seed=seed)
-
-
-def refresh_stage_of(m: int, every: int) -> int:
-    """The stage whose behaviour rollouts stage ``m`` scores with: the last refresh at or before ``m``
-    (``curriculum.refresh_behaviour_every``; 0: never, β's rollouts of stage 0)."""
-    return 0 if every <= 0 else (m // every) * every
-
-
-def behaviour_rollouts(name: str, prompts: Sequence[PromptRecord], path: Path, *, sampling: SamplingParams, engine,
-                       reward_fn, tokenizer, groups, batch_prompts: int, policy: str, engine_kind: str,
-                       progress: bool):
-    """Roll ``prompts`` out with β into the trajectory store at ``path`` (resumes a partial store).
-
-    Args:
-        policy: β's identity for the store header (:func:`~megatron_cropi.wiring.policy_identity`).
-        reward_fn: the reward function (used on global rank 0, which writes the store).
-
-    Returns:
-        :class:`~megatron_cropi.rollout.runner.RolloutSummary`.
-    """
-    from megatron_cropi.data.prompt_ids import pool_hash
-    from megatron_cropi.rollout.runner import rollout_prompts
-    from megatron_cropi.rollout.store import StoreHeader, TrajectoryStore
-
-    writer = groups.rank == 0
-    opened: list = []  # the store stays on rank 0 (it writes); every rank learns if opening failed
-
-    def open_store():
-        header = StoreHeader.build(sampling, tokenizer=tokenizer.identity, model=policy, policy_version=0,
-                                   num_prompts=len(prompts), engine=engine_kind,
-                                   pool_hash=pool_hash(p.prompt_id for p in prompts), extra={"set": path.name})
-        opened.append(TrajectoryStore.open_for_append(path, header))
-
-    on_rank0(open_store)
-    store = opened[0] if writer else None
-    return rollout_prompts(prompts, engine, sampling, store=store, reward_fn=reward_fn if writer else None,
-                           tokenizer=tokenizer, batch_prompts=batch_prompts, policy_version=0, groups=groups,
-                           progress=progress and writer, desc=f"rollout {name}")
-
-
-def _stage_seed(tag: str, seed: int, m: int) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{tag}:{seed}:{m}".encode(), digest_size=4).digest(), "little") >> 1
-
-
-def online_sampling(base: SamplingParams, n: int, m: int) -> SamplingParams:
-    """The stage-``m`` pool rollouts of ``online_learnability``: GRPO's sampling ``base`` (its temperature
-    and length, not β's) with ``n`` responses and a seed of its own per stage, ``hash(base.seed, m)``."""
-    return dataclasses.replace(base, n=n, seed=_stage_seed("online", base.seed, m))
-
-
-def online_pool_subset(pool: Sequence[PromptRecord], fraction: float, *, seed: int, m: int) -> list[PromptRecord]:
-    """The pool prompts rolled out at stage ``m``: all of them (``fraction`` 1), else a random
-    ``max(1, round(fraction × |pool|))`` of them drawn from ``(seed, m)``; in prompt-id order."""
-    ordered = sorted(pool, key=lambda p: p.prompt_id)
-    if fraction >= 1.0:
-        return ordered
-    size = max(1, int(round(fraction * len(ordered))))
-    rows = np.random.default_rng(_stage_seed("online-pool", seed, m)).choice(len(ordered), size=size, replace=False)
-    return [ordered[i] for i in sorted(rows)]
+__all__ = ["feature_set_names", "read_selection", "read_ranking", "selected_prompts", "previous_selections",
+           "selection_inputs", "select_stage", "pool_shortlist"]
 
 
 def feature_set_names(target_families: Sequence[str], *, guard: bool = False) -> list[str]:
@@ -109,6 +37,13 @@ def feature_set_names(target_families: Sequence[str], *, guard: bool = False) ->
 def read_selection(path: Path) -> Selection | None:
     """The selection written at ``path``, or None when there is none yet."""
     return Selection.from_dict(json.loads(path.read_text())) if path.exists() else None
+
+
+def read_ranking(layout: RunLayout, m: int) -> dict[str, float] | None:
+    """The carried influence scores after stage ``m`` (``{prompt id: score}``), or None (no such stage,
+    or it made no cropi selection)."""
+    path = layout.ranking(m)
+    return json.loads(path.read_text())["scores"] if m >= 0 and path.exists() else None
 
 
 def selected_prompts(pool: Sequence[PromptRecord], selection: Selection) -> list[PromptRecord]:
@@ -169,6 +104,19 @@ def selection_inputs(pool: Sequence[PromptRecord], *, pool_rollouts: Path | None
     return inputs
 
 
+def pool_shortlist(cfg: ShortlistConfig, m: int, carried: dict[str, float] | None, *, budget: int, seed: int):
+    """The ``shortlist`` callback of :func:`~megatron_cropi.influence.stores.score_store` for stage ``m``'s
+    pool: given the groups as scored, the rows to score (None when the stage scores every live row)."""
+    if carried is None or cfg.scores_everything(m):
+        return None
+
+    def choose(groups_list) -> np.ndarray:
+        live = ~np.array([g.zero_variance for g in groups_list], dtype=bool)
+        return shortlist_mask(cfg, m, [g.prompt_id for g in groups_list], live, carried, min_rows=budget, seed=seed)
+
+    return choose
+
+
 def select_stage(m: int, *, layout: RunLayout, pool: Sequence[PromptRecord], cfg: SelectionConfig, seed: int,
                  features: dict[str, Path], pool_rollouts: Path | None) -> Selection:
     """Choose stage ``m``'s prompts on global rank 0, write ``selections/stage{m}.json``, and return the
@@ -182,6 +130,10 @@ def select_stage(m: int, *, layout: RunLayout, pool: Sequence[PromptRecord], cfg
         inputs = selection_inputs(pool, pool_rollouts=pool_rollouts, features=features,
                                   previous=previous_selections(layout, m))
         result = select(cfg, inputs, stage=m, seed=seed)
+        if cfg.policy == "cropi" and inputs.features is not None:
+            scores = ranking_scores(cfg, inputs, seed=seed)
+            ranking = carry_ranking(read_ranking(layout, m - 1), inputs.prompt_ids, scores, inputs.usable)
+            atomic_write_json(layout.ranking(m), {"stage": m, "scores": ranking})
         result.summary["seconds"] = time.perf_counter() - t0
         atomic_write_json(layout.selection(m), result.to_dict())
         return result

@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from megatron_cropi.config.loader import require
 from megatron_cropi.influence.feature_store import DONE, EXCLUDED, FLAGGED, FeatureStore, hash_strings
+from megatron_cropi.influence.shortlist import ShortlistConfig
 from megatron_cropi.parallel import ParallelGroups
 from megatron_cropi.model.params import ParamLayout
 from megatron_cropi.popi.batch import pack_microbatches, sequence_length_for
@@ -93,6 +94,9 @@ class ScoringConfig:
     """Token positions per fp32 chunk of the vocab-parallel log-softmax (``model/logprobs.py``): the
     work tensors are ``[chunk, V/TP]`` instead of ``[rows × seq, V/TP]``; 0 = the whole micro-batch at
     once (the same values, several times the logit memory)."""
+    shortlist: ShortlistConfig = field(default_factory=ShortlistConfig)
+    """Score only a shortlist of the pool at stages after the first (``influence/shortlist.py``); off by
+    default."""
     feature_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     """Storage dtype of the feature stores (read back as float32): float16 scales each row by its max
     |x| (a fp32 scale per row), bfloat16 keeps float32's range; both halve the disk footprint."""
@@ -128,6 +132,8 @@ class ScoreStats:
     excluded: int = 0
     flagged: int = 0
     skipped_done: int = 0
+    shortlisted_out: int = 0
+    """Live rows left unscored by the shortlist (written as excluded: they cannot be selected)."""
     seconds: float = 0.0
     tokens: int = 0
     """Real tokens (prompt + response of every sequence) of the scored chunks, all replicas."""
@@ -185,6 +191,7 @@ def score_pool(
     progress: bool = True,
     max_chunks: int | None = None,
     on_chunk=None,
+    skip: np.ndarray | None = None,
 ) -> ScoreStats:
     """Fill ``store`` (opened on global rank 0, None elsewhere) with the pool's projected gradients.
 
@@ -194,6 +201,8 @@ def score_pool(
         responses_per_prompt: K (the store's ``n``).
         max_chunks: stop after this many chunks (tests of resume).
         on_chunk: called after each written chunk (fault injection in tests).
+        skip: ``[n]`` bool, rows not to score (the shortlist's complement): written as excluded, like
+            zero-variance rows, and counted as ``shortlisted_out``.
 
     Returns:
         :class:`ScoreStats` (meaningful on every rank).
@@ -204,11 +213,14 @@ def score_pool(
     status = share_from_rank0(store.statuses().copy() if rank0 else None)
     stats = ScoreStats(rows=n)
     zero_var = np.array([g.zero_variance for g in rollouts], dtype=bool)
+    skip = np.zeros(n, dtype=bool) if skip is None else np.asarray(skip, dtype=bool)
+    stats.shortlisted_out = int((skip & ~zero_var).sum())
+    zero_var = zero_var | skip
     newly_excluded = np.flatnonzero(zero_var & (status == 0))
     if rank0 and newly_excluded.size:
         store.write_rows(newly_excluded, np.zeros((newly_excluded.size, projector.k), np.float32),
                          np.full(newly_excluded.size, EXCLUDED, np.uint8))
-    stats.excluded = int(zero_var.sum())
+    stats.excluded = int(zero_var.sum()) - stats.shortlisted_out
 
     live = np.flatnonzero(~zero_var)
     ppm = 1 if cfg.mode == "per_prompt" else cfg.prompts_per_microbatch

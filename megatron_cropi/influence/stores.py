@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch.distributed as dist
@@ -92,7 +92,8 @@ def read_complete_store(path: Path) -> tuple[list[RolloutGroup], SamplingParams]
 
 
 def score_store(rollouts_dir: Path, out: Path | FeatureSink, scorer: PolicyScorer, *,
-                rows: Sequence[int] | None = None, projector=None, on_chunk=None) -> ScoreStats:
+                rows: Sequence[int] | None = None, projector=None, on_chunk=None,
+                shortlist: Callable[[list[RolloutGroup]], np.ndarray] | None = None) -> ScoreStats:
     """Projected POPI gradients of the trajectory store ``rollouts_dir`` into ``out``.
 
     Args:
@@ -101,6 +102,9 @@ def score_store(rollouts_dir: Path, out: Path | FeatureSink, scorer: PolicyScore
         rows: score only these store rows, in this order (the probe); default all.
         projector: overrides ``scorer.projector`` (the probe's exact projector).
         on_chunk: called after each written chunk (fault injection in tests).
+        shortlist: given the groups as scored (after ``max_responses_per_prompt``), the ``[n]`` bool mask
+            of rows to score (:func:`~megatron_cropi.influence.shortlist.shortlist_mask`); the others are
+            written as excluded. Default: every row.
 
     Returns:
         :class:`~megatron_cropi.influence.scorer.ScoreStats`, the same on every rank.
@@ -121,7 +125,8 @@ def score_store(rollouts_dir: Path, out: Path | FeatureSink, scorer: PolicyScore
         sink = opened[0] if rank0 else None
     else:
         sink = out if rank0 else None
+    skip = None if shortlist is None else ~np.asarray(shortlist(groups_list), dtype=bool)
     return score_pool(groups_list, sink, model=scorer.model, groups=scorer.groups,
                       projector=projector or scorer.projector, cfg=scorer.cfg,
                       temperature=sampling.logprob_temperature, responses_per_prompt=k,
-                      pad_id=scorer.pad_id, progress=scorer.progress, on_chunk=on_chunk)
+                      pad_id=scorer.pad_id, progress=scorer.progress, on_chunk=on_chunk, skip=skip)

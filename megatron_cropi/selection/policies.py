@@ -26,7 +26,8 @@ from megatron_cropi.config.loader import require
 from megatron_cropi.selection.guard import GuardConfig, guard_candidates
 from megatron_cropi.selection.scores import cosine_scores, fuse_max, fuse_reciprocal_rank, target_direction, top_m
 
-__all__ = ["SelectionConfig", "Selection", "SelectionInputs", "SelectionError", "select", "learnability_top"]
+__all__ = ["SelectionConfig", "Selection", "SelectionInputs", "SelectionError", "select", "learnability_top",
+           "ranking_scores"]
 
 POLICIES = ("cropi", "full", "random", "learnability", "online_learnability", "pass_rate_band")
 
@@ -198,6 +199,22 @@ def _top_demoting(fused: np.ndarray, demoted: set[int], m: int) -> np.ndarray:
     if demoted:
         order = np.array([i for i in order if i not in demoted] + [i for i in order if i in demoted], dtype=np.int64)
     return order[:m]
+
+
+def ranking_scores(cfg: SelectionConfig, inp: SelectionInputs, *, seed: int) -> np.ndarray:
+    """``[N]`` every pool prompt's influence score, the max over target sets of its cosine with the set's
+    direction (the directions ``select`` uses); ``-inf`` for prompts without a gradient. What the pool
+    shortlist of the next stage ranks by (``influence/shortlist.py``)."""
+    out = np.full(len(inp.prompt_ids), -np.inf)
+    if inp.features is None or inp.usable is None:
+        return out
+    for _, (tf, tu) in sorted(inp.targets.items()):
+        try:
+            direction, _ = target_direction(tf, tu, max_prompts=cfg.max_target_prompts, seed=seed)
+        except ValueError:
+            continue
+        out = np.maximum(out, cosine_scores(inp.features, inp.usable, direction, use_sign=cfg.use_sign))
+    return out
 
 
 def select(cfg: SelectionConfig, inp: SelectionInputs, *, stage: int, seed: int) -> Selection:

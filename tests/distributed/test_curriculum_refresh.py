@@ -1,8 +1,9 @@
-"""``curriculum.refresh_behaviour_every`` and ``selection.guard`` in a whole ``cropi run``.
+"""``curriculum.refresh_behaviour_every``, ``selection.guard`` and ``scoring.shortlist`` in a whole ``cropi run``.
 
 With ``refresh_behaviour_every: 1`` stage 1 rolls the pool, the target set and the guard set out again
 at θ_1 (GRPO step 3) into ``rollouts/stage1/`` and scores those; the stores' headers name θ_1 and a
-sampling seed of their own. A run killed inside the refresh (and, before that, inside β's rollouts)
+sampling seed of their own. Stage 1 scores only a shortlist of the live pool (by stage 0's ranking,
+carried in ``rankings/stage0.json``) and selects from it. A run killed inside the refresh (and, before that, inside β's rollouts)
 and restarted ends with the same selections and final parameters as an uninterrupted one.
 """
 
@@ -14,6 +15,7 @@ import yaml
 OVERRIDES = {
     "curriculum.refresh_behaviour_every": 1,
     "selection.guard": {"source": "check", "mode": "demote"},
+    "scoring.shortlist": {"fraction": 0.5, "explore": 0.25},
 }
 
 
@@ -49,14 +51,32 @@ def test_refresh_rolls_out_at_theta_m_scores_it_and_resumes_through_it(tmp_path)
         assert fresh.header.model == beta.header.model + "+grpo-step3"
         assert fresh.header.sampling_params.seed != beta.header.sampling_params.seed
         assert fresh.header.sampling_params.temperature == beta.header.sampling_params.temperature
-    # stage 1 scored the refreshed stores: the feature store rows follow the refreshed pool's zero-variance groups
+    # stage 1 scored the refreshed stores: every zero-variance group of the refreshed pool is excluded
+    # (and so are the live rows the shortlist left out)
     from megatron_cropi.influence.feature_store import EXCLUDED, FeatureStore
 
     fresh_pool = list(TrajectoryStore.open(a / "rollouts" / "stage1" / "pool").iter_groups())
     status = FeatureStore.load(a / "features" / "stage1" / "pool").statuses()
-    assert [bool(s == EXCLUDED) for s in status] == [g.zero_variance for g in fresh_pool]
+    assert all(st == EXCLUDED for g, st in zip(fresh_pool, status) if g.zero_variance)
+    assert sum(st == EXCLUDED and not g.zero_variance for g, st in zip(fresh_pool, status)) == \
+        state["info"]["stage1/score/pool"]["shortlisted_out"]
     sel = json.loads((a / "selections" / "stage1.json").read_text())
     assert sel["summary"]["guard"]["source"] == "check" and sel["summary"]["guard"]["guard_prompts_used"] > 0
+    # the shortlist: stage 0 scored every live prompt, stage 1 a part of them, and picked only scored ones
+    from megatron_cropi.influence.feature_store import DONE
+
+    live = sum(not g.zero_variance for g in fresh_pool)
+    info = state["info"]
+    assert info["stage0/score/pool"]["shortlisted_out"] == 0
+    assert info["stage1/score/pool"]["shortlisted_out"] > 0
+    assert info["stage1/score/pool"]["scored"] == live - info["stage1/score/pool"]["shortlisted_out"]
+    done = {g.prompt_id for g, st in zip(fresh_pool, status) if st == DONE}
+    assert set(sel["prompt_ids"]) <= done
+    ranking = json.loads((a / "rankings" / "stage0.json").read_text())["scores"]
+    assert set(json.loads((a / "selections" / "stage0.json").read_text())["prompt_ids"]) <= set(ranking)
+    report = json.loads((a / "reports" / "stage1.json").read_text())
+    assert report["behaviour_refresh"]["policy_step"] == 3
+    assert "guard (check, demote" in (a / "reports" / "stage1.md").read_text()
     assert state["clock"]["rollouts"] > 0
 
     # killed inside β's rollouts, then inside the refresh, then finished: same outcome

@@ -109,7 +109,7 @@ def _pool(n):
 
 
 def test_online_pool_subset_and_sampling():
-    from megatron_cropi.curriculum.steps import online_pool_subset, online_sampling
+    from megatron_cropi.curriculum.behaviour import online_pool_subset, online_sampling
 
     pool = _pool(40)[::-1]  # any order in; prompt-id order out
     full = online_pool_subset(pool, 1.0, seed=3, m=0)

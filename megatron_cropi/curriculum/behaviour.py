@@ -1,0 +1,127 @@
+"""Behaviour rollouts: the sets rolled out by β once (and again at θ_m by a refresh), and the online
+pool rollouts of ``online_learnability``. Functions of values; the controller decides when they run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from megatron_cropi.curriculum.faults import fault_point
+from megatron_cropi.records import PromptRecord, SamplingParams
+from megatron_cropi.utils.rank_zero import on_rank0
+
+__all__ = ["behaviour_sets", "roll_out_sets", "behaviour_sampling", "behaviour_rollouts", "online_sampling", "online_pool_subset",
+           "refresh_stage_of"]
+
+
+def behaviour_sets(pool: Sequence[PromptRecord], targets: dict[str, list[PromptRecord]], check: Sequence[PromptRecord],
+                   *, pool_samples: int, target_samples: int, guard_check: bool) -> list[tuple[str, list, int]]:
+    """``(name, prompts, responses per prompt)`` of every set the behaviour policy rolls out: the pool,
+    each target set (``target-<family>``), and the check set as ``guard`` when ``guard_check``
+    (``selection.guard.source: check``), with the target sets' response count."""
+    sets = [("pool", list(pool), pool_samples)] + [
+        (f"target-{t}", list(recs), target_samples) for t, recs in sorted(targets.items())]
+    if guard_check:
+        sets.append(("guard", list(check), target_samples))
+    return sets
+
+
+def behaviour_sampling(base: SamplingParams, n: int, *, temperature: float | None,
+                       max_tokens: int | None, refresh_stage: int = 0) -> SamplingParams:
+    """β's sampling: GRPO's ``base`` with ``n`` responses, and ``curriculum.behaviour_temperature`` /
+    ``behaviour_max_tokens`` where set (the paper rolls β out at T = 0.5, GRPO at T = 1).
+
+    ``refresh_stage`` m > 0: the behaviour refresh at θ_m, the same sampling with a seed of its own,
+    ``hash(base.seed, m)``."""
+    seed = base.seed if refresh_stage == 0 else _stage_seed("refresh", base.seed, refresh_stage)
+    return dataclasses.replace(base, n=n, temperature=base.temperature if temperature is None else temperature,
+                               max_tokens=base.max_tokens if max_tokens is None else max_tokens, seed=seed)
+
+
+def refresh_stage_of(m: int, every: int) -> int:
+    """The stage whose behaviour rollouts stage ``m`` scores with: the last refresh at or before ``m``
+    (``curriculum.refresh_behaviour_every``; 0: never, β's rollouts of stage 0)."""
+    return 0 if every <= 0 else (m // every) * every
+
+
+def behaviour_rollouts(name: str, prompts: Sequence[PromptRecord], path: Path, *, sampling: SamplingParams, engine,
+                       reward_fn, tokenizer, groups, batch_prompts: int, policy: str, engine_kind: str,
+                       progress: bool):
+    """Roll ``prompts`` out with β into the trajectory store at ``path`` (resumes a partial store).
+
+    Args:
+        policy: β's identity for the store header (:func:`~megatron_cropi.wiring.policy_identity`).
+        reward_fn: the reward function (used on global rank 0, which writes the store).
+
+    Returns:
+        :class:`~megatron_cropi.rollout.runner.RolloutSummary`.
+    """
+    from megatron_cropi.data.prompt_ids import pool_hash
+    from megatron_cropi.rollout.runner import rollout_prompts
+    from megatron_cropi.rollout.store import StoreHeader, TrajectoryStore
+
+    writer = groups.rank == 0
+    opened: list = []  # the store stays on rank 0 (it writes); every rank learns if opening failed
+
+    def open_store():
+        header = StoreHeader.build(sampling, tokenizer=tokenizer.identity, model=policy, policy_version=0,
+                                   num_prompts=len(prompts), engine=engine_kind,
+                                   pool_hash=pool_hash(p.prompt_id for p in prompts), extra={"set": path.name})
+        opened.append(TrajectoryStore.open_for_append(path, header))
+
+    on_rank0(open_store)
+    store = opened[0] if writer else None
+    return rollout_prompts(prompts, engine, sampling, store=store, reward_fn=reward_fn if writer else None,
+                           tokenizer=tokenizer, batch_prompts=batch_prompts, policy_version=0, groups=groups,
+                           progress=progress and writer, desc=f"rollout {name}")
+
+
+def _stage_seed(tag: str, seed: int, m: int) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{tag}:{seed}:{m}".encode(), digest_size=4).digest(), "little") >> 1
+
+
+def online_sampling(base: SamplingParams, n: int, m: int) -> SamplingParams:
+    """The stage-``m`` pool rollouts of ``online_learnability``: GRPO's sampling ``base`` (its temperature
+    and length, not β's) with ``n`` responses and a seed of its own per stage, ``hash(base.seed, m)``."""
+    return dataclasses.replace(base, n=n, seed=_stage_seed("online", base.seed, m))
+
+
+def online_pool_subset(pool: Sequence[PromptRecord], fraction: float, *, seed: int, m: int) -> list[PromptRecord]:
+    """The pool prompts rolled out at stage ``m``: all of them (``fraction`` 1), else a random
+    ``max(1, round(fraction × |pool|))`` of them drawn from ``(seed, m)``; in prompt-id order."""
+    ordered = sorted(pool, key=lambda p: p.prompt_id)
+    if fraction >= 1.0:
+        return ordered
+    size = max(1, int(round(fraction * len(ordered))))
+    rows = np.random.default_rng(_stage_seed("online-pool", seed, m)).choice(len(ordered), size=size, replace=False)
+    return [ordered[i] for i in sorted(rows)]
+
+
+def roll_out_sets(sets: list[tuple[str, list, int]], store_of, *, stage: int, base: SamplingParams, curriculum,
+                  rollout, engine, reward_fn, tokenizer, groups, policy: str, on_set) -> None:
+    """Roll each of ``sets`` (:func:`behaviour_sets`) out into ``store_of(name)`` with behaviour sampling:
+    β's at stage 0, the refresh at θ_``stage`` (its own seed) otherwise. ``on_set(label, prompts, summary,
+    seconds)`` after each set; then the fault point ``rollouts:<set>`` (stage 0) or ``refresh:<set>``.
+
+    Args:
+        curriculum: the ``curriculum`` section (behaviour temperature and length).
+        rollout: the ``rollout`` section (batching, engine kind, progress bars).
+        policy: the rolling policy's identity for the store headers.
+    """
+    for name, prompts, n in sets:
+        t0 = time.perf_counter()
+        sampling = behaviour_sampling(base, n, temperature=curriculum.behaviour_temperature,
+                                      max_tokens=curriculum.behaviour_max_tokens, refresh_stage=stage)
+        label = name if stage == 0 else f"stage{stage}-{name}"
+        summary = behaviour_rollouts(label, prompts, store_of(name), sampling=sampling, engine=engine,
+                                     reward_fn=reward_fn, tokenizer=tokenizer, groups=groups,
+                                     batch_prompts=rollout.batch_prompts, policy=policy, engine_kind=rollout.engine,
+                                     progress=rollout.progress)
+        on_set(label, prompts, summary, time.perf_counter() - t0)
+        fault_point(f"rollouts:{name}" if stage == 0 else f"refresh:{name}")
