@@ -5,7 +5,8 @@ The rollouts are generated once, by the native sampler on the 1-rank run, and th
 trained on in every layout. The step has two mini-batches (two optimizer updates), so the second one
 sees importance ratios ≠ 1 (clipping, dual clip), a non-zero KL to the reference model, the entropy
 bonus and active gradient clipping: every term of the loss and of the optimizer runs, and differs from
-layout to layout only by float summation order.
+layout to layout only by float summation order. The same holds for a tiny Qwen3 (q/k norms, whose
+gradients megatron sums over TP, and head_dim ≠ hidden/heads).
 """
 
 import pytest
@@ -22,7 +23,7 @@ GRPO = {
 }
 
 
-def _reference_worker(grpo):
+def _reference_worker(grpo, model=None):
     import torch.distributed as dist
 
     from megatron_cropi.testing.grpo_tiny import build_tiny_trainer, easy_prompts
@@ -31,7 +32,7 @@ def _reference_worker(grpo):
 
     init_distributed()
     g = build_parallel_groups(1, 1)
-    trainer = build_tiny_trainer(g, grpo)
+    trainer = build_tiny_trainer(g, grpo, model=model)
     prompts = easy_prompts(2)[:grpo["prompts_per_step"]]
     rollouts = trainer.collector.collect(prompts, trainer.sampling)
     before = assemble_global_tensors(trainer.model, g, attr="data")
@@ -41,7 +42,7 @@ def _reference_worker(grpo):
     return rollouts, before, after, metrics
 
 
-def _layout_worker(grpo, rollouts, layouts):
+def _layout_worker(grpo, rollouts, layouts, model=None):
     import torch.distributed as dist
 
     from megatron_cropi.testing.grpo_tiny import build_tiny_trainer
@@ -52,7 +53,7 @@ def _layout_worker(grpo, rollouts, layouts):
     out = {}
     for tp, pp in layouts:
         g = build_parallel_groups(tp, pp)
-        trainer = build_tiny_trainer(g, grpo)
+        trainer = build_tiny_trainer(g, grpo, model=model)
         per = len(rollouts) // g.dp_size
         mine = list(range(g.dp_rank * per, (g.dp_rank + 1) * per))
         metrics = trainer.train_on_rollouts([rollouts[i] for i in mine], mine)
@@ -64,8 +65,9 @@ def _layout_worker(grpo, rollouts, layouts):
 
 
 @pytest.mark.timeout(300)
-def test_grpo_step_tp2_pp2_dp2_match_one_rank():
-    rollouts, before, ref, ref_metrics = run_ranks(_reference_worker, 1, args=(GRPO,), timeout_s=200)[0]
+@pytest.mark.parametrize("model", [None, {"preset": "tiny-qwen3", "vocab_size": 32}], ids=["tiny", "tiny-qwen3"])
+def test_grpo_step_tp2_pp2_dp2_match_one_rank(model):
+    rollouts, before, ref, ref_metrics = run_ranks(_reference_worker, 1, args=(GRPO, model), timeout_s=200)[0]
     # the fixture carries signal: some groups have reward variance, and the step changed the weights
     assert any(not g.zero_variance for g in rollouts)
     assert ref_metrics["updates"] == 2 and ref_metrics["skipped"] == 0
@@ -73,8 +75,12 @@ def test_grpo_step_tp2_pp2_dp2_match_one_rank():
     assert ref_metrics["grad_norm"] > GRPO["optim"]["clip_grad"]  # clipping was active
     moved = max((ref[n] - before[n]).abs().max().item() for n in ref)
     assert moved > 1e-3, f"the step barely moved the weights ({moved:.2e}): the comparison would be vacuous"
+    if model is not None:  # the q/k norms are there and trained (their TP partial gradients must add up)
+        norms = [n for n in ref if n.endswith(("q_layernorm.weight", "k_layernorm.weight"))]
+        assert len(norms) == 4 and all((ref[n] - before[n]).abs().max() > 1e-4 for n in norms)
 
-    results = run_ranks(_layout_worker, 2, args=(GRPO, rollouts, [(2, 1), (1, 2), (1, 1)]), timeout_s=280)[0]
+    results = run_ranks(_layout_worker, 2, args=(GRPO, rollouts, [(2, 1), (1, 2), (1, 1)], model),
+                        timeout_s=280)[0]
     for layout, (params, metrics) in results.items():
         assert set(params) == set(ref), f"{layout}: parameter names differ"
         for name, want in ref.items():
