@@ -24,6 +24,7 @@ LAUNCH = sorted((ROOT / "examples" / "launch").glob("*.sh"))
 
 from megatron_cropi.testing.hf_tiny import QWEN25_1_5B_CONFIG as QWEN25_1_5B  # noqa: E402
 from megatron_cropi.testing.hf_tiny import QWEN25_7B_CONFIG as QWEN25_7B  # noqa: E402
+from megatron_cropi.testing.hf_tiny import QWEN3_1_7B_CONFIG, QWEN3_8B_CONFIG  # noqa: E402
 FIELDS = {"gsm8k": {"question": "Tom has 3 apples and buys 2. How many?", "answer": "3 + 2 = 5\n#### 5"},
           "math": {"problem": "What is $1+1$?", "solution": "It is $\\boxed{2}$."},
           "deepscaler": {"problem": "Compute $2 \\cdot 3$.", "answer": "6"}}
@@ -58,8 +59,9 @@ def inputs(tmp_path_factory):
         rows = [FIELDS[name]] * 5
         pq.write_table(pa.Table.from_pylist(rows), data / name / f"{split}.parquet")
     models = {}
-    for size, config in (("1.5b", QWEN25_1_5B), ("7b", QWEN25_7B)):
-        d = root / f"Qwen2.5-{size}-Instruct"
+    for size, config in (("1.5b", QWEN25_1_5B), ("7b", QWEN25_7B), ("1.7b", QWEN3_1_7B_CONFIG),
+                         ("8b", QWEN3_8B_CONFIG)):
+        d = root / (f"Qwen3-{size}" if config["model_type"] == "qwen3" else f"Qwen2.5-{size}-Instruct")
         _write_tokenizer(d)
         (d / "config.json").write_text(json.dumps(config))
         models[size] = d
@@ -68,7 +70,7 @@ def inputs(tmp_path_factory):
 
 def _env(inputs, config: Path, out: Path) -> dict:
     data, models = inputs
-    size = re.search(r"qwen2\.5-([0-9.]+b)-", config.name).group(1)
+    size = re.search(r"qwen[0-9.]+-([0-9.]+b)[-_]", config.name).group(1)
     return {"DATA_DIR": str(data), "MODEL_DIR": str(models[size]), "OUTPUT_DIR": str(out)}
 
 
@@ -102,7 +104,10 @@ def test_example_config_passes_the_dry_run(config, inputs, tmp_path, monkeypatch
     assert cfg.rollout.temperature == 1.0  # GRPO samples at T = 1 (verl), the behaviour rollouts at 0.5
     assert (cfg.grpo.prompts_per_step, cfg.grpo.optim.lr, cfg.grpo.loss.kl_coef, cfg.grpo.loss.kl_type,
             cfg.grpo.loss.entropy_coef) == (128, 1e-6, 0.001, "low_var_kl", 0.001)
-    assert cfg.rollout.max_tokens == (2048 if "1.5b" in config.name else 4096)
+    assert cfg.rollout.max_tokens == (2048 if re.search(r"-1\.[57]b", config.name) else 4096)
+    if config.name.startswith("qwen3-"):  # Qwen3: q/k norms, head_dim 128, no QKV bias
+        t = cfg.model.transformer
+        assert (t["qk_layernorm"], t["kv_channels"], t["add_qkv_bias"]) == (True, 128, False)
     assert cfg.selection.fusion == "reciprocal_rank" and {f.source for f in cfg.data.val} == {"gsm8k", "math"}
 
 
