@@ -1,0 +1,103 @@
+"""``benchmarks/cost_model.py``: it reproduces ``docs/at_scale.md`` §3 as first computed by hand, its padding
+arithmetic is the scorer's, and its options price what they claim."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load_cost_model():
+    spec = importlib.util.spec_from_file_location("cost_model", ROOT / "benchmarks" / "cost_model.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["cost_model"] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+cm = _load_cost_model()
+
+# §3's table as computed by hand: behaviour h, scoring h, GRPO step s (rollout, train), 100 steps h, stage h.
+HAND_TABLE = {
+    "1.5B, 1 node": (0.8, 1.7, 51, 31, 20, 1.4, 3.1),
+    "1.5B, 2 nodes": (0.4, 0.8, 41, 31, 10, 1.1, 2.0),
+    "7B, 1 node": (7.5, 16.0, 278, 102, 176, 7.7, 23.7),
+    "7B, 2 nodes": (3.8, 8.0, 191, 102, 89, 5.3, 13.3),
+    "7B, 4 nodes": (1.9, 4.0, 147, 102, 45, 4.1, 8.1),
+}
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return [cm.read_example(*example) for example in cm.EXAMPLES]
+
+
+def test_reproduces_the_hand_computed_table(runs):
+    for row in cm.reproduce_old_table(runs):
+        behaviour, scoring, step, rollout, train, steps, stage = HAND_TABLE[row["config"]]
+        hours = (row["behaviour_rollouts_h"], row["scoring_per_stage_h"], row["grpo_steps_h"], row["stage_h"])
+        assert hours == pytest.approx((behaviour, scoring, steps, stage), abs=0.05 + 1e-9), row
+        seconds = (row["grpo_step_s"], row["grpo_rollout_s"], row["grpo_train_s"])
+        assert seconds == pytest.approx((step, rollout, train), abs=0.5 + 1e-9), row
+
+
+def test_examples_read_through_the_loader(runs):
+    by = {r.label: r for r in runs}
+    assert by["1.5B, 1 node"].params == 1_543_714_304 and by["7B, 1 node"].params == 7_615_616_512
+    assert (by["1.5B, 2 nodes"].tp, by["1.5B, 2 nodes"].pp, by["1.5B, 2 nodes"].dp) == (2, 1, 8)
+    assert (by["7B, 4 nodes"].tp, by["7B, 4 nodes"].pp, by["7B, 4 nodes"].dp) == (4, 2, 4)
+    assert by["7B, 1 node"].seq == 512 + 4096 and by["1.5B, 1 node"].target_samples == 32
+
+
+def test_bucketed_lengths_match_the_scorers_calls():
+    from megatron_cropi.popi.buckets import length_bucketed_calls
+
+    rng = np.random.default_rng(3)
+    longest = 150 + cm.sampled_response_lengths(999, 500, 2048, rng)
+    for per_call in (1, 4, 8):
+        calls = length_bucketed_calls(longest, responses_per_prompt=8, max_tokens=8 * 2560, max_prompts=1,
+                                      microbatches_per_call=per_call, multiple=8, cap=2560)
+        scorer = sum(len(c.indices) * c.seq_length for c in calls)
+        rows = cm.bucketed_row_lengths(longest, prompts_per_call=per_call, multiple=8, cap=2560)
+        assert rows.sum() == scorer
+
+
+def test_padding_agrees_with_the_cpu_measurement():
+    check = cm.cpu_padding_cross_check()
+    assert check["computed_padding_fraction_padded"] == pytest.approx(check["measured_padding_fraction_padded"], abs=0.03)
+    assert check["computed_padding_fraction_bucketed"] == pytest.approx(check["measured_padding_fraction_bucketed"],
+                                                                        abs=0.03)
+
+
+def test_truncated_backward_over_every_layer_is_the_full_backward(runs):
+    seven = next(r for r in runs if r.preset == "qwen2.5-7b")  # untied: every parameter scored either way
+    full = cm.scoring_flops_per_row(seven, 1000.0, 1e6)
+    assert cm.scoring_flops_per_row(seven, 1000.0, 1e6, last_layers=seven.layers) == pytest.approx(full, rel=1e-12)
+    assert cm.scoring_flops_per_row(seven, 1000.0, 1e6, last_layers=seven.layers // 2) < 0.7 * full
+
+
+def test_options_only_make_scoring_cheaper(runs):
+    quality = cm.measured_quality()
+    exact = cm.exact_options(quality)
+    for run in runs:
+        none = cm.stage_row(run)["scoring_per_stage_h"]
+        bucketed = cm.stage_row(run, cm.ScoringOptions(bucketed=True))["scoring_per_stage_h"]
+        skipped = cm.stage_row(run, exact)["scoring_per_stage_h"]
+        shortlisted = cm.stage_row(run, replace(exact, shortlist=0.5))["scoring_per_stage_h"]
+        assert none > bucketed > skipped > shortlisted
+        assert skipped == pytest.approx(bucketed * (1 - 0.57), rel=0.15)  # the pool dominates; the target is not skipped
+
+
+def test_quality_figures_are_the_measured_ones():
+    quality = cm.measured_quality()
+    assert (quality["zero_variance"]["pool_prompts"], quality["zero_variance"]["live_prompts"]) == (1990, 849)
+    assert quality["last_layers_half"]["precision_at_10pct"] == pytest.approx(0.583, abs=1e-3)
+    assert quality["responses_4"]["precision_at_10pct"] == pytest.approx(0.647, abs=1e-3)
+    assert quality["bucketed"]["exact"] and quality["bucketed"]["max_rel_feature_diff"] < 1e-5
