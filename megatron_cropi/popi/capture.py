@@ -152,8 +152,8 @@ class PopiCapture:
             if isinstance(tap, BatchedTap):
                 tap.begin_microbatch(mb_id, rows)
             out = model(input_ids=mb.tokens, position_ids=mb.position_ids, attention_mask=mask)
-            if isinstance(tap, PerPromptTap):
-                tap.on_stage_output(out, mb.rows[0])
+            # both taps learn from the stage output's gradient which micro-batch's backward runs
+            tap.on_stage_output(out, mb.rows[0] if isinstance(tap, PerPromptTap) else mb_id)
 
             def loss_func(logits):
                 logp = vocab_parallel_logprobs(logits, mb.labels, tp_group=g.tp, tp_rank=g.tp_rank,

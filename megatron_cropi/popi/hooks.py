@@ -11,8 +11,22 @@ exit:
   skips its weight-gradient GEMMs (``linear_with_frozen_weight``). Forward hooks on
   Column/RowParallelLinear, norms and the vocab-parallel embedding keep the layer input; a hook on the
   layer output's gradient forms the per-prompt gradients of that layer
-  (:mod:`megatron_cropi.popi.per_sample`), projects them and drops them. Each closure carries its
-  micro-batch id, so interleaved schedules are handled.
+  (:mod:`megatron_cropi.popi.per_sample`), projects them and drops them. Each closure carries the
+  micro-batch id of the tensors it was registered on (see *Attribution*).
+
+**Attribution.** A gradient hook must book to the micro-batch whose backward produced the gradient.
+A stage's backward of micro-batch ``j`` starts at the gradient of ``j``'s stage output and runs to its
+end before the next backward (Megatron's schedules run one ``backward_step`` at a time), so a hook on
+each stage output sets ``backward_mb = j``. A layer's forward hook tags its closure with
+
+* ``current_mb`` (the micro-batch of the forward step) when it runs in an ordinary forward, and
+* ``backward_mb`` when it runs *inside a backward* (``torch._C._current_autograd_node()`` is set):
+  that is activation recomputation (``recompute_granularity: full``), which re-runs the layer's
+  forward during ``j``'s backward, when under PP the schedule's forwards have moved on to later
+  micro-batches (first stage, PP = 2, 1F1B: fwd0 fwd1 bwd0 ...).
+
+Either way the tag is fixed when the tensors are made, from the pass that makes them, and never read
+from later global state (``tests/distributed/test_popi_capture_recompute.py``).
 
 Both add into ``partial[row]`` (``[num_rows, k]`` float32), this rank's share of each prompt's sketch;
 TP-replicated parameters are projected on TP rank 0 only, except q/k norms whose raw gradient is a
@@ -152,7 +166,8 @@ class BatchedTap(_Tap):
         self.k = responses_per_prompt
         self.restart_at_embedding = restart_at_embedding
         self.rows_of: dict[int, torch.Tensor] = {}  # micro-batch id -> [G] partial rows
-        self.current_mb: int | None = None
+        self.current_mb: int | None = None  # the forward step's micro-batch
+        self.backward_mb: int | None = None  # the micro-batch whose backward runs (set by on_stage_output)
         by_param = {id(p): layouts[n] for n, p in model.named_parameters() if n in layouts}
         self._by_param = by_param
         covered: set[int] = set()
@@ -183,6 +198,25 @@ class BatchedTap(_Tap):
         self.rows_of[mb_id] = rows
         self.current_mb = mb_id
 
+    def on_stage_output(self, output: torch.Tensor, mb_id: int) -> None:
+        """Call in the forward step with the stage's output: the backward reaching it is ``mb_id``'s."""
+
+        def mark(grad, mb_id=mb_id):
+            self.backward_mb = mb_id
+            return grad
+
+        if output.requires_grad:
+            output.register_hook(mark)
+
+    def _tag(self) -> int:
+        """The micro-batch of the tensors a forward hook sees now (module docstring, *Attribution*)."""
+        if torch._C._current_autograd_node() is None:
+            return self.current_mb
+        if self.backward_mb is None:
+            raise RuntimeError("a layer's forward ran inside a backward (activation recomputation) before any "
+                               "stage output's gradient arrived: call BatchedTap.on_stage_output in the forward step")
+        return self.backward_mb
+
     def _add(self, param, mb_id: int, grads: torch.Tensor) -> None:
         layout = self._by_param.get(id(param))
         if layout is None or not layout.projects_raw_grad:
@@ -197,9 +231,9 @@ class BatchedTap(_Tap):
         weight = kwargs.get("weight") if kwargs.get("weight") is not None else module.weight
         bias = getattr(module, "bias", None)
         y = output[0] if isinstance(output, tuple) else output
-        mb = self.current_mb
         if not y.requires_grad:
             return
+        mb = self._tag()
 
         def on_grad(dy, x=x, weight=weight, bias=bias, mb=mb):
             if id(weight) in self._by_param:
@@ -211,9 +245,9 @@ class BatchedTap(_Tap):
 
     def _norm_hook(self, module, args, output):
         x = args[0]
-        mb = self.current_mb
         if not output.requires_grad:
             return
+        mb = self._tag()
         kind = "RMSNorm" if isinstance(module, torch.nn.RMSNorm) else "LayerNorm"
         eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
 
@@ -230,7 +264,7 @@ class BatchedTap(_Tap):
         if not self.restart_at_embedding:
             return None
         ids = args[0]
-        mb = self.current_mb
+        mb = self._tag()
         # Parameters are frozen, so nothing upstream requires grad: restart the graph here to get
         # the gradient of the looked-up rows.
         out = output.detach().requires_grad_(True)
