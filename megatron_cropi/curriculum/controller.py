@@ -264,13 +264,14 @@ class StageController:
         if self.is_done(f"stage{stage}/probe"):
             return
         curriculum = self.cfg.curriculum
-        stores = {name: self.behaviour_store(stage, name) for name in features}
+        stores, t0 = {name: self.behaviour_store(stage, name) for name in features}, time.perf_counter()
         probe = (probe_projection_quality(stage, features, self.scorer(), stores=stores,
                                           probe_prompts=curriculum.probe_prompts, max_params=curriculum.probe_max_params,
                                           max_target_prompts=self.cfg.selection.max_target_prompts,
                                           seed=self.cfg.run.seed)
                  if features else {"skipped": "policy is not cropi"})
-        self.mark_done(f"stage{stage}/probe", **probe)
+        # a diagnostic: its time is not charged to the run clock, but reported
+        self.mark_done(f"stage{stage}/probe", **probe, seconds=time.perf_counter() - t0)
 
     def step_online_rollouts(self, stage: int) -> Path:
         """``online_learnability``: ``curriculum.online_samples`` responses per pool prompt (or a random
