@@ -160,12 +160,9 @@ def _finish_optimizer_load(optimizer) -> None:
 
 
 def reload_main_params(optimizer) -> None:
-    """Copy the model's current weights into the optimizer's fp32 main weights (every sub-optimizer).
-
-    Needed after any write to the model's parameters outside the optimizer (a weights-only or HF load):
-    megatron-core's mixed-precision optimizers step the main copy and copy it back into the model. A
-    no-op for fp32 models (the main weights are the parameters, or views of them).
-    """
+    """Copy the model's weights into the optimizer's fp32 main weights, after any write to the parameters
+    outside the optimizer (weights-only or HF load): megatron-core's mixed-precision optimizers step the
+    main copy and copy it back. A no-op for fp32 models (the main weights are the parameters or views)."""
     optimizer.reload_model_params()
 
 
