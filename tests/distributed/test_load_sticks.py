@@ -12,7 +12,9 @@ and take one optimizer step, after which their weights must still be A's:
 * the HF import (:meth:`GrpoTrainer.load_hf`);
 * a full load of a checkpoint saved before any optimizer step (no optimizer state to read).
 
-On the code before the fix every case ends at B's own initial weights.
+On the code before the fix every case ends at B's own initial weights. A full bf16 load (main weights
+and Adam moments from the checkpoint) must also resume A's run exactly: before the fix of megatron-core's
+parameter→main-weight map for groups mixing fp32 norms and bf16 weights, saving it failed.
 """
 
 import pytest
@@ -59,6 +61,16 @@ def _worker(tmp):
     ckpt = a.save()
     save_model_as_hf(a.model, g, a.model_cfg, f"{tmp}/hf")
     out["a1"] = weights(a, g)
+    a.step()
+    out["a2"] = weights(a, g)  # what a resumed run's next step must reproduce
+    destroy_parallel_groups()
+
+    # a full bf16 load (weights, fp32 main weights and moments of the distributed optimizer) resumes exactly
+    g = build_parallel_groups(1, 1)
+    b = build(g, 3e-2, 1)
+    b.load(ckpt)
+    b.step()
+    out["resumed"] = _max_diff(weights(b, g), out["a2"])
     destroy_parallel_groups()
 
     cases = [("weights_only_dp2", (1, 1), {}, lambda t: t.load(ckpt, load_optimizer=False), "a1"),
@@ -85,6 +97,8 @@ def _worker(tmp):
 def test_every_load_path_survives_the_first_optimizer_step(tmp_path):
     out = run_ranks(_worker, 2, args=(str(tmp_path),), timeout_s=400)[0]
     assert _max_diff(out["a1"], out["a0"]) > 1e-2  # A's step moved its weights: the cases can tell them apart
+    assert _max_diff(out["a2"], out["a1"]) > 1e-2
+    assert out["resumed"] <= 1e-6, f"a full bf16 load did not resume A's run: {out['resumed']}"
     for name in ["weights_only_dp2", "weights_only_tp2", "weights_only_dp2_local_optimizer", "hf_import",
                  "before_first_step_full_load"]:
         r = out[name]
