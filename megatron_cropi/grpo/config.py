@@ -194,6 +194,14 @@ class GrpoConfig:
     logprob_chunk_tokens: int = 1024
     """Token positions per fp32 chunk of the log-prob and entropy (``model/logprobs.py``); 0 = the whole
     micro-batch at once (the same values, several times the logit memory)."""
+    length_aware_microbatches: bool = False
+    """Pack each mini-batch's groups by length: sorted by their longest prompt + response and each
+    micro-batch padded only to its own longest (rounded up to ``length_multiple``), instead of every
+    micro-batch to the step's longest sequence. The same loss and gradients (the token-mean is global;
+    a group never straddles micro-batches), fewer padded positions. Pipeline parallelism exchanges one
+    activation shape per schedule call, so with PP > 1 the step keeps one length."""
+    length_multiple: int = 8
+    """With ``length_aware_microbatches``: padded lengths are multiples of this."""
     drop_zero_variance_groups: bool = True
     """Zero-variance groups (all K rewards equal: advantage 0, no policy gradient). True (default): left
     out of the batch, so they are not in the token-mean's denominator and add no KL/entropy term, and a
@@ -228,6 +236,7 @@ class GrpoConfig:
         require(self.steps >= 0, "steps", self.steps, "must be >= 0")
         require(self.prompts_per_step >= 1, "prompts_per_step", self.prompts_per_step, "must be >= 1")
         require(self.micro_batch_prompts >= 1, "micro_batch_prompts", self.micro_batch_prompts, "must be >= 1")
+        require(1 <= self.length_multiple <= 4096, "length_multiple", self.length_multiple, "must be between 1 and 4096")
         require(1 <= self.updates_per_step <= self.prompts_per_step, "updates_per_step", self.updates_per_step,
                 f"must be in [1, prompts_per_step={self.prompts_per_step}]")
         require(self.logprob_chunk_tokens >= 0, "logprob_chunk_tokens", self.logprob_chunk_tokens,

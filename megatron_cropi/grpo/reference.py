@@ -34,19 +34,20 @@ def forward_logprobs(model, groups: ParallelGroups, microbatches: list[PopiMicro
                      temperature: float = 1.0, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> list[torch.Tensor]:
     """``[N, S]`` float32 log-probs of ``mb.labels`` per micro-batch on the last stage; ``[]`` elsewhere.
 
-    Every rank of a pipeline group passes the same micro-batches (all of one shape).
+    Every rank of a pipeline group passes the same micro-batches (all of one shape under PP > 1).
     """
     if not microbatches:
         return []
-    seq, rows = microbatches[0].tokens.shape[1], microbatches[0].tokens.shape[0]
+    seq, rows = max(mb.tokens.shape[1] for mb in microbatches), microbatches[0].tokens.shape[0]
     device = groups.device
-    mask = causal_attention_mask(seq, device)
+    # one shape under PP; at PP = 1 micro-batches may have their own lengths (length-aware packing)
+    masks = {n: causal_attention_mask(n, device) for n in {mb.tokens.shape[1] for mb in microbatches}}
     was_training = model.training
     model.eval()
 
     def forward_step(data_iterator, m):
         mb = next(data_iterator).to(device)
-        out = m(input_ids=mb.tokens, position_ids=mb.position_ids, attention_mask=mask)
+        out = m(input_ids=mb.tokens, position_ids=mb.position_ids, attention_mask=masks[mb.tokens.shape[1]])
 
         def loss_func(logits):
             logp = vocab_parallel_logprobs(logits, mb.labels, tp_group=groups.tp, tp_rank=groups.tp_rank,

@@ -9,7 +9,8 @@ replica passes the same ones) with their positions in the step's global prompt b
 2. splits the groups into ``updates_per_step`` mini-batches by global position (``position % U``, so
    the split does not depend on the DP size) and packs each into fixed-shape micro-batches
    (:func:`megatron_cropi.popi.batch.pack_microbatches`: ``micro_batch_prompts × K`` rows, one
-   sequence length for the whole step);
+   sequence length for the whole step; with ``length_aware_microbatches`` at PP = 1 the groups are
+   sorted by length and each micro-batch is padded to its own longest);
 3. before any update, computes the reference policy's log-probs (KL > 0) and, when configured, the
    old policy's by forward-only passes;
 4. per mini-batch: counts the response tokens and sequences over all DP ranks
@@ -47,6 +48,7 @@ from megatron_cropi.model.logprobs import vocab_parallel_entropy, vocab_parallel
 from megatron_cropi.model.schedule import broadcast_from_last_stage, causal_attention_mask, forward_backward, scale_for_schedule
 from megatron_cropi.parallel import ParallelGroups
 from megatron_cropi.popi.batch import PopiMicrobatch, pack_microbatches
+from megatron_cropi.popi.buckets import group_lengths
 from megatron_cropi.popi.loss import group_advantages
 from megatron_cropi.records import RolloutGroup
 
@@ -98,14 +100,25 @@ class PolicyLearner:
         return int(k), int(s)
 
     def _minibatches(self, live, positions, k: int, seq: int) -> list[list[PopiMicrobatch]]:
-        u_count = self.cfg.updates_per_step
+        u_count, per_mb = self.cfg.updates_per_step, self.cfg.micro_batch_prompts
+        by_length = self.cfg.length_aware_microbatches and self.groups.pp_size == 1
         out = []
         for u in range(u_count):
             idx = [i for i, pos in enumerate(positions) if pos % u_count == u]
-            mbs = pack_microbatches([live[i] for i in idx], [positions[i] for i in idx],
-                                    prompts_per_microbatch=self.cfg.micro_batch_prompts, responses_per_prompt=k,
-                                    seq_length=seq, pad_id=self.pad_id)
-            out.append(mbs or [_padding_microbatch(self.cfg.micro_batch_prompts * k, seq)])
+            if by_length:  # shortest groups first; each micro-batch padded to its own longest
+                lengths = group_lengths([live[i] for i in idx])
+                idx = [idx[j] for j in np.argsort(lengths, kind="stable")]
+            mbs = []
+            for start in range(0, len(idx), per_mb):
+                chunk = idx[start:start + per_mb]
+                mb_seq = seq
+                if by_length:
+                    longest = int(group_lengths([live[i] for i in chunk]).max())
+                    mb_seq = min(-(-longest // self.cfg.length_multiple) * self.cfg.length_multiple, seq)
+                mbs += pack_microbatches([live[i] for i in chunk], [positions[i] for i in chunk],
+                                         prompts_per_microbatch=per_mb, responses_per_prompt=k, seq_length=mb_seq,
+                                         pad_id=self.pad_id)
+            out.append(mbs or [_padding_microbatch(per_mb * k, seq)])
         return out
 
     # -- the update --------------------------------------------------------------------------------
@@ -133,6 +146,9 @@ class PolicyLearner:
             return metrics
         k, seq = self._shape(live)
         minibatches = self._minibatches(live, live_pos, k, seq)
+        # positions the forward computes (padding included): what length-aware packing saves
+        metrics["padded_positions"] = _allreduce([float(sum(mb.tokens.numel() for mbs in minibatches for mb in mbs))],
+                                                 g)[0]
         ref_lp = old_lp = None
         if self.reference is not None:
             ref_lp = [self.reference.logprobs(mbs, temperature=temperature, chunk_tokens=cfg.logprob_chunk_tokens)
@@ -187,15 +203,15 @@ class PolicyLearner:
                          ref_lp: list[torch.Tensor] | None, old_lp: list[torch.Tensor] | None):
         g, lcfg, chunk = self.groups, self.cfg.loss, self.cfg.logprob_chunk_tokens
         device = g.device
-        num_mb, seq, rows = len(mbs), mbs[0].tokens.shape[1], mbs[0].tokens.shape[0]
-        mask = causal_attention_mask(seq, device)
+        num_mb, seq, rows = len(mbs), max(mb.tokens.shape[1] for mb in mbs), mbs[0].tokens.shape[0]
+        masks = {n: causal_attention_mask(n, device) for n in {mb.tokens.shape[1] for mb in mbs}}
         scale = dp_loss_scale(g)
         sums = np.zeros(len(STAT_KEYS) + 1)
 
         def forward_step(data_iterator, model):
             i, mb = next(data_iterator)
             mb = mb.to(device)
-            out = model(input_ids=mb.tokens, position_ids=mb.position_ids, attention_mask=mask)
+            out = model(input_ids=mb.tokens, position_ids=mb.position_ids, attention_mask=masks[mb.tokens.shape[1]])
 
             def loss_func(logits):
                 logp = vocab_parallel_logprobs(logits, mb.labels, tp_group=g.tp, tp_rank=g.tp_rank,
