@@ -11,7 +11,11 @@
 
 Field defaults per format (override with ``prompt_field`` / ``answer_field``; dotted paths reach into
 nested mappings): gsm8k ``question``/``answer`` (final answer after ``####``), math
-``problem``/``solution`` (last ``\\boxed{}``), deepscaler ``problem``/``answer`` (used as is).
+``problem``/``solution`` (last ``\\boxed{}``), deepscaler ``problem``/``answer`` (used as is), and the
+RL datasets of two trainers: verl (Parquet: ``prompt`` a list of chat messages ``[{role, content}]``,
+the answer in ``reward_model.ground_truth``, the source in ``data_source``) and slime (JSONL: ``prompt``
+a string or a list of chat messages, the answer in ``label``). Whatever the format, a prompt field that
+holds a chat-message list gives the content of its last ``user`` message as the question.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ FORMAT_FIELDS: dict[str, tuple[str, str, str]] = {
     "math": ("problem", "solution", "boxed"),
     "deepscaler": ("problem", "answer", "none"),
     "custom": ("prompt", "answer", "none"),
+    "verl": ("prompt", "reward_model.ground_truth", "none"),
+    "slime": ("prompt", "label", "none"),
 }
 
 # Keys that only ``kind: files`` reads; the synthetic suite has its own tokenizer and prompts.
@@ -46,8 +52,9 @@ class DatasetFile:
 
     path: str
     """The file; ``.jsonl``/``.json`` (one JSON object per line) or ``.parquet``."""
-    format: Literal["gsm8k", "math", "deepscaler", "custom"] = "custom"
-    """Sets the field and answer-extraction defaults (see the module docstring)."""
+    format: Literal["gsm8k", "math", "deepscaler", "custom", "verl", "slime"] = "custom"
+    """Sets the field and answer-extraction defaults (see the module docstring); ``verl`` also takes each
+    row's ``data_source`` as its source unless ``source`` is set."""
     prompt_field: str = ""
     """Field holding the question (default from ``format``); dotted for nested mappings."""
     answer_field: str = ""
@@ -55,7 +62,8 @@ class DatasetFile:
     answer_extract: Literal["auto", "none", "gsm8k", "boxed"] = "auto"
     """How the reference answer is taken from the answer field; ``auto`` follows ``format``."""
     source: str = ""
-    """Label of these prompts in reports and mixes (default: the file's stem)."""
+    """Label of these prompts in reports and mixes (default: the file's stem; for ``verl``, each row's
+    ``data_source`` when it has one)."""
     limit: int = 0
     """Read at most this many rows (0: all)."""
 

@@ -1,4 +1,9 @@
-"""Read GSM8K, MATH and DeepScaleR-style prompts from ``.jsonl`` or ``.parquet`` files.
+"""Read GSM8K, MATH and DeepScaleR-style prompts, and verl's and slime's RL datasets, from ``.jsonl`` or
+``.parquet`` files.
+
+A prompt field holding a list of chat messages (``[{"role": ..., "content": ...}]``, as verl's
+Parquet and slime's chat JSONL store them) gives the content of its last ``user`` message: that is
+the question; system messages are dropped (``data.system_prompt`` sets one for the whole run).
 
 Every row must give a non-empty UTF-8 question and a reference answer. A malformed row stops the load
 with a :class:`DataError` that names the file, the row (1-based: the line of a JSONL file, the row of a
@@ -153,6 +158,22 @@ def _get(row: dict, dotted: str, path: Path, row_no: int) -> Any:
     return value
 
 
+def _question(value: Any, path: Path, row_no: int, name: str) -> str:
+    """The question of a prompt field: a string as is, or a chat-message list's last user message."""
+    if isinstance(value, (list, tuple)):
+        users = [m for m in value if isinstance(m, dict) and m.get("role") == "user"]
+        if not users:
+            raise DataError(path, row_no, name, "expected a chat-message list with a 'user' message "
+                            f"(roles: {[m.get('role') if isinstance(m, dict) else type(m).__name__ for m in value]})")
+        value = users[-1].get("content")
+        name = f"{name}[-1 user].content"
+    if not isinstance(value, str):
+        raise DataError(path, row_no, name, f"expected a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(path, row_no, name, "empty prompt")
+    return value
+
+
 def _reference(raw: Any, how: str, path: Path, row_no: int, name: str) -> str:
     if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
         raise DataError(path, row_no, name, f"expected a string or number, got {type(raw).__name__}")
@@ -197,12 +218,11 @@ def load_dataset_file(
     out: list[PromptRecord] = []
     for row_no, row in read_rows(path, limit=spec.limit):
         report.rows += 1
-        question = _get(row, prompt_field, path, row_no)
-        if not isinstance(question, str):
-            raise DataError(path, row_no, prompt_field, f"expected a string, got {type(question).__name__}")
-        if not question.strip():
-            raise DataError(path, row_no, prompt_field, "empty prompt")
-        answer = _reference(_get(row, answer_field, path, row_no), how, path, row_no, answer_field)
+        question = _question(_get(row, prompt_field, path, row_no), path, row_no, prompt_field)
+        raw_answer = _get(row, answer_field, path, row_no)
+        if spec.format == "verl" and isinstance(raw_answer, (list, tuple)) and len(raw_answer) == 1:
+            raw_answer = raw_answer[0]  # verl's own examples store ``ground_truth: ["72"]``
+        answer = _reference(raw_answer, how, path, row_no, answer_field)
         ids = tokenizer.encode_prompt(prompt_template.format(prompt=question))
         if max_prompt_tokens and len(ids) > max_prompt_tokens:
             report.too_long += 1
@@ -210,8 +230,11 @@ def load_dataset_file(
         meta = {"file": str(path), "row": row_no}
         if split:
             meta["split"] = split
+        row_source = source
+        if spec.format == "verl" and not spec.source and isinstance(row.get("data_source"), str) and row["data_source"]:
+            row_source = row["data_source"]  # verl names each row's dataset (one file often mixes several)
         out.append(PromptRecord(prompt_id=prompt_id(question, answer), token_ids=np.asarray(ids, dtype=np.int32),
-                                answer=answer, source=source, text=question, meta=meta))
+                                answer=answer, source=row_source, text=question, meta=meta))
     if report.rows == 0:
         raise DataError(path, None, None, "file has no rows")
     return out, report
