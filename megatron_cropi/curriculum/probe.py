@@ -1,14 +1,18 @@
-"""The projection probe: how well the stage's projected features rank prompts, against exact gradients.
+"""The projection probe: how well the stage's features rank prompts, against full exact scoring.
 
 On a probe set of pool prompts (and the target set's prompts that build its direction), the exact
 per-prompt POPI gradients are captured with an identity projector at the same checkpoint the features
-were made at; the probe compares the cosines to the target direction, projected vs exact:
-Spearman, Pearson, precision@10% (overlap of the two top-10% sets) and mean |Δcos|. It runs only when
-the scored parameters fit ``curriculum.probe_max_params`` (exact gradients are ``[n, params]``).
+were made at, with *full scoring*: every parameter and every stored response, whatever the stage's
+scoring options (``last_layers``, ``include_params``, ``max_responses_per_prompt``, ``truncate_backward``).
+The probe compares the cosines to the target direction, the stage's features vs exact: Spearman,
+Pearson, precision@10% (overlap of the two top-10% sets) and mean |Δcos|. Its figures are thus the
+quality cost of the projection *and* of the cheaper scoring options together. It runs only when the
+model's parameters fit ``curriculum.probe_max_params`` (exact gradients are ``[n, params]``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -44,10 +48,15 @@ def probe_projection_quality(m: int, features: dict[str, Path], scorer: PolicySc
     """
     if probe_prompts <= 0 or not features:
         return {"skipped": "no probe set (curriculum.probe_prompts: 0) or no features"}
-    layouts = scored_layouts(scorer.model, scorer.groups, scorer.cfg)
+    full_cfg = dataclasses.replace(scorer.cfg, last_layers=0, include_params=(), exclude_params=(),
+                                   max_responses_per_prompt=0, truncate_backward=False)
+    full = PolicyScorer(scorer.model, scorer.groups, scorer.projector, full_cfg,
+                        projection_seed=scorer.projection_seed, checkpoint_step=scorer.checkpoint_step,
+                        pad_id=scorer.pad_id)
+    layouts = scored_layouts(scorer.model, scorer.groups, full_cfg)
     exact_projector = ExactProjector.for_layouts(layouts.values(), scorer.groups)
     if exact_projector.k > max_params:
-        return {"skipped": f"{exact_projector.k} scored parameters exceed curriculum.probe_max_params"}
+        return {"skipped": f"{exact_projector.k} parameters exceed curriculum.probe_max_params"}
     target_name = sorted(n for n in features if n.startswith("target-"))[0]
     vecs = {}
     for name in ("pool", target_name):
@@ -62,7 +71,7 @@ def probe_projection_quality(m: int, features: dict[str, Path], scorer: PolicySc
             rows = np.sort(target_direction(fs.matrix(), fs.statuses() == DONE, max_prompts=max_target_prompts,
                                             seed=seed)[1])
         exact = MemoryFeatureSink(len(rows), exact_projector.k)
-        score_store(stores[name], exact, scorer, rows=rows, projector=exact_projector)
+        score_store(stores[name], exact, full, rows=rows, projector=exact_projector)
         vecs[name] = (fs.matrix()[rows], exact.features)
     if scorer.groups.rank != 0:
         return {}
@@ -76,4 +85,5 @@ def probe_projection_quality(m: int, features: dict[str, Path], scorer: PolicySc
     return {"probe_prompts": int(len(c_proj)), "target": target_name,
             "spearman": spearman(c_proj, c_exact), "pearson": float(np.corrcoef(c_proj, c_exact)[0, 1]),
             "precision_at_10pct": len(best_projected & best_exact) / top,
-            "mean_abs_cosine_error": float(np.mean(np.abs(c_proj - c_exact)))}
+            "mean_abs_cosine_error": float(np.mean(np.abs(c_proj - c_exact))),
+            "reference": "exact gradients of every parameter on every stored response"}
