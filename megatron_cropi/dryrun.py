@@ -11,7 +11,10 @@ in CI for configs meant for 8×H100 nodes. It checks:
   its format reads; tokenizer directories hold tokenizer files; ``rollout.checkpoint`` is an HF
   directory whose ``config.json`` describes the configured model (weights are not read).
 * **memory**: :func:`megatron_cropi.memory.estimate_memory` per pipeline stage against
-  ``gpu_memory_gib``; the feature stores' size on disk.
+  ``gpu_memory_gib``; the vLLM engine inside its share (``rollout.vllm.gpu_memory_utilization ×
+  gpu_memory_gib``): its weights over its own TP, workspace, CUDA graphs and a KV cache of at least
+  ``rollout.batch_prompts × rollout.n`` full-length sequences (:func:`megatron_cropi.memory.engine_memory`);
+  vLLM's TP against the model's attention heads; the feature stores' size on disk.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from megatron_cropi.run_config import RunConfig
 from megatron_cropi.memory import GIB, estimate_memory, feature_store_bytes
 from megatron_cropi.parallel import LaunchError, check_layout
 
-__all__ = ["DryRunError", "dry_run", "check_data_file", "check_tokenizer_dir", "check_hf_checkpoint"]
+__all__ = ["DryRunError", "dry_run", "engine_budget_problems", "check_data_file", "check_tokenizer_dir", "check_hf_checkpoint"]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
@@ -134,6 +137,10 @@ def _layout_problems(cfg: RunConfig, dp: int, gpus_per_node: int, world_size: in
         if vtp > gpus_per_node:
             problems.append(f"rollout.vllm.tensor_parallel_size={vtp} exceeds the {gpus_per_node} GPUs of a node "
                             "(an in-process vLLM engine lives on one node)")
+        heads, groups = cfg.model.transformer["num_attention_heads"], cfg.model.num_query_groups
+        if heads % vtp or (groups % vtp and vtp % groups):
+            problems.append(f"rollout.vllm.tensor_parallel_size={vtp} must divide the model's {heads} attention "
+                            f"heads, and divide or be a multiple of its {groups} KV heads (vLLM shards them)")
         if (tp * pp) % vtp:
             problems.append(f"rollout.vllm.tensor_parallel_size={vtp} must divide the {tp * pp} GPUs (TP×PP) of a "
                             "data-parallel replica: cropi run builds one engine per replica, on its GPUs")
@@ -201,6 +208,26 @@ def _feature_stores(cfg: RunConfig, rows: dict) -> dict:
             "all_stages_gib": round(per_stage * kept / GIB, 3), "stages_kept": kept}
 
 
+def engine_budget_problems(engine: dict | None, cfg: RunConfig) -> list[str]:
+    """The vLLM engine's share against its weights and the stated KV-cache minimum, naming the keys."""
+    if not engine or engine["fits"]:
+        return []
+    v, r = cfg.rollout.vllm, cfg.rollout
+    graphs = (f", CUDA graphs {engine['cuda_graphs_gib']:.1f} GiB (rollout.vllm.enforce_eager=false)"
+              if engine["cuda_graphs_gib"] else "")
+    return [
+        f"vLLM memory: rollout.vllm.gpu_memory_utilization={v.gpu_memory_utilization:g} gives the engine "
+        f"{engine['share_gib']:.1f} GiB per GPU; its weights at rollout.vllm.tensor_parallel_size="
+        f"{v.tensor_parallel_size} take {engine['weights_gib']:.1f} GiB ({cfg.model.num_parameters() / 1e9:.2f}B "
+        f"parameters × {engine['dtype_bytes']} B ÷ {v.tensor_parallel_size}), workspace "
+        f"{engine['workspace_gib']:.1f} GiB{graphs}, leaving {engine['kv_cache_gib']:.1f} GiB of KV cache; the "
+        f"minimum is {engine['min_kv_cache_gib']:.1f} GiB: {engine['min_kv_sequences_from']} = "
+        f"{engine['min_kv_sequences']} sequences of {engine['sequence_length']} tokens "
+        f"({engine['sequence_length_from']}) × {engine['kv_bytes_per_token'] / 1024:g} KiB per token per GPU. "
+        f"Raise rollout.vllm.gpu_memory_utilization or rollout.vllm.tensor_parallel_size, or lower "
+        f"rollout.batch_prompts={r.batch_prompts}"]
+
+
 def dry_run(cfg: RunConfig, *, world_size: int | None = None, gpus_per_node: int | None = None,
             gpu_memory_gib: float = 80.0) -> dict:
     """Validate what a launch of ``cfg`` on ``world_size`` ranks needs; return a summary.
@@ -245,6 +272,7 @@ def dry_run(cfg: RunConfig, *, world_size: int | None = None, gpus_per_node: int
                 f"training {sum(s['training_gib'].values()):.1f}, scoring {sum(s['scoring_gib'].values()):.1f} GiB), "
                 f"over the {gpu_memory_gib:g} GiB budget (--gpu-memory-gib); reduce micro-batches, sequence "
                 "length or vLLM's gpu_memory_utilization, or raise TP/PP")
+        problems += engine_budget_problems(memory["vllm_engine"], cfg)
     if problems:
         raise DryRunError("dry run found problems:\n  - " + "\n  - ".join(problems))
     n_params = cfg.model.num_parameters()
@@ -255,7 +283,8 @@ def dry_run(cfg: RunConfig, *, world_size: int | None = None, gpus_per_node: int
         "nodes": max(1, world_size // gpus_per_node),
         "layout": {"tp": tp, "pp": pp, "dp": dp},
         "rollout": {"engine": cfg.rollout.engine, "vllm_tensor_parallel_size": cfg.rollout.vllm.tensor_parallel_size,
-                    "engines": dp if cfg.rollout.engine == "vllm" else 0},
+                    "engines": dp if cfg.rollout.engine == "vllm" else 0,
+                    "vllm_memory": memory["vllm_engine"] if memory else None},
         "model": {
             "preset": cfg.model.preset,
             "parameters": n_params,

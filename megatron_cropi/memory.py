@@ -18,9 +18,16 @@ A rank of pipeline stage ``p`` (TP size ``t``, PP size ``P``, DP size ``d``) hol
       coordinate (sjlt ``4 + 5s``, gaussian/rademacher 8, or 4 at ``q = 1``;
       :mod:`megatron_cropi.projection.sjlt` / ``.gaussian``);
     - a fixed ``overhead_gib`` (CUDA context, NCCL buffers, allocator slack).
-* **vLLM**: ``gpu_memory_utilization × GPU memory``, on the ranks its engine spans. ``cropi run``
-  builds one in-process engine per DP replica on the replica's first rank (TP and PP rank 0;
-  ``wiring.py``), so the share is held through scoring and training too (``colocated``).
+* **vLLM**: ``gpu_memory_utilization × GPU memory``, held through scoring and training too (the
+  engine lives in the trainer's process, ``colocated``). Charged on *every* pipeline stage: engines
+  laid over every trainer rank (issue 14, vLLM's external launcher) put a share on each GPU; with one
+  engine per replica on its first ``vllm.tensor_parallel_size`` GPUs this overcounts the other stages.
+  Inside that share (:func:`engine_memory`) the engine holds its weights split over *its own* TP
+  (``N × e / T_v``, ``e`` from ``rollout.vllm.dtype``), a workspace (:data:`ENGINE_WORKSPACE_GIB`:
+  profiled activations and sampler logits), CUDA graphs unless ``enforce_eager``
+  (:data:`CUDA_GRAPH_GIB`), and the KV cache: the rest. The dry run refuses a share whose KV cache
+  cannot hold ``rollout.batch_prompts × rollout.n`` sequences of ``s`` tokens at
+  ``2 × layers × ⌈g / T_v⌉ × head_dim × e`` bytes per token (:func:`kv_cache_bytes_per_token`).
 * **training** (a GRPO micro-batch of ``b = micro_batch_prompts × rollout.n`` sequences of length
   ``s``) and **scoring** (``b = prompts_per_microbatch × K``, ``K = max(pool_samples, target_samples)``;
   ``per_prompt``: one prompt; with a token budget ``B = scoring.max_tokens_per_microbatch``,
@@ -54,6 +61,8 @@ __all__ = [
     "index_cache_bytes_per_coordinate",
     "feature_store_bytes",
     "sequence_length",
+    "kv_cache_bytes_per_token",
+    "engine_memory",
     "estimate_memory",
 ]
 
@@ -232,13 +241,80 @@ def sequence_length(cfg) -> tuple[int, str]:
     return cfg.model.max_sequence_length, "model.max_sequence_length (set data.max_prompt_tokens for a tighter bound)"
 
 
+ENGINE_WORKSPACE_GIB = 1.5
+"""Per-GPU allowance inside vLLM's share for what its start-up profile measures besides weights: the
+forward's activations at its default ``max_num_batched_tokens`` and the sampler's fp32 logits of
+``max_num_seqs`` rows (full vocabulary on every engine TP rank). An assumption, not a measurement."""
+
+CUDA_GRAPH_GIB = 1.0
+"""Per-GPU allowance for vLLM's captured CUDA graphs (``enforce_eager: false``). An assumption."""
+
+
+def kv_cache_bytes_per_token(m: ModelShape, *, engine_tp: int, kv_bytes: int) -> int:
+    """KV-cache bytes one token takes on one GPU of an engine with tensor parallelism ``engine_tp``:
+    ``2 (K, V) × layers × ⌈g / T_v⌉ × head_dim × e`` (vLLM replicates KV heads when ``T_v > g``)."""
+    return 2 * m.num_layers * math.ceil(m.query_groups / engine_tp) * m.head_dim * kv_bytes
+
+
+def _engine_dtype_bytes(cfg) -> int:
+    d = cfg.rollout.vllm.dtype
+    return DTYPE_BYTES[cfg.model.params_dtype] if d == "auto" else DTYPE_BYTES[d]
+
+
+def engine_memory(cfg, *, gpu_memory_gib: float = 80.0, min_kv_sequences: int | None = None) -> dict | None:
+    """What the vLLM engine needs inside its share of one GPU, or ``None`` for the native engine.
+
+    ``share = rollout.vllm.gpu_memory_utilization × gpu_memory_gib``. On each of the
+    ``T_v = rollout.vllm.tensor_parallel_size`` GPUs of an engine: weights ``N × e / T_v`` (``N`` the
+    model's parameters, ``e`` the bytes of ``rollout.vllm.dtype``, ``auto``: ``model.params_dtype``),
+    :data:`ENGINE_WORKSPACE_GIB`, :data:`CUDA_GRAPH_GIB` unless ``enforce_eager``; the KV cache gets the
+    rest. The stated minimum of KV cache: ``min_kv_sequences`` (default ``rollout.batch_prompts ×
+    rollout.n``: one rollout call's responses decoding together at full length without preemption)
+    sequences of ``s`` tokens (:func:`sequence_length`). Larger calls (the target set's
+    ``curriculum.target_samples`` responses, a GRPO step's prompts) still run: vLLM queues what does
+    not fit.
+    """
+    if cfg.rollout.engine != "vllm":
+        return None
+    v, r = cfg.rollout.vllm, cfg.rollout
+    m = ModelShape.from_model_config(cfg.model)
+    e = _engine_dtype_bytes(cfg)
+    seq, seq_how = sequence_length(cfg)
+    share = v.gpu_memory_utilization * gpu_memory_gib * GIB
+    weights = cfg.model.num_parameters() * e / v.tensor_parallel_size
+    workspace = ENGINE_WORKSPACE_GIB * GIB
+    graphs = 0.0 if v.enforce_eager else CUDA_GRAPH_GIB * GIB
+    per_token = kv_cache_bytes_per_token(m, engine_tp=v.tensor_parallel_size, kv_bytes=e)
+    sequences = min_kv_sequences if min_kv_sequences is not None else r.batch_prompts * r.n
+    need = sequences * seq * per_token
+    kv = share - weights - workspace - graphs
+    return {
+        "share_gib": round(share / GIB, 3),
+        "tensor_parallel_size": v.tensor_parallel_size,
+        "dtype_bytes": e,
+        "weights_gib": round(weights / GIB, 3),
+        "workspace_gib": ENGINE_WORKSPACE_GIB,
+        "cuda_graphs_gib": round(graphs / GIB, 3),
+        "kv_cache_gib": round(kv / GIB, 3),
+        "kv_bytes_per_token": per_token,
+        "kv_cache_tokens": max(0, int(kv // per_token)),
+        "min_kv_sequences": sequences,
+        "min_kv_sequences_from": ("min_kv_sequences" if min_kv_sequences is not None
+                                  else f"rollout.batch_prompts {r.batch_prompts} × rollout.n {r.n}"),
+        "sequence_length": seq,
+        "sequence_length_from": seq_how,
+        "min_kv_cache_gib": round(need / GIB, 3),
+        "fits": kv >= need,
+    }
+
+
 def _recompute(transformer: dict) -> tuple[str | None, str | None, int | None]:
     g = transformer.get("recompute_granularity")
     return g, transformer.get("recompute_method"), transformer.get("recompute_num_layers")
 
 
 def estimate_memory(cfg, *, dp: int, gpu_memory_gib: float = 80.0, attention: str | None = None,
-                    overhead_gib: float = 2.0) -> dict:
+                    overhead_gib: float = 2.0, min_kv_sequences: int | None = None) -> dict:
     """Per-GPU memory of ``cfg`` with ``dp`` data-parallel replicas (see the module docstring).
 
     Args:
@@ -248,6 +324,7 @@ def estimate_memory(cfg, *, dp: int, gpu_memory_gib: float = 80.0, attention: st
         attention: ``unfused`` or ``flash``; default from ``model.layer_spec`` (``te`` → flash, else
             unfused: ``auto`` is sized for the local spec, the larger of the two).
         overhead_gib: fixed per-GPU allowance for the CUDA context, NCCL and the allocator.
+        min_kv_sequences: the engine's stated KV-cache minimum in sequences (:func:`engine_memory`).
 
     Returns:
         A JSON-ready dict: ``stages`` (per-stage breakdown in GiB), ``peak_gib`` (the largest stage),
@@ -321,7 +398,7 @@ def estimate_memory(cfg, *, dp: int, gpu_memory_gib: float = 80.0, attention: st
                                    act_bytes=w, chunk_tokens=sc.logprob_chunk_tokens) if last else 0,
             "capture": capture_b,
         }
-        holds_vllm = vllm_gib > 0 and (p == 0 or vllm_tp > tp)
+        holds_vllm = vllm_gib > 0  # every GPU (module docstring)
         res, tr, scr = sum(resident.values()), sum(train.values()), sum(score.values())
         vl = vllm_gib * GIB if holds_vllm else 0.0
         stages.append({
@@ -343,6 +420,7 @@ def estimate_memory(cfg, *, dp: int, gpu_memory_gib: float = 80.0, attention: st
         "peak_bytes": peak["peak_bytes"],
         "peak_stage": peak["stage"],
         "stages": stages,
+        "vllm_engine": engine_memory(cfg, gpu_memory_gib=gpu_memory_gib, min_kv_sequences=min_kv_sequences),
         "assumptions": {
             "sequence_length": seq, "sequence_length_from": seq_how, "attention": attention,
             "sequence_parallel": sp, "recompute": recompute[0] or "none",
@@ -350,7 +428,8 @@ def estimate_memory(cfg, *, dp: int, gpu_memory_gib: float = 80.0, attention: st
             "scoring_micro_batch_sequences": score_b, "scoring_microbatches_per_call": score_mbs,
             "logprob_chunk_tokens": {"scoring": sc.logprob_chunk_tokens, "training": cfg.grpo.logprob_chunk_tokens},
             "vllm": ({"share_gib": round(vllm_gib, 3), "tensor_parallel_size": vllm_tp, "colocated": True,
-                      "held_through_scoring_and_training": True} if cfg.rollout.engine == "vllm" else None),
+                      "held_through_scoring_and_training": True, "charged_on": "every pipeline stage"}
+                     if cfg.rollout.engine == "vllm" else None),
             "overhead_gib": overhead_gib,
         },
     }

@@ -114,3 +114,28 @@ def test_memory_budget(tmp_path):
     assert 2.0 < summary["memory"]["peak_gib"] < 2.1          # the 2 GiB overhead + a tiny model
     msg = _problems(cfg, gpu_memory_gib=1.5)
     assert "memory: the estimate for pipeline stage 0" in msg and "over the 1.5 GiB budget" in msg
+
+
+def test_vllm_engine_must_fit_its_share_with_a_kv_cache_minimum(tmp_path):
+    """Weights over the engine's own TP + workspace + CUDA graphs + KV for batch_prompts × n full-length
+    sequences must fit ``gpu_memory_utilization × GPU memory``; the message names every key."""
+    hf = _hf_dir(tmp_path)
+    rollout = {"engine": "vllm", "checkpoint": str(hf), "n": 4, "batch_prompts": 8, "max_tokens": 6,
+               "vllm": {"gpu_memory_utilization": 0.1, "dtype": "bfloat16", "enforce_eager": False}}
+    grpo = {"prompts_per_step": 8}
+    # 0.1 × 20 GiB = 2 GiB: the 1.5 GiB workspace and the 1 GiB of CUDA graphs leave no KV cache
+    msg = _problems(_cfg(tmp_path, rollout=rollout, grpo=grpo), gpu_memory_gib=20.0)
+    assert "vLLM memory: rollout.vllm.gpu_memory_utilization=0.1 gives the engine 2.0 GiB per GPU" in msg
+    assert "rollout.vllm.tensor_parallel_size=1" in msg and "rollout.vllm.enforce_eager=false" in msg
+    assert "rollout.batch_prompts 8 × rollout.n 4 = 32 sequences" in msg and "rollout.batch_prompts=8" in msg
+    # without CUDA graphs the same share fits, and the summary carries the engine's figures
+    eager = dict(rollout, vllm={**rollout["vllm"], "enforce_eager": True})
+    summary = dry_run(_cfg(tmp_path, rollout=eager, grpo=grpo), gpu_memory_gib=20.0)
+    engine = summary["rollout"]["vllm_memory"]
+    assert engine["fits"] and engine["share_gib"] == 2.0 and engine["kv_cache_gib"] > engine["min_kv_cache_gib"]
+
+
+def test_vllm_tensor_parallelism_must_split_the_attention_heads(tmp_path):
+    rollout = {"engine": "vllm", "checkpoint": str(_hf_dir(tmp_path)), "vllm": {"tensor_parallel_size": 8}}
+    msg = _problems(_cfg(tmp_path, rollout=rollout, grpo={"prompts_per_step": 8}), world_size=8, gpus_per_node=8)
+    assert "rollout.vllm.tensor_parallel_size=8 must divide the model's 4 attention heads" in msg

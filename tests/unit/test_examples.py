@@ -25,6 +25,10 @@ LAUNCH = sorted((ROOT / "examples" / "launch").glob("*.sh"))
 from megatron_cropi.testing.hf_tiny import QWEN25_1_5B_CONFIG as QWEN25_1_5B  # noqa: E402
 from megatron_cropi.testing.hf_tiny import QWEN25_7B_CONFIG as QWEN25_7B  # noqa: E402
 from megatron_cropi.testing.hf_tiny import QWEN3_1_7B_CONFIG, QWEN3_8B_CONFIG  # noqa: E402
+# config.json of Qwen/Qwen2.5-0.5B-Instruct (the GPU smoke config's model)
+QWEN25_0_5B = dict(QWEN25_1_5B, hidden_size=896, intermediate_size=4864, num_attention_heads=14,
+                   num_hidden_layers=24, max_window_layers=21)
+SMOKE = ROOT / "examples" / "configs" / "gpu_smoke.yaml"
 FIELDS = {"gsm8k": {"question": "Tom has 3 apples and buys 2. How many?", "answer": "3 + 2 = 5\n#### 5"},
           "math": {"problem": "What is $1+1$?", "solution": "It is $\\boxed{2}$."},
           "deepscaler": {"problem": "Compute $2 \\cdot 3$.", "answer": "6"}}
@@ -60,7 +64,7 @@ def inputs(tmp_path_factory):
         pq.write_table(pa.Table.from_pylist(rows), data / name / f"{split}.parquet")
     models = {}
     for size, config in (("1.5b", QWEN25_1_5B), ("7b", QWEN25_7B), ("1.7b", QWEN3_1_7B_CONFIG),
-                         ("8b", QWEN3_8B_CONFIG)):
+                         ("8b", QWEN3_8B_CONFIG), ("0.5b", QWEN25_0_5B)):
         d = root / (f"Qwen3-{size}" if config["model_type"] == "qwen3" else f"Qwen2.5-{size}-Instruct")
         _write_tokenizer(d)
         (d / "config.json").write_text(json.dumps(config))
@@ -109,6 +113,55 @@ def test_example_config_passes_the_dry_run(config, inputs, tmp_path, monkeypatch
         t = cfg.model.transformer
         assert (t["qk_layernorm"], t["kv_channels"], t["add_qkv_bias"]) == (True, 128, False)
     assert cfg.selection.fusion == "reciprocal_rank" and {f.source for f in cfg.data.val} == {"gsm8k", "math"}
+    # the engine: sharded like the trainer, CUDA graphs on, and its KV minimum inside its share
+    v = cfg.rollout.vllm
+    assert v.tensor_parallel_size == cfg.parallel.tensor_model_parallel_size and v.enforce_eager is False
+    engine = summary["rollout"]["vllm_memory"]
+    assert engine["fits"] and engine["cuda_graphs_gib"] > 0 and engine["kv_cache_gib"] >= engine["min_kv_cache_gib"]
+    assert all(stage["vllm_gib"] == engine["share_gib"] for stage in summary["memory"]["stages"])
+
+
+# The engine settings these files had before the budget check (issue 14): vLLM at TP=1 holds the whole
+# model in a share sized for one TP=4 shard ("3.8 GB of weights").
+OLD_ENGINE = {"qwen2.5-7b-instruct_1node.yaml": ["rollout.vllm.tensor_parallel_size=1", "rollout.batch_prompts=64",
+                                                 "rollout.vllm.enforce_eager=true"],
+              "qwen3-8b_2node.yaml": ["rollout.vllm.tensor_parallel_size=1", "rollout.batch_prompts=64",
+                                      "rollout.vllm.gpu_memory_utilization=0.25", "rollout.vllm.enforce_eager=true"]}
+
+
+@pytest.mark.parametrize("name", sorted(OLD_ENGINE))
+def test_the_dry_run_refuses_the_old_engine_budgets(name, inputs, tmp_path, monkeypatch):
+    config = ROOT / "examples" / "configs" / name
+    for key, value in _env(inputs, config, tmp_path / "run").items():
+        monkeypatch.setenv(key, value)
+    world, per_node = _launch_shape(config)
+    old = load_run_config(config, OLD_ENGINE[name])
+    with pytest.raises(DryRunError) as info:
+        dry_run(old, world_size=world, gpus_per_node=per_node, gpu_memory_gib=80.0)
+    msg = str(info.value)
+    assert "vLLM memory: rollout.vllm.gpu_memory_utilization=" in msg
+    assert "rollout.vllm.tensor_parallel_size=1 take 1" in msg and "rollout.batch_prompts=64" in msg
+    engine = [line for line in msg.splitlines() if "vLLM memory" in line][0]
+    kv_left = float(re.search(r"leaving (-?[0-9.]+) GiB of KV cache", engine).group(1))
+    assert kv_left < 3.5, engine        # the whole bf16 model in the share: almost nothing left for KV
+    # the fixed file passes
+    assert dry_run(load_run_config(config), world_size=world, gpus_per_node=per_node)["rollout"]["vllm_memory"]["fits"]
+
+
+@pytest.mark.parametrize("gpus", [1, 8])
+def test_gpu_smoke_config_passes_the_dry_run_and_is_short(gpus, inputs, tmp_path, monkeypatch):
+    data, models = inputs
+    for key, value in {"DATA_DIR": str(data), "MODEL_DIR": str(models["0.5b"]),
+                       "OUTPUT_DIR": str(tmp_path / "run")}.items():
+        monkeypatch.setenv(key, value)
+    cfg = load_run_config(SMOKE)
+    summary = dry_run(cfg, world_size=gpus, gpus_per_node=gpus, gpu_memory_gib=80.0)
+    assert summary["nodes"] == 1 and summary["layout"]["dp"] == gpus
+    assert summary["memory"]["peak_gib"] <= 80.0 and summary["rollout"]["vllm_memory"]["fits"]
+    # a slice, 2 short stages: minutes of work, not hours
+    assert (cfg.curriculum.stages, cfg.curriculum.steps_per_stage) == (2, 5)
+    assert all(f.limit and f.limit <= 512 for split in ("pool", "val", "test") for f in cfg.data.files(split))
+    assert cfg.rollout.max_tokens <= 512 and cfg.model.preset == "qwen2.5-0.5b"
 
 
 def test_the_7b_node_files_extend_one_base_and_differ_only_in_their_output_dir(monkeypatch):
@@ -153,6 +206,25 @@ def test_the_dry_run_fails_an_example_when_its_inputs_are_wrong(inputs, tmp_path
 def test_launch_script_parses_and_never_pkills(script):
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     assert "pkill" not in script.read_text() and "killall" not in script.read_text()
+
+
+@pytest.mark.parametrize("command", ["run", "train"])
+def test_launch_preflight_sees_the_overrides_for_every_command(command, inputs, tmp_path):
+    """The preflight dry run gets the launch's overrides (a bad one stops the launch before torchrun),
+    for `train` too; DRY_RUN=1 applies them as well."""
+    config = ROOT / "examples" / "configs" / "qwen2.5-7b-instruct_1node.yaml"
+    env = dict(os.environ, **_env(inputs, config, tmp_path / "run"), NNODES="1", NPROC_PER_NODE="8",
+               PYTHON=sys.executable, CROPI_COMMAND=command)
+    env["PATH"] = str(tmp_path / "no-torchrun") + os.pathsep + env["PATH"]
+    bad = ["rollout.vllm.tensor_parallel_size=1"] + (["--steps", "3"] if command == "train" else [])
+    proc = subprocess.run(["bash", str(ROOT / "examples" / "launch" / "launch.sh"), str(config), *bad], env=env,
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "vLLM memory" in proc.stderr and "torch.distributed.run" not in proc.stderr
+    assert "[launch] preflight: cropi run --dry-run" in proc.stderr
+    dry = subprocess.run(["bash", str(ROOT / "examples" / "launch" / "launch.sh"), str(config), bad[0]],
+                         env=dict(env, DRY_RUN="1"), capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert dry.returncode == 2 and "rollout.vllm.tensor_parallel_size=1" in dry.stderr
 
 
 def test_launch_script_dry_run_uses_the_launch_world_size(inputs, tmp_path):

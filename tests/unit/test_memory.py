@@ -10,8 +10,13 @@ import pytest
 from megatron_cropi.config.loader import from_dict
 from megatron_cropi.run_config import RunConfig
 from megatron_cropi.memory import (
+    CUDA_GRAPH_GIB,
+    ENGINE_WORKSPACE_GIB,
+    GIB,
     ModelShape,
+    engine_memory,
     estimate_memory,
+    kv_cache_bytes_per_token,
     feature_store_bytes,
     index_cache_bytes_per_coordinate,
     layer_activation_bytes,
@@ -149,3 +154,50 @@ def test_feature_store_bytes_follow_the_storage_dtype():
     assert feature_store_bytes(10, 4, "float32") == 10 * (4 * 4 + 1)
     assert feature_store_bytes(10, 4, "float16") == 10 * (4 * 2 + 4 + 1)
     assert feature_store_bytes(10, 4, "bfloat16") == 10 * (4 * 2 + 1)
+
+
+def test_kv_cache_bytes_per_token_by_hand():
+    # 2 (K, V) × layers × KV heads on the GPU × head_dim × bytes
+    assert kv_cache_bytes_per_token(SHAPE, engine_tp=1, kv_bytes=2) == 2 * 2 * 1 * 4 * 2
+    qwen7b = ModelShape(num_layers=28, hidden=3584, heads=28, query_groups=4, head_dim=128, ffn=18944,
+                        vocab=152064, tied=False, qkv_bias=True)
+    assert kv_cache_bytes_per_token(qwen7b, engine_tp=1, kv_bytes=2) == 57344          # 56 KiB
+    assert kv_cache_bytes_per_token(qwen7b, engine_tp=4, kv_bytes=2) == 14336          # one KV head per GPU
+    assert kv_cache_bytes_per_token(qwen7b, engine_tp=8, kv_bytes=2) == 14336          # replicated past 4
+
+
+def _vllm(**vllm):
+    return _cfg(rollout={"engine": "vllm", "checkpoint": "x", "batch_prompts": 3,
+                         "vllm": {"dtype": "bfloat16", "gpu_memory_utilization": 0.5, **vllm}})
+
+
+def test_engine_memory_by_hand():
+    assert engine_memory(_cfg()) is None                      # the native engine has no share
+    e = engine_memory(_vllm(), gpu_memory_gib=4.0)
+    share = 0.5 * 4 * GIB
+    weights = 1288 * 2                                         # all parameters in bf16 at engine TP 1
+    kv = share - weights - ENGINE_WORKSPACE_GIB * GIB          # enforce_eager (the default): no graphs
+    assert e["share_gib"] == 2.0 and e["weights_gib"] == round(weights / GIB, 3)
+    assert e["kv_cache_gib"] == round(kv / GIB, 3) and e["cuda_graphs_gib"] == 0.0
+    assert e["kv_bytes_per_token"] == 32 and e["kv_cache_tokens"] == int(kv // 32)
+    # the minimum: batch_prompts 3 × n 2 sequences of s = 4 tokens (scoring.seq_length)
+    assert (e["min_kv_sequences"], e["sequence_length"]) == (6, 4)
+    assert e["min_kv_cache_gib"] == round(6 * 4 * 32 / GIB, 3) and e["fits"]
+    # the engine's own TP splits its weights; float32 doubles weights and KV
+    tp2 = engine_memory(_vllm(tensor_parallel_size=2, dtype="float32"), gpu_memory_gib=4.0)
+    assert tp2["weights_gib"] == round(1288 * 4 / 2 / GIB, 3) and tp2["kv_bytes_per_token"] == 64
+    # CUDA graphs take their allowance from the KV cache: 2 GiB - 1.5 - 1 leaves none
+    graphs = engine_memory(_vllm(enforce_eager=False), gpu_memory_gib=4.0)
+    assert graphs["cuda_graphs_gib"] == CUDA_GRAPH_GIB and not graphs["fits"] and graphs["kv_cache_tokens"] == 0
+    # a stated minimum in sequences replaces batch_prompts × n
+    big = engine_memory(_vllm(), gpu_memory_gib=4.0, min_kv_sequences=10 ** 7)
+    assert big["min_kv_sequences"] == 10 ** 7 and not big["fits"]
+    assert estimate_memory(_vllm(), dp=1, gpu_memory_gib=4.0)["vllm_engine"] == e
+
+
+def test_vllm_share_is_charged_on_every_pipeline_stage():
+    cfg_pp = _cfg(rollout={"engine": "vllm", "checkpoint": "x", "vllm": {"gpu_memory_utilization": 0.25}},
+                  parallel={"pipeline_model_parallel_size": 2})
+    est = estimate_memory(cfg_pp, dp=1, gpu_memory_gib=8.0, overhead_gib=0.0)
+    assert [s["vllm_gib"] for s in est["stages"]] == [2.0, 2.0]
+    assert est["assumptions"]["vllm"]["charged_on"] == "every pipeline stage"
