@@ -5,6 +5,7 @@
     cropi run --dry-run CONFIG            validate config, parallel layout and paths
     cropi rollout CONFIG [--split S]      roll a prompt set out into a trajectory store (resumes)
     cropi score CONFIG [--checkpoint D]   projected POPI gradients of stored trajectories (resumes)
+    cropi select CONFIG --checkpoint D    one selection at a checkpoint, as verl Parquet + slime JSONL (resumes)
     cropi train CONFIG                    plain GRPO on grpo.split: the full-data baseline (resumes)
     cropi status RUN_DIR [--json]         where a run is: stage, step, time, disk, last selection
 
@@ -57,6 +58,12 @@ def _cmd_score(args) -> int:
     return cmd_score(args)
 
 
+def _cmd_select(args) -> int:
+    from megatron_cropi.commands.select import cmd_select
+
+    return cmd_select(args)
+
+
 def _cmd_status(args) -> int:
     from megatron_cropi.commands.status import cmd_status
 
@@ -97,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="GRPO checkpoint (step_N) or HF directory of the policy")
     p.add_argument("--tag", default=None, help="features go to run.output_dir/features/TAG (default step<N>)")
     p.set_defaults(func=_cmd_score)
+    p = sub.add_parser("select", help="score the pool at a checkpoint and write one selection as verl Parquet and "
+                       "slime JSONL (resumes)")
+    add_config_arguments(p)
+    p.add_argument("--checkpoint", required=True, help="GRPO checkpoint (step_N, any TP/PP layout) or HF directory")
+    p.add_argument("--out", default=None, help="output directory (default run.output_dir/select/<step_N|hf-NAME>)")
+    p.add_argument("--stage", type=int, default=0, help="stage number of this selection (seeds its tie-breaks; "
+                   "exclude_previous reads the earlier stages in --out)")
+    p.set_defaults(func=_cmd_select)
     p = sub.add_parser("status", help="where a run is: stage, step, time per phase, disk, last selection's health")
     p.add_argument("run_dir", help="run.output_dir of a `cropi run` (running or finished)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")

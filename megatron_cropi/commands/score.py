@@ -26,7 +26,7 @@ from megatron_cropi.projection.config import build_projector
 from megatron_cropi.commands.config_args import load_config
 from megatron_cropi.wiring import build_policy_model, initial_weights, pad_id_of, setup_run
 
-__all__ = ["cmd_score", "score_sets"]
+__all__ = ["cmd_score", "score_sets", "load_policy_scorer"]
 
 
 def _policy_source(cfg, checkpoint: str | None) -> tuple[str | None, str | None]:
@@ -42,20 +42,27 @@ def _policy_source(cfg, checkpoint: str | None) -> tuple[str | None, str | None]
     return initial_weights(cfg, RunLayout(cfg.run.output_dir)), None
 
 
-def score_sets(cfg, sets: list[str], *, checkpoint: str | None = None, tag: str | None = None,
-               fault=None) -> dict:
-    """Score every named set; return ``{set: ScoreStats as dict}`` (identical on every rank)."""
-    layout = RunLayout(cfg.run.output_dir)
-    groups, _, tokenizer = setup_run(cfg)
+def load_policy_scorer(cfg, groups, tokenizer, checkpoint: str | None) -> PolicyScorer:
+    """The policy at ``checkpoint`` (a GRPO checkpoint ``.../step_N`` saved in any TP/PP layout, or an HF
+    directory; None: the default of :func:`_policy_source`) on this rank's layout, ready to score."""
     hf_dir, ckpt = _policy_source(cfg, checkpoint)
     model = build_policy_model(cfg, groups, hf_dir=hf_dir)
     step = 0
     if ckpt:
         step = int(read_checkpoint_meta(ckpt)["step"])
         load_checkpoint(ckpt, model=model, groups=groups, restore_rng=False)
-    scorer = PolicyScorer(model, groups, build_projector(cfg.projection), cfg.scoring,
-                          projection_seed=cfg.projection.seed, checkpoint_step=step,
-                          pad_id=pad_id_of(tokenizer), progress=cfg.rollout.progress)
+    return PolicyScorer(model, groups, build_projector(cfg.projection), cfg.scoring,
+                        projection_seed=cfg.projection.seed, checkpoint_step=step,
+                        pad_id=pad_id_of(tokenizer), progress=cfg.rollout.progress)
+
+
+def score_sets(cfg, sets: list[str], *, checkpoint: str | None = None, tag: str | None = None,
+               fault=None) -> dict:
+    """Score every named set; return ``{set: ScoreStats as dict}`` (identical on every rank)."""
+    layout = RunLayout(cfg.run.output_dir)
+    groups, _, tokenizer = setup_run(cfg)
+    scorer = load_policy_scorer(cfg, groups, tokenizer, checkpoint)
+    step = scorer.checkpoint_step
     results = {}
     for name in sets:
         out = layout.features(tag or f"step{step}", name)
