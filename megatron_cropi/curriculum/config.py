@@ -7,16 +7,21 @@
       target_samples: 8         # behaviour rollouts per target prompt
       warmup: {enabled: true, max_steps: 3000, stop_at_greedy: 0.2}
       eval: {every: 25, samples: 4}
+      trainer: {kind: native}   # or external: your trainer's command runs each stage (curriculum/external.py)
 """
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass, field
 from typing import Literal
 
 from megatron_cropi.config.loader import require
 
-__all__ = ["WarmupConfig", "EvalConfig", "CurriculumConfig"]
+__all__ = ["WarmupConfig", "EvalConfig", "TrainerConfig", "CurriculumConfig", "COMMAND_PLACEHOLDERS"]
+
+# What an external stage's command may name; ``checkpoint_out`` may name ``stage`` and ``output_dir``.
+COMMAND_PLACEHOLDERS = ("selection_parquet", "selection_jsonl", "checkpoint_in", "checkpoint_out", "stage")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,6 +77,60 @@ class EvalConfig:
         require(self.max_prompts >= 0, "max_prompts", self.max_prompts, "must be >= 0")
 
 
+def _placeholders(template: str) -> set[str] | None:
+    """The ``{name}`` fields of a format string, or None when it is not one."""
+    try:
+        return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainerConfig:
+    """Who trains each stage: this package's GRPO (``native``), or a command of yours (``external``).
+
+    ``external`` (:mod:`.external`): each stage runs ``command`` (a shell string) with the placeholders
+    ``{selection_parquet}`` / ``{selection_jsonl}`` (the stage's selection as verl / slime dataset),
+    ``{checkpoint_in}`` (the HF directory of θ_m to start from), ``{checkpoint_out}`` (where the stage's
+    HF checkpoint θ_{m+1} must appear) and ``{stage}``; the controller checks that checkpoint and scores
+    the next stage at it."""
+
+    kind: Literal["native", "external"] = "native"
+    """``native``: GRPO steps in this process; ``external``: ``command`` per stage."""
+    command: str = ""
+    """The stage's training command (external), e.g. ``bash train.sh {selection_parquet} {checkpoint_in}
+    {checkpoint_out}``; runs in a shell, in the directory ``cropi run`` was started from."""
+    checkpoint_out: str = ""
+    """Where stage ``{stage}``'s HF checkpoint must appear (``{stage}`` and ``{output_dir}`` filled in);
+    default ``{output_dir}/external/stage{stage}/hf``."""
+
+    def __post_init__(self):
+        require(self.kind in ("native", "external"), "kind", self.kind, "must be native or external")
+        if self.kind == "native":
+            require(not self.command and not self.checkpoint_out, "command", self.command or self.checkpoint_out,
+                    "is only read with kind: external; remove it or set kind: external")
+            return
+        require(bool(self.command.strip()), "command", self.command, "a shell command when kind is external")
+        names = _placeholders(self.command)
+        require(names is not None, "command", self.command, "a valid format string (double {{ }} for literal braces)")
+        unknown = sorted(names - set(COMMAND_PLACEHOLDERS))
+        require(not unknown, "command", self.command, f"only the placeholders {{{'}, {'.join(COMMAND_PLACEHOLDERS)}}} "
+                f"(unknown: {unknown})")
+        require("checkpoint_out" in names, "command", self.command, "must name {checkpoint_out}: where the stage's "
+                "checkpoint has to appear")
+        if self.checkpoint_out:
+            out = _placeholders(self.checkpoint_out)
+            require(out is not None and out <= {"stage", "output_dir"}, "checkpoint_out", self.checkpoint_out,
+                    "a path that may name only {stage} and {output_dir}")
+            require("stage" in out, "checkpoint_out", self.checkpoint_out,
+                    "must name {stage} (each stage's checkpoint needs its own directory)")
+
+    def checkpoint_dir(self, output_dir: str, stage: int) -> str:
+        """Stage ``stage``'s HF output directory."""
+        template = self.checkpoint_out or "{output_dir}/external/stage{stage}/hf"
+        return template.format(output_dir=output_dir, stage=stage)
+
+
 @dataclass(frozen=True, kw_only=True)
 class CurriculumConfig:
     """The stage loop: offline rollouts by β once, then per stage score → select → GRPO."""
@@ -113,6 +172,8 @@ class CurriculumConfig:
     keep_features: Literal["all", "resume"] = "all"
     """Feature stores kept on disk: ``all`` stages' (for analysis), or only what a resume needs
     (``resume``: a stage's stores are deleted once its selection is recorded)."""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """Who trains each stage on its selection (``native`` GRPO, or an ``external`` command)."""
 
     def __post_init__(self):
         require(1 <= self.stages <= 10_000, "stages", self.stages, "must be between 1 and 10000")

@@ -21,7 +21,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from megatron_cropi.curriculum import behaviour, steps
+from megatron_cropi.curriculum import behaviour, external, steps
 from megatron_cropi.curriculum.evaluate import EvalLog, eval_line, evaluate_runtime
 from megatron_cropi.curriculum.faults import fault_point
 from megatron_cropi.curriculum.probe import probe_projection_quality
@@ -207,6 +207,8 @@ class StageController:
         """Load the latest GRPO checkpoint (if any) with its stage's prompt set for the data position."""
         from megatron_cropi.checkpoint.dist_ckpt import latest_checkpoint, read_checkpoint_meta
 
+        if self.cfg.curriculum.trainer.kind == "external":  # θ of the last stage the user's command trained
+            return external.resume(self)
         # rank 0 reads the directory and every rank acts on what it found (a shared filesystem may
         # show a new checkpoint to some nodes later than to others)
         ckpt = share_from_rank0(latest_checkpoint(self.layout.checkpoints) if self.is_rank0 else None)
@@ -337,6 +339,8 @@ class StageController:
         """GRPO steps ``m·T .. (m+1)·T`` of stage m on the selection; state after every step; checkpoint at the end."""
         if self.is_done(f"stage{stage}/train"):
             return
+        if self.cfg.curriculum.trainer.kind == "external":  # the user's command trains it (curriculum/external.py)
+            return external.train_stage(self, stage, selection)
         curriculum, trainer = self.cfg.curriculum, self.runtime.trainer
         start, end = stage * curriculum.steps_per_stage, (stage + 1) * curriculum.steps_per_stage
         if trainer.step_count == start:
