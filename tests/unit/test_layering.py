@@ -42,6 +42,7 @@ LAYERS = (
     ("run_config",),
     ("dryrun",),
     ("commands",),
+    ("api",),
     ("cli",),
     ("testing",),
 )
