@@ -5,10 +5,16 @@ world size 1), first with the native sampler, then with the CUDA vLLM engine col
 process (weights pushed after every update). Both configs pass the dry run first. The model uses the
 local layer spec: ``auto`` would pick Transformer Engine on a GPU image, which batched scoring cannot
 hook (the dry run warns about exactly that).
+
+The run must *select by influence*: ``selection.fallback: error`` makes a stage whose pool or target set
+has no gradient fail instead of quietly using the learnability baseline, and the selection written must
+be CROPI's, with finite cosines and target prompts behind its direction. 8 behaviour responses per
+prompt (not the CPU tests' 4) make groups with mixed rewards likely after the short warm-up.
 """
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -26,7 +32,8 @@ def _config(out: Path, extra: dict | None = None) -> dict:
     from megatron_cropi.testing.tiny import tiny_curriculum_config
 
     cfg = tiny_curriculum_config(str(out), **{"model.layer_spec": "local", "grpo.loss.kl_coef": 0.001,
-                                              "curriculum.stages": 1})
+                                              "curriculum.stages": 1, "curriculum.pool_samples": 8,
+                                              "curriculum.target_samples": 8, "selection.fallback": "error"})
     for section, values in (extra or {}).items():
         for key, value in values.items():
             cfg[section][key] = {**cfg[section].get(key, {}), **value} if isinstance(value, dict) else value
@@ -58,8 +65,16 @@ def _check_run(out: Path, cfg_dict: dict):
     done = set(state["done"])
     assert {"stage0/score/pool", "stage0/train", "stage0/report", "final_hf"} <= done, sorted(done)
     selection = json.loads((out / "selections" / "stage0.json").read_text())
-    # at most 25% of the 48 pool prompts (fewer when fewer have a gradient)
-    assert selection["policy"] in ("cropi", "learnability") and 1 <= len(selection["prompt_ids"]) <= 12
+    # CROPI's own selection, not the learnability fallback: at most 25% of the 48 pool prompts (fewer
+    # when fewer have a gradient), scored by finite cosines against a direction with target prompts
+    assert selection["policy"] == "cropi", selection["summary"]
+    assert "fallback" not in selection["summary"], selection["summary"]
+    assert 1 <= len(selection["prompt_ids"]) <= 12
+    assert all(math.isfinite(x) for x in selection["scores"])
+    assert sum(t["target_prompts_used"] for t in selection["summary"]["targets"].values()) > 0
+    quantiles = selection["summary"]["cosine_quantiles"]
+    assert -1.0 <= min(quantiles.values()) <= max(quantiles.values()) <= 1.0, quantiles
+    assert selection["summary"]["zero_gradient_prompts"] < 48, selection["summary"]
     assert (out / "final_hf" / "config.json").is_file()
     assert summary.get("final"), summary
     return summary

@@ -70,9 +70,14 @@ def _best(fn, repeats=5):
     return best
 
 
+READ_FRACTION = 0.30
+"""The README's bandwidth target for the sparse projection (its "Measured figures" table: sjlt at
+>= 30% of the plain read of the gradient; 38% measured on CPU, ``benchmarks/results/projection.json``)."""
+
+
 def test_sjlt_throughput_on_gpu_is_a_fraction_of_memory_bandwidth():
-    """Reports GB/s of gradient read (sjlt and a plain sum) at d = 4e6 x B = 8; asserts the sketch is
-    at least 5% of the plain read (a loose floor: the figure itself goes to the benchmark)."""
+    """Reports GB/s of gradient read (sjlt and a plain sum) at the benchmark's d = 4e6, B = 8, k = 4096,
+    keep 0.1; the sketch must reach the README's fraction of the plain read, :data:`READ_FRACTION`."""
     d, batch = 4_000_000, 8
     x = torch.randn(batch, 2000, 2000, device="cuda")
     spec = ShardSpec.whole("w", (2000, 2000))
@@ -82,4 +87,5 @@ def test_sjlt_throughput_on_gpu_is_a_fraction_of_memory_bandwidth():
     t_read = _best(lambda: x.sum())
     t_sjlt = _best(lambda: p.project(x, spec))
     print(f"\nGPU read {gb / t_read:.0f} GB/s; sjlt {gb / t_sjlt:.0f} GB/s ({t_read / t_sjlt:.0%} of read)")
-    assert t_read / t_sjlt > 0.05
+    assert t_read / t_sjlt >= READ_FRACTION, (f"sjlt reads the gradient at {t_read / t_sjlt:.0%} of the plain read "
+                                              f"bandwidth on this GPU; the README claims >= {READ_FRACTION:.0%}")
