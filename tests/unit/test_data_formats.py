@@ -121,3 +121,28 @@ def test_schema_check_names_what_verl_would_refuse(tmp_path):
                                           "reward_model": {"style": "rule", "ground_truth": "1"},
                                           "extra_info": {"index": 0}}]), path)
     assert any("prompt must be a list" in p for p in verl_schema_problems(path))
+
+
+def test_verl_own_dataset_class_reads_the_export(tmp_path):
+    """verl's ``RLHFDataset`` reads the export (runs where verl is importable, e.g. ``pip install --no-deps
+    --target DIR verl omegaconf datasets pandas codetiming ray tensordict ...`` on PYTHONPATH)."""
+    rl_dataset = pytest.importorskip("verl.utils.dataset.rl_dataset")
+    from omegaconf import OmegaConf
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>"] + sorted(set("abcdefghijklmnopqrstuvwxyz0123456789 +=<>|")))}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>")
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    recs = _records()
+    parquet = write_verl_parquet(tmp_path / "sel.parquet", export_rows(recs, [0.9, 0.5, 0.1]))
+    cfg = OmegaConf.create({"prompt_key": "prompt", "max_prompt_length": 64, "filter_overlong_prompts": False,
+                            "return_raw_chat": True, "truncation": "error", "cache_dir": str(tmp_path / "cache")})
+    ds = rl_dataset.RLHFDataset(data_files=[str(parquet)], tokenizer=tok, config=cfg)
+    assert len(ds) == len(recs)
+    item = ds[1]
+    assert item["data_source"] == recs[1].source and item["reward_model"]["ground_truth"] == recs[1].answer
+    assert item["extra_info"]["prompt_id"] == recs[1].prompt_id and item["extra_info"]["rank"] == 2
