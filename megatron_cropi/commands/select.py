@@ -28,6 +28,7 @@ stages before it in the same ``DIR``).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -106,8 +107,6 @@ def score_at_checkpoint(cfg, checkpoint, *, groups, tokenizer, stores: dict[str,
 
     Returns ``({set: feature store}, {"stage{M}/score/<set>": ScoreStats as dict})``, the same on every rank.
     """
-    import dataclasses
-
     scorer = load_policy_scorer(cfg, groups, tokenizer, str(checkpoint))
     features, info = {}, {}
     for name, store in stores.items():
