@@ -45,6 +45,9 @@ HARMLESS_KEYS = {
     "curriculum.keep_features",
     # engine memory and worker counts
     "rollout.vllm.gpu_memory_utilization", "rollout.reward.num_workers",
+    # an external trainer's command line (e.g. a fixed path): stages it already trained were checked
+    # and stay as they are; the command only runs for stages not yet trained
+    "curriculum.trainer.command",
 }
 
 # Paths that may change when what they name does not (checked by digest).
