@@ -142,10 +142,16 @@ def build_engine(cfg, groups: ParallelGroups | None, tokenizer, *, model=None, h
     """The rollout engine ``rollout.engine`` names.
 
     ``native``: a :class:`~megatron_cropi.rollout.native_sampler.NativeSampler` on ``model`` (the
-    policy's own weights, shared). ``vllm``: a :class:`~megatron_cropi.rollout.vllm_engine.VLLMEngine`
-    on ``hf_dir`` (weights are pushed to it after updates), one per data-parallel replica on its lead
-    rank; None on the other ranks. ``isolate`` runs vLLM in a child process (``cropi rollout``, where no
-    weights are pushed).
+    policy's own weights, shared). ``vllm`` on ``hf_dir`` (weights are pushed to it after updates):
+
+    * a world of several ranks: a :class:`~megatron_cropi.rollout.colocated.ColocatedVLLMEngine` on
+      **every** rank (vLLM's external launcher; ``rollout.vllm.tensor_parallel_size`` ranks per engine,
+      which must divide the world; every rank builds its shard together, a collective);
+    * one process, or ``isolate`` (``cropi rollout``, where no weights are pushed: vLLM in a child
+      process): a :class:`~megatron_cropi.rollout.vllm_engine.VLLMEngine` with its own parallelism.
+
+    Raises:
+        ValueError: ``rollout.vllm.tensor_parallel_size`` does not divide the world (named).
     """
     rc = cfg.rollout
     eos = [tokenizer.eos_token_id]
@@ -153,16 +159,22 @@ def build_engine(cfg, groups: ParallelGroups | None, tokenizer, *, model=None, h
         from megatron_cropi.rollout.native_sampler import NativeSampler
 
         return NativeSampler(model, groups, stop_token_ids=eos, max_batch_sequences=rc.max_batch_sequences)
+    v = rc.vllm
+    kwargs = dict(logprobs=rc.logprobs, stop_token_ids=eos, dtype=v.dtype, max_model_len=v.max_model_len or None,
+                  gpu_memory_utilization=v.gpu_memory_utilization, enforce_eager=v.enforce_eager,
+                  enable_prefix_caching=v.enable_prefix_caching, seed=cfg.run.seed,
+                  tokenizer_dir=rc.tokenizer_dir or None)
+    model_dir = str(hf_dir or rc.checkpoint)
+    if groups is not None and groups.world_size > 1 and not isolate:
+        from megatron_cropi.rollout.colocated import ColocatedVLLMEngine
+
+        engine = ColocatedVLLMEngine(groups, model_dir, engine_tp=v.tensor_parallel_size, sleep_mode=v.sleep_mode,
+                                     **kwargs)
+        log.info("colocated vLLM engine: %r", engine.layout)
+        return engine
     from megatron_cropi.rollout.vllm_engine import VLLMEngine
 
-    if groups is not None and (groups.tp_rank != 0 or groups.pp_rank != 0):
-        return None
-    v = rc.vllm
-    return VLLMEngine(str(hf_dir or rc.checkpoint), logprobs=rc.logprobs, stop_token_ids=eos,
-                      tensor_parallel_size=v.tensor_parallel_size, dtype=v.dtype,
-                      max_model_len=v.max_model_len or None, gpu_memory_utilization=v.gpu_memory_utilization,
-                      enforce_eager=v.enforce_eager, enable_prefix_caching=v.enable_prefix_caching,
-                      seed=cfg.run.seed, tokenizer_dir=rc.tokenizer_dir or None, isolate=isolate)
+    return VLLMEngine(model_dir, tensor_parallel_size=v.tensor_parallel_size, isolate=isolate, **kwargs)
 
 
 def build_policy_model(cfg, groups: ParallelGroups, *, hf_dir: str | Path | None = None):

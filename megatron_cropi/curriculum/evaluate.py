@@ -52,7 +52,7 @@ def evaluate_accuracy(collector, groups: ParallelGroups, prompts: Sequence[Promp
     per = -(-len(prompts) // groups.dp_size)
     local = prompts[groups.dp_rank * per:(groups.dp_rank + 1) * per]
     sums: dict[str, list[float]] = {}
-    if local:
+    if local or getattr(collector.engine, "world_collective", False):  # colocated vLLM: every rank calls
         for grp in collector.collect(local, sp, policy_version=-1):
             acc = sums.setdefault(grp.prompt.source or "all", [0.0, 0.0])
             acc[0] += float((grp.rewards > 0.5).sum())

@@ -50,10 +50,11 @@ def per_response_rewarder(fn: Callable[[PromptRecord, Response], float]) -> Rewa
 
 
 def is_collective_engine(engine) -> bool:
-    """Engines that every TP rank must call together (the native Megatron sampler)."""
+    """Engines that every rank of a replica must call together: the native Megatron sampler (its TP group)
+    and colocated vLLM engines (``world_collective``: the whole world, ``rollout/colocated.py``)."""
     from megatron_cropi.rollout.native_sampler import NativeSampler
 
-    return isinstance(engine, NativeSampler)
+    return isinstance(engine, NativeSampler) or bool(getattr(engine, "world_collective", False))
 
 
 class RolloutCollector:
@@ -69,7 +70,7 @@ class RolloutCollector:
     def __init__(self, engine, rewarder: Rewarder, groups: ParallelGroups, *, collective: bool | None = None):
         self.engine, self.rewarder, self.groups = engine, rewarder, groups
         self.collective = is_collective_engine(engine) if collective is None else collective
-        if self.collective and groups.pp_size > 1:
+        if self.collective and groups.pp_size > 1 and not getattr(engine, "world_collective", False):
             raise ValueError("a collective (native) rollout engine needs pipeline_model_parallel_size=1; "
                              "use the vLLM engine with PP > 1")
 
@@ -84,7 +85,8 @@ class RolloutCollector:
         if self.is_lead and self.engine is None:
             raise ValueError("the replica's lead rank (TP rank 0, first stage) has no rollout engine")
         if self.collective or self.is_lead:
-            responses = self.engine.generate(list(prompts), sampling) if prompts else []
+            world = getattr(self.engine, "world_collective", False)  # colocated vLLM: every rank, every call
+            responses = self.engine.generate(list(prompts), sampling) if (prompts or world) else []
             if self.is_lead:
                 result = self.rewarder(list(prompts), responses, policy_version) if prompts else []
         return self._share(result)

