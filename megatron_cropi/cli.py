@@ -8,6 +8,7 @@
     cropi select CONFIG --checkpoint D    one selection at a checkpoint, as verl Parquet + slime JSONL (resumes)
     cropi train CONFIG                    plain GRPO on grpo.split: the full-data baseline (resumes)
     cropi status RUN_DIR [--json]         where a run is: stage, step, time, disk, last selection
+    cropi export RUN_DIR --step N         a GRPO checkpoint of a run as an HF directory (any layout)
 
 Every CONFIG may be followed by overrides ``key.path=value`` (YAML values, validated like the file),
 and ``--print-config`` prints the resolved config (after ``extends:`` and overrides) as YAML.
@@ -70,6 +71,12 @@ def _cmd_status(args) -> int:
     return cmd_status(args)
 
 
+def _cmd_export(args) -> int:
+    from megatron_cropi.commands.export import cmd_export
+
+    return cmd_export(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cropi", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,6 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="run.output_dir of a `cropi run` (running or finished)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=_cmd_status)
+    p = sub.add_parser("export", help="a GRPO checkpoint of a run (checkpoints/step_N, any TP/PP layout) as an HF "
+                       "directory, written atomically")
+    p.add_argument("run_dir", help="run.output_dir of a `cropi run` (its config is read from state.json)")
+    p.add_argument("--step", type=int, required=True, help="GRPO step N of checkpoints/step_N")
+    p.add_argument("--out", default=None, help="HF directory to write (default RUN_DIR/hf/step_N)")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size to load with (default: the run's)")
+    p.add_argument("--pp", type=int, default=None, help="pipeline-parallel size to load with (default: the run's)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="dtype of the written tensors (default: the parameters')")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new one is complete")
+    p.set_defaults(func=_cmd_export)
     return parser
 
 
