@@ -194,6 +194,10 @@ class ModelConfig:
         errors = [f"model {what} is not divisible by TP={tp}" for ok, what in checks if not ok]
         if t["num_layers"] % pp != 0:
             errors.append(f"model num_layers={t['num_layers']} is not divisible by PP={pp}")
+        for key in ("virtual_pipeline_model_parallel_size", "num_layers_per_virtual_pipeline_stage"):
+            if t.get(key):  # capture and GRPO run one model chunk per stage (1F1B or no pipelining)
+                errors.append(f"model.transformer.{key}={t[key]}: the interleaved (virtual pipeline) schedule is "
+                              "not supported; use plain 1F1B pipeline parallelism")
         return errors
 
     def num_parameters(self) -> int:

@@ -22,3 +22,14 @@ def test_building_the_model_emits_no_cuda_graph_scope_deprecation(preset):
                    and ("scope" in str(w.message) or "cuda_graph" in str(w.message))]
     assert not about_scope, [str(w.message) for w in about_scope]
     assert tc.cuda_graph_scope == []  # what megatron-core turned the old default "full" into: same behaviour
+
+
+def test_the_interleaved_schedule_is_refused_by_name():
+    import pytest
+
+    from megatron_cropi.config.loader import ConfigError, from_dict
+    from megatron_cropi.run_config import RunConfig
+
+    with pytest.raises(ConfigError, match="virtual_pipeline_model_parallel_size=2: the interleaved"):
+        from_dict(RunConfig, {"parallel": {"pipeline_model_parallel_size": 2},
+                              "model": {"preset": "tiny", "transformer": {"virtual_pipeline_model_parallel_size": 2}}})
