@@ -20,7 +20,8 @@ from megatron_cropi.parallel import ParallelGroups
 from megatron_cropi.records import PromptRecord, SamplingParams
 from megatron_cropi.utils.atomic import atomic_write_text
 
-__all__ = ["evenly_spaced", "evaluate_accuracy", "evaluate_policy", "evaluate_runtime", "eval_line", "EvalLog"]
+__all__ = ["evenly_spaced", "eval_logprob_mode", "evaluate_accuracy", "evaluate_policy", "evaluate_runtime",
+           "eval_line", "EvalLog"]
 
 
 def evenly_spaced(items: Sequence, count: int) -> list:
@@ -29,6 +30,15 @@ def evenly_spaced(items: Sequence, count: int) -> list:
     if not count or count >= n:
         return list(items)
     return [items[i * n // count] for i in range(count)]
+
+
+def eval_logprob_mode(engine_mode: str | None, *, greedy: bool, run_mode: str) -> str:
+    """The log-prob mode an evaluation asks the engine for. Evaluation reads rewards only, so: the
+    engine's own mode when it fixes one at construction (vLLM refuses any other), else raw log-probs when
+    greedy (what the native sampler stores at T = 0), else the run's mode."""
+    if engine_mode in ("sampling", "raw"):
+        return engine_mode
+    return "raw" if greedy else run_mode
 
 
 def evaluate_accuracy(collector, groups: ParallelGroups, prompts: Sequence[PromptRecord], sampling: SamplingParams, *,
@@ -47,8 +57,9 @@ def evaluate_accuracy(collector, groups: ParallelGroups, prompts: Sequence[Promp
     """
     prompts = evenly_spaced(prompts, max_prompts)
     greedy = temperature == 0
+    mode = eval_logprob_mode(getattr(collector.engine, "logprobs", None), greedy=greedy, run_mode=sampling.logprobs)
     sp = dataclasses.replace(sampling, n=1 if greedy else samples, temperature=temperature, seed=seed,
-                             top_p=1.0, logprobs="raw" if greedy else sampling.logprobs)
+                             top_p=1.0, logprobs=mode)
     per = -(-len(prompts) // groups.dp_size)
     local = prompts[groups.dp_rank * per:(groups.dp_rank + 1) * per]
     sums: dict[str, list[float]] = {}

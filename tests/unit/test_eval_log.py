@@ -19,3 +19,15 @@ def test_max_prompts_takes_every_source_not_a_prefix():
     assert len(picked) == 15 and len(set(picked)) == 15
     assert {p[0] for p in picked} == set("abcde") and sum(p[0] == "a" for p in picked) == 3
     assert evenly_spaced(by_source, 0) == by_source and evenly_spaced(by_source, 500) == by_source
+
+
+
+def test_greedy_evaluation_asks_a_vllm_engine_for_its_own_logprob_mode():
+    """A vLLM engine refuses a log-prob mode other than its construction's (``VLLMEngine.logprobs``);
+    greedy evaluation, which reads rewards only, must ask for that one, not for raw log-probs."""
+    from megatron_cropi.curriculum.evaluate import eval_logprob_mode
+
+    assert eval_logprob_mode("sampling", greedy=True, run_mode="sampling") == "sampling"
+    assert eval_logprob_mode("raw", greedy=False, run_mode="sampling") == "raw"
+    assert eval_logprob_mode(None, greedy=True, run_mode="sampling") == "raw"  # native sampler, T = 0
+    assert eval_logprob_mode(None, greedy=False, run_mode="sampling") == "sampling"
