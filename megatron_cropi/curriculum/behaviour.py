@@ -1,5 +1,6 @@
 """Behaviour rollouts: the sets rolled out by β once (and again at θ_m by a refresh), and the online
 pool rollouts of ``online_learnability``. Functions of values; the controller decides when they run.
+β's stores may instead come from another run whose stores match (:mod:`.reuse`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from megatron_cropi.curriculum.faults import fault_point
 from megatron_cropi.records import PromptRecord, SamplingParams
 from megatron_cropi.utils.rank_zero import on_rank0
 
-__all__ = ["behaviour_sets", "roll_out_sets", "behaviour_sampling", "behaviour_rollouts", "online_sampling", "online_pool_subset",
-           "refresh_stage_of"]
+__all__ = ["behaviour_sets", "roll_out_sets", "behaviour_sampling", "behaviour_header", "behaviour_rollouts",
+           "online_sampling", "online_pool_subset", "refresh_stage_of"]
 
 
 def behaviour_sets(pool: Sequence[PromptRecord], targets: dict[str, list[PromptRecord]], check: Sequence[PromptRecord],
@@ -50,6 +51,20 @@ def refresh_stage_of(m: int, every: int) -> int:
     return 0 if every <= 0 else (m // every) * every
 
 
+def behaviour_header(path: Path, prompts: Sequence[PromptRecord], *, sampling: SamplingParams, tokenizer,
+                     policy: str, engine_kind: str, reward_cfg):
+    """The :class:`~megatron_cropi.rollout.store.StoreHeader` of the behaviour store at ``path``: what the
+    store is checked against on resume and what a reused store must equal (:mod:`.reuse`)."""
+    from megatron_cropi.curriculum.reuse import reward_identity
+    from megatron_cropi.data.prompt_ids import pool_hash
+    from megatron_cropi.rollout.store import StoreHeader
+
+    return StoreHeader.build(sampling, tokenizer=tokenizer.identity, model=policy, policy_version=0,
+                             num_prompts=len(prompts), engine=engine_kind,
+                             pool_hash=pool_hash(p.prompt_id for p in prompts),
+                             extra={"set": path.name, "reward": reward_identity(reward_cfg)})
+
+
 def behaviour_rollouts(name: str, prompts: Sequence[PromptRecord], path: Path, *, sampling: SamplingParams, engine,
                        reward_fn, tokenizer, groups, batch_prompts: int, policy: str, engine_kind: str,
                        progress: bool):
@@ -62,17 +77,15 @@ def behaviour_rollouts(name: str, prompts: Sequence[PromptRecord], path: Path, *
     Returns:
         :class:`~megatron_cropi.rollout.runner.RolloutSummary`.
     """
-    from megatron_cropi.data.prompt_ids import pool_hash
     from megatron_cropi.rollout.runner import rollout_prompts
-    from megatron_cropi.rollout.store import StoreHeader, TrajectoryStore
+    from megatron_cropi.rollout.store import TrajectoryStore
 
     writer = groups.rank == 0
     opened: list = []  # the store stays on rank 0 (it writes); every rank learns if opening failed
 
     def open_store():
-        header = StoreHeader.build(sampling, tokenizer=tokenizer.identity, model=policy, policy_version=0,
-                                   num_prompts=len(prompts), engine=engine_kind,
-                                   pool_hash=pool_hash(p.prompt_id for p in prompts), extra={"set": path.name})
+        header = behaviour_header(path, prompts, sampling=sampling, tokenizer=tokenizer, policy=policy,
+                                  engine_kind=engine_kind, reward_cfg=reward_fn.cfg)
         opened.append(TrajectoryStore.open_for_append(path, header))
 
     on_rank0(open_store)
@@ -104,22 +117,34 @@ def online_pool_subset(pool: Sequence[PromptRecord], fraction: float, *, seed: i
 
 
 def roll_out_sets(sets: list[tuple[str, list, int]], store_of, *, stage: int, base: SamplingParams, curriculum,
-                  rollout, engine, reward_fn, tokenizer, groups, policy: str, on_set) -> None:
+                  rollout, engine, reward_fn, tokenizer, groups, policy: str, on_set,
+                  reuse_from: Sequence[Path] = (), log=print) -> None:
     """Roll each of ``sets`` (:func:`behaviour_sets`) out into ``store_of(name)`` with behaviour sampling:
     β's at stage 0, the refresh at θ_``stage`` (its own seed) otherwise. ``on_set(label, prompts, summary,
-    seconds)`` after each set; then the fault point ``rollouts:<set>`` (stage 0) or ``refresh:<set>``.
+    seconds)`` after each set rolled out; then the fault point ``rollouts:<set>`` (stage 0) or ``refresh:<set>``.
 
     Args:
         curriculum: the ``curriculum`` section (behaviour temperature and length).
         rollout: the ``rollout`` section (batching, engine kind, progress bars).
         policy: the rolling policy's identity for the store headers.
+        reuse_from: run directories whose matching stores of β stand in for rolling out (stage 0 only;
+            :func:`~.reuse.reuse_sources`, :func:`~.reuse.reuse_behaviour_store`); ``log`` reports each.
     """
+    from megatron_cropi.curriculum.reuse import reuse_behaviour_store
+
     for name, prompts, n in sets:
         t0 = time.perf_counter()
         sampling = behaviour_sampling(base, n, temperature=curriculum.behaviour_temperature,
                                       max_tokens=curriculum.behaviour_max_tokens, refresh_stage=stage)
         label = name if stage == 0 else f"stage{stage}-{name}"
-        summary = behaviour_rollouts(label, prompts, store_of(name), sampling=sampling, engine=engine,
+        path = store_of(name)
+        if stage == 0:  # rank 0 decides (it alone may see the sources), every rank follows
+            expected = behaviour_header(path, prompts, sampling=sampling, tokenizer=tokenizer, policy=policy,
+                                        engine_kind=rollout.engine, reward_cfg=reward_fn.cfg)
+            if on_rank0(lambda: reuse_behaviour_store(name, path, expected, reuse_from, log)) is not None:
+                fault_point(f"rollouts:{name}")
+                continue
+        summary = behaviour_rollouts(label, prompts, path, sampling=sampling, engine=engine,
                                      reward_fn=reward_fn, tokenizer=tokenizer, groups=groups,
                                      batch_prompts=rollout.batch_prompts, policy=policy, engine_kind=rollout.engine,
                                      progress=rollout.progress)

@@ -153,6 +153,12 @@ class CurriculumConfig:
     stages (m = M, 2M, ...), into ``rollouts/stage{m}/``; later stages score those (0: never, β's rollouts
     serve every stage). At a refresh stage POPI is on-policy (ρ ≡ 1), and prompts that were all-correct or
     all-wrong under β can return. Its time is charged to the run clock as ``rollouts``."""
+    reuse_rollouts_from: str = ""
+    """Another run's ``run.output_dir`` whose behaviour stores (``rollouts/<set>``) this run reuses instead of
+    rolling out, set by set, when a store is complete and its header equals the one this run would write
+    (sampling with seed, tokenizer, β's identity, prompts, reward configuration); a mismatch is logged
+    naming the differing fields and the set is rolled out. Stores moved aside by ``--new-run`` are tried
+    the same way (``curriculum/reuse.py``). Empty: only those."""
     online_samples: int = 4
     """``selection.policy: online_learnability``: responses per pool prompt sampled from the current policy
     θ_m at every stage (GRPO's sampling: ``rollout.temperature`` and ``rollout.max_tokens``)."""

@@ -26,6 +26,7 @@ from megatron_cropi.curriculum.evaluate import EvalLog, eval_line, evaluate_runt
 from megatron_cropi.curriculum.faults import fault_point
 from megatron_cropi.curriculum.probe import probe_projection_quality
 from megatron_cropi.curriculum.report import publish_stage_report, write_final_report
+from megatron_cropi.curriculum.reuse import reuse_sources
 from megatron_cropi.curriculum.state import RunState
 from megatron_cropi.influence.feature_store import prune_feature_stores
 from megatron_cropi.influence.stores import PolicyScorer, score_store
@@ -162,7 +163,8 @@ class StageController:
         behaviour.roll_out_sets(self.behaviour_sets(), lambda name: self.behaviour_store(stage, name), stage=stage,
                                 base=runtime.sampling, curriculum=cfg.curriculum, rollout=cfg.rollout,
                                 engine=runtime.engine, reward_fn=runtime.reward_fn, tokenizer=self.tokenizer,
-                                groups=self.groups, policy=policy, on_set=done)
+                                groups=self.groups, policy=policy, on_set=done, log=self.log, reuse_from=reuse_sources(
+                                    cfg.run.output_dir, cfg.curriculum.reuse_rollouts_from) if stage == 0 else ())
 
     def step_behaviour_rollouts(self) -> None:
         """K responses per pool and target prompt from β (the policy before any GRPO step), once."""
