@@ -15,6 +15,10 @@ in CI for configs meant for 8×H100 nodes. It checks:
   gpu_memory_gib``): its weights over its own TP, workspace, CUDA graphs and a KV cache of at least
   ``rollout.batch_prompts × rollout.n`` full-length sequences (:func:`megatron_cropi.memory.engine_memory`);
   vLLM's TP against the model's attention heads; the feature stores' size on disk.
+* **time and disk** (estimates, never a failure): :mod:`megatron_cropi.cost` prices a stage (scoring +
+  GRPO steps), the behaviour rollouts and the run's total on H100s, and what the run leaves on disk
+  (trajectory stores, feature stores, checkpoints, HF exports); ``estimate.text`` says it in words with
+  its assumptions.
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ import os
 from pathlib import Path
 
 from megatron_cropi.run_config import RunConfig
-from megatron_cropi.memory import GIB, estimate_memory, feature_store_bytes
+from megatron_cropi.cost import estimate_run_disk, estimate_run_time, shape_from_config
+from megatron_cropi.memory import GIB, estimate_memory, feature_store_bytes, sequence_length
 from megatron_cropi.parallel import LaunchError, check_layout
 
-__all__ = ["DryRunError", "dry_run", "engine_budget_problems", "check_data_file", "check_tokenizer_dir", "check_hf_checkpoint"]
+__all__ = ["DryRunError", "dry_run", "run_estimate", "engine_budget_problems", "check_data_file", "check_tokenizer_dir", "check_hf_checkpoint"]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
@@ -208,6 +213,44 @@ def _feature_stores(cfg: RunConfig, rows: dict) -> dict:
             "all_stages_gib": round(per_stage * kept / GIB, 3), "stages_kept": kept}
 
 
+def _prompt_counts(cfg: RunConfig, rows: dict) -> tuple[int, int, str]:
+    """``(pool prompts, target prompts, where from)``: the data files' rows, or the synthetic suite's sizes."""
+    if cfg.data.kind == "synthetic":
+        from megatron_cropi.data.synthetic import FAMILIES
+
+        syn = cfg.data.synthetic
+        return syn.per_family * len(syn.families or FAMILIES), syn.val_size, "data.synthetic sizes"
+    return (sum(rows.get("pool", {}).values()), sum(rows.get("val", {}).values()), "the data files' rows")
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 360 else f"{seconds / 60:.1f} min"
+
+
+def run_estimate(cfg: RunConfig, *, world_size: int, nodes: int, rows: dict) -> dict:
+    """Time (per stage and total) and disk of the run by :mod:`megatron_cropi.cost`, with ``text``: the
+    same in words, each line naming its assumptions."""
+    pool, targets, source = _prompt_counts(cfg, rows)
+    shape = shape_from_config(cfg, world_size=world_size, pool_prompts=pool, target_prompts=targets,
+                              nodes=nodes, seq_length=sequence_length(cfg)[0])
+    time, disk = estimate_run_time(cfg, shape), estimate_run_disk(cfg, shape)
+    b = disk["bytes"]
+    text = [
+        f"time: ~{_hours(time['total_s'])} in all = {time['stages']} stages × {_hours(time['stage_s'])} (scoring "
+        f"{_hours(time['scoring_per_stage_s'])} + {cfg.curriculum.steps_per_stage} GRPO steps × "
+        f"{time['grpo_step_s']:.1f} s) + behaviour rollouts {_hours(time['behaviour_rollouts_s'])}; "
+        f"{pool} pool and {targets} target prompts ({source}), {world_size} GPUs",
+        f"time assumes: {time['assumptions']}",
+        f"disk: ~{disk['total_bytes'] / GIB:.1f} GiB at the end = trajectory stores "
+        f"{b['trajectory_stores'] / GIB:.1f} + feature stores {b['feature_stores'] / GIB:.1f} "
+        f"({disk['feature_stages_kept']} stages kept) + checkpoints {b['checkpoints'] / GIB:.1f} "
+        f"({disk['checkpoints_kept']} kept) + HF exports {b['hf_exports'] / GIB:.1f} GiB",
+        f"disk assumes: {disk['assumptions']}",
+    ]
+    return {"time_seconds": {k: v for k, v in time.items() if k != "assumptions"},
+            "disk_bytes": {**b, "total": disk["total_bytes"]}, "text": text}
+
+
 def engine_budget_problems(engine: dict | None, cfg: RunConfig) -> list[str]:
     """The vLLM engine's share against its weights and the stated KV-cache minimum, naming the keys."""
     if not engine or engine["fits"]:
@@ -294,6 +337,7 @@ def dry_run(cfg: RunConfig, *, world_size: int | None = None, gpus_per_node: int
         "data_rows": rows,
         "memory": memory,
         "feature_stores_on_disk": _feature_stores(cfg, rows),
+        "estimate": run_estimate(cfg, world_size=world_size, nodes=max(1, world_size // gpus_per_node), rows=rows),
         "warnings": warnings,
         "output_dir": str(cfg.output_dir),
     }

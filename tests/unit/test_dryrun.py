@@ -1,6 +1,7 @@
 """``cropi run --dry-run`` checks beyond the config itself: layout, vLLM, batch split, paths, memory."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -139,3 +140,32 @@ def test_vllm_tensor_parallelism_must_split_the_attention_heads(tmp_path):
     rollout = {"engine": "vllm", "checkpoint": str(_hf_dir(tmp_path)), "vllm": {"tensor_parallel_size": 8}}
     msg = _problems(_cfg(tmp_path, rollout=rollout, grpo={"prompts_per_step": 8}), world_size=8, gpus_per_node=8)
     assert "rollout.vllm.tensor_parallel_size=8 must divide the model's 4 attention heads" in msg
+
+
+def test_dry_run_estimates_time_and_disk_and_states_its_assumptions(tmp_path):
+    from megatron_cropi.dryrun import run_estimate
+    from megatron_cropi.run_config import load_run_config
+
+    cfg = load_run_config(Path(__file__).resolve().parents[2] / "examples" / "configs" / "qwen2.5-7b-instruct_2node.yaml",
+                          environ={"DATA_DIR": "/data", "MODEL_DIR": "/model"})
+    rows = {"pool": {"gsm8k": 7_473, "math": 7_500, "deepscaler": 40_315}, "val": {"math500": 1_000}}
+    est = run_estimate(cfg, world_size=16, nodes=2, rows=rows)
+    t, d = est["time_seconds"], est["disk_bytes"]
+    # docs/at_scale.md §3's 7B 2-node row: behaviour 3.8 h, scoring 8.0 h, 100 steps 5.3 h per stage; ~84 h in all
+    assert t["behaviour_rollouts_s"] / 3600 == pytest.approx(3.8, abs=0.05)
+    assert t["stage_s"] == pytest.approx(t["scoring_per_stage_s"] + 100 * t["grpo_step_s"])
+    assert t["total_s"] == pytest.approx(6 * t["stage_s"] + t["behaviour_rollouts_s"])
+    assert 80 < t["total_s"] / 3600 < 90
+    params = cfg.model.num_parameters()
+    assert d["checkpoints"] == params * (2 + 12) * cfg.grpo.checkpoint.keep_last  # bf16 weights + optimizer
+    assert d["hf_exports"] == params * 2  # final_hf only: no warm-up with real models
+    k, kept = cfg.projection.k, cfg.curriculum.stages if cfg.curriculum.keep_features == "all" else 1
+    assert d["feature_stores"] == pytest.approx(56_288 * k * 2 * kept, rel=0.01)  # (pool + targets) × k × 2 B
+    assert d["total"] == sum(v for key, v in d.items() if key != "total")
+    text = "\n".join(est["text"])
+    assert "time: ~8" in text and "6 stages" in text and "55288 pool and 1000 target prompts" in text
+    assert "MFU 0.35" in text and "trajectory stores: prompts × K × mean response tokens" in text
+
+    summary = dry_run(_cfg(tmp_path, grpo={"prompts_per_step": 8}))  # synthetic data: the suite's sizes
+    assert summary["estimate"]["time_seconds"]["total_s"] > 0 and "data.synthetic sizes" in summary["estimate"]["text"][0]
+    json.dumps(summary)  # printable as the dry run's JSON

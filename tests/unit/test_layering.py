@@ -37,7 +37,7 @@ LAYERS = (
     ("checkpoint",),
     ("rollout", "popi", "selection"),
     ("influence", "grpo"),
-    ("memory", "envcheck", "wiring"),
+    ("memory", "cost", "envcheck", "wiring"),
     ("curriculum",),
     ("run_config",),
     ("dryrun",),
