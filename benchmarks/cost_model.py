@@ -86,9 +86,10 @@ def measured_quality() -> dict:
     live = rows[0]["pool_prompts_with_gradient"]
     by = {(r["pool_responses"], r["target_responses"]): r for r in rows}
     shortlist_path = RESULTS / "shortlist.json"
-    if shortlist_path.exists():
-        shortlist = json.loads(shortlist_path.read_text())
-        source = "benchmarks/results/shortlist.json"
+    if shortlist_path.exists():  # benchmarks/shortlist.py's result: {"by_fraction": {"0.5": {...mean...}}}
+        measured = json.loads(shortlist_path.read_text())["by_fraction"]
+        shortlist = {"precision_at_10pct": {f: d["precision_at_10pct_mean"] for f, d in measured.items()}}
+        source = f"benchmarks/results/shortlist.json ({sum(d['stages'] for d in measured.values()) // len(measured)} stages)"
     else:
         shortlist = {"precision_at_10pct": {str(f): p for f, p in SHORTLIST_FALLBACK.items()}}
         source = "benchmarks/shortlist.py on one 6-stage CPU run (shortlist.json not in the tree)"
