@@ -48,6 +48,8 @@ HARMLESS_KEYS = {
     # an external trainer's command line (e.g. a fixed path): stages it already trained were checked
     # and stay as they are; the command only runs for stages not yet trained
     "curriculum.trainer.command",
+    # where behaviour rollouts may be reused from: a reused store must match this run's identity anyway
+    "curriculum.reuse_rollouts_from",
 }
 
 # Paths that may change when what they name does not (checked by digest).
