@@ -18,6 +18,8 @@ def cmd_run(args) -> int:
         summary = dry_run(cfg, world_size=args.world_size, gpus_per_node=args.gpus_per_node,
                           gpu_memory_gib=args.gpu_memory_gib)
         print(json.dumps(summary, indent=2))
+        for line in summary.get("estimate", {}).get("text", []):  # time and disk, with their assumptions
+            print(line)
         print(f"dry run OK: {args.config}")
         return 0
     summary = run_curriculum(cfg, new_run=args.new_run)
