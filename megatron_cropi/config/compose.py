@@ -29,7 +29,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from megatron_cropi.config.loader import ConfigError, expand_env
+from megatron_cropi.config.loader import ConfigError, expand_env, read_yaml_mapping
 
 __all__ = ["ComposedTree", "compose_config", "deep_merge", "parse_override", "apply_override", "EXTENDS_KEY"]
 
@@ -80,18 +80,6 @@ def _leaf_paths(data: Any, prefix: str = "") -> Iterable[str]:
         yield prefix
 
 
-def _read_mapping(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError("", f"{path}: not valid YAML: {err}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError("", f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return data
-
-
 def _load_chain(path: Path, chain: list[Path], environ: Mapping[str, str] | None, tree: ComposedTree) -> dict:
     """The mapping of ``path`` merged over its bases; records leaf sources in ``tree``."""
     resolved = path.resolve()
@@ -103,7 +91,7 @@ def _load_chain(path: Path, chain: list[Path], environ: Mapping[str, str] | None
             raise ConfigError(EXTENDS_KEY, f"{chain[-1]} extends {str(path)!r}, which does not exist")
         raise ConfigError("", f"config file {str(path)!r} does not exist")
     tree.files.append(str(path))
-    data = _read_mapping(path)
+    data = read_yaml_mapping(path)
     base_name = data.pop(EXTENDS_KEY, None)
     merged: dict = {}
     if base_name is not None:

@@ -27,7 +27,7 @@ from typing import Any, Literal, Mapping, TypeVar, Union, get_args, get_origin, 
 
 import yaml
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "load_yaml", "expand_env", "require", "non_default_keys",
+__all__ = ["ConfigError", "from_dict", "to_dict", "load_yaml", "read_yaml_mapping", "expand_env", "require", "non_default_keys",
            "prune_unknown_keys"]
 
 T = TypeVar("T")
@@ -281,6 +281,11 @@ def load_yaml(path: str | Path, environ: Mapping[str, str] | None = None) -> dic
     path = Path(path)
     if not path.is_file():
         raise ConfigError("", f"config file {str(path)!r} does not exist")
+    return expand_env(read_yaml_mapping(path), environ)
+
+
+def read_yaml_mapping(path: Path) -> dict:
+    """The YAML mapping at ``path`` as written (``{}`` for an empty file); errors name the file."""
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
@@ -289,5 +294,5 @@ def load_yaml(path: str | Path, environ: Mapping[str, str] | None = None) -> dic
         return {}
     if not isinstance(data, dict):
         raise ConfigError("", f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return expand_env(data, environ)
+    return data
 
