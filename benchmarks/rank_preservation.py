@@ -202,13 +202,13 @@ def lm_gradients(size: str = "quick", *, seed: int = 0, warmup_steps: int = 30, 
     data = torch.from_numpy(np.concatenate(seqs))
     target_sets = [list(range(c * n_target, (c + 1) * n_target)) for c in range(num_sources)]
     mask = causal_attention_mask(seq, groups.device)
-    pos = torch.arange(seq).unsqueeze(0)
+    pos = torch.arange(seq, device=groups.device).unsqueeze(0)
 
     def run(batch_tokens):
         b = batch_tokens.shape[0]
 
         def step(it, model):
-            toks = next(it)
+            toks = next(it).to(groups.device)
             out = model(input_ids=toks[:, :-1], position_ids=pos.expand(b, seq), attention_mask=mask,
                         labels=toks[:, 1:])
             return out, lambda t: (t.float().mean(), {})

@@ -285,7 +285,7 @@ def score_pool(
             on_chunk()
     if bar is not None:
         bar.close()
-    flagged = torch.tensor([stats.flagged])
+    flagged = torch.tensor([stats.flagged], device=groups.device)  # NCCL broadcasts CUDA tensors only
     dist.broadcast(flagged, src=0)
     stats.flagged = int(flagged.item())
     stats.seconds = time.perf_counter() - t0
