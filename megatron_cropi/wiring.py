@@ -158,7 +158,8 @@ def build_engine(cfg, groups: ParallelGroups | None, tokenizer, *, model=None, h
     if rc.engine == "native":
         from megatron_cropi.rollout.native_sampler import NativeSampler
 
-        return NativeSampler(model, groups, stop_token_ids=eos, max_batch_sequences=rc.max_batch_sequences)
+        return NativeSampler(model, groups, stop_token_ids=eos, max_batch_sequences=rc.max_batch_sequences,
+                             kv_cache=rc.native.kv_cache)
     v = rc.vllm
     kwargs = dict(logprobs=rc.logprobs, stop_token_ids=eos, dtype=v.dtype, max_model_len=v.max_model_len or None,
                   gpu_memory_utilization=v.gpu_memory_utilization, enforce_eager=v.enforce_eager,

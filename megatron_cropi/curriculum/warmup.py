@@ -54,7 +54,8 @@ def run_warmup(cfg, groups: ParallelGroups, tokenizer, prompts, out_dir: str | P
     ocfg = OptimConfig(lr=wcfg.lr, clip_grad=1.0, use_distributed_optimizer=False, lr_decay_style="constant")
     ddp = wrap_ddp(model, groups, ocfg)
     optimizer, _ = build_optimizer(ddp, groups, ocfg, total_steps=wcfg.max_steps)
-    sampler = NativeSampler(model, groups, stop_token_ids=[tokenizer.eos_token_id])
+    sampler = NativeSampler(model, groups, stop_token_ids=[tokenizer.eos_token_id],
+                            kv_cache=cfg.rollout.native.kv_cache)
     reward_fn = RewardFunction(reward_config_for(cfg.rollout.reward, cfg.data.kind))
     collector = RolloutCollector(sampler, make_rewarder(reward_fn, tokenizer), groups)
     sampling = cfg.rollout.sampling_params(cfg.run.seed)

@@ -7,6 +7,7 @@
       temperature: 1.0
       max_tokens: 6
       checkpoint: runs/tiny/warmup_hf   # HF-format directory; both engines read it
+      native: {kv_cache: true}  # the native engine decodes through Megatron's KV cache
       reward: {verifier: exact}
 """
 
@@ -19,7 +20,20 @@ from megatron_cropi.config.loader import require
 from megatron_cropi.rewards.config import RewardConfig
 from megatron_cropi.records import SamplingParams
 
-__all__ = ["VLLMConfig", "RolloutConfig"]
+__all__ = ["NativeConfig", "VLLMConfig", "RolloutConfig"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class NativeConfig:
+    """Settings of the native (Megatron) engine."""
+
+    kv_cache: bool = True
+    """Decode through Megatron-Core's KV cache (``StaticInferenceContext``): the prompt is run once, then
+    one token per step. ``false``: every step reruns the whole sequence (the oracle; same tokens, log-probs
+    equal to fp32 rounding). Sequence parallelism at TP > 1 always runs without it."""
+
+    def __post_init__(self):
+        require(isinstance(self.kv_cache, bool), "kv_cache", self.kv_cache, "true or false")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,6 +108,8 @@ class RolloutConfig:
     """Checkpoint step of the behaviour policy, recorded in the store."""
     progress: bool = True
     """Progress bar on rank 0."""
+    native: NativeConfig = field(default_factory=NativeConfig)
+    """Native engine settings."""
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     """vLLM engine settings."""
     reward: RewardConfig = field(default_factory=RewardConfig)

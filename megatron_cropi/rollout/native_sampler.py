@@ -1,9 +1,12 @@
 """A rollout engine that runs this rank's Megatron ``GPTModel`` itself (tiny models, the CPU default,
 and the exactness oracle for behaviour log-probs).
 
-Per step, the whole sequence so far is run forward (no KV cache: the CPU default's sequences are ~20
-tokens) for many prompts × ``n`` samples at once, and one token is drawn per row from the last
-position's logits. Conventions, shared with every consumer of the trajectory store:
+Many prompts × ``n`` samples are decoded at once, one token per row and step, drawn from the last
+position's logits. By default (``kv_cache=True``, ``rollout.native.kv_cache``) the prompt is run once
+and each step feeds only the last token through Megatron's KV cache (``StaticInferenceContext``);
+``kv_cache=False`` runs the whole sequence so far every step, the oracle the cached path is tested
+against (:mod:`~megatron_cropi.rollout.decode`). Conventions, shared with every consumer of the
+trajectory store:
 
 * the sequence the model sees is ``prompt.token_ids ++ response.token_ids``: position ids
   ``0..S-1``, Megatron's causal mask (:func:`~megatron_cropi.model.schedule.causal_attention_mask`),
@@ -23,29 +26,21 @@ position's logits. Conventions, shared with every consumer of the trajectory sto
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from megatron_cropi.model.schedule import causal_attention_mask
 from megatron_cropi.parallel import ParallelGroups
+from megatron_cropi.rollout.decode import FullSequenceDecoder, KVCacheDecoder, gather_vocab, kv_cache_supported
 from megatron_cropi.rollout.sampling import process_logits, sample_tokens, sequence_keys, token_logprobs
 from megatron_cropi.records import PromptRecord, Response, SamplingParams
 
 __all__ = ["NativeSampler", "gather_vocab"]
 
-
-def gather_vocab(local_logits: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
-    """``[R, V/TP]`` vocab-parallel logits → ``[R, V]`` on every TP rank (TP rank order = vocab order)."""
-    if groups.tp_size == 1:
-        return local_logits
-    import torch.distributed as dist
-
-    parts = [torch.empty_like(local_logits) for _ in range(groups.tp_size)]
-    dist.all_gather(parts, local_logits.contiguous(), group=groups.tp)
-    return torch.cat(parts, dim=-1)
+log = logging.getLogger(__name__)
 
 
 class NativeSampler:
@@ -59,13 +54,15 @@ class NativeSampler:
         groups: this rank's process groups.
         stop_token_ids: a response ends after emitting one of these (the tokenizer's EOS).
         max_batch_sequences: rows (prompts × n) per forward.
+        kv_cache: decode through Megatron's KV cache (default); ``False``: rerun the whole sequence every
+            step (the oracle). A model the cache cannot serve (:func:`kv_cache_supported`) falls back.
 
     Raises:
         ValueError: PP > 1 (the message points to the vLLM engine).
     """
 
     def __init__(self, model, groups: ParallelGroups, *, stop_token_ids: Sequence[int],
-                 max_batch_sequences: int = 1024):
+                 max_batch_sequences: int = 1024, kv_cache: bool = True):
         if groups.pp_size != 1:
             raise ValueError(
                 f"the native sampler needs pipeline_model_parallel_size=1, got PP={groups.pp_size}; sample a "
@@ -78,6 +75,10 @@ class NativeSampler:
         self.stop_token_ids = tuple(int(t) for t in stop_token_ids)
         self.max_batch_sequences = int(max_batch_sequences)
         self.max_sequence_length = int(getattr(model, "max_sequence_length", 1 << 30))
+        reason = kv_cache_supported(model, groups) if kv_cache else None
+        if reason is not None:
+            log.warning("native sampler: no KV cache (%s); every step reruns the whole sequence", reason)
+        self.kv_cache = bool(kv_cache) and reason is None
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[PromptRecord], sampling: SamplingParams) -> list[list[Response]]:
@@ -99,36 +100,16 @@ class NativeSampler:
         return out  # type: ignore[return-value]
 
     def _generate_chunk(self, prompts: Sequence[PromptRecord], sp: SamplingParams) -> list[list[Response]]:
+        n = sp.n
+        device = self.groups.device
+        prompt = torch.as_tensor(np.stack([p.token_ids for p in prompts]), dtype=torch.long, device=device)
+        keys = sequence_keys(sp.seed, [p.prompt_id for p in prompts], n).to(device)
         was_training = self.model.training
         self.model.eval()
-        device = self.groups.device
-        n = sp.n
-        prompt = torch.as_tensor(np.stack([p.token_ids for p in prompts]), dtype=torch.long, device=device)
-        tokens = prompt.repeat_interleave(n, dim=0)  # row r = prompt r // n, sample r % n
-        rows = tokens.shape[0]
-        keys = sequence_keys(sp.seed, [p.prompt_id for p in prompts], n).to(device)
-        stops = torch.tensor(self.stop_token_ids, dtype=torch.long, device=device)
-        done = torch.zeros(rows, dtype=torch.bool, device=device)
-        new_tokens, new_logprobs = [], []
-        greedy = sp.temperature == 0
-        for step in range(sp.max_tokens):
-            seq = tokens.shape[1]
-            position_ids = torch.arange(seq, device=device).unsqueeze(0).expand(rows, seq)
-            local = self.model(input_ids=tokens, position_ids=position_ids,
-                               attention_mask=causal_attention_mask(seq, device))[:, -1, :]
-            logits = gather_vocab(local.float(), self.groups)
-            processed = process_logits(logits, sp.temperature, sp.top_p)
-            tok = sample_tokens(processed, keys, step, greedy=greedy)
-            lp = token_logprobs(logits, tok, temperature=sp.temperature, top_p=sp.top_p, mode=sp.logprobs)
-            new_tokens.append(tok)
-            new_logprobs.append(lp)
-            tokens = torch.cat([tokens, tok.unsqueeze(1)], dim=1)
-            done |= torch.isin(tok, stops)
-            if bool(done.all()):
-                break
-        self.model.train(was_training)
-        gen = torch.stack(new_tokens, dim=1).cpu().numpy().astype(np.int32)
-        lps = torch.stack(new_logprobs, dim=1).cpu().numpy().astype(np.float32)
+        try:
+            gen, lps = self._decode(prompt.repeat_interleave(n, dim=0), keys, sp)  # row r = prompt r // n, sample r % n
+        finally:
+            self.model.train(was_training)
         stop_set = set(self.stop_token_ids)
         result: list[list[Response]] = []
         for p in range(len(prompts)):
@@ -142,3 +123,28 @@ class NativeSampler:
                                       finished=end is not None))
             result.append(group)
         return result
+
+    def _decode(self, prompt: torch.Tensor, keys: torch.Tensor, sp: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``prompt [R, P]`` → tokens ``int32 [R, t]`` and behaviour log-probs ``float32 [R, t]``,
+        ``t <= max_tokens`` (decoding stops once every row has emitted a stop token)."""
+        rows = prompt.shape[0]
+        decoder = (KVCacheDecoder(self.model, prompt, sp.max_tokens) if self.kv_cache
+                   else FullSequenceDecoder(self.model, self.groups, prompt))
+        stops = torch.tensor(self.stop_token_ids, dtype=torch.long, device=prompt.device)
+        done = torch.zeros(rows, dtype=torch.bool, device=prompt.device)
+        new_tokens, new_logprobs = [], []
+        greedy = sp.temperature == 0
+        for step in range(sp.max_tokens):
+            logits = decoder.next_logits()  # [R, V], the same on every TP rank
+            processed = process_logits(logits, sp.temperature, sp.top_p)
+            tok = sample_tokens(processed, keys, step, greedy=greedy)
+            lp = token_logprobs(logits, tok, temperature=sp.temperature, top_p=sp.top_p, mode=sp.logprobs)
+            new_tokens.append(tok)
+            new_logprobs.append(lp)
+            done |= torch.isin(tok, stops)
+            if bool(done.all()) or step + 1 == sp.max_tokens:
+                break
+            decoder.append(tok)
+        gen = torch.stack(new_tokens, dim=1).cpu().numpy().astype(np.int32)
+        lps = torch.stack(new_logprobs, dim=1).cpu().numpy().astype(np.float32)
+        return gen, lps
