@@ -1,10 +1,11 @@
 """Next-token logits for the native sampler: two interchangeable decoders over one batch of rows.
 
-Both take the prompt tokens ``[R, P]`` (every row the same length, no padding) and, step by step,
-give the last position's logits over the *whole* vocabulary ``[R, V]`` (fp32, identical on every TP
-rank) and take the token drawn from them:
+Both take the prompt tokens ``[B, P]`` (every prompt the same length, no padding) and ``n`` samples
+per prompt, ``R = B n`` rows (row ``r`` = prompt ``r // n``, sample ``r % n``), and step by step give
+the last position's logits over the *whole* vocabulary ``[R, V]`` (fp32, identical on every TP rank)
+and take the token drawn from them:
 
-    dec = KVCacheDecoder(model, prompt, max_new_tokens)    # or FullSequenceDecoder(model, groups, prompt)
+    dec = KVCacheDecoder(model, prompt, n, max_new_tokens)    # or FullSequenceDecoder(model, groups, prompt, n)
     for step in range(max_new_tokens):
         logits = dec.next_logits()   # [R, V]: p(x_{P+step} | x_{<P+step})
         dec.append(tok)              # tok [R]
@@ -15,8 +16,10 @@ rank) and take the token drawn from them:
 * :class:`KVCacheDecoder` (default): Megatron-Core's own static-batching inference path. A
   ``StaticInferenceContext`` is passed to ``GPTModel.forward(..., inference_context=ctx)``; each
   attention layer stores its keys/values ``[P + T, R, G/TP, d]`` in ``ctx.key_value_memory_dict`` and
-  reads them back, so step 0 (*prefill*) runs ``[R, P]`` under the causal mask and every later step
-  runs ``[R, 1]`` (no mask: the one query sees the whole cache). RoPE is applied at positions
+  reads them back. Step 0 (*prefill*) runs the ``B`` distinct prompts ``[B, P]`` once under the causal
+  mask (the ``n`` samples of a prompt share it: ``n`` times fewer prefill FLOPs), then
+  ``ctx.swap_key_value_dict`` copies cache row ``r // n`` into row ``r``; every later step runs
+  ``[R, 1]`` (no mask: the one query sees the whole cache). RoPE is applied at positions
   ``ctx.sequence_len_offset + i`` (Megatron slices its table by the offset; ``position_ids`` only feed
   learned absolute embeddings). Megatron materialises only the last position's logits and gathers them
   over TP itself (``runtime_gather_output=True``: TP rank order = vocab order, as in :func:`gather_vocab`).
@@ -59,10 +62,10 @@ def kv_cache_supported(model, groups: ParallelGroups) -> str | None:
 class FullSequenceDecoder:
     """No cache: step ``t`` runs the sequence so far, ``[R, P + t]``, forward (see the module docstring)."""
 
-    def __init__(self, model, groups: ParallelGroups, prompt: torch.Tensor):
+    def __init__(self, model, groups: ParallelGroups, prompt: torch.Tensor, n: int):
         self.model = model
         self.groups = groups
-        self.tokens = prompt  # [R, P + t]
+        self.tokens = prompt.repeat_interleave(n, dim=0)  # [R, P + t]
 
     def next_logits(self) -> torch.Tensor:
         """``[R, V]`` fp32 logits of the next token."""
@@ -84,32 +87,39 @@ class KVCacheDecoder:
     Args:
         model: the ``GPTModel`` (or a wrapper forwarding keyword arguments), in eval mode: Megatron
             uses the cache only when ``model.training`` is False.
-        prompt: ``[R, P]`` token ids.
+        prompt: ``[B, P]`` token ids, one row per prompt.
+        n: samples per prompt; the cache has ``R = B n`` rows.
         max_new_tokens: ``T``; the cache holds ``P + T`` positions per row (``[P + T, R, G/TP, d]``
             keys and values per layer, freed with the decoder).
     """
 
-    def __init__(self, model, prompt: torch.Tensor, max_new_tokens: int):
+    def __init__(self, model, prompt: torch.Tensor, n: int, max_new_tokens: int):
         from megatron.core.inference.contexts import StaticInferenceContext
 
-        rows, length = prompt.shape
+        prompts, length = prompt.shape
         self.model = model
-        self.ctx = StaticInferenceContext(max_batch_size=rows, max_sequence_length=length + max_new_tokens)
-        self.pending = prompt  # tokens not yet in the cache: the prompt, then the last drawn token
+        self.n = int(n)
+        self.ctx = StaticInferenceContext(max_batch_size=prompts * self.n, max_sequence_length=length + max_new_tokens)
+        self.pending = prompt  # tokens not yet in the cache: the prompts, then the last drawn token of every row
 
     def next_logits(self) -> torch.Tensor:
         """``[R, V]`` fp32 logits of the next token (the full vocabulary on every TP rank)."""
-        rows, seq = self.pending.shape
+        batch, seq = self.pending.shape
         offset = self.ctx.sequence_len_offset
         device = self.pending.device
-        position_ids = torch.arange(offset, offset + seq, device=device).unsqueeze(0).expand(rows, seq)
+        position_ids = torch.arange(offset, offset + seq, device=device).unsqueeze(0).expand(batch, seq)
         # prefill: the prompt attends causally to itself; decode: one query, every cached key visible
         mask = causal_attention_mask(seq, device) if offset == 0 else None
         logits = self.model(input_ids=self.pending, position_ids=position_ids, attention_mask=mask,
-                            inference_context=self.ctx, runtime_gather_output=True)
+                            inference_context=self.ctx, runtime_gather_output=True)[:, -1, :].float()
         self.ctx.increment_sequence_len_offset(seq)
+        if offset == 0 and self.n > 1:
+            # prefill filled cache rows 0..B-1; row r of the decode batch continues prompt r // n
+            rows = torch.arange(batch, device=device).repeat_interleave(self.n)
+            self.ctx.swap_key_value_dict(rows)
+            logits = logits.repeat_interleave(self.n, dim=0)
         self.ctx.enable_decode_mode()
-        return logits[:, -1, :].float()
+        return logits
 
     def append(self, tok: torch.Tensor) -> None:
         """The next forward feeds ``tok [R]`` (its keys/values enter the cache then)."""

@@ -107,7 +107,7 @@ class NativeSampler:
         was_training = self.model.training
         self.model.eval()
         try:
-            gen, lps = self._decode(prompt.repeat_interleave(n, dim=0), keys, sp)  # row r = prompt r // n, sample r % n
+            gen, lps = self._decode(prompt, keys, sp)  # row r = prompt r // n, sample r % n
         finally:
             self.model.train(was_training)
         stop_set = set(self.stop_token_ids)
@@ -125,11 +125,12 @@ class NativeSampler:
         return result
 
     def _decode(self, prompt: torch.Tensor, keys: torch.Tensor, sp: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
-        """Rows ``prompt [R, P]`` → tokens ``int32 [R, t]`` and behaviour log-probs ``float32 [R, t]``,
-        ``t <= max_tokens`` (decoding stops once every row has emitted a stop token)."""
-        rows = prompt.shape[0]
-        decoder = (KVCacheDecoder(self.model, prompt, sp.max_tokens) if self.kv_cache
-                   else FullSequenceDecoder(self.model, self.groups, prompt))
+        """Prompts ``[B, P]`` × ``sp.n`` samples → tokens ``int32 [R, t]`` and behaviour log-probs
+        ``float32 [R, t]``, ``R = B n`` (row ``r``: prompt ``r // n``), ``t <= max_tokens`` (decoding stops
+        once every row has emitted a stop token)."""
+        rows = prompt.shape[0] * sp.n
+        decoder = (KVCacheDecoder(self.model, prompt, sp.n, sp.max_tokens) if self.kv_cache
+                   else FullSequenceDecoder(self.model, self.groups, prompt, sp.n))
         stops = torch.tensor(self.stop_token_ids, dtype=torch.long, device=prompt.device)
         done = torch.zeros(rows, dtype=torch.bool, device=prompt.device)
         new_tokens, new_logprobs = [], []
