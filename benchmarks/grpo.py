@@ -9,7 +9,10 @@ fresh processes with one torch thread per rank; the first ``warmup`` steps are n
 Reported per configuration: median seconds per step and of its phases (rollout = generate + reward,
 train = advantages + forward/backward over the micro-batches + optimizer, KL reference pass included
 when ``--kl``), and response tokens trained per second. ``dp2_speedup`` is DP=1's median step time over
-DP=2's, measured in this run (each DP rank rolls out and trains on half the prompts).
+DP=2's, measured in this run (each DP rank rolls out and trains on half the prompts). ``dp1_uncached``
+is DP=1 with the native sampler's KV cache off (``rollout.native.kv_cache: false``, every decode step
+reruns the whole sequence); ``kv_cache_speedup_dp1`` its step time over the cached DP=1's, and
+``kv_cache_rollout_speedup_dp1`` the same for the rollout phase (``--no-uncached`` skips it).
 
     python benchmarks/grpo.py --quick        # < 3 minutes on the 2-core CPU box
 
@@ -27,7 +30,7 @@ import time
 from pathlib import Path
 
 
-def _worker(steps: int, warmup: int, kl: float):
+def _worker(steps: int, warmup: int, kl: float, kv_cache: bool = True):
     import torch.distributed as dist
 
     from megatron_cropi.testing.grpo_tiny import build_tiny_trainer, easy_prompts
@@ -39,7 +42,8 @@ def _worker(steps: int, warmup: int, kl: float):
     grpo = {"steps": steps + warmup, "prompts_per_step": 32, "micro_batch_prompts": 32,
             "loss": {"kl_coef": kl, "entropy_coef": 0.0}, "optim": {"lr": 3e-4, "weight_decay": 0.0}}
     trainer = build_tiny_trainer(g, grpo, model={"preset": "cpu-default"}, prompts=easy_prompts(160),
-                                 sampling=SamplingParams(n=8, temperature=1.0, max_tokens=6, seed=1))
+                                 sampling=SamplingParams(n=8, temperature=1.0, max_tokens=6, seed=1),
+                                 kv_cache=kv_cache)
     rows = []
     for i in range(steps + warmup):
         t0 = time.perf_counter()
@@ -66,6 +70,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="10 timed steps per configuration")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--kl", type=float, default=0.0, help="KL coefficient (> 0 adds the reference forward)")
+    ap.add_argument("--no-uncached", action="store_true", help="skip DP=1 without the sampler's KV cache")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
     steps, warmup = (10, 2) if args.quick else (args.steps, 3)
@@ -75,6 +80,12 @@ def main(argv=None) -> int:
         print(f"[grpo bench] DP={dp} ...", file=sys.stderr)
         rows = run_ranks(_worker, dp, args=(steps, warmup, args.kl), timeout_s=600)[0]
         result[f"dp{dp}"] = _summary(rows)
+    if not args.no_uncached:
+        print("[grpo bench] DP=1, no KV cache ...", file=sys.stderr)
+        rows = run_ranks(_worker, 1, args=(steps, warmup, args.kl, False), timeout_s=600)[0]
+        result["dp1_uncached"] = _summary(rows)
+        result["kv_cache_speedup_dp1"] = result["dp1_uncached"]["step_s"] / result["dp1"]["step_s"]
+        result["kv_cache_rollout_speedup_dp1"] = result["dp1_uncached"]["rollout_s"] / result["dp1"]["rollout_s"]
     result["dp2_speedup"] = result["dp1"]["step_s"] / result["dp2"]["step_s"]
     result["train_over_rollout_dp1"] = result["dp1"]["train_s"] / result["dp1"]["rollout_s"]
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -48,6 +48,7 @@ def build_tiny_trainer(
     metrics_dir: str | Path | None = None,
     checkpoint_dir: str | Path | None = None,
     seed: int = 3,
+    kv_cache: bool = True,
 ) -> GrpoTrainer:
     """A :class:`GrpoTrainer` on a ``tiny`` policy (vocab 32) with the native sampler.
 
@@ -59,13 +60,14 @@ def build_tiny_trainer(
         init_seed: parameters are drawn from ``(init_seed, global name)`` (same model in every layout).
         sampling: default ``n=8, T=1, max_tokens=2``.
         metrics_dir: TensorBoard directory (the metrics rank writes there).
+        kv_cache: the native sampler's KV-cached decode (``False``: the full-sequence oracle).
     """
     from megatron_cropi.rollout.native_sampler import NativeSampler
     from megatron_cropi.testing.tiny import build_tiny_model, tiny_model_config
 
     mcfg = tiny_model_config(**({"vocab_size": 32} if model is None else model))
     policy = build_tiny_model(mcfg, groups, seed=init_seed)
-    engine = NativeSampler(policy, groups, stop_token_ids=[1]) if groups.pp_size == 1 else None
+    engine = NativeSampler(policy, groups, stop_token_ids=[1], kv_cache=kv_cache) if groups.pp_size == 1 else None
     cfg = from_dict(GrpoConfig, grpo)
     metrics = MetricsLogger(metrics_dir, enabled=groups.is_metrics_rank) if metrics_dir else None
     return GrpoTrainer(cfg, mcfg, groups, model=policy, engine=engine, rewarder=per_response_rewarder(reward),
