@@ -26,6 +26,9 @@ __all__ = [
     "build_parallel_groups",
     "destroy_parallel_groups",
     "check_layout",
+    "WorkCounter",
+    "work_counter",
+    "broadcast_in_replica",
 ]
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -185,3 +188,42 @@ def destroy_parallel_groups(*, process_group: bool = False) -> None:
         parallel_state.destroy_model_parallel()
     if process_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class WorkCounter:
+    """A job-wide counter: :meth:`take` returns 0, 1, 2, … across all ranks, each number once (an atomic
+    ``add`` on a ``torch.distributed`` key-value store)."""
+
+    def __init__(self, store, key: str):
+        self.store, self.key = store, key
+        self._local = 0
+
+    def take(self) -> int:
+        if self.store is None:  # a lone process without a store
+            self._local += 1
+            return self._local - 1
+        return int(self.store.add(self.key, 1)) - 1
+
+
+def work_counter(key: str) -> WorkCounter:
+    """A :class:`WorkCounter` named ``key`` on the job's rendezvous store (the TCPStore torchrun's ranks
+    share; no new port). ``key`` must be new for each queue: the store lives as long as the job.
+
+    The store is reached through ``distributed_c10d._get_default_store`` (torch has no public accessor);
+    this is the one place that does so."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return WorkCounter(None, key)
+    return WorkCounter(dist.distributed_c10d._get_default_store(), f"megatron_cropi/{key}")
+
+
+def broadcast_in_replica(value: int, groups: ParallelGroups) -> int:
+    """``value`` of this replica's first rank (TP rank 0 of PP stage 0) on every rank of the replica: over
+    the PP group from stage 0, then over the TP group from TP rank 0."""
+    if groups.tp_size == 1 and groups.pp_size == 1:
+        return int(value)
+    box = torch.tensor([int(value)], dtype=torch.int64, device=groups.device)
+    if groups.pp_size > 1 and groups.tp_rank == 0:
+        dist.broadcast(box, src=dist.get_global_rank(groups.pp, 0), group=groups.pp)
+    if groups.tp_size > 1:
+        dist.broadcast(box, src=dist.get_global_rank(groups.tp, 0), group=groups.tp)
+    return int(box.item())

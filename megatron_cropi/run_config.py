@@ -100,6 +100,14 @@ class RunConfig:
             raise ConfigError("selection.guard.source", f"{self.selection.guard.source}: the guard applies to "
                               f"selection.policy cropi only, not {policy} (set it to none)")
 
+        if self.scoring.scale_out:
+            if self.scoring.shortlist.enabled:
+                raise ConfigError("scoring.scale_out", "true with scoring.shortlist: the shortlist carries a "
+                                  "rank-0 ranking of every pool prompt, which scale-out scoring does not keep; turn one off")
+            if self.selection.guard.source == "pool":
+                raise ConfigError("scoring.scale_out", "true with selection.guard.source pool: the pool's mean "
+                                  "gradient would gather the pool's vectors; use guard source check or none")
+
     def _refuse_ignored_keys(self) -> None:
         """A key the chosen mode never reads is an error naming it, not a setting silently dropped.
 

@@ -29,6 +29,7 @@ from megatron_cropi.curriculum.report import publish_stage_report, write_final_r
 from megatron_cropi.curriculum.reuse import reuse_sources
 from megatron_cropi.curriculum.state import RunState
 from megatron_cropi.influence.feature_store import prune_feature_stores
+from megatron_cropi.influence.scale_out import score_store_sharded
 from megatron_cropi.influence.stores import PolicyScorer, score_store
 from megatron_cropi.layout import RunLayout
 from megatron_cropi.metrics import MetricsLogger
@@ -243,9 +244,13 @@ class StageController:
         scorer = self.scorer() if todo else None
         for name in todo:
             t0 = time.perf_counter()
-            stats = score_store(self.behaviour_store(stage, name), paths[name], scorer,
-                                on_chunk=lambda: fault_point("score:chunk"),
-                                shortlist=self.pool_shortlist(stage) if name == "pool" else None)
+            if name == "pool" and self.cfg.scoring.scale_out:  # shards per replica, a shared queue
+                stats = score_store_sharded(self.behaviour_store(stage, name), paths[name], scorer,
+                                            on_unit=lambda: fault_point("score:chunk"))
+            else:
+                stats = score_store(self.behaviour_store(stage, name), paths[name], scorer,
+                                    on_chunk=lambda: fault_point("score:chunk"),
+                                    shortlist=self.pool_shortlist(stage) if name == "pool" else None)
             self.log(f"[score] stage {stage} {name}: {stats.scored} scored, {stats.excluded} zero-variance excluded, "
                      + (f"{stats.shortlisted_out} left out by the shortlist, " if stats.shortlisted_out else "")
                      + f"{stats.flagged} flagged, {stats.seconds:.1f} s ({1e3 * stats.seconds_per_prompt:.1f} ms/prompt)")

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_cropi.influence.feature_store import DONE, FeatureStore
+from megatron_cropi.influence.feature_store import DONE
+from megatron_cropi.influence.sharded_store import load_feature_store
 from megatron_cropi.influence.scorer import scored_layouts
 from megatron_cropi.influence.stores import MemoryFeatureSink, PolicyScorer, score_store
 from megatron_cropi.projection.exact import ExactProjector
@@ -60,7 +61,7 @@ def probe_projection_quality(m: int, features: dict[str, Path], scorer: PolicySc
     target_name = sorted(n for n in features if n.startswith("target-"))[0]
     vecs = {}
     for name in ("pool", target_name):
-        fs = FeatureStore.load(features[name])
+        fs = load_feature_store(features[name])
         usable = np.flatnonzero(fs.statuses() == DONE)
         if usable.size < 3:
             return {"skipped": f"{name} has {usable.size} prompts with a gradient (need 3)"}
@@ -72,7 +73,7 @@ def probe_projection_quality(m: int, features: dict[str, Path], scorer: PolicySc
                                             seed=seed)[1])
         exact = MemoryFeatureSink(len(rows), exact_projector.k)
         score_store(stores[name], exact, full, rows=rows, projector=exact_projector)
-        vecs[name] = (fs.matrix()[rows], exact.features)
+        vecs[name] = (fs.read_rows(rows), exact.features)
     if scorer.groups.rank != 0:
         return {}
     pool_projected, pool_exact = vecs["pool"]

@@ -16,11 +16,20 @@ from typing import Sequence
 import numpy as np
 
 from megatron_cropi.influence.feature_store import DONE, FeatureStore
+from megatron_cropi.influence.scale_out import pool_cosines
+from megatron_cropi.influence.sharded_store import is_sharded_store
 from megatron_cropi.influence.stores import read_complete_store
 from megatron_cropi.layout import RunLayout
 from megatron_cropi.records import PromptRecord
 from megatron_cropi.influence.shortlist import ShortlistConfig, carry_ranking, shortlist_mask
-from megatron_cropi.selection.policies import Selection, SelectionConfig, SelectionInputs, ranking_scores, select
+from megatron_cropi.selection.policies import (
+    Selection,
+    SelectionConfig,
+    SelectionInputs,
+    pool_directions,
+    ranking_scores,
+    select,
+)
 from megatron_cropi.utils.atomic import atomic_write_json
 from megatron_cropi.utils.rank_zero import on_rank0
 
@@ -75,13 +84,16 @@ def _usable(fs: FeatureStore) -> tuple[np.ndarray, np.ndarray]:
 
 
 def selection_inputs(pool: Sequence[PromptRecord], *, pool_rollouts: Path | None, features: dict[str, Path],
-                     previous: set[str]) -> SelectionInputs:
+                     previous: set[str], pool_cosines: tuple | None = None) -> SelectionInputs:
     """What a selection policy reads: the pool's ids, sources and pass rates (from the trajectory store
     ``pool_rollouts``, when there is one: β's, or θ_m's for ``online_learnability``), and the pool's and
     target sets' features when ``features`` names them.
 
     Rows follow the store (the feature stores' row order); pool prompts the store does not hold (a
-    partial online roll-out) follow in prompt-id order with pass rate NaN."""
+    partial online roll-out) follow in prompt-id order with pass rate NaN.
+
+    ``pool_cosines``: ``(usable [N], {direction: cosines [N]})`` of a sharded pool store
+    (:func:`scale_out_cosines`); its features are then not read."""
     if pool_rollouts is not None and pool_rollouts.exists():
         pool_groups, _ = read_complete_store(pool_rollouts)
         held = {g.prompt_id for g in pool_groups}
@@ -95,7 +107,10 @@ def selection_inputs(pool: Sequence[PromptRecord], *, pool_rollouts: Path | None
         inputs = SelectionInputs(prompt_ids=[p.prompt_id for p in ordered], pass_rates=np.full(len(ordered), np.nan),
                                  sources=[p.source for p in ordered], previous=previous)
     if features:
-        inputs.features, inputs.usable = _usable(FeatureStore.load(features["pool"]))
+        if pool_cosines is not None:
+            inputs.usable, inputs.cosines = pool_cosines
+        else:
+            inputs.features, inputs.usable = _usable(FeatureStore.load(features["pool"]))
         for name, path in features.items():
             if name.startswith("target-"):
                 inputs.targets[name[len("target-"):]] = _usable(FeatureStore.load(path))
@@ -117,6 +132,18 @@ def pool_shortlist(cfg: ShortlistConfig, m: int, carried: dict[str, float] | Non
     return choose
 
 
+def scale_out_cosines(cfg: SelectionConfig, features: dict[str, Path], *, seed: int) -> tuple | None:
+    """For a sharded pool store (``scoring.scale_out``), every rank's share of the pool's cosines with the
+    target (and check-guard) directions, met on rank 0 (:func:`~megatron_cropi.influence.scale_out.pool_cosines`);
+    None for an ordinary store. A collective when the store is sharded."""
+    if not features or not is_sharded_store(features["pool"]):
+        return None
+    targets = {name[len("target-"):]: _usable(FeatureStore.load(path)) for name, path in features.items()
+               if name.startswith("target-")}
+    guard = _usable(FeatureStore.load(features["guard"])) if "guard" in features else None
+    return pool_cosines(features["pool"], pool_directions(cfg, targets, guard, seed=seed), use_sign=cfg.use_sign)
+
+
 def select_stage(m: int, *, layout: RunLayout, pool: Sequence[PromptRecord], cfg: SelectionConfig, seed: int,
                  features: dict[str, Path], pool_rollouts: Path | None) -> Selection:
     """Choose stage ``m``'s prompts on global rank 0, write ``selections/stage{m}.json``, and return the
@@ -125,10 +152,12 @@ def select_stage(m: int, *, layout: RunLayout, pool: Sequence[PromptRecord], cfg
     ``pool_rollouts``: the trajectory store the pass rates come from (β's pool store, the stage's
     θ_m store for ``online_learnability``, or None)."""
 
+    t0 = time.perf_counter()
+    cosines = scale_out_cosines(cfg, features, seed=seed)
+
     def choose() -> Selection:
-        t0 = time.perf_counter()
         inputs = selection_inputs(pool, pool_rollouts=pool_rollouts, features=features,
-                                  previous=previous_selections(layout, m))
+                                  previous=previous_selections(layout, m), pool_cosines=cosines)
         result = select(cfg, inputs, stage=m, seed=seed)
         if cfg.policy == "cropi" and inputs.features is not None:
             scores = ranking_scores(cfg, inputs, seed=seed)

@@ -36,6 +36,7 @@ from megatron_cropi.parallel import ParallelGroups
 from megatron_cropi.model.params import ParamLayout
 from megatron_cropi.popi.batch import pack_microbatches, sequence_length_for
 from megatron_cropi.popi.buckets import (
+    ScheduleCall,
     group_lengths,
     group_token_counts,
     length_bucketed_calls,
@@ -48,7 +49,8 @@ from megatron_cropi.popi.loss import PopiLossConfig
 from megatron_cropi.records import RolloutGroup
 from megatron_cropi.utils.rank_zero import share_from_rank0
 
-__all__ = ["ScoringConfig", "ScoreStats", "score_pool", "param_set_hash", "scored_layouts", "last_layers_patterns"]
+__all__ = ["ScoringConfig", "ScoreStats", "score_pool", "param_set_hash", "scored_layouts", "last_layers_patterns",
+           "plan_calls", "trims_padding_rows", "make_capture", "capture_call"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,6 +99,11 @@ class ScoringConfig:
     shortlist: ShortlistConfig = field(default_factory=ShortlistConfig)
     """Score only a shortlist of the pool at stages after the first (``influence/shortlist.py``); off by
     default."""
+    scale_out: bool = False
+    """Score the pool with :mod:`megatron_cropi.influence.scale_out`: each data-parallel replica reads only
+    the rollouts of the units it takes from a shared queue and writes its own shard of a sharded feature
+    store; selection gathers per-row cosines, never k-vectors. The same features and selections as off.
+    Not with ``shortlist`` or ``selection.guard.source: pool``."""
     feature_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     """Storage dtype of the feature stores (read back as float32): float16 scales each row by its max
     |x| (a fp32 scale per row), bfloat16 keeps float32's range; both halve the disk footprint."""
@@ -177,6 +184,46 @@ def param_set_hash(model, groups: ParallelGroups, cfg: ScoringConfig) -> str:
     return hash_strings(sorted(set().union(*map(set, everyone))))
 
 
+def plan_calls(live_lengths: np.ndarray, cfg: ScoringConfig, *, responses_per_prompt: int, seq_length: int
+               ) -> list[ScheduleCall]:
+    """The schedule calls of the live prompts (positions into them), from their lengths alone: uniform
+    calls, or length-aware ones with a token budget (:mod:`megatron_cropi.popi.buckets`). Independent of
+    the number of replicas, so every layout scores the same calls."""
+    ppm = 1 if cfg.mode == "per_prompt" else cfg.prompts_per_microbatch
+    if cfg.max_tokens_per_microbatch:
+        return length_bucketed_calls(live_lengths, responses_per_prompt=responses_per_prompt,
+                                     max_tokens=cfg.max_tokens_per_microbatch, max_prompts=ppm,
+                                     microbatches_per_call=cfg.microbatches_per_call,
+                                     multiple=cfg.length_multiple, cap=seq_length)
+    return uniform_calls(len(live_lengths), prompts_per_call=cfg.prompts_per_microbatch * cfg.microbatches_per_call,
+                         seq_length=seq_length, prompts_per_microbatch=ppm)
+
+
+def trims_padding_rows(cfg: ScoringConfig, groups: ParallelGroups) -> bool:
+    """Whether a call's empty padding rows are dropped: with a token budget at PP = 1 (PP exchanges one
+    activation shape per call)."""
+    return bool(cfg.max_tokens_per_microbatch) and groups.pp_size == 1
+
+
+def make_capture(model, groups: ParallelGroups, projector, cfg: ScoringConfig, temperature: float) -> PopiCapture:
+    """The batched or per-prompt POPI capture of ``cfg`` on this rank's model stage."""
+    return PopiCapture(model, groups, projector, mode=cfg.mode, loss_cfg=cfg.loss, temperature=temperature,
+                       layouts=scored_layouts(model, groups, cfg), truncate_backward=cfg.truncate_backward,
+                       logprob_chunk_tokens=cfg.logprob_chunk_tokens)
+
+
+def capture_call(capture: PopiCapture, call_groups: Sequence[RolloutGroup], call: ScheduleCall, *,
+                 responses_per_prompt: int, pad_id: int, trim_rows: bool):
+    """Projected gradients of one schedule call's groups (in call order): a
+    :class:`~megatron_cropi.popi.capture.CaptureOutput` with ``sketches [n, k]`` and ``finite [n]`` (CPU)."""
+    mbs = pack_microbatches(list(call_groups), list(range(len(call_groups))),
+                            prompts_per_microbatch=call.prompts_per_microbatch,
+                            responses_per_prompt=responses_per_prompt, seq_length=call.seq_length, pad_id=pad_id)
+    if trim_rows:
+        mbs = [without_padding_rows(mb, responses_per_prompt) for mb in mbs]
+    return capture.run(mbs, len(call_groups), responses_per_prompt)
+
+
 def score_pool(
     rollouts: Sequence[RolloutGroup],
     store: FeatureStore | None,
@@ -223,22 +270,12 @@ def score_pool(
     stats.excluded = int(zero_var.sum()) - stats.shortlisted_out
 
     live = np.flatnonzero(~zero_var)
-    ppm = 1 if cfg.mode == "per_prompt" else cfg.prompts_per_microbatch
-    seq = cfg.seq_length or sequence_length_for(rollouts)
     live_groups = [rollouts[i] for i in live]
-    if cfg.max_tokens_per_microbatch:
-        calls = length_bucketed_calls(group_lengths(live_groups), responses_per_prompt=responses_per_prompt,
-                                      max_tokens=cfg.max_tokens_per_microbatch, max_prompts=ppm,
-                                      microbatches_per_call=cfg.microbatches_per_call,
-                                      multiple=cfg.length_multiple, cap=seq)
-    else:
-        calls = uniform_calls(live.size, prompts_per_call=cfg.prompts_per_microbatch * cfg.microbatches_per_call,
-                              seq_length=seq, prompts_per_microbatch=ppm)
+    calls = plan_calls(group_lengths(live_groups), cfg, responses_per_prompt=responses_per_prompt,
+                       seq_length=cfg.seq_length or sequence_length_for(rollouts))
     real_tokens = group_token_counts(live_groups)
-    trim_rows = bool(cfg.max_tokens_per_microbatch) and groups.pp_size == 1  # PP exchanges one shape per call
-    capture = PopiCapture(model, groups, projector, mode=cfg.mode, loss_cfg=cfg.loss, temperature=temperature,
-                          layouts=scored_layouts(model, groups, cfg), truncate_backward=cfg.truncate_backward,
-                          logprob_chunk_tokens=cfg.logprob_chunk_tokens)
+    trim_rows = trims_padding_rows(cfg, groups)
+    capture = make_capture(model, groups, projector, cfg, temperature)
     bar = None
     if progress and rank0:
         from tqdm import tqdm
@@ -257,13 +294,8 @@ def score_pool(
         mine = live[call.indices] if call is not None else live[:0]
         payload = None
         if mine.size:
-            mbs = pack_microbatches([rollouts[i] for i in mine], list(range(mine.size)),
-                                    prompts_per_microbatch=call.prompts_per_microbatch,
-                                    responses_per_prompt=responses_per_prompt, seq_length=call.seq_length,
-                                    pad_id=pad_id)
-            if trim_rows:
-                mbs = [without_padding_rows(mb, responses_per_prompt) for mb in mbs]
-            out = capture.run(mbs, mine.size, responses_per_prompt)
+            out = capture_call(capture, [rollouts[i] for i in mine], call, responses_per_prompt=responses_per_prompt,
+                               pad_id=pad_id, trim_rows=trim_rows)
             if groups.tp_rank == 0 and groups.pp_rank == 0:
                 payload = (mine, out.sketches.numpy(), out.finite.numpy())
         gathered = [None] * dist.get_world_size() if rank0 else None

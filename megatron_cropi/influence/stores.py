@@ -70,10 +70,14 @@ class PolicyScorer:
 
     def header(self, rollouts: Sequence[RolloutGroup]) -> FeatureHeader:
         """The feature-store header of scoring ``rollouts`` (in store-row order) with this policy."""
-        return FeatureHeader(num_rows=len(rollouts), k=self.projector.k, seed=self.projection_seed,
+        return self.header_for([g.prompt_id for g in rollouts])
+
+    def header_for(self, prompt_ids: Sequence[str]) -> FeatureHeader:
+        """The feature-store header of scoring the rows ``prompt_ids`` (store-row order) with this policy."""
+        return FeatureHeader(num_rows=len(prompt_ids), k=self.projector.k, seed=self.projection_seed,
                              projector=json.dumps(self.projector.describe(), sort_keys=True, default=str),
                              param_set_hash=self.param_set_hash, checkpoint_step=self.checkpoint_step,
-                             prompt_id_hash=hash_strings(g.prompt_id for g in rollouts),
+                             prompt_id_hash=hash_strings(prompt_ids),
                              dtype=self.cfg.feature_dtype, responses_per_prompt=self.cfg.max_responses_per_prompt)
 
 

@@ -175,15 +175,21 @@ class TrajectoryStore:
         return store
 
     @classmethod
-    def open(cls, path: str | Path, *, expect: StoreHeader | None = None) -> "TrajectoryStore":
-        """Open for reading; every part is verified; ``expect`` (optional) must match the header."""
-        store = cls._load(Path(path), writable=False, repair=False)
+    def open(cls, path: str | Path, *, expect: StoreHeader | None = None, verify: bool = True) -> "TrajectoryStore":
+        """Open for reading; ``expect`` (optional) must match the header.
+
+        Args:
+            verify: check every part's size and checksum (reads the whole store). Scale-out scoring
+                verifies on one rank and opens unverified on the others, so that 1,000 ranks do not
+                each read a million-prompt store in full.
+        """
+        store = cls._load(Path(path), writable=False, repair=False, verify=verify)
         if expect is not None and store.header.mismatches(expect):
             raise StoreError(f"{path}: trajectory store does not match: " + "; ".join(store.header.mismatches(expect)))
         return store
 
     @classmethod
-    def _load(cls, path: Path, *, writable: bool, repair: bool) -> "TrajectoryStore":
+    def _load(cls, path: Path, *, writable: bool, repair: bool, verify: bool = True) -> "TrajectoryStore":
         if not (path / "header.json").is_file():
             raise StoreError(f"{path}: not a trajectory store (no header.json)")
         raw = _read_json(path / "header.json", "header")
@@ -198,7 +204,7 @@ class TrajectoryStore:
         manifest = _read_json(path / "manifest.json", "manifest")
         good = []
         for part in manifest["parts"]:
-            problem = cls._verify_part(path / "parts" / part["name"], part)
+            problem = cls._verify_part(path / "parts" / part["name"], part) if verify else None
             if problem and not repair:
                 raise StoreError(f"{path / 'parts' / part['name']}: {problem}. The part is truncated or corrupt: "
                                  "restore it, or reopen with repair=True (`cropi rollout --repair`) to drop it and "
@@ -314,6 +320,43 @@ class TrajectoryStore:
             source = pa.memory_map(str(self.path / "parts" / name), "r")
             self._tables[name] = pa.ipc.open_file(source).read_all().combine_chunks()
         return self._tables[name]
+
+    def row_summary(self, max_responses: int = 0) -> dict[str, np.ndarray]:
+        """Per-row scalars in prompt-id order, read column-wise (no :class:`RolloutGroup` is built): what
+        a scoring plan needs of every row while the rollouts themselves stay on disk.
+
+        Args:
+            max_responses: count only each row's first responses (0 = all), as scoring with
+                ``scoring.max_responses_per_prompt`` does.
+
+        Returns:
+            ``longest [N]`` int64 (prompt + longest response), ``tokens [N]`` int64 (Σ_k prompt +
+            response_k), ``zero_variance [N]`` bool (all rewards equal, or none); 17 bytes a row.
+        """
+        import pyarrow.compute as pc
+
+        pids = self.prompt_ids()
+        where = {pid: i for i, pid in enumerate(pids)}
+        longest = np.zeros(len(pids), np.int64)
+        tokens = np.zeros(len(pids), np.int64)
+        zero_var = np.ones(len(pids), bool)
+        for part in self._manifest["parts"]:
+            t = self._table(part["name"])
+            rows = np.array([where[p] for p in t.column("prompt_id").to_pylist()], dtype=np.int64)
+            plen = pc.list_value_length(t.column("prompt_token_ids")).to_numpy(zero_copy_only=False).astype(np.int64)
+            responses = t.column("response_token_ids").combine_chunks()
+            rlen = pc.list_value_length(responses.flatten()).to_numpy(zero_copy_only=False).astype(np.int64)
+            per_row = pc.list_value_length(responses).to_numpy(zero_copy_only=False).astype(np.int64)
+            rewards = t.column("rewards").combine_chunks()
+            rvals = rewards.flatten().to_numpy(zero_copy_only=False)
+            starts = np.concatenate([[0], np.cumsum(per_row)[:-1]])
+            for j, (start, k) in enumerate(zip(starts.tolist(), per_row.tolist())):
+                k = min(k, max_responses) if max_responses else k
+                lens, rew = rlen[start:start + k], rvals[start:start + k]
+                longest[rows[j]] = plen[j] + (int(lens.max()) if k else 0)
+                tokens[rows[j]] = k * plen[j] + int(lens.sum())
+                zero_var[rows[j]] = bool(k == 0 or np.all(rew == rew[0]))
+        return {"longest": longest, "tokens": tokens, "zero_variance": zero_var}
 
     def get(self, prompt_id: str) -> RolloutGroup:
         """The stored group of ``prompt_id`` (KeyError if absent)."""

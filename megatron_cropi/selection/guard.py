@@ -24,7 +24,7 @@ import numpy as np
 from megatron_cropi.config.loader import require
 from megatron_cropi.selection.scores import cosine_scores, target_direction
 
-__all__ = ["GuardConfig", "GuardResult", "guard_candidates"]
+__all__ = ["GuardConfig", "GuardResult", "guard_candidates", "guard_direction"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,20 +66,34 @@ class GuardResult:
     summary: dict
 
 
-def guard_candidates(cfg: GuardConfig, candidates: np.ndarray, features: np.ndarray, usable: np.ndarray,
-                     guard_features: np.ndarray, guard_usable: np.ndarray, *, seed: int) -> GuardResult:
+def guard_direction(cfg: GuardConfig, guard_features: np.ndarray, guard_usable: np.ndarray, *, seed: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """``(direction [k], chosen rows)``: the mean of ``max_prompts`` random usable guard rows (all of them
+    for 0), with the guard's own seed stream.
+
+    Raises:
+        ValueError: the guard set has no prompt with a gradient.
+    """
+    return target_direction(guard_features, guard_usable, max_prompts=cfg.max_prompts or
+                            max(int(np.asarray(guard_usable).sum()), 1), seed=seed + 7919)
+
+
+def guard_candidates(cfg: GuardConfig, candidates: np.ndarray, features: np.ndarray | None, usable: np.ndarray,
+                     guard_features: np.ndarray, guard_usable: np.ndarray, *, seed: int,
+                     pool_cosines: np.ndarray | None = None) -> GuardResult:
     """Which ``candidates`` (rows of ``features [N, k]``) conflict with the guard set.
 
     Args:
         guard_features: ``[U, k]`` projected gradients of the guard set (the pool's own for ``pool``).
         guard_usable: ``[U]`` rows of the guard set with a gradient.
+        pool_cosines: ``[N]`` the pool's cosines with :func:`guard_direction`, computed elsewhere
+            (scale-out scoring); then ``features`` is not read.
 
     Raises:
         ValueError: the guard set has no prompt with a gradient.
     """
-    direction, chosen = target_direction(guard_features, guard_usable, max_prompts=cfg.max_prompts or
-                                         max(int(np.asarray(guard_usable).sum()), 1), seed=seed + 7919)
-    cos = cosine_scores(features, usable, direction)[candidates]
+    direction, chosen = guard_direction(cfg, guard_features, guard_usable, seed=seed)
+    cos = (pool_cosines if pool_cosines is not None else cosine_scores(features, usable, direction))[candidates]
     keep = np.isfinite(cos) & (cos >= cfg.threshold)
     summary = {"source": cfg.source, "mode": cfg.mode, "threshold": cfg.threshold,
                "guard_prompts_used": int(chosen.size), "candidates": int(candidates.size),

@@ -23,11 +23,11 @@ from typing import Literal, Sequence
 import numpy as np
 
 from megatron_cropi.config.loader import require
-from megatron_cropi.selection.guard import GuardConfig, guard_candidates
+from megatron_cropi.selection.guard import GuardConfig, guard_candidates, guard_direction
 from megatron_cropi.selection.scores import cosine_scores, fuse_max, fuse_reciprocal_rank, target_direction, top_m
 
 __all__ = ["SelectionConfig", "Selection", "SelectionInputs", "SelectionError", "select", "learnability_top",
-           "ranking_scores"]
+           "ranking_scores", "pool_directions"]
 
 POLICIES = ("cropi", "full", "random", "learnability", "online_learnability", "pass_rate_band")
 
@@ -81,6 +81,9 @@ class SelectionInputs:
         targets: ``{name: (features [M, k], usable [M])}`` per target set (cropi only).
         previous: prompt ids picked by earlier stages.
         guard: ``(features [U, k], usable [U])`` of the guard set (``selection.guard.source: check``).
+        cosines: instead of ``features``, the pool's cosines computed where its features are
+            (``scoring.scale_out``): ``{"target:<name>": [N], "guard": [N]}`` against the directions
+            :func:`pool_directions` gives, ``-inf`` where not usable.
     """
 
     prompt_ids: Sequence[str]
@@ -91,6 +94,27 @@ class SelectionInputs:
     targets: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     previous: set[str] = field(default_factory=set)
     guard: tuple[np.ndarray, np.ndarray] | None = None
+    cosines: dict[str, np.ndarray] | None = None
+
+    def pool_cosine(self, name: str, direction: np.ndarray, use_sign: bool) -> np.ndarray:
+        """``[N]`` cosines of the pool with ``direction`` (the one named ``name``): precomputed, or from the
+        features."""
+        if self.features is None and self.cosines is not None:
+            return self.cosines[name]
+        return cosine_scores(self.features, self.usable, direction, use_sign=use_sign)
+
+
+def pool_directions(cfg: SelectionConfig, targets: dict[str, tuple[np.ndarray, np.ndarray]],
+                    guard: tuple[np.ndarray, np.ndarray] | None, *, seed: int) -> dict[str, np.ndarray]:
+    """The directions the pool's cosines are taken with: ``target:<name>`` for each target set with a
+    gradient, and ``guard`` for a check-set guard; the same choice of prompts as :func:`select` makes."""
+    out = {}
+    for name, (tf, tu) in sorted(targets.items()):
+        if np.asarray(tu).any():
+            out[f"target:{name}"] = target_direction(tf, tu, max_prompts=cfg.max_target_prompts, seed=seed)[0]
+    if guard is not None and cfg.guard.source == "check" and np.asarray(guard[1]).any():
+        out["guard"] = guard_direction(cfg.guard, *guard, seed=seed)[0]
+    return out
 
 
 @dataclass
@@ -152,7 +176,7 @@ def _cropi(cfg, inp: SelectionInputs, cand: np.ndarray, m: int, seed: int):
         except ValueError as err:
             skipped[name] = str(err)
             continue
-        s = cosine_scores(inp.features, inp.usable, direction, use_sign=cfg.use_sign)
+        s = inp.pool_cosine(f"target:{name}", direction, cfg.use_sign)
         mask = np.full_like(s, -np.inf)
         mask[cand] = s[cand]
         per_target.append(mask)
@@ -179,7 +203,8 @@ def _guarded(cfg: SelectionConfig, inp: SelectionInputs, cand: np.ndarray, seed:
     else:  # pool: the pool's own mean gradient (full-data GRPO's direction)
         guard_features, guard_usable = inp.features, inp.usable
     try:
-        result = guard_candidates(guard, cand, inp.features, inp.usable, guard_features, guard_usable, seed=seed)
+        result = guard_candidates(guard, cand, inp.features, inp.usable, guard_features, guard_usable, seed=seed,
+                                  pool_cosines=None if inp.cosines is None else inp.cosines.get("guard"))
     except ValueError as err:
         raise SelectionError(f"selection.guard (source {guard.source}): {err}") from None
     if guard.mode == "demote":
@@ -206,14 +231,14 @@ def ranking_scores(cfg: SelectionConfig, inp: SelectionInputs, *, seed: int) -> 
     direction (the directions ``select`` uses); ``-inf`` for prompts without a gradient. What the pool
     shortlist of the next stage ranks by (``influence/shortlist.py``)."""
     out = np.full(len(inp.prompt_ids), -np.inf)
-    if inp.features is None or inp.usable is None:
+    if (inp.features is None and inp.cosines is None) or inp.usable is None:
         return out
-    for _, (tf, tu) in sorted(inp.targets.items()):
+    for name, (tf, tu) in sorted(inp.targets.items()):
         try:
             direction, _ = target_direction(tf, tu, max_prompts=cfg.max_target_prompts, seed=seed)
         except ValueError:
             continue
-        out = np.maximum(out, cosine_scores(inp.features, inp.usable, direction, use_sign=cfg.use_sign))
+        out = np.maximum(out, inp.pool_cosine(f"target:{name}", direction, cfg.use_sign))
     return out
 
 

@@ -1,0 +1,164 @@
+"""Scoring that scales out: replicas read their own rows, write their own shards, take work from a queue.
+
+:func:`score_store_sharded` scores a trajectory store into a
+:class:`~megatron_cropi.influence.sharded_store.ShardedFeatureStore`:
+
+* **plan from scalars.** Every rank reads three scalars per row column-wise
+  (:meth:`~megatron_cropi.rollout.store.TrajectoryStore.row_summary`: longest sequence, tokens,
+  all-equal rewards; 17 bytes a row) and computes the same schedule calls
+  (:func:`~megatron_cropi.influence.scorer.plan_calls`, independent of the number of replicas). A unit is
+  one call. The rollouts stay on disk: a replica reads the groups of the units it scores and nothing else.
+* **a shared queue.** The first rank of each replica (TP rank 0, PP rank 0) takes the next unit number
+  from a counter in the job's key-value store (:func:`~megatron_cropi.parallel.work_counter`) and
+  passes it to the replica's other ranks; a slow replica takes fewer units and nobody waits for it
+  until the end.
+* **own shard, nothing gathered.** The replica writes the unit's k-vectors to its shard of the store
+  (one atomic file per unit). Units already on disk are not queued again, so a killed run resumes with
+  any number of replicas and the same result.
+
+:func:`pool_cosines` is what selection needs from the pool: the cosine of every row with a few
+directions. Each rank reads a share of the unit files and sends only ``(row, cosine)`` scalars to rank 0
+(17 + 8 bytes per row and direction, instead of 4k bytes per row).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_cropi.influence.feature_store import DONE, FLAGGED
+from megatron_cropi.influence.scorer import ScoreStats, capture_call, make_capture, plan_calls, trims_padding_rows
+from megatron_cropi.influence.sharded_store import ShardedFeatureStore
+from megatron_cropi.influence.stores import PolicyScorer
+from megatron_cropi.parallel import broadcast_in_replica, work_counter
+from megatron_cropi.popi.buckets import padded_tokens
+from megatron_cropi.rollout.store import TrajectoryStore
+from megatron_cropi.selection.scores import cosine_scores
+from megatron_cropi.utils.rank_zero import on_rank0, share_from_rank0
+
+__all__ = ["score_store_sharded", "pool_cosines"]
+
+
+def _open_rollouts(path: Path) -> TrajectoryStore:
+    """Rank 0 verifies every part of the store; the others open it without reading it whole."""
+    def verify():
+        store = TrajectoryStore.open(path)
+        if not store.complete:
+            raise RuntimeError(f"{store.path} is not complete; rerun to finish its rollouts")
+
+    on_rank0(verify)
+    return TrajectoryStore.open(path, verify=False)
+
+
+def score_store_sharded(rollouts_dir: Path, out: Path, scorer: PolicyScorer, *, max_units: int | None = None,
+                        on_unit=None) -> ScoreStats:
+    """Projected POPI gradients of the trajectory store ``rollouts_dir`` into the sharded store ``out``.
+
+    A collective: every rank calls it. Features equal :func:`~megatron_cropi.influence.stores.score_store`'s
+    row for row (the same calls, the same capture).
+
+    Args:
+        max_units: each replica stops after this many units (tests of resume).
+        on_unit: called on every rank after each unit its replica wrote (fault injection in tests).
+
+    Returns:
+        :class:`~megatron_cropi.influence.scorer.ScoreStats` summed over replicas, the same on every rank.
+    """
+    t0 = time.perf_counter()
+    g, cfg = scorer.groups, scorer.cfg
+    store = _open_rollouts(Path(rollouts_dir))
+    sampling = store.header.sampling_params
+    k = sampling.n
+    cap = cfg.max_responses_per_prompt if cfg.max_responses_per_prompt and cfg.max_responses_per_prompt < k else 0
+    k = cap or k
+    prompt_ids = store.prompt_ids()
+    summary = store.row_summary(cap)
+    live = np.flatnonzero(~summary["zero_variance"])
+    seq = cfg.seq_length or int(summary["longest"].max(initial=1))
+    calls = plan_calls(summary["longest"][live], cfg, responses_per_prompt=k, seq_length=seq)
+    header = scorer.header_for(prompt_ids)
+    on_rank0(lambda: ShardedFeatureStore.open(out, header, excluded=np.flatnonzero(summary["zero_variance"])) and None)
+    shards = ShardedFeatureStore.load(out)
+    done = share_from_rank0(sorted(shards.done_units()) if g.rank == 0 else None)
+    pending = [u for u in range(len(calls)) if u not in set(done)]
+    counter = work_counter(f"score/{share_from_rank0(uuid.uuid4().hex)}")
+    capture = make_capture(scorer.model, g, scorer.projector, cfg, sampling.logprob_temperature)
+    trim, lead = trims_padding_rows(cfg, g), g.tp_rank == 0 and g.pp_rank == 0
+    # per replica: [scored, flagged, tokens, padded tokens, units]; summed over the leads at the end
+    mine = np.zeros(5, np.int64)
+    while True:
+        take = 0
+        if lead:  # only the replica's first rank draws from the queue; the others learn the number from it
+            take = -1 if max_units is not None and mine[4] >= max_units else counter.take()
+        index = broadcast_in_replica(take, g)
+        if index < 0 or index >= len(pending):
+            break
+        unit = pending[index]
+        call = calls[unit]
+        rows = live[call.indices]
+        groups_list = [store.get(prompt_ids[r]) for r in rows]
+        if cap:
+            groups_list = [dataclasses.replace(x, responses=x.responses[:cap], rewards=x.rewards[:cap])
+                           for x in groups_list]
+        result = capture_call(capture, groups_list, call, responses_per_prompt=k, pad_id=scorer.pad_id,
+                              trim_rows=trim)
+        finite = result.finite.numpy()
+        if lead:
+            shards.write_unit(g.dp_rank, unit, rows, result.sketches.numpy(),
+                              np.where(finite, DONE, FLAGGED).astype(np.uint8))
+            mine += [rows.size, int((~finite).sum()), int(summary["tokens"][rows].sum()),
+                     padded_tokens(call, k, padding_rows=not trim), 1]
+        if on_unit is not None:
+            on_unit()
+    totals = torch.tensor(mine if lead else np.zeros(5, np.int64), dtype=torch.int64, device=g.device)
+    dist.all_reduce(totals)  # also the barrier: every unit is on disk when anyone returns
+    scored, flagged, tokens, padded, _ = (int(v) for v in totals.tolist())
+    skipped = int(sum(len(calls[u].indices) for u in done))
+    return ScoreStats(rows=len(prompt_ids), scored=scored, excluded=int(summary["zero_variance"].sum()),
+                      flagged=flagged, skipped_done=skipped, seconds=time.perf_counter() - t0, tokens=tokens,
+                      padded_tokens=padded)
+
+
+def pool_cosines(path: Path, directions: dict[str, np.ndarray], *, use_sign: bool = False
+                 ) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
+    """Every row's cosine with each of ``directions`` (``{name: [k]}``, the same on every rank), computed
+    where the features are: rank ``r`` reads unit files ``r, r + W, …`` of the sharded store ``path``.
+
+    A collective. Rank 0 receives ``(rows, usable, cosines)`` scalars only.
+
+    Returns:
+        On global rank 0: ``(usable [N] bool, {name: cosines [N] float64, -inf where not usable})``,
+        as :func:`~megatron_cropi.selection.scores.cosine_scores` gives them; None on the other ranks.
+    """
+    store = ShardedFeatureStore.load(path)
+    files = store.unit_files()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    rows, usable, cos = [], [], {name: [] for name in directions}
+    for unit in store.iter_units(files[rank::world]):
+        ok = (unit.status == DONE) & (np.abs(unit.features).sum(1) > 0)
+        rows.append(unit.rows)
+        usable.append(ok)
+        for name, d in directions.items():
+            cos[name].append(cosine_scores(unit.features, ok, d, use_sign=use_sign) if unit.rows.size else
+                             np.zeros(0))
+    cat = (lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype))
+    payload = (cat(rows, np.int64), cat(usable, bool), {n: cat(v, np.float64) for n, v in cos.items()})
+    gathered = [None] * world if rank == 0 else None
+    dist.gather_object(payload, gathered, dst=0)
+    if rank != 0:
+        return None
+    n = store.header.num_rows
+    all_usable = np.zeros(n, bool)
+    all_cos = {name: np.full(n, -np.inf) for name in directions}
+    for r, u, c in gathered:
+        all_usable[r] = u
+        for name in directions:
+            all_cos[name][r] = c[name]
+    return all_usable, all_cos
+
