@@ -13,7 +13,9 @@ conversion all need to know, for each local element, which element of the *unsha
   TP rank; they are *owned* by TP rank 0 so that sums over the TP group count them once. Qwen3's
   per-head q/k norms are the exception: their values are replicated but each TP rank's raw gradient
   comes from its own heads only (``grad_partial_over_tp``), so the raw gradients of all TP ranks add
-  up, as megatron's ``finalize_model_grads`` adds them for training.
+  up, as megatron's ``finalize_model_grads`` adds them for training. Under sequence parallelism
+  (``sequence_parallel`` on, TP > 1) the same holds for every parameter megatron flags
+  ``param.sequence_parallel`` (the norms): each TP rank's raw gradient sums over its sequence shard only.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ class ParamLayout:
         pieces: ``(local_slices, ShardSpec)`` pairs covering the local tensor.
         owned: False for a TP-replicated parameter on TP ranks other than 0.
         grad_partial_over_tp: replicated values, but the raw gradient on each TP rank is a partial sum
-            (q/k norms: each rank normalises its own heads); the TP ranks' raw gradients add up.
+            (q/k norms: each rank normalises its own heads; under sequence parallelism every norm: each
+            rank normalises its own positions); the TP ranks' raw gradients add up.
     """
 
     local_name: str
@@ -80,6 +83,11 @@ def _is_qk_norm(local_name: str, model) -> bool:
         ".q_layernorm." in local_name or ".k_layernorm." in local_name)
 
 
+def _is_sequence_parallel(param, model) -> bool:
+    # finalize_model_grads' other TP-sum rule: config.sequence_parallel and param.sequence_parallel
+    return bool(getattr(model.config, "sequence_parallel", False)) and bool(getattr(param, "sequence_parallel", False))
+
+
 def param_layouts(model, groups: ParallelGroups) -> dict[str, ParamLayout]:
     """The :class:`ParamLayout` of every parameter of this rank's model, by local name."""
     tied = bool(getattr(model, "share_embeddings_and_output_weights", False))
@@ -114,7 +122,9 @@ def param_layouts(model, groups: ParallelGroups) -> dict[str, ParamLayout]:
         else:
             pieces = ((full, ShardSpec(gname, local_shape, (0,) * len(local_shape), local_shape)),)
             owned = tp_rank == 0
-        layouts[name] = ParamLayout(name, pieces, owned, grad_partial_over_tp=_is_qk_norm(name, model))
+        partial = tp > 1 and not getattr(p, "tensor_model_parallel", False) and (
+            _is_qk_norm(name, model) or _is_sequence_parallel(p, model))
+        layouts[name] = ParamLayout(name, pieces, owned, grad_partial_over_tp=partial)
     return layouts
 
 

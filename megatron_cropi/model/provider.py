@@ -15,7 +15,8 @@ import torch
 from megatron_cropi.model.config import ModelConfig
 from megatron_cropi.parallel import ParallelGroups
 
-__all__ = ["build_transformer_config", "build_layer_spec", "build_gpt_model", "resolve_layer_spec", "DTYPES"]
+__all__ = ["build_transformer_config", "build_layer_spec", "build_gpt_model", "resolve_layer_spec", "DTYPES",
+           "SequenceParallelTorchNorm"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -84,7 +85,71 @@ def build_layer_spec(cfg: ModelConfig, kind: str | None = None):
     qk_norm = bool(cfg.transformer.get("qk_layernorm", False))
     if kind == "te":
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
-    return get_gpt_layer_local_spec(qk_layernorm=qk_norm, normalization=cfg.transformer["normalization"])
+    spec = get_gpt_layer_local_spec(qk_layernorm=qk_norm, normalization=cfg.transformer["normalization"])
+    if cfg.transformer.get("sequence_parallel"):
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        spec = _replace_module(spec, WrappedTorchNorm, SequenceParallelTorchNorm)
+    return spec
+
+
+class SequenceParallelTorchNorm:
+    """A torch ``RMSNorm``/``LayerNorm`` for the local spec under sequence parallelism.
+
+    megatron-core's local spec builds its norms with ``WrappedTorchNorm``, which refuses
+    ``sequence_parallel`` (an assertion at model build). Under SP a norm sees this rank's sequence shard
+    ``[s/t, b, h]`` (q/k norms: all positions, this rank's heads), so its weight gradient on each TP rank
+    is a partial sum; the flag ``param.sequence_parallel`` is what megatron's ``finalize_model_grads``
+    reads to all-reduce it over TP, and what :func:`~megatron_cropi.model.params.param_layouts` reads to
+    treat it as a TP partial. The module itself is the plain torch class, so the batched POPI tap
+    (:mod:`megatron_cropi.popi.hooks`) hooks it like any other norm.
+    """
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_):
+        kinds = {"RMSNorm": torch.nn.RMSNorm, "LayerNorm": torch.nn.LayerNorm}
+        for flag in ("layernorm_zero_centered_gamma", "persist_layer_norm", "memory_efficient_layer_norm"):
+            if getattr(config, flag, False):  # what WrappedTorchNorm refuses too
+                raise ValueError(f"model.transformer.{flag} is not supported by torch norms (local spec)")
+        if config.normalization not in kinds:
+            raise ValueError(f"model.transformer.normalization={config.normalization!r}: expected RMSNorm or "
+                             "LayerNorm with sequence_parallel on the local spec")
+        norm = kinds[config.normalization](hidden_size, eps=eps)
+        for p in norm.parameters():
+            setattr(p, "sequence_parallel", bool(config.sequence_parallel))
+        return norm
+
+
+def _replace_module(spec, old: type, new: type):
+    """``spec`` (a ``ModuleSpec`` tree) with every ``old`` module class replaced by ``new``."""
+    import dataclasses
+
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    if spec is old:
+        return new
+    if isinstance(spec, ModuleSpec):
+        return dataclasses.replace(spec, module=_replace_module(spec.module, old, new),
+                                   submodules=_replace_module(spec.submodules, old, new))
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        return dataclasses.replace(spec, **{f.name: _replace_module(getattr(spec, f.name), old, new)
+                                            for f in dataclasses.fields(spec) if f.init})
+    return spec
+
+
+def _block_spec(layer_spec, tcfg, groups: ParallelGroups):
+    """Under sequence parallelism on the local spec, the decoder block with its final norm made the same
+    way as the layers' (:class:`SequenceParallelTorchNorm`): given a layer spec, megatron-core picks the
+    final norm itself (TE's, apex's, or ``WrappedTorchNorm``, which refuses SP)."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    if not (tcfg.sequence_parallel and isinstance(layer_spec, ModuleSpec)):
+        return layer_spec
+    norm = getattr(layer_spec.submodules, "input_layernorm", None)
+    if norm is not SequenceParallelTorchNorm:
+        return layer_spec
+    layers = get_num_layers_to_build(tcfg, pp_rank=groups.pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * layers, layer_norm=SequenceParallelTorchNorm)
 
 
 def build_gpt_model(cfg: ModelConfig, groups: ParallelGroups, *, layer_spec=None, transformer_config=None):
@@ -105,7 +170,7 @@ def build_gpt_model(cfg: ModelConfig, groups: ParallelGroups, *, layer_spec=None
     tcfg = transformer_config or build_transformer_config(cfg, groups)
     model = GPTModel(
         config=tcfg,
-        transformer_layer_spec=layer_spec or build_layer_spec(cfg),
+        transformer_layer_spec=_block_spec(layer_spec or build_layer_spec(cfg), tcfg, groups),
         vocab_size=cfg.vocab_size,
         max_sequence_length=cfg.max_sequence_length,
         pre_process=groups.is_first_stage,

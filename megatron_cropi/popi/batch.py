@@ -17,7 +17,7 @@ import torch
 
 from megatron_cropi.records import RolloutGroup
 
-__all__ = ["PopiMicrobatch", "pack_microbatches", "sequence_length_for"]
+__all__ = ["PopiMicrobatch", "pack_microbatches", "sequence_length_for", "pad_sequence_length"]
 
 
 @dataclass
@@ -125,3 +125,22 @@ def pack_microbatches(
             rows=list(rows[start:start + prompts_per_microbatch]),
         ))
     return out
+
+
+def pad_sequence_length(mb: PopiMicrobatch, length: int) -> PopiMicrobatch:
+    """``mb`` right-padded from ``S`` to ``length ≥ S`` positions: token 0, position ids going on, mask
+    and behaviour log-probs 0. Under a causal mask the new positions change nothing at the old ones and
+    carry no loss, so every gradient is unchanged (sequence parallelism needs ``S`` divisible by TP)."""
+    n, s = mb.tokens.shape
+    if length < s:
+        raise ValueError(f"cannot pad a micro-batch of {s} positions to {length}")
+    if length == s:
+        return mb
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t, t.new_zeros(n, length - s)], dim=1)
+
+    positions = torch.arange(length, dtype=mb.position_ids.dtype, device=mb.position_ids.device)
+    return PopiMicrobatch(tokens=pad(mb.tokens), position_ids=positions.unsqueeze(0).expand(n, length).contiguous(),
+                          labels=pad(mb.labels), mask=pad(mb.mask), behaviour_logprobs=pad(mb.behaviour_logprobs),
+                          rewards=mb.rewards, group_index=mb.group_index, rows=mb.rows)

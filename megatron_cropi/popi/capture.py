@@ -15,6 +15,9 @@ Modes (must agree to float error):
 With ``truncate_backward`` the backward stops below the lowest scored module
 (:mod:`megatron_cropi.popi.truncate`); the sketches are those of the full backward.
 
+Under sequence parallelism (local spec) both modes hold; micro-batches are padded to a length TP
+divides (:func:`~megatron_cropi.popi.batch.pad_sequence_length`).
+
 Non-finite log-probs, losses or sketches flag the prompt (its sketch is zeroed) and the run goes on.
 """
 
@@ -30,7 +33,7 @@ from megatron_cropi.model.logprobs import DEFAULT_CHUNK_TOKENS, vocab_parallel_l
 from megatron_cropi.model.params import ParamLayout, param_layouts
 from megatron_cropi.model.schedule import broadcast_from_last_stage, causal_attention_mask, forward_backward, scale_for_schedule
 from megatron_cropi.parallel import ParallelGroups
-from megatron_cropi.popi.batch import PopiMicrobatch
+from megatron_cropi.popi.batch import PopiMicrobatch, pad_sequence_length
 from megatron_cropi.popi.hooks import BatchedTap, PerPromptTap
 from megatron_cropi.popi.loss import PopiLossConfig, popi_group_losses
 from megatron_cropi.popi.truncate import BackwardCut, lowest_scored_position
@@ -135,6 +138,10 @@ class PopiCapture:
                              f"{sorted({tuple(mb.tokens.shape) for mb in microbatches})}")
         if self.mode == "per_prompt" and any(mb.num_groups != 1 or n_seq != k for mb in microbatches):
             raise ValueError("per_prompt capture needs exactly one prompt (K sequences) per micro-batch")
+        if getattr(self.model.config, "sequence_parallel", False) and seq % g.tp_size:
+            # sequence parallelism splits positions TP ways; padded positions change no gradient
+            seq += g.tp_size - seq % g.tp_size
+            microbatches = [pad_sequence_length(mb, seq) for mb in microbatches]
         partial = torch.zeros(num_rows, self.projector.k, dtype=torch.float32, device=device)
         finite_rows = torch.ones(num_rows, dtype=torch.bool, device=device)
         mask = causal_attention_mask(seq, device)

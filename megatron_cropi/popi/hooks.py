@@ -28,9 +28,19 @@ each stage output sets ``backward_mb = j``. A layer's forward hook tags its clos
 Either way the tag is fixed when the tensors are made, from the pass that makes them, and never read
 from later global state (``tests/distributed/test_popi_capture_recompute.py``).
 
+**Sequence parallelism** (``sequence_parallel``, TP > 1, local spec): activations between layers are
+this rank's positions ``[s/t, N, h]``. A ColumnParallelLinear gathers its input inside its forward, so
+its forward hook holds the shard and the backward hook all-gathers it (once per layer and backward,
+as megatron's own weight-gradient path does); a RowParallelLinear reduce-scatters its output, so the
+hook all-gathers the output gradient; the RoPE embedding reduce-scatters the looked-up rows, so its
+gradient is gathered too. Norms need nothing: a norm's per-prompt gradient from its own positions is a
+TP partial, flagged ``grad_partial_over_tp`` like the q/k norms' and summed with the sketch.
+Micro-batch lengths are padded to a multiple of TP by :class:`~megatron_cropi.popi.capture.PopiCapture`
+(``tests/distributed/test_popi_capture_sp.py``).
+
 Both add into ``partial[row]`` (``[num_rows, k]`` float32), this rank's share of each prompt's sketch;
-TP-replicated parameters are projected on TP rank 0 only, except q/k norms whose raw gradient is a
-partial sum over TP ranks (:attr:`ParamLayout.projects_raw_grad`).
+TP-replicated parameters are projected on TP rank 0 only, except q/k norms (and under SP every norm)
+whose raw gradient is a partial sum over TP ranks (:attr:`ParamLayout.projects_raw_grad`).
 """
 
 from __future__ import annotations
@@ -48,11 +58,25 @@ from megatron_cropi.popi.per_sample import (
     grouped_norm_grads,
 )
 
-__all__ = ["PerPromptTap", "BatchedTap", "UnsupportedParameterError"]
+__all__ = ["PerPromptTap", "BatchedTap", "UnsupportedParameterError", "gather_sequence"]
 
 
 class UnsupportedParameterError(RuntimeError):
     """A parameter selected for scoring is not reachable by the batched tap."""
+
+
+def gather_sequence(t: torch.Tensor, group) -> torch.Tensor:
+    """All-gather sequence shards ``[s/t, ...]`` of the TP ``group`` into ``[s, ...]`` (rank order, as
+    megatron splits them). A collective: every rank of ``group`` must call it in the same order (the
+    TP ranks run the same hooks in the same backward order)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    if world == 1:
+        return t
+    out = t.new_empty((t.shape[0] * world,) + tuple(t.shape[1:]))
+    dist.all_gather_into_tensor(out, t.contiguous(), group=group)
+    return out
 
 
 def _project_into(partial: torch.Tensor, rows: torch.Tensor, projector, layout: ParamLayout, grads: torch.Tensor):
@@ -162,6 +186,7 @@ class BatchedTap(_Tap):
         )
 
         super().__init__(model)
+        self._column_cls = ColumnParallelLinear
         self.layouts, self.projector, self.partial = layouts, projector, partial
         self.k = responses_per_prompt
         self.restart_at_embedding = restart_at_embedding
@@ -234,11 +259,20 @@ class BatchedTap(_Tap):
         if not y.requires_grad:
             return
         mb = self._tag()
+        # Sequence parallelism (module docstring, *Sequence parallelism*): which side is a shard.
+        sp = bool(getattr(module, "sequence_parallel", False))
+        column = isinstance(module, self._column_cls)
 
         def on_grad(dy, x=x, weight=weight, bias=bias, mb=mb):
             if id(weight) in self._by_param:
-                self._add(weight, mb, grouped_linear_weight_grads(x.detach(), dy, self.k))
+                xw, dyw = x.detach(), dy
+                if sp and column:
+                    xw = gather_sequence(xw, module.tp_group)
+                elif sp:
+                    dyw = gather_sequence(dy, module.tp_group)
+                self._add(weight, mb, grouped_linear_weight_grads(xw, dyw, self.k))
             if isinstance(bias, torch.nn.Parameter) and id(bias) in self._by_param:
+                # a row-parallel bias under SP: this rank's positions, a TP partial (ParamLayout)
                 self._add(bias, mb, grouped_bias_grads(dy, self.k))
 
         y.register_hook(on_grad)
@@ -269,7 +303,13 @@ class BatchedTap(_Tap):
         # the gradient of the looked-up rows.
         out = output.detach().requires_grad_(True)
 
+        scattered = bool(getattr(module, "reduce_scatter_embeddings", False))
+
         def on_grad(dy, ids=ids, mb=mb):
+            if id(module.weight) not in self._by_param:
+                return
+            if scattered:  # SP: [s/t, N, h] of this rank's positions -> [N, s, h]
+                dy = gather_sequence(dy, module.tp_group).transpose(0, 1)
             grads = grouped_embedding_grads(ids, dy, self.k, vocab_start=module.vocab_start_index,
                                             vocab_size_local=module.num_embeddings_per_partition)
             self._add(module.weight, mb, grads)
