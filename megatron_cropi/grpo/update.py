@@ -10,7 +10,8 @@ replica passes the same ones) with their positions in the step's global prompt b
    the split does not depend on the DP size) and packs each into fixed-shape micro-batches
    (:func:`megatron_cropi.popi.batch.pack_microbatches`: ``micro_batch_prompts × K`` rows, one
    sequence length for the whole step; with ``length_aware_microbatches`` at PP = 1 the groups are
-   sorted by length and each micro-batch is padded to its own longest);
+   sorted by length and each micro-batch is padded to its own longest); under sequence parallelism
+   every length is a multiple of TP (megatron splits positions TP ways);
 3. before any update, computes the reference policy's log-probs (KL > 0) and, when configured, the
    old policy's by forward-only passes;
 4. per mini-batch: counts the response tokens and sequences over all DP ranks
@@ -62,6 +63,10 @@ def _allreduce(values: list[float], groups: ParallelGroups, op=dist.ReduceOp.SUM
     return t.tolist()
 
 
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 def _padding_microbatch(rows: int, seq: int) -> PopiMicrobatch:
     """A micro-batch with no response token (a DP rank with nothing to train still joins the reduction)."""
     zeros = torch.zeros(rows, seq, dtype=torch.int64)
@@ -97,7 +102,11 @@ class PolicyLearner:
         k = max((len(g.responses) for g in live), default=1)
         s = max((len(g.prompt.token_ids) + len(r.token_ids) for g in live for r in g.responses), default=2)
         k, s = _allreduce([k, s], self.groups, op=dist.ReduceOp.MAX)
-        return int(k), int(s)
+        return int(k), _round_up(int(s), self._length_unit())
+
+    def _length_unit(self) -> int:
+        """TP under sequence parallelism (positions split TP ways), else 1."""
+        return self.groups.tp_size if getattr(self.model.config, "sequence_parallel", False) else 1
 
     def _minibatches(self, live, positions, k: int, seq: int) -> list[list[PopiMicrobatch]]:
         u_count, per_mb = self.cfg.updates_per_step, self.cfg.micro_batch_prompts
@@ -114,7 +123,7 @@ class PolicyLearner:
                 mb_seq = seq
                 if by_length:
                     longest = int(group_lengths([live[i] for i in chunk]).max())
-                    mb_seq = min(-(-longest // self.cfg.length_multiple) * self.cfg.length_multiple, seq)
+                    mb_seq = min(_round_up(_round_up(longest, self.cfg.length_multiple), self._length_unit()), seq)
                 mbs += pack_microbatches([live[i] for i in chunk], [positions[i] for i in chunk],
                                          prompts_per_microbatch=per_mb, responses_per_prompt=k, seq_length=mb_seq,
                                          pad_id=self.pad_id)
