@@ -52,7 +52,8 @@ def gather_vocab(local_logits: torch.Tensor, groups: ParallelGroups) -> torch.Te
 def kv_cache_supported(model, groups: ParallelGroups) -> str | None:
     """``None`` when :class:`KVCacheDecoder` serves ``model``, else why not (the sampler then falls back
     to :class:`FullSequenceDecoder`). Sequence parallelism at TP > 1 splits the sequence dimension over
-    TP ranks, which a one-token decode step cannot be."""
+    TP ranks, which a one-token decode step cannot be (megatron-core's own static-batching generation
+    refuses SP for dense models too: ``TextGenerationController``, NotImplementedError)."""
     config = getattr(model, "config", None)
     if groups.tp_size > 1 and bool(getattr(config, "sequence_parallel", False)):
         return "sequence_parallel at TP > 1 (a 1-token decode step cannot be split over TP ranks)"
