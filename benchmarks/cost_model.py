@@ -155,6 +155,14 @@ def reproduce_old_table(runs: list[ExampleRun]) -> list[dict]:
     return [stage_row(r, target_samples=SCORED_TARGET_SAMPLES_IN_OLD_TABLE[r.preset]) for r in runs]
 
 
+def scale_out_example() -> dict:
+    """Scoring a 1M-prompt pool on 128 nodes (1,024 GPUs) with the 7B layout (TP4×PP2, DP 128), k = 32768
+    stored as float16, 8 responses of the 7B mean length; 43% of prompts live (the CPU default's share)."""
+    return cost.scale_out_footprint(pool_prompts=1_000_000, nodes=128, tp=4, pp=2, k=32768, feature_bytes=2,
+                                    responses=8, mean_response_tokens=MEAN_RESPONSE_TOKENS["qwen2.5-7b"],
+                                    prompt_tokens=PROMPT_TOKENS, live_fraction=0.43, prompts_per_unit=32)
+
+
 def rounded(row: dict) -> dict:
     return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}
 
@@ -189,7 +197,8 @@ def main() -> dict:
                               and isinstance(value, (int, float, dict)) and not name.startswith("SHORTLIST")
                               and name not in ("ANCHOR_PARAMS", "MEAN_RESPONSE_SHARE") and "BYTES" not in name},
               "old_table_reproduced": [rounded(r) for r in reproduce_old_table(runs)],
-              "cpu_padding_cross_check": cpu_padding_cross_check(), "measured_quality": quality, "configs": configs}
+              "cpu_padding_cross_check": cpu_padding_cross_check(), "measured_quality": quality, "configs": configs,
+              "scale_out_1m_prompts_128_nodes": scale_out_example()}
     (RESULTS / "cost_model.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({c["config"]: {"share_none": c["none"]["scoring_share"], "share_exact": c["exact"]["scoring_share"],
                                     "share_lossy": c["exact_plus_lossy"] and c["exact_plus_lossy"]["scoring_share"],

@@ -325,3 +325,32 @@ def estimate_run_disk(cfg, shape: StageShape) -> dict:
              "checkpoints": int(checkpoints), "hf_exports": int(exports)}
     return {"bytes": parts, "total_bytes": sum(parts.values()), "feature_stages_kept": kept_stages,
             "checkpoints_kept": kept_ckpts, "assumptions": DISK_ASSUMPTIONS}
+
+
+INDEX_BYTES_PER_ROW = 200   # a trajectory store's prompt-id → (part, row) index entry, a Python dict (assumed)
+SUMMARY_BYTES_PER_ROW = 17  # scale-out's per-row scalars: longest, tokens (int64), zero-variance (bool)
+COSINE_BYTES_PER_ROW = 9    # per row to rank 0: row id (int64) + usable (bool); + 8 per direction (float64)
+
+
+def scale_out_footprint(*, pool_prompts: int, nodes: int, tp: int, pp: int, k: int, feature_bytes: int,
+                        responses: int, mean_response_tokens: float, prompt_tokens: float, live_fraction: float,
+                        prompts_per_unit: int, directions: int = 1, gpus_per_node: int = GPUS_PER_NODE) -> dict:
+    """Per-rank memory and the bytes global rank 0 receives when scoring a pool and meeting for selection:
+    rank-0 scoring (every rank holds the pool's rollouts; rank 0 gathers every live row's float32
+    k-vector and writes the store) against scale-out scoring (:mod:`megatron_cropi.influence.scale_out`).
+
+    Rollouts in memory count their token ids and log-probs only (``STORE_BYTES_PER_*``): the Python
+    objects around them add more, so the rank-0 figure is a lower bound."""
+    dp = nodes * gpus_per_node // (tp * pp)
+    per_prompt = responses * mean_response_tokens * STORE_BYTES_PER_RESPONSE_TOKEN + prompt_tokens * STORE_BYTES_PER_PROMPT_TOKEN
+    live = live_fraction * pool_prompts
+    return {
+        "pool_prompts": pool_prompts, "nodes": nodes, "dp": dp,
+        "rank0_path": {"per_rank_rollouts_bytes": int(pool_prompts * per_prompt),
+                       "rank0_receives_bytes": int(live * k * 4 * (dp - 1) / dp),
+                       "rank0_writes_bytes": int(pool_prompts * k * feature_bytes)},
+        "scale_out": {"per_rank_bytes": int(pool_prompts * (SUMMARY_BYTES_PER_ROW + INDEX_BYTES_PER_ROW)
+                                            + prompts_per_unit * per_prompt),
+                      "rank0_receives_bytes": int(pool_prompts * (COSINE_BYTES_PER_ROW + 8 * directions)),
+                      "shard_bytes_per_replica": int(live * k * feature_bytes / dp)},
+    }

@@ -1,5 +1,7 @@
 """``curriculum.keep_features: resume`` deletes each stage's feature stores once its selection is
-recorded, and changes nothing else: the selections equal a run that keeps every store."""
+recorded, and changes nothing else: the selections equal a run that keeps every store. So does
+``scoring.scale_out`` (sharded pool store, selection from gathered cosines, the probe reading rows
+from shards), also with its stores pruned."""
 
 import json
 from pathlib import Path
@@ -25,6 +27,10 @@ def test_keep_features_resume_prunes_stores_and_keeps_selections(tmp_path):
     kept = _run(tmp_path, tmp_path / "all")
     pruned = _run(tmp_path, tmp_path / "resume", **{"curriculum.keep_features": "resume"})
     assert len(kept) == 2 and pruned == kept
+    scale_out = _run(tmp_path, tmp_path / "scale_out", **{"scoring.scale_out": True,
+                                                         "curriculum.keep_features": "resume"})
+    assert scale_out == kept, "scale-out scoring selected other prompts"
+    assert not any((tmp_path / "scale_out" / "features").iterdir())
     assert [p.name for p in (tmp_path / "all" / "features").iterdir()] != []
     assert not any((tmp_path / "resume" / "features").iterdir()), "a stage's feature stores were left on disk"
     # the stage report says how many target prompts the direction rests on (those with mixed β rewards)

@@ -1,0 +1,226 @@
+"""Scale-out scoring vs rank-0 scoring: per-rank memory and the bytes global rank 0 receives, by DP and pool size.
+
+For each pool size N (a quarter of the prompts carry a gradient, the rest have all-equal rewards, as
+the CPU default's pool does) and DP = 1, 2, 4 (TP = PP = 1, gloo), both paths score the same
+trajectory store with the same tiny model and then meet for selection:
+
+* ``rank0``: :func:`~megatron_cropi.influence.stores.score_store` (every rank reads the whole pool's
+  rollouts; each chunk's k-vectors are gathered to global rank 0, which writes the store), then the
+  selection inputs rank 0 reads (the ``[N, k]`` matrix).
+* ``scale_out``: :func:`~megatron_cropi.influence.scale_out.score_store_sharded` (per-row scalars, the
+  rollouts of the units a replica takes, its own shard) and
+  :func:`~megatron_cropi.influence.scale_out.pool_cosines` (per-row cosines to rank 0).
+
+Measured per rank: ``rss_mib``, the rise of peak resident memory over the process's memory before
+scoring (``VmHWM`` after resetting it through ``/proc/self/clear_refs``; glibc told to return freed
+blocks); ``bytes_to_rank0``, counted at the collective calls while the path runs (the pickled payload
+of every ``gather_object``/``all_gather_object`` that rank 0 receives from another rank, and the bytes of
+every tensor ``all_reduce``/``broadcast`` it takes part in as a receiver). Every other rank's figures
+are reported too (``max_other_rank``).
+
+    OMP_NUM_THREADS=1 python benchmarks/scale_out.py --quick   # N in {512, 2048}, ~5 minutes on 2 cores
+    OMP_NUM_THREADS=1 python benchmarks/scale_out.py           # N in {512, 2048, 8192}
+
+Writes ``benchmarks/results/scale_out[_quick].json``; the last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import pickle
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+RESULTS = Path(__file__).resolve().parent / "results"
+K, VOCAB_LEN, RESPONSE = 8, 6, 24
+MIB = 1024 ** 2
+
+
+def _status_mib(key: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _write_pool(path: Path, n: int, vocab: int) -> None:
+    from megatron_cropi.records import PromptRecord, Response, RolloutGroup, SamplingParams
+    from megatron_cropi.rollout.store import StoreHeader, TrajectoryStore
+
+    rng = np.random.default_rng(0)
+    store = TrajectoryStore.open_for_append(path, StoreHeader.build(
+        SamplingParams(n=K), tokenizer="t", model="m", policy_version=0, pool_hash=f"n{n}", num_prompts=n))
+    batch = []
+    for i in range(n):
+        prompt = PromptRecord(f"p{i:07d}", rng.integers(1, vocab, 12).astype(np.int32), "", source=f"f{i % 4}")
+        resps = tuple(Response(rng.integers(1, vocab, t).astype(np.int32), (-rng.uniform(1, 3, t)).astype(np.float32))
+                      for t in rng.integers(RESPONSE // 2, RESPONSE + 1, K))
+        live = i % 4 == 0
+        rewards = rng.permutation(np.r_[np.ones(K // 2), np.zeros(K - K // 2)]) if live else np.zeros(K)
+        batch.append(RolloutGroup(prompt, resps, rewards.astype(np.float32)))
+        if len(batch) == 512:
+            store.append(batch)
+            batch = []
+    store.append(batch)
+    store.mark_complete()
+
+
+class _Meter:
+    """Bytes this rank receives from others at the collective calls (see the module docstring)."""
+
+    def __init__(self, dist):
+        self.dist, self.received, self._orig = dist, 0, {}
+
+    def __enter__(self):
+        d = self.dist
+        for name in ("gather_object", "all_gather_object", "all_reduce", "broadcast", "broadcast_object_list"):
+            self._orig[name] = getattr(d, name)
+
+        def gather_object(obj, object_gather_list=None, dst=0, group=None):
+            sizes = [None] * d.get_world_size()
+            self._orig["all_gather_object"](sizes, len(pickle.dumps(obj)))
+            if d.get_rank() == dst:
+                self.received += sum(sizes) - sizes[d.get_rank()]
+            return self._orig["gather_object"](obj, object_gather_list, dst=dst, group=group)
+
+        def all_gather_object(object_list, obj, group=None):
+            out = self._orig["all_gather_object"](object_list, obj, group=group)
+            self.received += sum(len(pickle.dumps(o)) for i, o in enumerate(object_list) if i != d.get_rank())
+            return out
+
+        def all_reduce(tensor, *args, **kwargs):
+            self.received += tensor.numel() * tensor.element_size()
+            return self._orig["all_reduce"](tensor, *args, **kwargs)
+
+        def broadcast(tensor, src=None, *args, **kwargs):
+            if src != d.get_rank():
+                self.received += tensor.numel() * tensor.element_size()
+            return self._orig["broadcast"](tensor, src, *args, **kwargs)
+
+        def broadcast_object_list(object_list, src=0, *args, **kwargs):
+            out = self._orig["broadcast_object_list"](object_list, src, *args, **kwargs)
+            if src != d.get_rank():
+                self.received += len(pickle.dumps(object_list))
+            return out
+
+        for name, fn in (("gather_object", gather_object), ("all_gather_object", all_gather_object),
+                         ("all_reduce", all_reduce), ("broadcast", broadcast),
+                         ("broadcast_object_list", broadcast_object_list)):
+            setattr(d, name, fn)
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self._orig.items():
+            setattr(self.dist, name, fn)
+
+
+def _worker(pool: str, out_dir: str, path: str):
+    import torch.distributed as dist
+
+    from megatron_cropi.curriculum.steps import _usable
+    from megatron_cropi.influence.feature_store import FeatureStore
+    from megatron_cropi.influence.scale_out import pool_cosines, score_store_sharded
+    from megatron_cropi.influence.scorer import ScoringConfig
+    from megatron_cropi.influence.stores import PolicyScorer, score_store
+    from megatron_cropi.parallel import build_parallel_groups, destroy_parallel_groups, init_distributed
+    from megatron_cropi.projection.config import build_projector
+    from megatron_cropi.testing.tiny import build_tiny_model, tiny_model_config
+
+    init_distributed()
+    groups = build_parallel_groups(1, 1)
+    model = build_tiny_model(tiny_model_config(), groups, seed=6)
+    cfg = ScoringConfig(prompts_per_microbatch=8, microbatches_per_call=2)
+    scorer = PolicyScorer(model, groups, build_projector(kind="sjlt", k=1024, seed=1), cfg, projection_seed=1,
+                          checkpoint_step=0, pad_id=0)
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: large blocks go back to the OS when freed
+        libc.mallopt(-1, 0)  # M_TRIM_THRESHOLD
+        libc.malloc_trim(0)
+    except OSError:
+        pass
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    base = _status_mib("VmRSS")
+    t0 = time.perf_counter()
+    direction = np.ones(scorer.projector.k)
+    with _Meter(dist) as meter:
+        if path == "rank0":
+            score_store(Path(pool), Path(out_dir), scorer)
+            if dist.get_rank() == 0:  # what selection reads on rank 0
+                _usable(FeatureStore.load(out_dir))
+        else:
+            score_store_sharded(Path(pool), Path(out_dir), scorer)
+            pool_cosines(Path(out_dir), {"target:t": direction})
+    seconds = time.perf_counter() - t0
+    rss = _status_mib("VmHWM") - base
+    destroy_parallel_groups()
+    return {"rss_mib": rss, "bytes_received": meter.received, "seconds": seconds}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="pools of 512 and 2048 prompts")
+    ap.add_argument("--dp", default="1,2,4")
+    args = ap.parse_args()
+    from megatron_cropi.testing.spawn import run_ranks
+    from megatron_cropi.testing.tiny import tiny_model_config
+
+    sizes = (512, 2048) if args.quick else (512, 2048, 8192)
+    dps = [int(x) for x in args.dp.split(",")]
+    tmp = Path(tempfile.mkdtemp(prefix="scale_out_"))
+    rows = []
+    try:
+        for n in sizes:
+            _write_pool(tmp / f"pool{n}", n, tiny_model_config().vocab_size)
+            for dp in dps:
+                for path in ("rank0", "scale_out"):  # interleaved: load affects both alike
+                    out = tmp / f"f_{n}_{dp}_{path}"
+                    res = run_ranks(_worker, dp, args=(str(tmp / f"pool{n}"), str(out), path), timeout_s=1800)
+                    row = {"pool": n, "dp": dp, "path": path, "rank0_rss_mib": round(res[0]["rss_mib"], 1),
+                           "bytes_to_rank0": int(res[0]["bytes_received"]),
+                           "max_other_rank_rss_mib": round(max([r["rss_mib"] for r in res[1:]], default=0.0), 1),
+                           "max_other_rank_bytes": int(max([r["bytes_received"] for r in res[1:]], default=0)),
+                           "seconds": round(max(r["seconds"] for r in res), 1)}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    shutil.rmtree(out, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def pick(path, key, n, dp):
+        return next(r[key] for r in rows if r["path"] == path and r["pool"] == n and r["dp"] == dp)
+
+    lo, hi, top = sizes[0], sizes[-1], max(dps)
+    multi = min((d for d in dps if d > 1), default=top)
+    summary = {
+        "benchmark": "scale_out", "k": 1024, "responses_per_prompt": K, "live_fraction": 0.25, "pools": list(sizes),
+        "dp": dps, "rows": rows,
+        "rank0_bytes_growth_with_pool": {p: pick(p, "bytes_to_rank0", hi, top) / max(pick(p, "bytes_to_rank0", lo, top), 1)
+                                         for p in ("rank0", "scale_out")},
+        # from the smallest DP > 1 (at DP = 1 nothing crosses ranks) to the largest
+        "rank0_bytes_growth_with_dp": {p: pick(p, "bytes_to_rank0", hi, top) / max(pick(p, "bytes_to_rank0", hi, multi), 1)
+                                       for p in ("rank0", "scale_out")},
+        "rank0_bytes_per_live_row_at_largest": {p: pick(p, "bytes_to_rank0", hi, top) / (0.25 * hi * (top - 1) / top)
+                                                for p in ("rank0", "scale_out")},
+        "rank_rss_growth_mib_with_pool": {p: pick(p, "max_other_rank_rss_mib", hi, top) - pick(p, "max_other_rank_rss_mib", lo, top)
+                                          for p in ("rank0", "scale_out")},
+        "rank0_bytes_at_largest": {p: pick(p, "bytes_to_rank0", hi, top) for p in ("rank0", "scale_out")},
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"scale_out{'_quick' if args.quick else ''}.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in summary.items() if k != "rows"}))
+
+
+if __name__ == "__main__":
+    main()
