@@ -11,13 +11,13 @@ import pytest
 import yaml
 
 
-def _run(tmp: Path, out: Path, **changes) -> dict:
+def _run(tmp: Path, out: Path, nproc: int = 1, **changes) -> dict:
     from megatron_cropi.testing.cli import run_cli
     from megatron_cropi.testing.tiny import tiny_curriculum_config
 
     cfg = tmp / f"{out.name}.yaml"
     cfg.write_text(yaml.safe_dump(tiny_curriculum_config(str(out), **changes)))
-    rc, log = run_cli(["run", str(cfg)], timeout=240)
+    rc, log = run_cli(["run", str(cfg)], timeout=400, nproc=nproc)
     assert rc == 0, log[-4000:]
     return {p.name: json.loads(p.read_text())["prompt_ids"] for p in sorted((out / "selections").glob("stage*.json"))}
 
@@ -39,3 +39,13 @@ def test_keep_features_resume_prunes_stores_and_keeps_selections(tmp_path):
     statuses = np.fromfile(tmp_path / "all" / "features" / "stage0" / "target-cmp" / "status.u8", dtype=np.uint8)
     assert used == {"used": int((statuses == 1).sum()), "of": 12}
     assert "target direction cmp: built from" in (tmp_path / "all" / "reports" / "stage0.md").read_text()
+
+
+@pytest.mark.timeout(900)
+def test_scale_out_under_torchrun_selects_what_rank0_scoring_selects(tmp_path):
+    """Two ranks (DP = 2): the queue, the shards, the cosines met on rank 0, through `cropi run`."""
+    plain = _run(tmp_path, tmp_path / "plain", nproc=2)
+    sharded = _run(tmp_path, tmp_path / "sharded", nproc=2, **{"scoring.scale_out": True})
+    assert len(plain) == 2 and sharded == plain
+    writers = {d.name for d in (tmp_path / "sharded" / "features" / "stage0" / "pool" / "shards").iterdir()}
+    assert writers == {"w00000", "w00001"}, writers
