@@ -35,7 +35,10 @@ A rank of pipeline stage ``p`` (TP size ``t``, PP size ``P``, DP size ``d``) hol
   ``L ≤ s``): activations (:func:`layer_activation_bytes`) × layers of the stage ×
   micro-batches in flight (1F1B: ``min(P − p, M)``), and on the last stage the logits and the
   log-prob's work on them (:func:`logits_bytes`: chunked by ``scoring.logprob_chunk_tokens`` /
-  ``grpo.logprob_chunk_tokens``, or whole at 0).
+  ``grpo.logprob_chunk_tokens``, or whole at 0); scoring also the capture's transient
+  (:func:`~megatron_cropi.memory_capture.capture_transient_bytes`: the largest module's block of
+  per-prompt gradient, its factor chunks, SP gathers and projection temporaries; ``per_prompt``: the
+  stage's largest parameter gradient).
 
 ``peak = resident + vLLM + max(training, scoring)`` per stage; the estimate is the largest stage.
 
@@ -49,6 +52,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+from megatron_cropi.memory_capture import capture_transient_bytes
+from megatron_cropi.popi.blocks import BLOCK_BYTES
 
 __all__ = [
     "GIB",
@@ -84,6 +90,7 @@ class ModelShape:
     tied: bool
     qkv_bias: bool
     gated: bool = True
+    qk_norm: bool = False
 
     @classmethod
     def from_model_config(cls, cfg) -> "ModelShape":
@@ -92,7 +99,8 @@ class ModelShape:
                    query_groups=cfg.num_query_groups,
                    head_dim=t.get("kv_channels") or t["hidden_size"] // t["num_attention_heads"],
                    ffn=cfg.ffn_hidden_size, vocab=cfg.vocab_size, tied=bool(cfg.tie_word_embeddings),
-                   qkv_bias=bool(t.get("add_qkv_bias")), gated=bool(t.get("gated_linear_unit")))
+                   qkv_bias=bool(t.get("add_qkv_bias")), gated=bool(t.get("gated_linear_unit")),
+                   qk_norm=bool(t.get("qk_layernorm")))
 
 
 def stage_parameter_counts(m: ModelShape, tp: int, pp: int) -> list[int]:
@@ -363,11 +371,10 @@ def estimate_memory(cfg, *, dp: int, gpu_memory_gib: float = 80.0, attention: st
                                          sequence_parallel=sp, act_bytes=w)
     counts = stage_parameter_counts(m, tp, pp)
     layers = m.num_layers // pp
-    # scoring transient: batched holds one linear's per-prompt weight gradients [G, out, in] in fp32;
-    # per_prompt one parameter's gradient at a time (the largest: the vocabulary matrix)
-    q, kv = m.heads * m.head_dim, 2 * m.query_groups * m.head_dim
-    biggest_linear = max(m.hidden * (q + kv), m.hidden * m.ffn * (2 if m.gated else 1)) // tp
-    capture_b = ppm * 4 * biggest_linear if sc.mode == "batched" else w * m.vocab * m.hidden // tp
+    capture = [capture_transient_bytes(m, mode=sc.mode, tp=tp, seq=seq, groups=max(1, score_b // k_max),
+                                       responses=k_max, act_bytes=w, param_bytes=w, first_stage=p == 0,
+                                       last_stage=p == pp - 1, sequence_parallel=sp, projection=proj.kind,
+                                       keep_ratio=proj.keep_ratio, sjlt_s=proj.sjlt_s) for p in range(pp)]
 
     stages = []
     for p, n_p in enumerate(counts):
@@ -396,7 +403,7 @@ def estimate_memory(cfg, *, dp: int, gpu_memory_gib: float = 80.0, attention: st
                                                   recompute_num_layers=recompute[2]),
             "logits": logits_bytes(m.vocab, tp=tp, seq=seq, micro_batch=score_b, fp32_copies=3,
                                    act_bytes=w, chunk_tokens=sc.logprob_chunk_tokens) if last else 0,
-            "capture": capture_b,
+            "capture": capture[p]["bytes"],
         }
         holds_vllm = vllm_gib > 0  # every GPU (module docstring)
         res, tr, scr = sum(resident.values()), sum(train.values()), sum(score.values())
@@ -408,6 +415,7 @@ def estimate_memory(cfg, *, dp: int, gpu_memory_gib: float = 80.0, attention: st
             "vllm_gib": round(vl / GIB, 3),
             "training_gib": {k: round(v / GIB, 3) for k, v in train.items()},
             "scoring_gib": {k: round(v / GIB, 3) for k, v in score.items()},
+            "capture_peak_module": capture[p]["module"],
             "peak_bytes": int(res + vl + max(tr, scr)),
             "peak_gib": round((res + vl + max(tr, scr)) / GIB, 3),
             "peak_phase": "training" if tr >= scr else "scoring",
@@ -426,6 +434,7 @@ def estimate_memory(cfg, *, dp: int, gpu_memory_gib: float = 80.0, attention: st
             "sequence_parallel": sp, "recompute": recompute[0] or "none",
             "training_micro_batch_sequences": train_b, "training_microbatches_per_step": train_mbs,
             "scoring_micro_batch_sequences": score_b, "scoring_microbatches_per_call": score_mbs,
+            "capture_block_bytes": BLOCK_BYTES,
             "logprob_chunk_tokens": {"scoring": sc.logprob_chunk_tokens, "training": cfg.grpo.logprob_chunk_tokens},
             "vllm": ({"share_gib": round(vllm_gib, 3), "tensor_parallel_size": vllm_tp, "colocated": True,
                       "held_through_scoring_and_training": True, "charged_on": "every pipeline stage"}

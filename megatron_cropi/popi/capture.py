@@ -34,6 +34,7 @@ from megatron_cropi.model.params import ParamLayout, param_layouts
 from megatron_cropi.model.schedule import broadcast_from_last_stage, causal_attention_mask, forward_backward, scale_for_schedule
 from megatron_cropi.parallel import ParallelGroups
 from megatron_cropi.popi.batch import PopiMicrobatch, pad_sequence_length
+from megatron_cropi.popi.blocks import BLOCK_BYTES
 from megatron_cropi.popi.hooks import BatchedTap, PerPromptTap
 from megatron_cropi.popi.loss import PopiLossConfig, popi_group_losses
 from megatron_cropi.popi.truncate import BackwardCut, lowest_scored_position
@@ -106,18 +107,21 @@ class PopiCapture:
             group.
         logprob_chunk_tokens: token positions per fp32 log-softmax chunk (``scoring.logprob_chunk_tokens``;
             0 = the whole micro-batch at once).
+        block_bytes: batched mode: the bound of one block of per-prompt gradient and of one chunk of
+            its factors (:mod:`megatron_cropi.popi.blocks`; the sketches do not depend on it).
     """
 
     def __init__(self, model, groups: ParallelGroups, projector, *, mode: Literal["per_prompt", "batched"],
                  loss_cfg: PopiLossConfig = PopiLossConfig(), temperature: float = 1.0,
                  layouts: dict[str, ParamLayout] | None = None, truncate_backward: bool = False,
-                 logprob_chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
+                 logprob_chunk_tokens: int = DEFAULT_CHUNK_TOKENS, block_bytes: int = BLOCK_BYTES):
         if mode not in ("per_prompt", "batched"):
             raise ValueError(f"capture mode must be 'per_prompt' or 'batched', got {mode!r}")
         self.model, self.groups, self.projector = model, groups, projector
         self.mode, self.loss_cfg, self.temperature = mode, loss_cfg, temperature
         self.layouts = layouts if layouts is not None else select_layouts(model, groups)
         self.logprob_chunk_tokens = logprob_chunk_tokens
+        self.block_bytes = block_bytes
         self.lowest = lowest_scored_position(model, groups, self.layouts) if truncate_backward else 0
 
     def run(self, microbatches: list[PopiMicrobatch], num_rows: int, responses_per_prompt: int) -> CaptureOutput:
@@ -148,7 +152,7 @@ class PopiCapture:
         num_mb = len(microbatches)
         tap = (PerPromptTap(self.model, self.layouts, self.projector, partial) if self.mode == "per_prompt"
                else BatchedTap(self.model, self.layouts, self.projector, partial, k,
-                               restart_at_embedding=self.lowest <= 0))
+                               restart_at_embedding=self.lowest <= 0, block_bytes=self.block_bytes))
         cut = (BackwardCut(self.model, self.lowest, root=self.mode == "batched") if self.lowest > 0
                else contextlib.nullcontext())
 

@@ -10,8 +10,11 @@ exit:
 * :class:`BatchedTap` (capture mode b): many prompts per micro-batch, parameters frozen so Megatron
   skips its weight-gradient GEMMs (``linear_with_frozen_weight``). Forward hooks on
   Column/RowParallelLinear, norms and the vocab-parallel embedding keep the layer input; a hook on the
-  layer output's gradient forms the per-prompt gradients of that layer
-  (:mod:`megatron_cropi.popi.per_sample`), projects them and drops them. Each closure carries the
+  layer output's gradient forms the per-prompt gradients of that layer a bounded block at a time
+  (:mod:`megatron_cropi.popi.per_sample`, :mod:`megatron_cropi.popi.blocks`: prompts × rows of the
+  weight, from chunks of positions), projects each block (a row block is a :class:`ShardSpec` of its
+  own: the projection is defined on global indices, so blocks add up) and drops it before the next.
+  Each closure carries the
   micro-batch id of the tensors it was registered on (see *Attribution*).
 
 **Attribution.** A gradient hook must book to the micro-batch whose backward produced the gradient.
@@ -51,12 +54,9 @@ from typing import Callable
 import torch
 
 from megatron_cropi.model.params import ParamLayout
-from megatron_cropi.popi.per_sample import (
-    grouped_bias_grads,
-    grouped_embedding_grads,
-    grouped_linear_weight_grads,
-    grouped_norm_grads,
-)
+from megatron_cropi.popi.blocks import BLOCK_BYTES
+from megatron_cropi.popi.per_sample import embedding_grad_blocks, linear_grad_blocks, norm_grads_chunked
+from megatron_cropi.projection.base import ShardSpec
 
 __all__ = ["PerPromptTap", "BatchedTap", "UnsupportedParameterError", "gather_sequence"]
 
@@ -77,6 +77,14 @@ def gather_sequence(t: torch.Tensor, group) -> torch.Tensor:
     out = t.new_empty((t.shape[0] * world,) + tuple(t.shape[1:]))
     dist.all_gather_into_tensor(out, t.contiguous(), group=group)
     return out
+
+
+def _row_block(spec: ShardSpec, first: int, rows: int) -> ShardSpec:
+    """Rows ``first : first + rows`` of the block ``spec`` (counted from its own first row)."""
+    if first == 0 and rows == spec.shape[0]:
+        return spec
+    return ShardSpec(spec.global_name, spec.global_shape, (spec.offset[0] + first,) + tuple(spec.offset[1:]),
+                     (rows,) + tuple(spec.shape[1:]))
 
 
 def _project_into(partial: torch.Tensor, rows: torch.Tensor, projector, layout: ParamLayout, grads: torch.Tensor):
@@ -171,6 +179,7 @@ class BatchedTap(_Tap):
         restart_at_embedding: make the embedding output a leaf that requires grad (the graph's root:
             every weight is frozen); False when a truncated backward (:mod:`megatron_cropi.popi.truncate`)
             roots the graph higher up, so that the layers below build no graph at all.
+        block_bytes: bound of one block of per-prompt gradient (:mod:`megatron_cropi.popi.blocks`).
 
     Raises:
         UnsupportedParameterError: a scored parameter lives in a module the tap cannot see (e.g. a
@@ -178,7 +187,7 @@ class BatchedTap(_Tap):
     """
 
     def __init__(self, model, layouts: dict[str, ParamLayout], projector, partial: torch.Tensor,
-                 responses_per_prompt: int, *, restart_at_embedding: bool = True):
+                 responses_per_prompt: int, *, restart_at_embedding: bool = True, block_bytes: int = BLOCK_BYTES):
         from megatron.core.tensor_parallel.layers import (
             ColumnParallelLinear,
             RowParallelLinear,
@@ -187,6 +196,7 @@ class BatchedTap(_Tap):
 
         super().__init__(model)
         self._column_cls = ColumnParallelLinear
+        self.block_bytes = block_bytes
         self.layouts, self.projector, self.partial = layouts, projector, partial
         self.k = responses_per_prompt
         self.restart_at_embedding = restart_at_embedding
@@ -243,12 +253,29 @@ class BatchedTap(_Tap):
         return self.backward_mb
 
     def _add(self, param, mb_id: int, grads: torch.Tensor) -> None:
-        layout = self._by_param.get(id(param))
-        if layout is None or not layout.projects_raw_grad:
+        layout = self._projected(param)
+        if layout is None:
             return
         rows = self.rows_of[mb_id]
         g = rows.numel()
         _project_into(self.partial, rows, self.projector, layout, grads[:g])
+
+    def _projected(self, param) -> ParamLayout | None:
+        """``param``'s layout when this rank projects it (scored, and its raw gradient counted here)."""
+        layout = self._by_param.get(id(param))
+        return layout if layout is not None and layout.projects_raw_grad else None
+
+    def _blocks_into(self, mb_id: int, spec: ShardSpec, first_row: int) -> Callable:
+        """An ``emit`` for :mod:`~megatron_cropi.popi.per_sample`'s blocked forms: project the block of
+        prompts ``g0:g1`` and local rows ``r0:r1`` (``first_row``: the local row where ``spec`` starts)."""
+        rows = self.rows_of[mb_id]
+
+        def emit(g0, g1, r0, r1, *blocks):
+            block = next(b for b in blocks if b is not None)
+            sub = _row_block(spec, r0 - first_row, r1 - r0)
+            self.partial.index_add_(0, rows[g0:g1], self.projector.project(block, sub).to(self.partial.device))
+
+        return emit
 
     # -- hooks -------------------------------------------------------------------------------------
     def _linear_hook(self, module, args, kwargs, output):
@@ -264,16 +291,23 @@ class BatchedTap(_Tap):
         column = isinstance(module, self._column_cls)
 
         def on_grad(dy, x=x, weight=weight, bias=bias, mb=mb):
+            g = self.rows_of[mb].numel()
             if id(weight) in self._by_param:
                 xw, dyw = x.detach(), dy
                 if sp and column:
                     xw = gather_sequence(xw, module.tp_group)
                 elif sp:
                     dyw = gather_sequence(dy, module.tp_group)
-                self._add(weight, mb, grouped_linear_weight_grads(xw, dyw, self.k))
-            if isinstance(bias, torch.nn.Parameter) and id(bias) in self._by_param:
-                # a row-parallel bias under SP: this rank's positions, a TP partial (ParamLayout)
-                self._add(bias, mb, grouped_bias_grads(dy, self.k))
+                layout = self._projected(weight)
+                for (rs, cs), spec in (layout.pieces if layout is not None else ()):
+                    linear_grad_blocks(xw[..., cs], dyw, self.k, g, (rs.start, rs.stop),
+                                       self._blocks_into(mb, spec, rs.start), block_bytes=self.block_bytes)
+                del xw, dyw
+            layout = self._projected(bias) if isinstance(bias, torch.nn.Parameter) else None
+            # a row-parallel bias under SP: this rank's positions (dy), a TP partial (ParamLayout)
+            for (rs,), spec in (layout.pieces if layout is not None else ()):
+                linear_grad_blocks(dy, dy, self.k, g, (rs.start, rs.stop), self._blocks_into(mb, spec, rs.start),
+                                   weight=False, bias=True, block_bytes=self.block_bytes)
 
         y.register_hook(on_grad)
 
@@ -286,10 +320,13 @@ class BatchedTap(_Tap):
         eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
 
         def on_grad(dy, x=x, mb=mb):
-            dgamma, dbeta = grouped_norm_grads(x.detach(), dy, self.k, kind=kind, eps=eps)
+            if self._projected(module.weight) is None and self._projected(getattr(module, "bias", None)) is None:
+                return
+            dgamma, dbeta = norm_grads_chunked(x.detach(), dy, self.k, self.rows_of[mb].numel(), kind=kind, eps=eps,
+                                               block_bytes=self.block_bytes)
             if module.weight is not None:
                 self._add(module.weight, mb, dgamma)
-            if dbeta is not None and module.bias is not None:
+            if dbeta is not None and getattr(module, "bias", None) is not None:
                 self._add(module.bias, mb, dbeta)
 
         output.register_hook(on_grad)
@@ -310,9 +347,12 @@ class BatchedTap(_Tap):
                 return
             if scattered:  # SP: [s/t, N, h] of this rank's positions -> [N, s, h]
                 dy = gather_sequence(dy, module.tp_group).transpose(0, 1)
-            grads = grouped_embedding_grads(ids, dy, self.k, vocab_start=module.vocab_start_index,
-                                            vocab_size_local=module.num_embeddings_per_partition)
-            self._add(module.weight, mb, grads)
+            layout = self._projected(module.weight)
+            for (rs, _), spec in (layout.pieces if layout is not None else ()):
+                embedding_grad_blocks(ids, dy, self.k, self.rows_of[mb].numel(), self._blocks_into(mb, spec, rs.start),
+                                      vocab_start=module.vocab_start_index,
+                                      vocab_size_local=module.num_embeddings_per_partition,
+                                      block_bytes=self.block_bytes)
 
         out.register_hook(on_grad)
         return out

@@ -15,7 +15,7 @@ from megatron_cropi.testing.spawn import run_ranks
 from test_grpo_layouts import GRPO  # noqa: E402  (tests/distributed on sys.path)
 
 MODEL = {"vocab_size": 32}
-SP_MODEL = {"vocab_size": 32, "transformer": {"sequence_parallel": True}}
+SP_MODEL = {"vocab_size": 32, "layer_spec": "local", "transformer": {"sequence_parallel": True}}
 
 
 def _sampling():

@@ -6,8 +6,8 @@ hook sees the shard, the weight gradient needs every position), a RowParallelLin
 output (a hook sees the gradient of this rank's positions only), the RoPE embedding reduce-scatters the
 looked-up rows, and every norm's weight gradient on a TP rank sums over its own positions only. Both
 capture modes, TP = 2 and TP2×PP2, tied and untied embeddings, Qwen2 and Qwen3 (q/k norms), a
-sequence length that TP does not divide (capture pads it), and the top layer alone with the backward
-cut below it: each prompt's sketch must be the projection of its plain autograd gradient at
+sequence length that TP does not divide (capture pads it), per-prompt gradients formed in blocks of
+2 KiB (prompts, rows and positions all cut), and the top layer alone with the backward cut below it: each prompt's sketch must be the projection of its plain autograd gradient at
 TP = PP = 1 without SP (relative error < 1e-4).
 """
 
@@ -68,7 +68,8 @@ def _worker(cases, layouts):
         results[(preset, tied, "oracle", "top")] = torch.stack(oracle_top)
         destroy_parallel_groups()
 
-        cfg = tiny_model_config(preset, tie_word_embeddings=tied, transformer={"sequence_parallel": True})
+        cfg = tiny_model_config(preset, tie_word_embeddings=tied, layer_spec="local",
+                                transformer={"sequence_parallel": True})
         for tp, pp in layouts:
             g = build_parallel_groups(tp, pp)
             model = build_tiny_model(cfg, g, seed=5)
@@ -78,6 +79,9 @@ def _worker(cases, layouts):
                                         responses_per_prompt=K, seq_length=SEQ)
                 out = PopiCapture(model, g, projector, mode=mode, loss_cfg=loss_cfg).run(mbs, G, K)
                 results[(preset, tied, tp, pp, mode)] = (out.sketches, out.finite)
+                if mode == "batched" and pp == 1:  # blocks of 2 KiB: every dimension cut (popi/blocks.py)
+                    out = PopiCapture(model, g, projector, mode=mode, loss_cfg=loss_cfg, block_bytes=2048).run(mbs, G, K)
+                    results[(preset, tied, tp, pp, mode, "blocks")] = (out.sketches, out.finite)
                 if not tied:  # the top layers only, the backward cut below them
                     top = select_layouts(model, g, include=TOP)
                     out = PopiCapture(model, g, projector, mode=mode, loss_cfg=loss_cfg, layouts=top,
@@ -95,7 +99,7 @@ def _check(results, cases, layouts):
         oracle = results[(preset, tied, "oracle")]
         assert (oracle.norm(dim=1) > 0).all()
         for key in [(preset, tied, tp, pp, mode) for tp, pp in layouts for mode, _ in MODES]:
-            for extra, want in (((), oracle), (("top",), results[(preset, tied, "oracle", "top")])):
+            for extra, want in (((), oracle), (("blocks",), oracle), (("top",), results[(preset, tied, "oracle", "top")])):
                 if key + extra not in results:
                     continue
                 sk, finite = results[key + extra]

@@ -100,6 +100,9 @@ def test_logits_optimizer_cache_and_store_sizes():
     assert feature_store_bytes(10, 4) == 10 * 4 * 4 + 10
 
 
+CAPTURE = 512 + 768 + 1024  # batched capture's transient in the hand case (test_estimate_of_a_whole_run_by_hand)
+
+
 def _cfg(**over):
     d = {"model": MODEL, "scoring": {"seq_length": 4, "prompts_per_microbatch": 1},
          "rollout": {"n": 2}, "curriculum": {"pool_samples": 2, "target_samples": 2},
@@ -118,14 +121,17 @@ def test_estimate_of_a_whole_run_by_hand():
     # 1 micro-batch of 2 sequences in flight; chunked logits of N = 8 positions (chunk 1024 > N):
     # bf16 logits + 2 bf16 gradients (entropy bonus) + 4 fp32 chunk copies; scoring: 1 gradient
     train = 2 * 2176 + 16 * (8 * 2 * 3 + 8 * 16)
-    score = 2 * 2176 + 16 * (8 * 2 * 2 + 8 * 16) + 4 * 192   # + one fc1's per-prompt weight gradients in fp32
+    # + capture's transient (memory_capture.py), the QKV's (= the output layer's) [16, 8] per-prompt
+    # gradient in fp32 512 + its fp32 factors 4·2·4·(8 + 16) = 768 + sjlt's temporaries for its 64 kept
+    # coordinates 4·64 + 12·64 = 1024
+    score = 2 * 2176 + 16 * (8 * 2 * 2 + 8 * 16) + CAPTURE
     assert stage["peak_bytes"] == resident + max(train, score) == est["peak_bytes"]
     assert stage["peak_phase"] == "scoring"
     assert est["assumptions"]["logprob_chunk_tokens"] == {"scoring": 1024, "training": 1024}
     # chunk 0: the whole-tensor path's 3 (5) fp32 copies
     whole = estimate_memory(_cfg(scoring={"logprob_chunk_tokens": 0}, grpo={"logprob_chunk_tokens": 0}), dp=2,
                             overhead_gib=0.0)
-    assert whole["peak_bytes"] == resident + max(2 * 2176 + 16 * 4 * 2 * 22, 2 * 2176 + 16 * 4 * 2 * 14 + 4 * 192)
+    assert whole["peak_bytes"] == resident + max(2 * 2176 + 16 * 4 * 2 * 22, 2 * 2176 + 16 * 4 * 2 * 14 + CAPTURE)
     assert est["assumptions"]["sequence_length"] == 4 and est["assumptions"]["vllm"] is None
 
 
@@ -143,9 +149,9 @@ def test_estimate_counts_vllm_share_reference_and_pipeline_in_flight():
     s0, s1 = pp["stages"]
     assert pp["assumptions"]["training_microbatches_per_step"] == 4
     assert (s0["parameters"], s1["parameters"]) == (640, 648)
-    assert s0["peak_bytes"] == 640 * 20 + 320 * 9 + max(2 * 2176, 2 * 2176 + 4 * 192)
+    assert s0["peak_bytes"] == 640 * 20 + 320 * 9 + max(2 * 2176, 2 * 2176 + CAPTURE)
     assert s1["peak_bytes"] == 648 * 20 + 324 * 9 + max(2176 + 16 * (8 * 2 * 3 + 8 * 16),
-                                                        2176 + 16 * (8 * 2 * 2 + 8 * 16) + 4 * 192)
+                                                        2176 + 16 * (8 * 2 * 2 + 8 * 16) + CAPTURE)
     assert (s0["peak_phase"], s1["peak_phase"]) == ("scoring", "scoring")
 
 
