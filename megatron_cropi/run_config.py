@@ -89,6 +89,8 @@ class RunConfig:
                                           self.parallel.pipeline_model_parallel_size)
         if errors:
             raise ConfigError("parallel", "the model cannot be split this way: " + "; ".join(errors))
+        if self.model.transformer.get("sequence_parallel"):
+            self._refuse_native_sampling_under_sp()
         layers = self.model.transformer["num_layers"]
         require(self.scoring.last_layers <= layers, "scoring.last_layers", self.scoring.last_layers,
                 f"must be at most the model's {layers} decoder layers")
@@ -107,6 +109,20 @@ class RunConfig:
             if self.selection.guard.source == "pool":
                 raise ConfigError("scoring.scale_out", "true with selection.guard.source pool: the pool's mean "
                                   "gradient would gather the pool's vectors; use guard source check or none")
+
+    def _refuse_native_sampling_under_sp(self) -> None:
+        """The native sampler (rollouts, evaluation, the warm-up) runs the policy on sequences of every
+        length, one position at a time with its KV cache or the whole prefix without: sequence
+        parallelism splits positions TP ways and fails on a length TP does not divide. Capture and GRPO
+        pad to a multiple of TP; sampling under SP is vLLM's."""
+        if self.rollout.engine == "native":
+            raise ConfigError("model.transformer.sequence_parallel", "true with rollout.engine native: the native "
+                              "sampler cannot run a sequence-parallel policy (it decodes lengths TP does not divide); "
+                              "use rollout.engine: vllm, or turn sequence_parallel off")
+        if self.curriculum.warmup.enabled:
+            raise ConfigError("model.transformer.sequence_parallel", "true with curriculum.warmup.enabled: the "
+                              "warm-up samples with the native sampler and trains on batches of any length; turn "
+                              "one of them off")
 
     def _refuse_ignored_keys(self) -> None:
         """A key the chosen mode never reads is an error naming it, not a setting silently dropped.

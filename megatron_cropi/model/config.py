@@ -198,6 +198,27 @@ class ModelConfig:
             if t.get(key):  # capture and GRPO run one model chunk per stage (1F1B or no pipelining)
                 errors.append(f"model.transformer.{key}={t[key]}: the interleaved (virtual pipeline) schedule is "
                               "not supported; use plain 1F1B pipeline parallelism")
+        return errors + self.sequence_parallel_errors(tp)
+
+    def sequence_parallel_errors(self, tp: int) -> list[str]:
+        """Why ``transformer.sequence_parallel`` cannot be used at TP=``tp`` (empty when off or when it can).
+
+        Supported: the local spec at TP > 1, where POPI capture (both modes) and the GRPO step equal
+        their TP = 1 results (``tests/distributed/test_popi_capture_sp.py``, ``test_grpo_sp.py``).
+        Megatron-core refuses SP at TP = 1. Transformer Engine's SP path (its fused norms' gradients,
+        its own gathers) is not checked against the capture oracle here, and ``auto`` resolves to TE on
+        GPU images, so both are refused until it is.
+        """
+        if not self.transformer.get("sequence_parallel"):
+            return []
+        errors = []
+        if tp < 2:
+            errors.append(f"model.transformer.sequence_parallel needs TP > 1, got TP={tp} "
+                          "(megatron-core refuses it: there is nothing to split the sequence over)")
+        if self.layer_spec != "local":
+            errors.append(f"model.transformer.sequence_parallel with model.layer_spec {self.layer_spec!r}: "
+                          "sequence parallelism is supported on the local spec only (Transformer Engine's is "
+                          "untested against the capture oracle); set model.layer_spec: local")
         return errors
 
     def num_parameters(self) -> int:

@@ -54,6 +54,23 @@ def test_scoring_mode_must_suit_the_layer_spec(tmp_path):
     assert not dry_run(_cfg(tmp_path, model={"layer_spec": "local"}, grpo={"prompts_per_step": 8}))["warnings"]
 
 
+def test_sequence_parallel_with_batched_scoring_passes_on_the_local_spec(tmp_path):
+    """SP + batched capture on the local spec is a layout the dry run accepts (capture and GRPO are
+    checked against TP = 1, tests/distributed/test_popi_capture_sp.py and test_grpo_sp.py), estimated
+    with SP (layer inputs split TP ways: tests/unit/test_memory.py; capture's gathers:
+    test_memory_capture.py); what SP does not support is refused at load (test_model_warnings.py)."""
+    hf = _hf_dir(tmp_path)
+    sections = dict(rollout={"engine": "vllm", "checkpoint": str(hf), "vllm": {"tensor_parallel_size": 2}},
+                    parallel={"tensor_model_parallel_size": 2}, grpo={"prompts_per_step": 8},
+                    scoring={"mode": "batched"})
+    plain = dry_run(_cfg(tmp_path, model={"layer_spec": "local"}, **sections), world_size=2)
+    sp = dry_run(_cfg(tmp_path, model={"layer_spec": "local", "transformer": {"sequence_parallel": True}},
+                      **sections), world_size=2)
+    assert sp["memory"]["assumptions"]["sequence_parallel"] and not plain["memory"]["assumptions"]["sequence_parallel"]
+    with pytest.raises(Exception, match="sequence_parallel with model.layer_spec 'te'"):
+        _cfg(tmp_path, model={"layer_spec": "te", "transformer": {"sequence_parallel": True}}, **sections)
+
+
 def test_data_files_fields_rows_and_tokenizer(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
