@@ -21,6 +21,7 @@ from test_popi_capture import K, NameSeededDense, make_groups  # noqa: E402  (te
 G = 6  # batched: 2 prompts per micro-batch -> 3 micro-batches
 SEQ = 13  # odd: sequence parallelism at TP = 2 needs a multiple of 2, capture pads to 14
 MODES = (("per_prompt", 1), ("batched", 2))
+RECOMPUTE = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
 TOP = (r"^decoder\.layers\.1\.", r"^decoder\.final_layernorm\.", r"^output_layer\.")  # truncated backward
 
 
@@ -42,7 +43,8 @@ def _worker(cases, layouts):
     init_distributed()
     loss_cfg = PopiLossConfig(clip_eps=None)
     results = {}
-    for preset, tied in cases:
+    for preset, tied, *recompute in cases:
+        name = preset + ("+recompute" if recompute else "")
         projector = NameSeededDense(k=64)  # one per model: its matrices are cached by global name
         base = tiny_model_config(preset, tie_word_embeddings=tied)
         groups_data = make_groups(base.vocab_size, seed=2, num=G, mixed=True)
@@ -64,12 +66,12 @@ def _worker(cases, layouts):
             sketch = {n: projector.project(v[None], ShardSpec.whole(n, v.shape))[0] for n, v in full.items()}
             oracle.append(sum(sketch.values()))
             oracle_top.append(sum(v for n, v in sketch.items() if any(re.search(p, n) for p in TOP)))
-        results[(preset, tied, "oracle")] = torch.stack(oracle)
-        results[(preset, tied, "oracle", "top")] = torch.stack(oracle_top)
+        results[(name, tied, "oracle")] = torch.stack(oracle)
+        results[(name, tied, "oracle", "top")] = torch.stack(oracle_top)
         destroy_parallel_groups()
 
         cfg = tiny_model_config(preset, tie_word_embeddings=tied, layer_spec="local",
-                                transformer={"sequence_parallel": True})
+                                transformer={"sequence_parallel": True, **(RECOMPUTE if recompute else {})})
         for tp, pp in layouts:
             g = build_parallel_groups(tp, pp)
             model = build_tiny_model(cfg, g, seed=5)
@@ -78,15 +80,15 @@ def _worker(cases, layouts):
                 mbs = pack_microbatches(groups_data, list(range(G)), prompts_per_microbatch=ppm,
                                         responses_per_prompt=K, seq_length=SEQ)
                 out = PopiCapture(model, g, projector, mode=mode, loss_cfg=loss_cfg).run(mbs, G, K)
-                results[(preset, tied, tp, pp, mode)] = (out.sketches, out.finite)
+                results[(name, tied, tp, pp, mode)] = (out.sketches, out.finite)
                 if mode == "batched" and pp == 1:  # blocks of 2 KiB: every dimension cut (popi/blocks.py)
                     out = PopiCapture(model, g, projector, mode=mode, loss_cfg=loss_cfg, block_bytes=2048).run(mbs, G, K)
-                    results[(preset, tied, tp, pp, mode, "blocks")] = (out.sketches, out.finite)
+                    results[(name, tied, tp, pp, mode, "blocks")] = (out.sketches, out.finite)
                 if not tied:  # the top layers only, the backward cut below them
                     top = select_layouts(model, g, include=TOP)
                     out = PopiCapture(model, g, projector, mode=mode, loss_cfg=loss_cfg, layouts=top,
                                       truncate_backward=True).run(mbs, G, K)
-                    results[(preset, tied, tp, pp, mode, "top")] = (out.sketches, out.finite)
+                    results[(name, tied, tp, pp, mode, "top")] = (out.sketches, out.finite)
                 assert all(p.grad is None for p in model.parameters())
                 assert all(p.requires_grad for p in model.parameters())
             destroy_parallel_groups()
@@ -95,7 +97,8 @@ def _worker(cases, layouts):
 
 def _check(results, cases, layouts):
     errors = {}
-    for preset, tied in cases:
+    for preset, tied, *recompute in cases:
+        preset += "+recompute" if recompute else ""
         oracle = results[(preset, tied, "oracle")]
         assert (oracle.norm(dim=1) > 0).all()
         for key in [(preset, tied, tp, pp, mode) for tp, pp in layouts for mode, _ in MODES]:
@@ -121,9 +124,10 @@ def test_sequence_parallel_capture_matches_autograd_oracle_tp2():
 
 @pytest.mark.timeout(600)
 def test_sequence_parallel_capture_matches_autograd_oracle_tp2_pp2():
-    """TP2×PP2 on 4 ranks (the stages exchange ``[s/t, b, h]``), tied embeddings: the output layer's
-    copy on the last stage."""
-    cases = [("tiny", True)]
+    """TP2×PP2 on 4 ranks (the stages exchange ``[s/t, b, h]``): tied embeddings (the output layer's
+    copy on the last stage), and full activation recomputation (layers re-run inside a later backward
+    under 1F1B, their gathers too)."""
+    cases = [("tiny", True), ("tiny", False, "recompute")]
     layouts = [(2, 2)]
     results = run_ranks(_worker, 4, args=(cases, layouts), timeout_s=580)[0]
     _check(results, cases, layouts)
