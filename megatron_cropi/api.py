@@ -49,6 +49,12 @@ class CropiSelector:
             from megatron_cropi.run_config import load_run_config
 
             config = load_run_config(str(config), tuple(overrides))
+        if config.scoring.scale_out:  # score() reads the pool's features on rank 0
+            from megatron_cropi.config.loader import ConfigError
+
+            raise ConfigError("scoring.scale_out", "true: CropiSelector.score returns every pool prompt's score "
+                              "from rank 0's features, which scale-out scoring never gathers; use `cropi select` "
+                              "or pass the override scoring.scale_out=false")
         self.cfg = config
         self.out = out
         self._live = None  # (groups, prompts, tokenizer): process groups are made once per process

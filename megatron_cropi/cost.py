@@ -329,7 +329,7 @@ def estimate_run_disk(cfg, shape: StageShape) -> dict:
 
 INDEX_BYTES_PER_ROW = 200   # a trajectory store's prompt-id → (part, row) index entry, a Python dict (assumed)
 SUMMARY_BYTES_PER_ROW = 17  # scale-out's per-row scalars: longest, tokens (int64), zero-variance (bool)
-COSINE_BYTES_PER_ROW = 9    # per row to rank 0: row id (int64) + usable (bool); + 8 per direction (float64)
+COSINE_BYTES_PER_ROW = 9    # per scored row to rank 0: row id (int64) + usable (bool); + 8 per direction (float64)
 
 
 def scale_out_footprint(*, pool_prompts: int, nodes: int, tp: int, pp: int, k: int, feature_bytes: int,
@@ -340,7 +340,9 @@ def scale_out_footprint(*, pool_prompts: int, nodes: int, tp: int, pp: int, k: i
     k-vector and writes the store) against scale-out scoring (:mod:`megatron_cropi.influence.scale_out`).
 
     Rollouts in memory count their token ids and log-probs only (``STORE_BYTES_PER_*``): the Python
-    objects around them add more, so the rank-0 figure is a lower bound."""
+    objects around them add more, so the rank-0 figure is a lower bound. Scale-out's per-rank figure is
+    the steady state: opening the store and summarising it hold a second prompt-id index for a moment
+    (about twice the index at peak)."""
     dp = nodes * gpus_per_node // (tp * pp)
     per_prompt = responses * mean_response_tokens * STORE_BYTES_PER_RESPONSE_TOKEN + prompt_tokens * STORE_BYTES_PER_PROMPT_TOKEN
     live = live_fraction * pool_prompts
@@ -351,6 +353,6 @@ def scale_out_footprint(*, pool_prompts: int, nodes: int, tp: int, pp: int, k: i
                        "rank0_writes_bytes": int(pool_prompts * k * feature_bytes)},
         "scale_out": {"per_rank_bytes": int(pool_prompts * (SUMMARY_BYTES_PER_ROW + INDEX_BYTES_PER_ROW)
                                             + prompts_per_unit * per_prompt),
-                      "rank0_receives_bytes": int(pool_prompts * (COSINE_BYTES_PER_ROW + 8 * directions)),
+                      "rank0_receives_bytes": int(live * (COSINE_BYTES_PER_ROW + 8 * directions)),
                       "shard_bytes_per_replica": int(live * k * feature_bytes / dp)},
     }

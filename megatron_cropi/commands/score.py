@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from megatron_cropi.checkpoint.dist_ckpt import load_checkpoint, read_checkpoint_meta
 from megatron_cropi.curriculum.faults import fault_point
+from megatron_cropi.influence.scale_out import score_store_sharded
 from megatron_cropi.influence.stores import PolicyScorer, score_store
 from megatron_cropi.layout import RunLayout
 from megatron_cropi.projection.config import build_projector
@@ -66,7 +67,10 @@ def score_sets(cfg, sets: list[str], *, checkpoint: str | None = None, tag: str 
     results = {}
     for name in sets:
         out = layout.features(tag or f"step{step}", name)
-        stats = score_store(layout.rollouts(name), out, scorer, on_chunk=fault)
+        if name == "pool" and cfg.scoring.scale_out:  # shards per replica, a shared queue
+            stats = score_store_sharded(layout.rollouts(name), out, scorer, on_unit=fault)
+        else:
+            stats = score_store(layout.rollouts(name), out, scorer, on_chunk=fault)
         results[name] = {**dataclasses.asdict(stats), "features": str(out),
                          "seconds_per_prompt": stats.seconds_per_prompt}
     return results

@@ -39,6 +39,7 @@ from megatron_cropi.curriculum import steps
 from megatron_cropi.curriculum.exports import export_selection
 from megatron_cropi.curriculum.faults import fault_point
 from megatron_cropi.curriculum.report import write_stage_report
+from megatron_cropi.influence.scale_out import score_store_sharded
 from megatron_cropi.influence.stores import score_store
 from megatron_cropi.layout import RunLayout
 from megatron_cropi.utils.atomic import atomic_write_json
@@ -111,7 +112,10 @@ def score_at_checkpoint(cfg, checkpoint, *, groups, tokenizer, stores: dict[str,
     features, info = {}, {}
     for name, store in stores.items():
         features[name] = out.features(stage, name)
-        stats = score_store(store, features[name], scorer, on_chunk=fault)
+        if name == "pool" and cfg.scoring.scale_out:  # shards per replica; select_stage meets on cosines
+            stats = score_store_sharded(store, features[name], scorer, on_unit=fault)
+        else:
+            stats = score_store(store, features[name], scorer, on_chunk=fault)
         info[f"stage{stage}/score/{name}"] = dataclasses.asdict(stats)
     return features, info
 

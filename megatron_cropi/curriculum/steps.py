@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch.distributed as dist
 
 from megatron_cropi.influence.feature_store import DONE, FeatureStore
 from megatron_cropi.influence.scale_out import pool_cosines
 from megatron_cropi.influence.sharded_store import is_sharded_store
 from megatron_cropi.influence.stores import read_complete_store
 from megatron_cropi.layout import RunLayout
+from megatron_cropi.rollout.store import TrajectoryStore
 from megatron_cropi.records import PromptRecord
 from megatron_cropi.influence.shortlist import ShortlistConfig, carry_ranking, shortlist_mask
 from megatron_cropi.selection.policies import (
@@ -31,7 +33,7 @@ from megatron_cropi.selection.policies import (
     select,
 )
 from megatron_cropi.utils.atomic import atomic_write_json
-from megatron_cropi.utils.rank_zero import on_rank0
+from megatron_cropi.utils.rank_zero import on_rank0, share_from_rank0
 
 __all__ = ["feature_set_names", "read_selection", "read_ranking", "selected_prompts", "previous_selections",
            "selection_inputs", "select_stage", "pool_shortlist"]
@@ -94,7 +96,17 @@ def selection_inputs(pool: Sequence[PromptRecord], *, pool_rollouts: Path | None
 
     ``pool_cosines``: ``(usable [N], {direction: cosines [N]})`` of a sharded pool store
     (:func:`scale_out_cosines`); its features are then not read."""
-    if pool_rollouts is not None and pool_rollouts.exists():
+    if pool_rollouts is not None and pool_rollouts.exists() and pool_cosines is not None:
+        # scale-out: the pool's per-row scalars column-wise; its rollouts are never loaded on one rank
+        store = TrajectoryStore.open(pool_rollouts, verify=False)
+        ids = store.prompt_ids()
+        rates, sources = store.pass_rates_and_sources()
+        held = set(ids)
+        rest = sorted((p for p in pool if p.prompt_id not in held), key=lambda p: p.prompt_id)
+        inputs = SelectionInputs(prompt_ids=ids + [p.prompt_id for p in rest],
+                                 pass_rates=np.concatenate([rates, np.full(len(rest), np.nan)]),
+                                 sources=sources + [p.source for p in rest], previous=previous)
+    elif pool_rollouts is not None and pool_rollouts.exists():
         pool_groups, _ = read_complete_store(pool_rollouts)
         held = {g.prompt_id for g in pool_groups}
         rest = sorted((p for p in pool if p.prompt_id not in held), key=lambda p: p.prompt_id)
@@ -136,12 +148,19 @@ def scale_out_cosines(cfg: SelectionConfig, features: dict[str, Path], *, seed: 
     """For a sharded pool store (``scoring.scale_out``), every rank's share of the pool's cosines with the
     target (and check-guard) directions, met on rank 0 (:func:`~megatron_cropi.influence.scale_out.pool_cosines`);
     None for an ordinary store. A collective when the store is sharded."""
-    if not features or not is_sharded_store(features["pool"]):
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if not features or not share_from_rank0(is_sharded_store(features["pool"]) if rank0 else None):
         return None
-    targets = {name[len("target-"):]: _usable(FeatureStore.load(path)) for name, path in features.items()
-               if name.startswith("target-")}
-    guard = _usable(FeatureStore.load(features["guard"])) if "guard" in features else None
-    return pool_cosines(features["pool"], pool_directions(cfg, targets, guard, seed=seed), use_sign=cfg.use_sign)
+
+    def directions() -> dict[str, np.ndarray]:  # rank 0 reads the small target and guard stores
+        targets = {name[len("target-"):]: _usable(FeatureStore.load(path)) for name, path in features.items()
+                   if name.startswith("target-")}
+        guard = _usable(FeatureStore.load(features["guard"])) if "guard" in features else None
+        return pool_directions(cfg, targets, guard, seed=seed)
+
+    found = on_rank0(directions)
+    # the guard's cosine is plain (guard.py), the targets' follow selection.use_sign
+    return pool_cosines(features["pool"], found, use_sign={name: cfg.use_sign and name != "guard" for name in found})
 
 
 def select_stage(m: int, *, layout: RunLayout, pool: Sequence[PromptRecord], cfg: SelectionConfig, seed: int,
@@ -159,7 +178,7 @@ def select_stage(m: int, *, layout: RunLayout, pool: Sequence[PromptRecord], cfg
         inputs = selection_inputs(pool, pool_rollouts=pool_rollouts, features=features,
                                   previous=previous_selections(layout, m), pool_cosines=cosines)
         result = select(cfg, inputs, stage=m, seed=seed)
-        if cfg.policy == "cropi" and inputs.features is not None:
+        if cfg.policy == "cropi" and (inputs.features is not None or inputs.cosines is not None):
             scores = ranking_scores(cfg, inputs, seed=seed)
             ranking = carry_ranking(read_ranking(layout, m - 1), inputs.prompt_ids, scores, inputs.usable)
             atomic_write_json(layout.ranking(m), {"stage": m, "scores": ranking})

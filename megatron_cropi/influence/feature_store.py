@@ -183,9 +183,14 @@ class FeatureStore:
     def _read_header(path: Path) -> FeatureHeader:
         try:
             data = json.loads((path / "header.json").read_text())
-            return FeatureHeader(**data)
+            sharded = isinstance(data, dict) and data.get("sharded")
+            header = None if sharded else FeatureHeader(**data)
         except (json.JSONDecodeError, TypeError, ValueError) as err:
             raise FeatureStoreMismatch(f"{path / 'header.json'} is not a feature-store header: {err}") from None
+        if sharded:
+            raise FeatureStoreMismatch(f"{path} is a sharded feature store (scoring.scale_out); read it with "
+                                       "megatron_cropi.influence.sharded_store.load_feature_store")
+        return header
 
     @classmethod
     def _create(cls, path: Path, header: FeatureHeader) -> None:

@@ -17,8 +17,9 @@
   any number of replicas and the same result.
 
 :func:`pool_cosines` is what selection needs from the pool: the cosine of every row with a few
-directions. Each rank reads a share of the unit files and sends only ``(row, cosine)`` scalars to rank 0
-(17 + 8 bytes per row and direction, instead of 4k bytes per row).
+directions. Each rank reads a share of the unit files and sends only scalars to rank 0: per scored row a
+row id, a usable flag and a float64 cosine per direction (8 + 1 + 8 bytes for one direction, instead of
+the 4k bytes of a float32 k-vector).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_cropi.influence.feature_store import DONE, FLAGGED
+from megatron_cropi.influence.feature_store import DONE, FLAGGED, hash_strings
 from megatron_cropi.influence.scorer import ScoreStats, capture_call, make_capture, plan_calls, trims_padding_rows
 from megatron_cropi.influence.sharded_store import ShardedFeatureStore
 from megatron_cropi.influence.stores import PolicyScorer
@@ -83,10 +84,14 @@ def score_store_sharded(rollouts_dir: Path, out: Path, scorer: PolicyScorer, *, 
     seq = cfg.seq_length or int(summary["longest"].max(initial=1))
     calls = plan_calls(summary["longest"][live], cfg, responses_per_prompt=k, seq_length=seq)
     header = scorer.header_for(prompt_ids)
-    on_rank0(lambda: ShardedFeatureStore.open(out, header, excluded=np.flatnonzero(summary["zero_variance"])) and None)
+    plan = hash_strings(f"{c.seq_length}/{c.prompts_per_microbatch}:" + ",".join(map(str, live[c.indices]))
+                        for c in calls)
+    on_rank0(lambda: ShardedFeatureStore.open(out, header, excluded=np.flatnonzero(summary["zero_variance"]),
+                                              plan_hash=plan) and None)
     shards = ShardedFeatureStore.load(out)
     done = share_from_rank0(sorted(shards.done_units()) if g.rank == 0 else None)
-    pending = [u for u in range(len(calls)) if u not in set(done)]
+    done_set = set(done)
+    pending = [u for u in range(len(calls)) if u not in done_set]
     counter = work_counter(f"score/{share_from_rank0(uuid.uuid4().hex)}")
     capture = make_capture(scorer.model, g, scorer.projector, cfg, sampling.logprob_temperature)
     trim, lead = trims_padding_rows(cfg, g), g.tp_rank == 0 and g.pp_rank == 0
@@ -125,40 +130,72 @@ def score_store_sharded(rollouts_dir: Path, out: Path, scorer: PolicyScorer, *, 
                       padded_tokens=padded)
 
 
-def pool_cosines(path: Path, directions: dict[str, np.ndarray], *, use_sign: bool = False
+def pool_cosines(path: Path, directions: dict[str, np.ndarray], *, use_sign: dict[str, bool] | None = None
                  ) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
-    """Every row's cosine with each of ``directions`` (``{name: [k]}``, the same on every rank), computed
-    where the features are: rank ``r`` reads unit files ``r, r + W, …`` of the sharded store ``path``.
+    """Every row's cosine with each of ``directions`` (``{name: [k]}``, rank 0's), computed where the
+    features are: rank 0 lists the unit files of the sharded store ``path`` and rank ``r`` reads files
+    ``r, r + W, …`` of that list.
 
-    A collective. Rank 0 receives ``(rows, usable, cosines)`` scalars only.
+    A collective. Rank 0 receives ``(rows, usable, cosines)`` scalars only: 8 + 1 + 8 × directions bytes
+    per scored row. An error on any rank (an unreadable unit, a zero direction) is raised on every rank.
+
+    Args:
+        use_sign: per direction, compare signs (``selection.use_sign``); default False for all.
 
     Returns:
         On global rank 0: ``(usable [N] bool, {name: cosines [N] float64, -inf where not usable})``,
         as :func:`~megatron_cropi.selection.scores.cosine_scores` gives them; None on the other ranks.
+
+    Raises:
+        RuntimeError: on every rank, when a rank failed or a row is in no unit and not excluded (the
+            store's scoring did not finish).
     """
     store = ShardedFeatureStore.load(path)
-    files = store.unit_files()
     world, rank = dist.get_world_size(), dist.get_rank()
-    rows, usable, cos = [], [], {name: [] for name in directions}
-    for unit in store.iter_units(files[rank::world]):
-        ok = (unit.status == DONE) & (np.abs(unit.features).sum(1) > 0)
-        rows.append(unit.rows)
-        usable.append(ok)
-        for name, d in directions.items():
-            cos[name].append(cosine_scores(unit.features, ok, d, use_sign=use_sign) if unit.rows.size else
-                             np.zeros(0))
-    cat = (lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype))
-    payload = (cat(rows, np.int64), cat(usable, bool), {n: cat(v, np.float64) for n, v in cos.items()})
+    directions = share_from_rank0(directions if rank == 0 else None)
+    files = share_from_rank0([str(f) for f in store.unit_files()] if rank == 0 else None)
+    use_sign = use_sign or {}
+    try:
+        rows, usable, cos = [], [], {name: [] for name in directions}
+        for unit in store.iter_units([Path(f) for f in files[rank::world]]):
+            ok = (unit.status == DONE) & (np.abs(unit.features).sum(1) > 0)
+            rows.append(unit.rows)
+            usable.append(ok)
+            for name, d in directions.items():
+                cos[name].append(cosine_scores(unit.features, ok, d, use_sign=use_sign.get(name, False)))
+        cat = (lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype))
+        payload = (True, (cat(rows, np.int64), cat(usable, bool), {n: cat(v, np.float64) for n, v in cos.items()}))
+    except Exception as err:  # noqa: BLE001 - every rank must learn it, not wait in the gather
+        payload = (False, f"rank {rank}: {type(err).__name__}: {err}")
     gathered = [None] * world if rank == 0 else None
     dist.gather_object(payload, gathered, dst=0)
-    if rank != 0:
-        return None
+    result, failures = None, None
+    if rank == 0:
+        failures = [msg for ok, msg in gathered if not ok]
+        if not failures:
+            result = _assemble(store, list(directions), [item for _, item in gathered])
+            if isinstance(result, str):
+                failures, result = [result], None
+    failures = share_from_rank0(failures)
+    if failures:
+        raise RuntimeError(f"pool cosines of the sharded feature store {path}: " + "; ".join(failures))
+    return result
+
+
+def _assemble(store: ShardedFeatureStore, names: list[str], parts: list[tuple]):
+    """Rank 0: the gathered ``(rows, usable, cosines)`` as ``[N]`` arrays, or the error message when a row
+    is in no unit and not excluded."""
     n = store.header.num_rows
     all_usable = np.zeros(n, bool)
-    all_cos = {name: np.full(n, -np.inf) for name in directions}
-    for r, u, c in gathered:
+    all_cos = {name: np.full(n, -np.inf) for name in names}
+    seen = np.zeros(n, bool)
+    seen[store.excluded_rows()] = True
+    for r, u, c in parts:
+        seen[r] = True
         all_usable[r] = u
-        for name in directions:
+        for name in names:
             all_cos[name][r] = c[name]
+    if not seen.all():
+        return (f"{int((~seen).sum())} of {n} rows are in no unit and not excluded: the store's scoring did not "
+                "finish (rerun to resume it)")
     return all_usable, all_cos
-

@@ -91,14 +91,16 @@ def read_unit(path: Path, dtype: str) -> UnitRows:
 class ShardedFeatureStore:
     """See the module docstring. :meth:`open` creates or validates; :meth:`writer` gives a replica its shard."""
 
-    def __init__(self, path: Path, header: FeatureHeader):
-        self.path, self.header = path, header
+    def __init__(self, path: Path, header: FeatureHeader, plan_hash: str = ""):
+        self.path, self.header, self.plan_hash = path, header, plan_hash
 
     # -- opening -------------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | Path, header: FeatureHeader, excluded: np.ndarray | None = None) -> "ShardedFeatureStore":
-        """Create the store (recording ``excluded`` rows) or reopen it; a different header is an error
-        naming the field and both values. Call on one rank, then let the others :meth:`load` it."""
+    def open(cls, path: str | Path, header: FeatureHeader, excluded: np.ndarray | None = None,
+             plan_hash: str = "") -> "ShardedFeatureStore":
+        """Create the store (recording ``excluded`` rows and the hash of the unit plan) or reopen it; a
+        different header or plan is an error naming the field and both values. Call on one rank, then
+        let the others :meth:`load` it."""
         path = Path(path)
         if not (path / "header.json").exists():
             (path / "shards").mkdir(parents=True, exist_ok=True)
@@ -106,8 +108,14 @@ class ShardedFeatureStore:
             buf = io.BytesIO()
             np.save(buf, rows)
             atomic_write_bytes(path / "excluded.npy", buf.getvalue())
-            atomic_write_json(path / "header.json", {**dataclasses.asdict(header), "sharded": True})
+            atomic_write_json(path / "header.json", {**dataclasses.asdict(header), "sharded": True,
+                                                     "plan_hash": plan_hash})
         store = cls.load(path)
+        if store.plan_hash != plan_hash:  # unit u must hold the same rows, or resume would mix them
+            raise FeatureStoreMismatch(f"feature store {path} was written with plan_hash={store.plan_hash!r} (its "
+                                       f"units' rows), but this run has plan_hash={plan_hash!r}: the scoring options "
+                                       "that cut the pool into units changed; use a new output directory or delete "
+                                       "the old store")
         for f in dataclasses.fields(FeatureHeader):
             old, new = getattr(store.header, f.name), getattr(header, f.name)
             if old != new:
@@ -123,11 +131,12 @@ class ShardedFeatureStore:
             raise FileNotFoundError(f"no sharded feature store at {path} (header.json missing or not sharded)")
         raw = json.loads((path / "header.json").read_text())
         raw.pop("sharded")
+        plan_hash = raw.pop("plan_hash", "")
         try:
             header = FeatureHeader(**raw)
         except (TypeError, ValueError) as err:
             raise FeatureStoreMismatch(f"{path / 'header.json'} is not a feature-store header: {err}") from None
-        return cls(path, header)
+        return cls(path, header, plan_hash)
 
     # -- writing -------------------------------------------------------------------------------------
     def write_unit(self, writer: int, unit: int, rows, features, status) -> None:
@@ -156,7 +165,7 @@ class ShardedFeatureStore:
         """Every committed unit file, sorted by unit number (a unit written twice is listed once)."""
         seen: dict[int, Path] = {}
         shards = self.path / "shards"
-        for shard in sorted(shards.iterdir()) if shards.is_dir() else []:
+        for shard in sorted(d for d in shards.iterdir() if d.is_dir()) if shards.is_dir() else []:
             for f in sorted(os.listdir(shard)):
                 m = _UNIT.match(f)
                 if m:

@@ -358,6 +358,27 @@ class TrajectoryStore:
                 zero_var[rows[j]] = bool(k == 0 or np.all(rew == rew[0]))
         return {"longest": longest, "tokens": tokens, "zero_variance": zero_var}
 
+    def pass_rates_and_sources(self) -> tuple[np.ndarray, list[str]]:
+        """``[N]`` pass rates (share of rewards > 0.5, 0 for none) and sources in prompt-id order, read
+        column-wise: what selection needs of every row, without building the groups."""
+        import pyarrow.compute as pc
+
+        pids = self.prompt_ids()
+        where = {pid: i for i, pid in enumerate(pids)}
+        rates, sources = np.zeros(len(pids)), [""] * len(pids)
+        for part in self._manifest["parts"]:
+            t = self._table(part["name"])
+            rows = [where[p] for p in t.column("prompt_id").to_pylist()]
+            rewards = t.column("rewards").combine_chunks()
+            counts = pc.list_value_length(rewards).to_numpy(zero_copy_only=False).astype(np.int64)
+            hits = (rewards.flatten().to_numpy(zero_copy_only=False) > 0.5).astype(np.float64)
+            ends = np.cumsum(counts)
+            sums = np.diff(np.concatenate([[0.0], np.cumsum(hits)])[np.concatenate([[0], ends])])
+            rates[rows] = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)
+            for r, src in zip(rows, t.column("source").to_pylist()):
+                sources[r] = src
+        return rates, sources
+
     def get(self, prompt_id: str) -> RolloutGroup:
         """The stored group of ``prompt_id`` (KeyError if absent)."""
         if prompt_id not in self._index:

@@ -39,9 +39,17 @@ def test_units_from_several_writers_read_back_as_one_store(tmp_path, dtype):
 
 
 def test_reopen_checks_the_header_and_bad_units_are_refused(tmp_path):
-    ShardedFeatureStore.open(tmp_path / "f", _header())
+    from megatron_cropi.influence.feature_store import FeatureStore
+
+    ShardedFeatureStore.open(tmp_path / "f", _header(), plan_hash="abc")
+    with pytest.raises(FeatureStoreMismatch, match="plan_hash='abc' .*, but this run has plan_hash='abd'"):
+        ShardedFeatureStore.open(tmp_path / "f", _header(), plan_hash="abd")
+    with pytest.raises(FeatureStoreMismatch, match="is a sharded feature store"):
+        FeatureStore.load(tmp_path / "f")
+    (tmp_path / "f" / "shards" / "stray.txt").write_text("x")  # a stray file is not a shard
     with pytest.raises(FeatureStoreMismatch, match="checkpoint_step=3, but this run has checkpoint_step=4"):
-        ShardedFeatureStore.open(tmp_path / "f", FeatureHeader(**{**_header().__dict__, "checkpoint_step": 4}))
+        ShardedFeatureStore.open(tmp_path / "f", FeatureHeader(**{**_header().__dict__, "checkpoint_step": 4}),
+                                 plan_hash="abc")
     store = ShardedFeatureStore.load(tmp_path / "f")
     with pytest.raises(ValueError, match="unit 3: features \\(2, 5\\)"):
         store.write_unit(0, 3, [1, 2], np.zeros((2, 5)), [DONE, DONE])
@@ -92,8 +100,9 @@ def test_scale_out_refuses_what_would_gather_the_pool():
     from_dict(RunConfig, {"scoring": {"scale_out": True}, "selection": {"guard": {"source": "check"}}})
 
 
+@pytest.mark.parametrize("use_sign", [False, True])
 @pytest.mark.parametrize("guard", ["none", "check"])
-def test_selection_from_cosines_equals_selection_from_features(guard):
+def test_selection_from_cosines_equals_selection_from_features(guard, use_sign):
     """What rank 0 selects from the gathered cosines (scale-out) is what it selects from the features."""
     from megatron_cropi.selection.guard import GuardConfig
     from megatron_cropi.selection.policies import SelectionConfig, SelectionInputs, pool_directions, ranking_scores, select
@@ -105,13 +114,16 @@ def test_selection_from_cosines_equals_selection_from_features(guard):
     usable = rng.random(n) > 0.2
     targets = {name: (rng.normal(size=(9, k)) + 0.5, rng.random(9) > 0.3) for name in ("a", "b")}
     guard_set = (rng.normal(size=(7, k)), np.ones(7, bool))
-    cfg = SelectionConfig(policy="cropi", ratio=0.2, guard=GuardConfig(source=guard, mode="demote", threshold=0.1))
+    cfg = SelectionConfig(policy="cropi", ratio=0.2, guard=GuardConfig(source=guard, mode="demote", threshold=0.1),
+                          use_sign=use_sign)
     common = dict(prompt_ids=[f"p{i}" for i in range(n)], pass_rates=rng.random(n), sources=["s"] * n,
                   targets=targets, guard=guard_set if guard == "check" else None)
     by_features = SelectionInputs(features=feats, usable=usable, **common)
     directions = pool_directions(cfg, targets, common["guard"], seed=5)
     assert sorted(directions) == (["guard"] if guard == "check" else []) + ["target:a", "target:b"]
-    by_cosines = SelectionInputs(usable=usable, cosines={name: cosine_scores(feats, usable, d)
+    # as scale_out_cosines takes them: the targets' with selection.use_sign, the guard's plain
+    by_cosines = SelectionInputs(usable=usable, cosines={name: cosine_scores(feats, usable, d,
+                                                                             use_sign=use_sign and name != "guard")
                                                           for name, d in directions.items()}, **common)
     a, b = select(cfg, by_features, stage=1, seed=5), select(cfg, by_cosines, stage=1, seed=5)
     assert a.prompt_ids == b.prompt_ids and a.scores == b.scores and a.summary == b.summary
