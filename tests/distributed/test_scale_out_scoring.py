@@ -1,4 +1,4 @@
-"""Scale-out scoring (``scoring.scale_out``) against rank-0 scoring, with DP = 1, 2, 4 and TP2×DP2 (gloo).
+"""Scale-out scoring (``scoring.scale_out``) against rank-0 scoring, with DP = 1, 2, 4, TP2×DP2 and PP2×DP2 (gloo).
 
 The oracle is the ordinary path (:func:`score_store`: every rank holds the pool, rank 0 gathers and
 writes one ``[N, k]`` store) at DP = 1. Scale-out scoring must give the same features row for row and
@@ -45,7 +45,7 @@ def _write_store(path: Path, groups):
     store.mark_complete()
 
 
-def _worker(tmp, tp, runs):
+def _worker(tmp, tp, runs, pp=1):
     """``runs``: ``[(kind, store name, max_units, slow replica or None)]`` in order."""
     from megatron_cropi.curriculum.steps import scale_out_cosines, selection_inputs
     from megatron_cropi.influence.scale_out import score_store_sharded
@@ -59,7 +59,7 @@ def _worker(tmp, tp, runs):
 
     tmp = Path(tmp)
     init_distributed()
-    groups = build_parallel_groups(tp, 1)
+    groups = build_parallel_groups(tp, pp)
     model = build_tiny_model(tiny_model_config(), groups, seed=6)
     cfg = ScoringConfig(prompts_per_microbatch=2, microbatches_per_call=1, scale_out=True)
     scorer = PolicyScorer(model, groups, build_projector(kind="sjlt", k=64, seed=1), cfg, projection_seed=1,
@@ -135,3 +135,7 @@ def test_scale_out_scoring_equals_rank0_scoring_for_every_layout(tmp_path):
     assert units["w00000"] > units["w00001"] >= 1, units
     tp2 = run_ranks(_worker, 4, args=(str(tmp_path), 2, [("sharded", "tp2dp2", None, None)]), timeout_s=600)[0]
     same("tp2 x dp2", tp2["tp2dp2"])
+    pp2 = run_ranks(_worker, 4, args=(str(tmp_path), 1, [("sharded", "pp2dp2", None, None)]), kwargs={"pp": 2},
+                    timeout_s=600)[0]
+    same("pp2 x dp2", pp2["pp2dp2"])
+    assert set(_units_per_writer(tmp_path / "pp2dp2")) == {"w00000", "w00001"}
