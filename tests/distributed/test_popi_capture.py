@@ -30,6 +30,22 @@ class NameSeededDense:
         return shard.reshape(shard.shape[0], -1).float() @ cols.T
 
 
+def autograd_backward(model, group, groups, loss_cfg, seq=None):
+    """The oracle's step: zero the grads, then plain autograd of one prompt's POPI loss (K responses
+    padded to ``seq``) through ``model`` at TP = PP = 1, leaving its gradient in ``.grad``."""
+    from megatron_cropi.model.logprobs import vocab_parallel_logprobs
+    from megatron_cropi.model.schedule import causal_attention_mask
+    from megatron_cropi.popi.batch import pack_microbatches
+    from megatron_cropi.popi.loss import popi_group_losses
+
+    seq = seq or SEQ
+    mb = pack_microbatches([group], [0], prompts_per_microbatch=1, responses_per_prompt=K, seq_length=seq)[0]
+    model.zero_grad()
+    logits = model(input_ids=mb.tokens, position_ids=mb.position_ids, attention_mask=causal_attention_mask(seq, groups.device))
+    logp = vocab_parallel_logprobs(logits, mb.labels, temperature=1.0)
+    popi_group_losses(logp, mb.behaviour_logprobs, mb.mask, mb.rewards, mb.group_index, 1, loss_cfg)[0].backward()
+
+
 def make_groups(vocab, seed=0, num=G, mixed=False):
     """``num`` prompts × K random responses; ``mixed``: no group has all-equal rewards (every oracle
     gradient non-zero)."""
@@ -57,12 +73,10 @@ def _capture_worker(layouts, tied, preset="tiny"):
     import torch.distributed as dist
 
     from megatron_cropi.model.params import assemble_global_tensors
-    from megatron_cropi.model.logprobs import vocab_parallel_logprobs
-    from megatron_cropi.model.schedule import causal_attention_mask
     from megatron_cropi.parallel import build_parallel_groups, destroy_parallel_groups, init_distributed
     from megatron_cropi.popi.batch import pack_microbatches
     from megatron_cropi.popi.capture import PopiCapture
-    from megatron_cropi.popi.loss import PopiLossConfig, popi_group_losses
+    from megatron_cropi.popi.loss import PopiLossConfig
     from megatron_cropi.projection.base import ShardSpec
     from megatron_cropi.testing.tiny import build_tiny_model, tiny_model_config
 
@@ -78,13 +92,7 @@ def _capture_worker(layouts, tied, preset="tiny"):
     model = build_tiny_model(cfg, g, seed=5)
     oracle = []
     for i in range(G):
-        mb = pack_microbatches(groups_data[i:i + 1], [0], prompts_per_microbatch=1, responses_per_prompt=K,
-                               seq_length=SEQ)[0]
-        model.zero_grad()
-        logits = model(input_ids=mb.tokens, position_ids=mb.position_ids, attention_mask=causal_attention_mask(SEQ, g.device))
-        logp = vocab_parallel_logprobs(logits, mb.labels, temperature=1.0)
-        loss = popi_group_losses(logp, mb.behaviour_logprobs, mb.mask, mb.rewards, mb.group_index, 1, loss_cfg)[0]
-        loss.backward()
+        autograd_backward(model, groups_data[i], g, loss_cfg)
         full = assemble_global_tensors(model, g)
         oracle.append(sum(projector.project(v[None], ShardSpec.whole(n, v.shape))[0] for n, v in full.items()))
     results["oracle"] = torch.stack(oracle)

@@ -12,7 +12,7 @@ import torch
 
 from megatron_cropi.testing.spawn import run_ranks
 
-from test_popi_capture import K, SEQ, NameSeededDense, make_groups  # noqa: E402  (tests/distributed on sys.path)
+from test_popi_capture import K, SEQ, NameSeededDense, autograd_backward, make_groups  # noqa: E402  (tests/distributed on sys.path)
 
 G = 8  # batched: 2 prompts per micro-batch -> 4 micro-batches; per_prompt: 8
 RECOMPUTE = {
@@ -27,13 +27,11 @@ MODES = (("per_prompt", 1), ("batched", 2))
 def _worker(recompute_names):
     import torch.distributed as dist
 
-    from megatron_cropi.model.logprobs import vocab_parallel_logprobs
     from megatron_cropi.model.params import assemble_global_tensors
-    from megatron_cropi.model.schedule import causal_attention_mask
     from megatron_cropi.parallel import build_parallel_groups, destroy_parallel_groups, init_distributed
     from megatron_cropi.popi.batch import pack_microbatches
     from megatron_cropi.popi.capture import PopiCapture
-    from megatron_cropi.popi.loss import PopiLossConfig, popi_group_losses
+    from megatron_cropi.popi.loss import PopiLossConfig
     from megatron_cropi.projection.base import ShardSpec
     from megatron_cropi.testing.tiny import build_tiny_model, tiny_model_config
 
@@ -48,13 +46,7 @@ def _worker(recompute_names):
     model = build_tiny_model(base, g, seed=5)
     oracle = []
     for i in range(G):
-        mb = pack_microbatches(groups_data[i:i + 1], [0], prompts_per_microbatch=1, responses_per_prompt=K,
-                               seq_length=SEQ)[0]
-        model.zero_grad()
-        logits = model(input_ids=mb.tokens, position_ids=mb.position_ids,
-                       attention_mask=causal_attention_mask(SEQ, g.device))
-        logp = vocab_parallel_logprobs(logits, mb.labels, temperature=1.0)
-        popi_group_losses(logp, mb.behaviour_logprobs, mb.mask, mb.rewards, mb.group_index, 1, loss_cfg)[0].backward()
+        autograd_backward(model, groups_data[i], g, loss_cfg)
         full = assemble_global_tensors(model, g)
         oracle.append(sum(projector.project(v[None], ShardSpec.whole(n, v.shape))[0] for n, v in full.items()))
     results["oracle"] = torch.stack(oracle)

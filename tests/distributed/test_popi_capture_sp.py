@@ -16,7 +16,7 @@ import torch
 
 from megatron_cropi.testing.spawn import run_ranks
 
-from test_popi_capture import K, NameSeededDense, make_groups  # noqa: E402  (tests/distributed on sys.path)
+from test_popi_capture import K, NameSeededDense, autograd_backward, make_groups  # noqa: E402  (tests/distributed on sys.path)
 
 G = 6  # batched: 2 prompts per micro-batch -> 3 micro-batches
 SEQ = 13  # odd: sequence parallelism at TP = 2 needs a multiple of 2, capture pads to 14
@@ -30,13 +30,11 @@ def _worker(cases, layouts):
 
     import torch.distributed as dist
 
-    from megatron_cropi.model.logprobs import vocab_parallel_logprobs
     from megatron_cropi.model.params import assemble_global_tensors
-    from megatron_cropi.model.schedule import causal_attention_mask
     from megatron_cropi.parallel import build_parallel_groups, destroy_parallel_groups, init_distributed
     from megatron_cropi.popi.batch import pack_microbatches
     from megatron_cropi.popi.capture import PopiCapture, select_layouts
-    from megatron_cropi.popi.loss import PopiLossConfig, popi_group_losses
+    from megatron_cropi.popi.loss import PopiLossConfig
     from megatron_cropi.projection.base import ShardSpec
     from megatron_cropi.testing.tiny import build_tiny_model, tiny_model_config
 
@@ -54,14 +52,7 @@ def _worker(cases, layouts):
         model = build_tiny_model(base, g, seed=5)
         oracle, oracle_top = [], []
         for i in range(G):
-            mb = pack_microbatches(groups_data[i:i + 1], [0], prompts_per_microbatch=1, responses_per_prompt=K,
-                                   seq_length=SEQ)[0]
-            model.zero_grad()
-            logits = model(input_ids=mb.tokens, position_ids=mb.position_ids,
-                           attention_mask=causal_attention_mask(SEQ, g.device))
-            logp = vocab_parallel_logprobs(logits, mb.labels, temperature=1.0)
-            popi_group_losses(logp, mb.behaviour_logprobs, mb.mask, mb.rewards, mb.group_index, 1,
-                              loss_cfg)[0].backward()
+            autograd_backward(model, groups_data[i], g, loss_cfg, seq=SEQ)
             full = assemble_global_tensors(model, g)
             sketch = {n: projector.project(v[None], ShardSpec.whole(n, v.shape))[0] for n, v in full.items()}
             oracle.append(sum(sketch.values()))
