@@ -89,6 +89,8 @@ class RunConfig:
                                           self.parallel.pipeline_model_parallel_size)
         if errors:
             raise ConfigError("parallel", "the model cannot be split this way: " + "; ".join(errors))
+        if self.model.virtual_pipeline_size is not None:
+            self._refuse_interleaved_schedule()
         if self.model.transformer.get("sequence_parallel"):
             self._refuse_native_sampling_under_sp()
         layers = self.model.transformer["num_layers"]
@@ -109,6 +111,20 @@ class RunConfig:
             if self.selection.guard.source == "pool":
                 raise ConfigError("scoring.scale_out", "true with selection.guard.source pool: the pool's mean "
                                   "gradient would gather the pool's vectors; use guard source check or none")
+
+    def _refuse_interleaved_schedule(self) -> None:
+        """The interleaved (virtual pipeline) schedule runs V model chunks per stage. POPI capture supports
+        it (``PopiCapture`` on :func:`~megatron_cropi.model.provider.build_model_chunks`, equal to the
+        1F1B features: ``tests/distributed/test_popi_capture_interleaved.py``), but every ``cropi``
+        command also builds, loads or trains one module per stage: the GRPO step (its DDP wrapper,
+        optimizer and schedule call), the log-prob and reference passes, the native sampler (PP = 1),
+        HF and distributed checkpoints. Refused by name rather than failing inside megatron."""
+        vp = self.model.virtual_pipeline_size
+        raise ConfigError("model.transformer.virtual_pipeline_model_parallel_size",
+                          f"{vp}: the interleaved (virtual pipeline) schedule is supported by POPI capture only "
+                          "(megatron_cropi.popi.capture on model chunks); the cropi commands' GRPO training, "
+                          "log-prob passes, native sampler and checkpoint loading/export run one model chunk per "
+                          "pipeline stage; use plain 1F1B pipeline parallelism (unset it)")
 
     def _refuse_native_sampling_under_sp(self) -> None:
         """The native sampler (rollouts, evaluation, the warm-up) runs the policy on sequences of every

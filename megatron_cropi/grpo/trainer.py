@@ -85,6 +85,12 @@ class GrpoTrainer:
                  rewarder: Rewarder, sampling: SamplingParams, prompts: Sequence[PromptRecord] | None = None,
                  metrics: MetricsLogger | None = None, weight_sync: WeightSync | None = None, seed: int = 0,
                  total_steps: int | None = None, checkpoint_dir: str | Path | None = None, pad_id: int = 0):
+        vp = model_cfg.virtual_pipeline_size
+        if vp is not None or isinstance(model, (list, tuple)):
+            # the step wraps one module in DDP, builds one optimizer over it and runs one schedule chunk
+            raise ValueError(f"model.transformer.virtual_pipeline_model_parallel_size={vp}: GRPO training under the "
+                             "interleaved (virtual pipeline) schedule is not supported (the trainer runs one model "
+                             "chunk per pipeline stage); use plain 1F1B pipeline parallelism")
         if cfg.prompts_per_step % groups.dp_size:
             raise ValueError(f"grpo.prompts_per_step={cfg.prompts_per_step} must be divisible by the data-parallel "
                              f"size {groups.dp_size}")

@@ -194,11 +194,39 @@ class ModelConfig:
         errors = [f"model {what} is not divisible by TP={tp}" for ok, what in checks if not ok]
         if t["num_layers"] % pp != 0:
             errors.append(f"model num_layers={t['num_layers']} is not divisible by PP={pp}")
-        for key in ("virtual_pipeline_model_parallel_size", "num_layers_per_virtual_pipeline_stage"):
-            if t.get(key):  # capture and GRPO run one model chunk per stage (1F1B or no pipelining)
-                errors.append(f"model.transformer.{key}={t[key]}: the interleaved (virtual pipeline) schedule is "
-                              "not supported; use plain 1F1B pipeline parallelism")
-        return errors + self.sequence_parallel_errors(tp)
+        return errors + self.virtual_pipeline_errors(pp) + self.sequence_parallel_errors(tp)
+
+    @property
+    def virtual_pipeline_size(self) -> int | None:
+        """V of the interleaved (virtual pipeline) schedule, None when off."""
+        return self.transformer.get("virtual_pipeline_model_parallel_size") or None
+
+    def virtual_pipeline_errors(self, pp: int) -> list[str]:
+        """Why the interleaved schedule cannot split this model at PP=``pp`` (empty when off or when it can).
+
+        The model side only: V chunks per stage need PP > 1 (megatron runs no interleaving without a
+        pipeline) and ``num_layers`` divisible by PP × V. Which steps run on chunks is the caller's
+        business: POPI capture does (``popi/capture.py``); ``RunConfig`` refuses it for the ``cropi``
+        commands, whose GRPO step, sampler and checkpoints run one module per stage.
+        """
+        vp = self.virtual_pipeline_size
+        if vp is None:
+            return []
+        key = f"model.transformer.virtual_pipeline_model_parallel_size={vp}"
+        if not isinstance(vp, int) or vp < 2:
+            return [f"{key}: must be an int >= 2 (or unset)"]
+        if pp < 2:
+            return [f"{key} needs pipeline parallelism (PP > 1), got PP={pp}: the interleaved schedule "
+                    "interleaves the chunks of several pipeline stages"]
+        if self.transformer.get("batch_p2p_comm") and pp == 2:
+            return [f"{key} with model.transformer.batch_p2p_comm true at PP=2: the previous and next stage are "
+                    "the same rank and batched p2p swaps activations and gradients; leave batch_p2p_comm unset "
+                    "(off under the interleaved schedule)"]
+        layers = self.transformer["num_layers"]
+        if layers % (pp * vp):
+            return [f"{key}: model num_layers={layers} is not divisible by PP×V = {pp}×{vp} "
+                    "(every model chunk holds the same number of layers)"]
+        return []
 
     def sequence_parallel_errors(self, tp: int) -> list[str]:
         """Why ``transformer.sequence_parallel`` cannot be used at TP=``tp`` (empty when off or when it can).

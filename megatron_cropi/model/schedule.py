@@ -2,6 +2,9 @@
 
 Every forward/backward of the package (POPI capture, GRPO steps, log-prob passes) goes through
 :func:`forward_backward`, so PP scheduling is always Megatron's own ``get_forward_backward_func``.
+Given a list of V > 1 model chunks (the interleaved, virtual pipeline schedule:
+:func:`~megatron_cropi.model.provider.build_model_chunks`) it runs Megatron's
+``forward_backward_pipelining_with_interleaving``, which takes one data iterator per chunk.
 
 Loss contract (megatron-core 0.16+): ``forward_step_func(data_iterator, model)`` returns
 ``(output_tensor, loss_func)``; on the last stage ``loss_func(output_tensor)`` returns
@@ -17,7 +20,12 @@ import torch
 
 from megatron_cropi.parallel import ParallelGroups
 
-__all__ = ["forward_backward", "scale_for_schedule", "causal_attention_mask", "broadcast_from_last_stage"]
+__all__ = ["forward_backward", "scale_for_schedule", "causal_attention_mask", "broadcast_from_last_stage", "as_chunks"]
+
+
+def as_chunks(model) -> list:
+    """``model`` as a list of model chunks: the list itself, or ``[model]`` for one module."""
+    return list(model) if isinstance(model, (list, tuple)) else [model]
 
 
 def scale_for_schedule(loss: torch.Tensor, num_microbatches: int) -> torch.Tensor:
@@ -44,12 +52,15 @@ def forward_backward(
     """Run Megatron's schedule for this pipeline layout over ``num_microbatches`` micro-batches.
 
     Args:
-        model: this rank's model stage (a module, or a one-element list of it).
+        model: this rank's model stage (a module, or a one-element list of it), or its V > 1 chunks
+            under the interleaved schedule (needs PP > 1 and ``config.virtual_pipeline_model_parallel_size
+            == V``).
         groups: process groups; passed to Megatron as ``pg_collection`` (and a p2p communicator
             for PP > 1).
         forward_step_func: see the module docstring.
         data_iterator: yields one micro-batch per call, on every stage (stages other than the first
-            use only what their loss or masks need).
+            use only what their loss or masks need); with V chunks a list of V iterators, chunk ``v``'s
+            called once per micro-batch, in micro-batch order.
         seq_length, micro_batch_size: activation shape ``[seq_length, micro_batch_size, hidden]``
             sent between stages; every micro-batch must be padded to it.
         forward_only: no backward (log-prob passes).
@@ -59,8 +70,16 @@ def forward_backward(
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    models = model if isinstance(model, list) else [model]
-    fb = get_forward_backward_func(pp_size=groups.pp_size)
+    models = as_chunks(model)
+    vp = len(models) if len(models) > 1 else None
+    if vp is not None:
+        configured = models[0].config.virtual_pipeline_model_parallel_size
+        if groups.pp_size < 2 or configured != vp or not isinstance(data_iterator, list) or len(data_iterator) != vp:
+            raise ValueError(f"{vp} model chunks need the interleaved schedule: PP > 1 (got {groups.pp_size}), "
+                             f"virtual_pipeline_model_parallel_size={vp} (got {configured}) and one data iterator "
+                             "per chunk")
+    # explicit sizes: megatron must not fall back to parallel_state's (which this module never reads)
+    fb = get_forward_backward_func(pp_size=groups.pp_size, vp_size=vp)
     kwargs = dict(pg_collection=groups.pg_collection)
     if groups.pp_size > 1:
         from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator

@@ -18,12 +18,26 @@ With ``truncate_backward`` the backward stops below the lowest scored module
 Under sequence parallelism (local spec) both modes hold; micro-batches are padded to a length TP
 divides (:func:`~megatron_cropi.popi.batch.pad_sequence_length`).
 
+**Interleaved schedule** (virtual pipeline, V chunks per stage: pass the list of
+:func:`~megatron_cropi.model.provider.build_model_chunks`). Each chunk gets its own tap (and cut), all
+adding into one ``partial``; each chunk's data iterator yields every micro-batch in order, tagged with
+the chunk. Attribution needs nothing new: every chunk output carries its own micro-batch mark, and
+Megatron still runs one chunk's backward at a time, so a chunk's hooks book to the micro-batch whose
+backward reaches that chunk (``hooks.py``, *Attribution*), however far the schedule's forwards have run
+ahead (warm-up of ``2(P − r − 1) + (V − 1)·P`` forwards on rank r). Megatron needs the number of
+micro-batches M to be a multiple of P (its micro-batch groups of P per chunk): a call with another M is
+padded with copies of its last micro-batch booked to a sink row that is then dropped (``M' − M`` more
+forwards and backwards; the features are unchanged). The projection is per global parameter block and
+summed, so a rank's non-contiguous layers (P = 2, V = 2, 4 layers: rank 0 holds layers 0 and 2) add up to
+the same sketch as the 1F1B layout's (``tests/distributed/test_popi_capture_interleaved.py``).
+
 Non-finite log-probs, losses or sketches flag the prompt (its sketch is zeroed) and the run goes on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -31,7 +45,13 @@ import torch
 
 from megatron_cropi.model.logprobs import DEFAULT_CHUNK_TOKENS, vocab_parallel_logprobs
 from megatron_cropi.model.params import ParamLayout, param_layouts
-from megatron_cropi.model.schedule import broadcast_from_last_stage, causal_attention_mask, forward_backward, scale_for_schedule
+from megatron_cropi.model.schedule import (
+    as_chunks,
+    broadcast_from_last_stage,
+    causal_attention_mask,
+    forward_backward,
+    scale_for_schedule,
+)
 from megatron_cropi.parallel import ParallelGroups
 from megatron_cropi.popi.batch import PopiMicrobatch, pad_sequence_length
 from megatron_cropi.popi.blocks import BLOCK_BYTES
@@ -40,7 +60,7 @@ from megatron_cropi.popi.loss import PopiLossConfig, popi_group_losses
 from megatron_cropi.popi.truncate import BackwardCut, lowest_scored_position
 from megatron_cropi.projection.reduce import reduce_sketch
 
-__all__ = ["CaptureOutput", "PopiCapture", "select_layouts"]
+__all__ = ["CaptureOutput", "PopiCapture", "select_layouts", "pad_for_interleaving"]
 
 
 @dataclass(frozen=True)
@@ -57,10 +77,14 @@ class CaptureOutput:
 
 
 def select_layouts(model, groups: ParallelGroups, *, include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()
-                   ) -> dict[str, ParamLayout]:
+                   ) -> dict[str, ParamLayout] | list[dict[str, ParamLayout]]:
     """Layouts of the parameters to score: all, or those whose *global* name matches ``include``
-    (regexes, any), minus ``exclude``."""
+    (regexes, any), minus ``exclude``. For a list of model chunks (interleaved schedule), one such dict
+    per chunk (local names repeat across chunks; global names do not)."""
     import re
+
+    if isinstance(model, (list, tuple)):
+        return [select_layouts(chunk, groups, include=include, exclude=exclude) for chunk in model]
 
     out = {}
     for name, layout in param_layouts(model, groups).items():
@@ -90,18 +114,30 @@ def _plain_schedule(config):
                 setattr(config, n, v)
 
 
+def pad_for_interleaving(microbatches: list[PopiMicrobatch], pp_size: int, sink_row: int
+                         ) -> list[PopiMicrobatch]:
+    """``microbatches`` padded to a multiple of ``pp_size`` with copies of the last one whose groups all
+    book to ``sink_row`` (Megatron's interleaved schedule runs micro-batches in groups of PP per chunk and
+    refuses a remainder, or fewer than PP in all). The copies carry the same shapes and a real loss, so
+    the schedule and the taps treat them like any other micro-batch; only their row is thrown away."""
+    short = -len(microbatches) % pp_size
+    pad = dataclasses.replace(microbatches[-1], rows=[sink_row] * microbatches[-1].num_groups)
+    return list(microbatches) + [pad] * short
+
+
 class PopiCapture:
     """Captures projected per-prompt gradients of the POPI loss.
 
     Args:
-        model: this rank's ``GPTModel`` stage.
+        model: this rank's ``GPTModel`` stage, or the list of its chunks under the interleaved schedule.
         groups: process groups.
         projector: a :class:`~megatron_cropi.projection.base.Projector` (same seed on every rank).
         mode: ``"per_prompt"`` or ``"batched"``.
         loss_cfg: POPI loss options.
         temperature: T of the behaviour distribution; current log-probs use the same T so that
             ``ρ = 1`` at θ = β.
-        layouts: parameters to score (default: all, :func:`select_layouts`).
+        layouts: parameters to score (default: all, :func:`select_layouts`); one dict per chunk for a
+            list of chunks.
         truncate_backward: stop the backward below the lowest scored module (same sketches, less
             compute when only upper layers are scored). Construction is then a collective over the PP
             group.
@@ -113,16 +149,22 @@ class PopiCapture:
 
     def __init__(self, model, groups: ParallelGroups, projector, *, mode: Literal["per_prompt", "batched"],
                  loss_cfg: PopiLossConfig = PopiLossConfig(), temperature: float = 1.0,
-                 layouts: dict[str, ParamLayout] | None = None, truncate_backward: bool = False,
+                 layouts: dict[str, ParamLayout] | list[dict[str, ParamLayout]] | None = None,
+                 truncate_backward: bool = False,
                  logprob_chunk_tokens: int = DEFAULT_CHUNK_TOKENS, block_bytes: int = BLOCK_BYTES):
         if mode not in ("per_prompt", "batched"):
             raise ValueError(f"capture mode must be 'per_prompt' or 'batched', got {mode!r}")
         self.model, self.groups, self.projector = model, groups, projector
+        self.chunks = as_chunks(model)
         self.mode, self.loss_cfg, self.temperature = mode, loss_cfg, temperature
         self.layouts = layouts if layouts is not None else select_layouts(model, groups)
+        self.chunk_layouts = list(self.layouts) if isinstance(self.layouts, (list, tuple)) else [self.layouts]
+        if len(self.chunk_layouts) != len(self.chunks):
+            raise ValueError(f"{len(self.chunks)} model chunks but {len(self.chunk_layouts)} layout dicts")
         self.logprob_chunk_tokens = logprob_chunk_tokens
         self.block_bytes = block_bytes
-        self.lowest = lowest_scored_position(model, groups, self.layouts) if truncate_backward else 0
+        self.lowest = (lowest_scored_position(self.chunks, groups, self.chunk_layouts) if truncate_backward
+                       else 0)
 
     def run(self, microbatches: list[PopiMicrobatch], num_rows: int, responses_per_prompt: int) -> CaptureOutput:
         """Capture the groups of ``microbatches``; ``mb.rows`` index ``[0, num_rows)``.
@@ -142,22 +184,31 @@ class PopiCapture:
                              f"{sorted({tuple(mb.tokens.shape) for mb in microbatches})}")
         if self.mode == "per_prompt" and any(mb.num_groups != 1 or n_seq != k for mb in microbatches):
             raise ValueError("per_prompt capture needs exactly one prompt (K sequences) per micro-batch")
-        if getattr(self.model.config, "sequence_parallel", False) and seq % g.tp_size:
+        config = self.chunks[0].config  # one TransformerConfig shared by every chunk
+        if getattr(config, "sequence_parallel", False) and seq % g.tp_size:
             # sequence parallelism splits positions TP ways; padded positions change no gradient
             seq += g.tp_size - seq % g.tp_size
             microbatches = [pad_sequence_length(mb, seq) for mb in microbatches]
+        interleaved = len(self.chunks) > 1
+        rows_out = num_rows
+        if interleaved and len(microbatches) % g.pp_size:
+            microbatches = pad_for_interleaving(microbatches, g.pp_size, sink_row=num_rows)
+            num_rows += 1  # the sink row, dropped below
         partial = torch.zeros(num_rows, self.projector.k, dtype=torch.float32, device=device)
         finite_rows = torch.ones(num_rows, dtype=torch.bool, device=device)
         mask = causal_attention_mask(seq, device)
         num_mb = len(microbatches)
-        tap = (PerPromptTap(self.model, self.layouts, self.projector, partial) if self.mode == "per_prompt"
-               else BatchedTap(self.model, self.layouts, self.projector, partial, k,
-                               restart_at_embedding=self.lowest <= 0, block_bytes=self.block_bytes))
-        cut = (BackwardCut(self.model, self.lowest, root=self.mode == "batched") if self.lowest > 0
-               else contextlib.nullcontext())
+        # one tap (and cut) per chunk, all adding into ``partial``: each keeps its own chunk's marks
+        taps = [PerPromptTap(chunk, layouts, self.projector, partial) if self.mode == "per_prompt"
+                else BatchedTap(chunk, layouts, self.projector, partial, k,
+                                restart_at_embedding=self.lowest <= 0, block_bytes=self.block_bytes)
+                for chunk, layouts in zip(self.chunks, self.chunk_layouts)]
+        cuts = [BackwardCut(chunk, self.lowest, root=self.mode == "batched") if self.lowest > 0
+                else contextlib.nullcontext() for chunk in self.chunks]
 
         def forward_step(data_iterator, model):
-            mb_id, mb = next(data_iterator)
+            chunk_id, mb_id, mb = next(data_iterator)
+            tap = taps[chunk_id]
             mb = mb.to(device)
             rows = torch.tensor(mb.rows, dtype=torch.long, device=device)
             if isinstance(tap, BatchedTap):
@@ -186,9 +237,14 @@ class PopiCapture:
 
             return out, loss_func
 
-        with tap, cut, _plain_schedule(self.model.config):
-            reduced = forward_backward(self.model, g, forward_step_func=forward_step,
-                                       data_iterator=iter(list(enumerate(microbatches))),
+        # every chunk sees every micro-batch, in order (the interleaved schedule wants one iterator each)
+        iterators = [iter([(c, i, mb) for i, mb in enumerate(microbatches)]) for c in range(len(self.chunks))]
+        with contextlib.ExitStack() as stack:
+            for cm in (*taps, *cuts, _plain_schedule(config)):
+                stack.enter_context(cm)
+            reduced = forward_backward(self.chunks if interleaved else self.chunks[0], g,
+                                       forward_step_func=forward_step,
+                                       data_iterator=iterators if interleaved else iterators[0],
                                        num_microbatches=num_mb, seq_length=seq, micro_batch_size=n_seq)
         if g.is_last_stage:
             for item in reduced:
@@ -198,4 +254,4 @@ class PopiCapture:
         sketches = reduce_sketch(partial, g)
         finite_rows &= torch.isfinite(sketches).all(dim=-1)
         sketches = torch.where(finite_rows[:, None], sketches, torch.zeros_like(sketches))
-        return CaptureOutput(sketches.cpu(), finite_rows.cpu())
+        return CaptureOutput(sketches[:rows_out].cpu(), finite_rows[:rows_out].cpu())

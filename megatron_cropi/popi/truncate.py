@@ -19,6 +19,10 @@ over the whole pipeline (a MIN over the PP group; TP ranks hold the same modules
   backward: it would be None and the previous stage would wait for it forever, so it is preset to
   zeros (the previous stages, all below ``c``, ignore it).
 
+Under the interleaved schedule each model chunk gets its own cut by the same rules (a chunk is a stage
+with its own input and output: a chunk below ``c`` that is not the model's first presets its input's
+gradient too).
+
 Under full activation recomputation a checkpointed chunk below the cut on a *later* stage still
 recomputes with zero output gradients (Megatron's checkpoint function materialises them): correct,
 only less saved. The first stage is not affected (its chunks below the cut have no graph).
@@ -67,14 +71,23 @@ def lowest_scored_position(model, groups: ParallelGroups, scored_names) -> int:
     """``c``: the lowest position of a parameter named in ``scored_names`` (local names of
     ``model.named_parameters()``) over the pipeline; ``N + 3`` when nothing is scored anywhere.
 
+    Under the interleaved schedule ``model`` is the list of this rank's chunks and ``scored_names`` one
+    collection of local names per chunk (positions are global, so the minimum is over every chunk).
+
     A collective over the PP group: every stage of a pipeline must call it.
     """
     import torch.distributed as dist
 
-    pos = parameter_positions(model)
-    names = set(scored_names)
-    mine = [pos[id(p)] for name, p in model.named_parameters() if name in names]
-    value = torch.tensor([min(mine, default=int(_bare(model).config.num_layers) + 3)], dtype=torch.int64)
+    if isinstance(model, (list, tuple)):
+        pairs = list(zip(model, scored_names, strict=True))
+    else:
+        pairs = [(model, scored_names)]
+    mine = []
+    for chunk, chunk_names in pairs:
+        pos = parameter_positions(chunk)
+        names = set(chunk_names)
+        mine += [pos[id(p)] for name, p in chunk.named_parameters() if name in names]
+    value = torch.tensor([min(mine, default=int(_bare(pairs[0][0]).config.num_layers) + 3)], dtype=torch.int64)
     if groups.pp_size > 1:
         value = value.to(groups.device)
         dist.all_reduce(value, op=dist.ReduceOp.MIN, group=groups.pp)

@@ -7,10 +7,10 @@ import torch
 from megatron_cropi.config.loader import from_dict
 from megatron_cropi.model.config import ModelConfig
 from megatron_cropi.model.params import init_params_by_global_name
-from megatron_cropi.model.provider import build_gpt_model
+from megatron_cropi.model.provider import build_gpt_model, build_model_chunks
 from megatron_cropi.parallel import ParallelGroups
 
-__all__ = ["tiny_model_config", "build_tiny_model", "random_lm_batches"]
+__all__ = ["tiny_model_config", "build_tiny_model", "build_tiny_chunks", "random_lm_batches"]
 
 
 def tiny_model_config(preset: str = "tiny", **overrides) -> ModelConfig:
@@ -24,6 +24,15 @@ def build_tiny_model(cfg: ModelConfig, groups: ParallelGroups, *, seed: int = 0,
     model = build_gpt_model(cfg, groups, **kwargs)
     init_params_by_global_name(model, groups, seed=seed, std=std)
     return model
+
+
+def build_tiny_chunks(cfg: ModelConfig, groups: ParallelGroups, *, seed: int = 0, std: float = 0.05) -> list:
+    """:func:`build_model_chunks` (the interleaved schedule's chunks, or the one stage) with parameters
+    drawn from ``(seed, global name)``: the same global model as :func:`build_tiny_model` builds."""
+    chunks = build_model_chunks(cfg, groups)
+    for chunk in chunks:
+        init_params_by_global_name(chunk, groups, seed=seed, std=std)
+    return chunks
 
 
 def random_lm_batches(num: int, batch: int, seq: int, vocab: int, *, seed: int = 0) -> list[dict]:
