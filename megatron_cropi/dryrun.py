@@ -223,6 +223,35 @@ def _prompt_counts(cfg: RunConfig, rows: dict) -> tuple[int, int, str]:
     return (sum(rows.get("pool", {}).values()), sum(rows.get("val", {}).values()), "the data files' rows")
 
 
+# A stage that visits each selected prompt more often than this mostly re-trains prompts the policy has
+# already solved (no GRPO gradient) and over-fits the subset (benchmarks/README.md, "selection ratio").
+MAX_VISITS_PER_STAGE = 3.0
+SELECTIVE_POLICIES = ("cropi", "random", "learnability", "online_learnability", "pass_rate_band")
+
+
+def stage_visits(cfg: RunConfig, pool_prompts: int) -> dict | None:
+    """How often one stage visits each selected prompt: ``steps_per_stage × prompts_per_step / m`` with
+    ``m = int(selection.ratio × pool)``; None for policies that train on the whole pool."""
+    if cfg.selection.policy not in SELECTIVE_POLICIES or pool_prompts <= 0:
+        return None
+    selected = max(1, int(cfg.selection.ratio * pool_prompts))
+    visits = cfg.curriculum.steps_per_stage * cfg.grpo.prompts_per_step / selected
+    ratio_needed = cfg.curriculum.steps_per_stage * cfg.grpo.prompts_per_step / (MAX_VISITS_PER_STAGE * pool_prompts)
+    return {"selected_prompts": selected, "visits_per_prompt": round(visits, 2),
+            "ratio_for_max_visits": round(min(1.0, ratio_needed), 3)}
+
+
+def _visits_warning(cfg: RunConfig, visits: dict | None) -> list[str]:
+    if visits is None or visits["visits_per_prompt"] <= MAX_VISITS_PER_STAGE:
+        return []
+    c = cfg.curriculum
+    return [f"selection.ratio={cfg.selection.ratio:g} selects {visits['selected_prompts']} prompts, which a stage of "
+            f"curriculum.steps_per_stage={c.steps_per_stage} × grpo.prompts_per_step={cfg.grpo.prompts_per_step} "
+            f"visits {visits['visits_per_prompt']:.1f} times each (more than {MAX_VISITS_PER_STAGE:g}): later visits "
+            f"mostly repeat prompts the policy already solves. Raise selection.ratio to about "
+            f"{visits['ratio_for_max_visits']:g} or shorten curriculum.steps_per_stage"]
+
+
 def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 360 else f"{seconds / 60:.1f} min"
 
@@ -318,6 +347,8 @@ def dry_run(cfg: RunConfig, *, world_size: int | None = None, gpus_per_node: int
         problems += engine_budget_problems(memory["vllm_engine"], cfg)
     if problems:
         raise DryRunError("dry run found problems:\n  - " + "\n  - ".join(problems))
+    visits = stage_visits(cfg, _prompt_counts(cfg, rows)[0])
+    warnings += _visits_warning(cfg, visits)
     n_params = cfg.model.num_parameters()
     bytes_per = {"float32": 4, "bfloat16": 2, "float16": 2}[cfg.model.params_dtype]
     return {
@@ -335,6 +366,7 @@ def dry_run(cfg: RunConfig, *, world_size: int | None = None, gpus_per_node: int
             "param_bytes_per_rank": n_params * bytes_per // (tp * pp),
         },
         "data_rows": rows,
+        "stage_visits": visits,
         "memory": memory,
         "feature_stores_on_disk": _feature_stores(cfg, rows),
         "estimate": run_estimate(cfg, world_size=world_size, nodes=max(1, world_size // gpus_per_node), rows=rows),

@@ -188,3 +188,20 @@ def test_dry_run_estimates_time_and_disk_and_states_its_assumptions(tmp_path):
     summary = dry_run(_cfg(tmp_path, grpo={"prompts_per_step": 8}))  # synthetic data: the suite's sizes
     assert summary["estimate"]["time_seconds"]["total_s"] > 0 and "data.synthetic sizes" in summary["estimate"]["text"][0]
     json.dumps(summary)  # printable as the dry run's JSON
+
+
+def test_a_selection_visited_too_often_per_stage_is_warned_about_by_name(tmp_path):
+    """visits = steps_per_stage × prompts_per_step / int(ratio × pool); the synthetic default pool is
+    160 prompts × 13 families = 2080, so ratio 0.1 → 208 prompts, 50 × 32 / 208 = 7.7 visits."""
+    cfg = _cfg(tmp_path, model={"layer_spec": "local"}, grpo={"prompts_per_step": 32, "micro_batch_prompts": 32},
+               curriculum={"steps_per_stage": 50}, selection={"ratio": 0.1})
+    summary = dry_run(cfg)
+    assert summary["stage_visits"] == {"selected_prompts": 208, "visits_per_prompt": 7.69,
+                                       "ratio_for_max_visits": round(50 * 32 / (3 * 2080), 3)}
+    assert any(w.startswith("selection.ratio=0.1 selects 208 prompts") and "7.7 times each" in w
+               and "Raise selection.ratio to about 0.256" in w for w in summary["warnings"])
+    ok = dry_run(_cfg(tmp_path, model={"layer_spec": "local"}, grpo={"prompts_per_step": 32, "micro_batch_prompts": 32},
+                      curriculum={"steps_per_stage": 50}, selection={"ratio": 0.3}))
+    assert ok["stage_visits"]["visits_per_prompt"] == round(1600 / 624, 2) and not ok["warnings"]
+    full = dry_run(_cfg(tmp_path, model={"layer_spec": "local"}, selection={"policy": "full"}))
+    assert full["stage_visits"] is None
