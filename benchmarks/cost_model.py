@@ -152,7 +152,8 @@ def cheapest_lossy(run: ExampleRun, quality: dict) -> tuple[dict | None, list[di
 
 def reproduce_old_table(runs: list[ExampleRun]) -> list[dict]:
     """§3 as first computed by hand: no options, the target sets scored with 16 (1.5B) / 8 (7B) responses."""
-    return [stage_row(r, target_samples=SCORED_TARGET_SAMPLES_IN_OLD_TABLE[r.preset]) for r in runs]
+    return [stage_row(replace(r, grpo_length_aware=False), target_samples=SCORED_TARGET_SAMPLES_IN_OLD_TABLE[r.preset])
+            for r in runs]
 
 
 def scale_out_example() -> dict:
@@ -185,7 +186,9 @@ def main() -> dict:
                 prompts=4096, responses=run.pool_samples, prompt_tokens=PROMPT_TOKENS,
                 mean_response=MEAN_RESPONSE_TOKENS[run.preset], max_tokens=run.max_tokens, seq=run.seq,
                 prompts_per_call=run.scoring_microbatches_per_call).items()},
-            "none": rounded(stage_row(run)),
+            "none": rounded(stage_row(replace(run, grpo_length_aware=False))),
+            "grpo_training_row": {"padded": run.seq, "mean_padded_length": round(cost.grpo_row_lengths(run)[0], 1),
+                                  "length_aware": run.grpo_length_aware and run.pp == 1},
             "bucketed_zero_variance_0": rounded(bucketed),
             "exact": rounded(exact_row),
             "exact_plus_lossy": None if pick is None else {k: (rounded(v) if isinstance(v, dict) else round(v, 3))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["StageShape", "ScoringOptions", "shape_from_config", "estimate_run_time", "stage_row", "scoring_seconds",
-           "behaviour_seconds", "grpo_step_seconds", "padding_profile", "estimate_run_disk", "ASSUMPTIONS",
+           "behaviour_seconds", "grpo_step_seconds", "grpo_row_lengths", "padding_profile", "estimate_run_disk", "ASSUMPTIONS",
            "DISK_ASSUMPTIONS"]
 
 # ------------------------------------------------------------------ assumptions, each a constant
@@ -89,6 +89,7 @@ class StageShape:
     mean_response_tokens: float
     decode_step_s: float
     nodes: int = 1
+    grpo_length_aware: bool = False  # grpo.length_aware_microbatches (applied at PP = 1 only, as the trainer does)
 
     @property
     def dp(self) -> int:
@@ -145,7 +146,8 @@ def shape_from_config(cfg, *, world_size: int, pool_prompts: int, target_prompts
         steps_per_stage=cfg.curriculum.steps_per_stage, stages=cfg.curriculum.stages,
         scoring_microbatches_per_call=cfg.scoring.microbatches_per_call, selection_ratio=cfg.selection.ratio,
         pool_prompts=pool_prompts, target_prompts=target_prompts, vllm_tokens_per_s=tokens_per_s,
-        mean_response_tokens=mean_response, decode_step_s=decode_s, nodes=nodes)
+        mean_response_tokens=mean_response, decode_step_s=decode_s, nodes=nodes,
+        grpo_length_aware=cfg.grpo.length_aware_microbatches)
 
 
 def cluster_flops(run: StageShape) -> float:
@@ -245,13 +247,31 @@ def behaviour_seconds(run: StageShape, target_samples: int | None = None) -> flo
     return tokens / (run.vllm_tokens_per_s * run.dp)
 
 
+def grpo_row_lengths(run: StageShape, *, steps: int = 64, seed: int = LENGTH_SEED) -> tuple[float, float]:
+    """``(mean, mean square)`` padded length of a GRPO training row. Padded: every row to ``seq``. With
+    ``grpo_length_aware`` at PP = 1 (``grpo/update.py``): a rank's groups sorted by their longest
+    prompt + response, cut into micro-batches of ``micro_batch_prompts`` groups, each padded to its own
+    longest (a multiple of 8), over ``steps`` sampled steps of the log-normal lengths."""
+    if not run.grpo_length_aware or run.pp > 1:
+        return float(run.seq), float(run.seq) ** 2
+    per_rank = max(1, run.prompts_per_step // run.dp)
+    rng = np.random.default_rng(seed)
+    lengths = sampled_response_lengths(steps * per_rank * run.grpo_samples, run.mean_response_tokens,
+                                       run.max_tokens, rng).reshape(steps, per_rank, run.grpo_samples)
+    rows = np.concatenate([bucketed_row_lengths(PROMPT_TOKENS + step.max(axis=1), multiple=8, cap=run.seq,
+                                                prompts_per_call=max(1, run.micro_batch_prompts))
+                           for step in lengths]).astype(np.float64)
+    return float(rows.mean()), float((rows ** 2).mean())
+
+
 def grpo_step_seconds(run: StageShape) -> tuple[float, float]:
-    """``(rollout, train)`` seconds of one GRPO step; training pads every sequence to ``seq``."""
+    """``(rollout, train)`` seconds of one GRPO step; training rows padded as :func:`grpo_row_lengths`."""
     sequences = run.prompts_per_step * run.grpo_samples
     rollout = max(run.max_tokens * run.decode_step_s,
                   sequences * run.mean_response_tokens / (run.vllm_tokens_per_s * run.dp))
-    attention = ATTENTION_FLOPS_PER_TOKEN_LAYER * run.attention_width * run.layers * run.seq
-    flops = sequences * run.seq * (GRPO_FLOPS_PER_PARAM_TOKEN * run.params + GRPO_ATTENTION_PASSES * attention)
+    length, length_sq = grpo_row_lengths(run)
+    attention = ATTENTION_FLOPS_PER_TOKEN_LAYER * run.attention_width * run.layers * length_sq
+    flops = sequences * (GRPO_FLOPS_PER_PARAM_TOKEN * run.params * length + GRPO_ATTENTION_PASSES * attention)
     microbatches = max(1, run.prompts_per_step // (run.micro_batch_prompts * run.dp))
     return rollout, flops / cluster_flops(run) * pipeline_bubble(run.pp, microbatches)
 

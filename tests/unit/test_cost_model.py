@@ -101,3 +101,22 @@ def test_quality_figures_are_the_measured_ones():
     assert quality["last_layers_half"]["precision_at_10pct"] == pytest.approx(0.583, abs=1e-3)
     assert quality["responses_4"]["precision_at_10pct"] == pytest.approx(0.647, abs=1e-3)
     assert quality["bucketed"]["exact"] and quality["bucketed"]["max_rel_feature_diff"] < 1e-5
+
+
+def test_length_aware_grpo_training_is_priced_where_the_trainer_applies_it(runs):
+    """``grpo.length_aware_microbatches`` (on in every example) packs training rows by length at PP = 1
+    only (``grpo/update.py``); the model pads at PP > 1 and without the option, as the trainer does."""
+    by = {r.label: r for r in runs}
+    one_node = by["1.5B, 1 node"]
+    assert one_node.grpo_length_aware and one_node.pp == 1
+    mean, mean_sq = cm.cost.grpo_row_lengths(one_node)
+    real = 150 + cm.sampled_response_lengths(100_000, one_node.mean_response_tokens, one_node.max_tokens,
+                                             np.random.default_rng(1)).mean()
+    assert real < mean < one_node.seq and mean ** 2 <= mean_sq <= one_node.seq ** 2
+    padded = replace(one_node, grpo_length_aware=False)
+    assert cm.cost.grpo_row_lengths(padded) == (one_node.seq, one_node.seq ** 2)
+    _, train = cm.grpo_step_seconds(one_node)
+    _, train_padded = cm.grpo_step_seconds(padded)
+    assert train < 0.7 * train_padded
+    seven = by["7B, 1 node"]  # PP = 2: one length per step
+    assert seven.pp == 2 and cm.cost.grpo_row_lengths(seven) == (seven.seq, seven.seq ** 2)
