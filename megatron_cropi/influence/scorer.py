@@ -34,6 +34,7 @@ from megatron_cropi.influence.feature_store import DONE, EXCLUDED, FLAGGED, Feat
 from megatron_cropi.influence.shortlist import ShortlistConfig
 from megatron_cropi.parallel import ParallelGroups
 from megatron_cropi.model.params import ParamLayout
+from megatron_cropi.model.schedule import as_chunks
 from megatron_cropi.popi.batch import pack_microbatches, sequence_length_for
 from megatron_cropi.popi.buckets import (
     ScheduleCall,
@@ -166,19 +167,23 @@ def last_layers_patterns(num_layers: int, last: int) -> tuple[str, ...]:
     return (rf"^decoder\.layers\.({idx})\.", r"^decoder\.final_layernorm\.", r"^output_layer\.")
 
 
-def scored_layouts(model, groups: ParallelGroups, cfg: ScoringConfig) -> dict[str, ParamLayout]:
+def scored_layouts(model, groups: ParallelGroups, cfg: ScoringConfig
+                   ) -> dict[str, ParamLayout] | list[dict[str, ParamLayout]]:
     """This rank's scored parameters: ``include_params`` (or the ``last_layers`` patterns) minus
-    ``exclude_params``, matched on global names (:func:`~megatron_cropi.popi.capture.select_layouts`)."""
+    ``exclude_params``, matched on global names (:func:`~megatron_cropi.popi.capture.select_layouts`;
+    one dict per chunk when ``model`` is the interleaved schedule's list of chunks)."""
     include = cfg.include_params
     if cfg.last_layers:
-        include = last_layers_patterns(int(model.config.num_layers), cfg.last_layers)
+        include = last_layers_patterns(int(as_chunks(model)[0].config.num_layers), cfg.last_layers)
     return select_layouts(model, groups, include=include, exclude=cfg.exclude_params)
 
 
 def param_set_hash(model, groups: ParallelGroups, cfg: ScoringConfig) -> str:
-    """Hash of the scored parameters' global names and shapes, identical on every rank."""
+    """Hash of the scored parameters' global names and shapes, identical on every rank (and under every
+    layout: a set of global names, so the interleaved schedule's chunks hash as the 1F1B stages do)."""
     layouts = scored_layouts(model, groups, cfg)
-    mine = sorted({f"{l.global_name}:{tuple(l.global_shape)}" for l in layouts.values()})
+    per_chunk = layouts if isinstance(layouts, list) else [layouts]
+    mine = sorted({f"{l.global_name}:{tuple(l.global_shape)}" for chunk in per_chunk for l in chunk.values()})
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     return hash_strings(sorted(set().union(*map(set, everyone))))
@@ -206,7 +211,8 @@ def trims_padding_rows(cfg: ScoringConfig, groups: ParallelGroups) -> bool:
 
 
 def make_capture(model, groups: ParallelGroups, projector, cfg: ScoringConfig, temperature: float) -> PopiCapture:
-    """The batched or per-prompt POPI capture of ``cfg`` on this rank's model stage."""
+    """The batched or per-prompt POPI capture of ``cfg`` on this rank's model stage (or its list of
+    chunks under the interleaved schedule)."""
     return PopiCapture(model, groups, projector, mode=cfg.mode, loss_cfg=cfg.loss, temperature=temperature,
                        layouts=scored_layouts(model, groups, cfg), truncate_backward=cfg.truncate_backward,
                        logprob_chunk_tokens=cfg.logprob_chunk_tokens)

@@ -78,7 +78,7 @@ def forward_backward(
             raise ValueError(f"{vp} model chunks need the interleaved schedule: PP > 1 (got {groups.pp_size}), "
                              f"virtual_pipeline_model_parallel_size={vp} (got {configured}) and one data iterator "
                              "per chunk")
-    # explicit sizes: megatron must not fall back to parallel_state's (which this module never reads)
+    # explicit sizes: megatron must not fall back to its global model-parallel state for them
     fb = get_forward_backward_func(pp_size=groups.pp_size, vp_size=vp)
     kwargs = dict(pg_collection=groups.pg_collection)
     if groups.pp_size > 1:

@@ -31,6 +31,11 @@ each stage output sets ``backward_mb = j``. A layer's forward hook tags its clos
 Either way the tag is fixed when the tensors are made, from the pass that makes them, and never read
 from later global state (``tests/distributed/test_popi_capture_recompute.py``).
 
+Under the interleaved (virtual pipeline) schedule a rank holds several model chunks and each gets its
+own tap: a chunk's output mark, ``current_mb`` and ``backward_mb`` are that chunk's, and Megatron still
+runs one chunk's backward at a time, so the same rule holds chunk by chunk however far the forwards of
+other chunks have run ahead (``tests/distributed/test_popi_capture_interleaved.py``).
+
 **Sequence parallelism** (``sequence_parallel``, TP > 1, local spec): activations between layers are
 this rank's positions ``[s/t, N, h]``. A ColumnParallelLinear gathers its input inside its forward, so
 its forward hook holds the shard and the backward hook all-gathers it (once per layer and backward,
