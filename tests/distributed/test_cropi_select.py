@@ -1,5 +1,5 @@
 """`cropi select` on a checkpoint saved at TP=2 and one saved at PP=2 (each selected in its own layout)
-writes the selection it writes at TP=1, and from the run's HF export; a select killed mid-scoring
+writes the selection it writes at TP=1, and from the run's HF export, and with ``scoring.scale_out`` at DP=2; a select killed mid-scoring
 resumes without recomputing done rows and ends identical.
 
 One short ``cropi run`` on the tiny synthetic suite makes the behaviour rollouts and a GRPO checkpoint
@@ -84,7 +84,9 @@ def test_select_same_at_tp1_tp2_pp2_and_hf_and_resumes(tmp_path):
 
     runs = {"tp2": (resaved["tp2"], ["parallel.tensor_model_parallel_size=2"], 2),
             "pp2": (resaved["pp2"], ["parallel.pipeline_model_parallel_size=2"], 2),
-            "hf": (run / "final_hf", [], 1)}  # the run's HF export: the same weights as its last checkpoint
+            "hf": (run / "final_hf", [], 1),  # the run's HF export: the same weights as its last checkpoint
+            # scoring.scale_out at DP=2: each replica scores units into its own shard; rank 0 meets on cosines
+            "scale_out_dp2": (ckpt, ["scoring.scale_out=true"], 2)}
     for name, (checkpoint, layout, nproc) in runs.items():
         out = tmp_path / f"sel-{name}"
         rc, log = _cli(["select", str(cfg), "--checkpoint", str(checkpoint), "--out", str(out), *SELECT, *layout],
