@@ -47,14 +47,18 @@ __all__ = ["score_store_sharded", "pool_cosines"]
 
 
 def _open_rollouts(path: Path) -> TrajectoryStore:
-    """Rank 0 verifies every part of the store; the others open it without reading it whole."""
-    def verify():
+    """Rank 0 verifies every part of the store and keeps it open; the others open it without reading it
+    whole once rank 0 found it complete (its error, if any, is raised on every rank)."""
+    verified: list[TrajectoryStore] = []
+
+    def verify() -> None:
         store = TrajectoryStore.open(path)
         if not store.complete:
             raise RuntimeError(f"{store.path} is not complete; rerun to finish its rollouts")
+        verified.append(store)
 
     on_rank0(verify)
-    return TrajectoryStore.open(path, verify=False)
+    return verified[0] if verified else TrajectoryStore.open(path, verify=False)
 
 
 def score_store_sharded(rollouts_dir: Path, out: Path, scorer: PolicyScorer, *, max_units: int | None = None,
