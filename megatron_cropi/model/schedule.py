@@ -72,12 +72,12 @@ def forward_backward(
 
     models = as_chunks(model)
     vp = len(models) if len(models) > 1 else None
-    if vp is not None:
-        configured = models[0].config.virtual_pipeline_model_parallel_size
+    configured = getattr(getattr(models[0], "config", None), "virtual_pipeline_model_parallel_size", None)
+    if vp is not None or configured is not None:
         if groups.pp_size < 2 or configured != vp or not isinstance(data_iterator, list) or len(data_iterator) != vp:
-            raise ValueError(f"{vp} model chunks need the interleaved schedule: PP > 1 (got {groups.pp_size}), "
-                             f"virtual_pipeline_model_parallel_size={vp} (got {configured}) and one data iterator "
-                             "per chunk")
+            raise ValueError(f"{len(models)} model chunk(s) with virtual_pipeline_model_parallel_size={configured}: "
+                             f"the interleaved schedule needs all V chunks of a rank, PP > 1 (got {groups.pp_size}) "
+                             "and one data iterator per chunk")
     # explicit sizes: megatron must not fall back to its global model-parallel state for them
     fb = get_forward_backward_func(pp_size=groups.pp_size, vp_size=vp)
     kwargs = dict(pg_collection=groups.pg_collection)

@@ -78,3 +78,17 @@ def test_one_module_steps_refuse_a_chunked_model_by_name():
         build_gpt_model(cfg, groups, transformer_config=tcfg, vp_stage=2)
     with pytest.raises(ValueError, match="GRPO training under the interleaved"):
         GrpoTrainer(GrpoConfig(), cfg, groups, model=None, engine=None, rewarder=None, sampling=None)
+
+
+def test_the_schedule_wrapper_needs_every_chunk_of_an_interleaved_model():
+    """One chunk of a V = 2 model (or a V-chunk list without one iterator each) would run the plain 1F1B
+    schedule on half the layers: refused before megatron is called."""
+    from megatron_cropi.model.schedule import forward_backward
+
+    chunk = SimpleNamespace(config=SimpleNamespace(virtual_pipeline_model_parallel_size=2))
+    groups = SimpleNamespace(pp_size=2)
+    kw = dict(forward_step_func=None, num_microbatches=2, seq_length=4, micro_batch_size=1)
+    with pytest.raises(ValueError, match="1 model chunk\\(s\\) with virtual_pipeline_model_parallel_size=2"):
+        forward_backward(chunk, groups, data_iterator=iter([]), **kw)
+    with pytest.raises(ValueError, match="one data iterator per chunk"):
+        forward_backward([chunk, chunk], groups, data_iterator=iter([]), **kw)
