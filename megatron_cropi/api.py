@@ -48,7 +48,7 @@ class CropiSelector:
         if isinstance(config, (str, Path)):
             from megatron_cropi.run_config import load_run_config
 
-            config = load_run_config(str(config), tuple(overrides))
+            config = load_run_config(str(config), tuple(overrides), command="select")
         if config.scoring.scale_out:  # score() reads the pool's features on rank 0
             from megatron_cropi.config.loader import ConfigError
 

@@ -31,7 +31,10 @@ from megatron_cropi.rollout.config import RolloutConfig
 from megatron_cropi.selection.policies import SelectionConfig
 
 __all__ = ["RunSection", "ParallelConfig", "RunConfig", "load_run_config", "config_to_yaml",
-           "upgrade_stored_config"]
+           "upgrade_stored_config", "INTERLEAVED_COMMANDS"]
+
+INTERLEAVED_COMMANDS = ("score", "select")
+"""The commands that run the interleaved (virtual pipeline) schedule: scoring only."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,8 +92,6 @@ class RunConfig:
                                           self.parallel.pipeline_model_parallel_size)
         if errors:
             raise ConfigError("parallel", "the model cannot be split this way: " + "; ".join(errors))
-        if self.model.virtual_pipeline_size is not None:
-            self._refuse_interleaved_schedule()
         if self.model.transformer.get("sequence_parallel"):
             self._refuse_native_sampling_under_sp()
         layers = self.model.transformer["num_layers"]
@@ -112,19 +113,27 @@ class RunConfig:
                 raise ConfigError("scoring.scale_out", "true with selection.guard.source pool: the pool's mean "
                                   "gradient would gather the pool's vectors; use guard source check or none")
 
-    def _refuse_interleaved_schedule(self) -> None:
-        """The interleaved (virtual pipeline) schedule runs V model chunks per stage. POPI capture supports
-        it (``PopiCapture`` on :func:`~megatron_cropi.model.provider.build_model_chunks`, equal to the
-        1F1B features: ``tests/distributed/test_popi_capture_interleaved.py``), but every ``cropi``
-        command also builds, loads or trains one module per stage: the GRPO step (its DDP wrapper,
-        optimizer and schedule call), the log-prob and reference passes, the native sampler (PP = 1),
-        HF and distributed checkpoints. Refused by name rather than failing inside megatron."""
+    def refuse_interleaved_schedule(self, command: str) -> None:
+        """Refuse the interleaved (virtual pipeline) schedule by name unless ``command`` supports it.
+
+        ``cropi score`` and ``cropi select`` (and :class:`~megatron_cropi.api.CropiSelector`) run on the
+        V model chunks per stage (:func:`~megatron_cropi.wiring.build_scoring_model`: checkpoints loaded
+        into the chunks, POPI capture on them). Every other command also trains, samples or exports
+        one module per stage: the GRPO step (its DDP wrapper, optimizer and schedule call), the log-prob
+        and reference passes, the native sampler (PP = 1), checkpoint saving and HF export.
+
+        Raises:
+            ConfigError: ``model.transformer.virtual_pipeline_model_parallel_size`` is set and ``command``
+                is not one of :data:`INTERLEAVED_COMMANDS`.
+        """
         vp = self.model.virtual_pipeline_size
+        if vp is None or command in INTERLEAVED_COMMANDS:
+            return
         raise ConfigError("model.transformer.virtual_pipeline_model_parallel_size",
-                          f"{vp}: the interleaved (virtual pipeline) schedule is supported by POPI capture only "
-                          "(megatron_cropi.popi.capture on model chunks); the cropi commands' GRPO training, "
-                          "log-prob passes, native sampler and checkpoint loading/export run one model chunk per "
-                          "pipeline stage; use plain 1F1B pipeline parallelism (unset it)")
+                          f"{vp}: the interleaved (virtual pipeline) schedule is supported by `cropi score` and "
+                          f"`cropi select` only (scoring on model chunks), not by `cropi {command}`: its GRPO "
+                          "training, log-prob passes, native sampler and checkpoint saving/export run one model "
+                          "chunk per pipeline stage; use plain 1F1B pipeline parallelism (unset it)")
 
     def _refuse_native_sampling_under_sp(self) -> None:
         """The native sampler (rollouts, evaluation, the warm-up) runs the policy on sequences of every
@@ -167,9 +176,11 @@ class RunConfig:
 
 
 def load_run_config(path: str | Path, overrides: Iterable[str] = (),
-                    environ: Mapping[str, str] | None = None) -> RunConfig:
+                    environ: Mapping[str, str] | None = None, *, command: str = "run") -> RunConfig:
     """Load and validate a YAML run config, its ``extends`` chain and command-line ``overrides``
-    (``key.path=value``, :mod:`megatron_cropi.config.compose`).
+    (``key.path=value``, :mod:`megatron_cropi.config.compose`) for the ``cropi`` subcommand ``command``
+    (:meth:`RunConfig.refuse_interleaved_schedule`: only ``score`` and ``select`` accept the interleaved
+    schedule).
 
     Raises:
         ConfigError: naming the bad key, its value, what was expected, and where the value came from
@@ -177,7 +188,9 @@ def load_run_config(path: str | Path, overrides: Iterable[str] = (),
     """
     tree = compose_config(path, overrides, environ)
     try:
-        return from_dict(RunConfig, tree.data)
+        cfg = from_dict(RunConfig, tree.data)
+        cfg.refuse_interleaved_schedule(command)
+        return cfg
     except ConfigError as err:
         raise ConfigError(err.key, f"{err.message} ({tree.origin(err.key)})") from None
 

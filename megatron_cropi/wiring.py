@@ -2,7 +2,8 @@
 
 The commands (``cropi run``, ``train``, ``score``, ``rollout``) build their live objects here: the
 process groups and threads (:func:`setup_run`), the prompt sets (:func:`load_prompt_sets`),
-the weights to start from (:func:`initial_weights`), the policy model (:func:`build_policy_model`),
+the weights to start from (:func:`initial_weights`), the policy model (:func:`build_policy_model`; the
+scoring commands' :func:`build_scoring_model` also runs the interleaved schedule's chunks),
 the rollout engine (:func:`build_engine`) and the policy's identity in store headers
 (:func:`policy_identity`).
 
@@ -33,7 +34,7 @@ class RunInputError(ValueError):
 
 
 __all__ = ["RunInputError", "PromptSets", "PolicyRuntime", "load_prompt_sets", "configure_threads", "setup_run",
-           "build_policy_model", "build_engine", "initial_weights", "pad_id_of", "policy_identity", "checkpoint_identity"]
+           "build_policy_model", "build_scoring_model", "build_engine", "initial_weights", "pad_id_of", "policy_identity", "checkpoint_identity"]
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +193,30 @@ def build_policy_model(cfg, groups: ParallelGroups, *, hf_dir: str | Path | None
         init_params_by_global_name(model, groups, seed=cfg.run.seed,
                                    std=cfg.model.transformer.get("init_method_std", 0.02))
     return model
+
+
+def build_scoring_model(cfg, groups: ParallelGroups, *, hf_dir: str | Path | None = None):
+    """The policy as ``cropi score``/``cropi select`` run it: under the interleaved schedule
+    (``model.transformer.virtual_pipeline_model_parallel_size = V``) this rank's list of V chunks
+    (:func:`~megatron_cropi.model.provider.build_model_chunks`, each holding its own global layers),
+    weights from an HF directory or drawn from ``(run.seed, global name)`` as the one-module stage's are;
+    else :func:`build_policy_model`'s one stage. Both load a distributed checkpoint
+    (:func:`~megatron_cropi.checkpoint.dist_ckpt.load_checkpoint`) and score (``PolicyScorer``)."""
+    if cfg.model.virtual_pipeline_size is None:
+        return build_policy_model(cfg, groups, hf_dir=hf_dir)
+    from megatron_cropi.model.params import init_params_by_global_name
+    from megatron_cropi.model.provider import build_model_chunks
+
+    chunks = build_model_chunks(cfg.model, groups)
+    if hf_dir:
+        from megatron_cropi.checkpoint import load_hf_into_model
+
+        load_hf_into_model(chunks, groups, hf_dir)
+    else:
+        for chunk in chunks:
+            init_params_by_global_name(chunk, groups, seed=cfg.run.seed,
+                                       std=cfg.model.transformer.get("init_method_std", 0.02))
+    return chunks
 
 
 class PolicyRuntime:

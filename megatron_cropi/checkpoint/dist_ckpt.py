@@ -10,7 +10,9 @@ killed mid-save leaves a ``.tmp-*`` directory that is ignored and cleaned up, ne
         rng/tp{t}_pp{p}_dp{d}.pt   per-rank RNG states (Python, NumPy, torch, Megatron's tracker)
 
 * Model tensors are saved with their global offsets (``model.sharded_state_dict()``), so they load
-  into any TP/PP/DP layout of the same model.
+  into any TP/PP/DP layout of the same model, and (weights only) into the interleaved schedule's list
+  of V chunks per stage: a chunk's sharded keys carry global layer offsets (megatron numbers its layers
+  from ``get_transformer_layer_offset(config, vp_stage)``).
 * The distributed optimizer's state is saved ``fully_reshardable`` (canonical per-parameter Adam
   moments), so it too loads into another TP/PP/DP layout; the non-distributed optimizer's sharded
   state dict is layout-independent as well. RNG states are restored only when the layout is the
@@ -70,9 +72,14 @@ def _unwrap(model):
     return model
 
 
+def _modules(model) -> list:
+    """The unwrapped modules: the interleaved schedule's chunks (a list), or the one stage."""
+    return [_unwrap(m) for m in model] if isinstance(model, (list, tuple)) else [_unwrap(model)]
+
+
 def model_dimensions(model) -> dict[str, Any]:
     """The architecture numbers of a ``GPTModel`` that a checkpoint must share with it."""
-    m = _unwrap(model)
+    m = _modules(model)[0]  # every chunk holds the global sizes
     c = m.config
     return {
         "num_layers": c.num_layers, "hidden_size": c.hidden_size, "ffn_hidden_size": c.ffn_hidden_size,
@@ -85,7 +92,7 @@ def model_dimensions(model) -> dict[str, Any]:
 
 def _global_shapes(model, groups: ParallelGroups) -> dict[str, list[int]]:
     """``{global name: global shape}`` of the whole model (gathered over every rank)."""
-    mine = {lay.global_name: list(lay.global_shape) for lay in param_layouts(_unwrap(model), groups).values()}
+    mine = {lay.global_name: list(lay.global_shape) for m in _modules(model) for lay in param_layouts(m, groups).values()}
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, mine)
     out: dict[str, list[int]] = {}
@@ -176,7 +183,9 @@ def _optimizer_has_state(optimizer, device) -> bool:
 
 
 def _sharded_state(model, optimizer, reference, *, is_loading: bool) -> dict:
-    sd: dict[str, Any] = {"model": _unwrap(model).sharded_state_dict()}
+    chunks = _modules(model)  # V chunks: one sharded state dict each, their keys global
+    sd: dict[str, Any] = {"model": chunks[0].sharded_state_dict() if len(chunks) == 1 else
+                          {f"chunk{v}": c.sharded_state_dict() for v, c in enumerate(chunks)}}
     if optimizer is not None:
         if is_loading:
             _prepare_optimizer_for_load(optimizer)
@@ -353,6 +362,7 @@ def load_checkpoint(
 
     Args:
         ckpt: a checkpoint directory (``.../step_N``).
+        model: this rank's stage, or the interleaved schedule's list of its V chunks (weights only).
         optimizer: load the optimizer state too (the checkpoint must have one unless ``weights_only``).
         reference: load the saved reference model into this module (the checkpoint must have one).
         restore_rng: restore this rank's RNG states when the checkpoint's layout is this run's.
@@ -368,6 +378,10 @@ def load_checkpoint(
     from megatron.core import dist_checkpointing
 
     ckpt = Path(ckpt)
+    chunks = _modules(model)
+    if len(chunks) > 1 and (optimizer is not None or reference is not None):
+        raise ValueError(f"{len(chunks)} model chunks (interleaved schedule): only the weights load into chunks, "
+                         "not an optimizer or a reference model (GRPO training runs one module per stage)")
     meta = read_checkpoint_meta(ckpt)
     _check_shapes(ckpt, meta, model, groups)
     if optimizer is not None and not weights_only and not meta.get("has_optimizer"):
@@ -378,7 +392,8 @@ def load_checkpoint(
     read_optimizer = optimizer is not None and not weights_only and meta.get("optimizer_state", True)
     sharded = _sharded_state(model, optimizer if read_optimizer else None, reference, is_loading=True)
     loaded = dist_checkpointing.load(sharded, str(ckpt / "dist"))
-    _unwrap(model).load_state_dict(loaded["model"])
+    for v, chunk in enumerate(chunks):
+        chunk.load_state_dict(loaded["model"] if len(chunks) == 1 else loaded["model"][f"chunk{v}"])
     if read_optimizer:  # the reshardable state carries the fp32 main weights themselves
         optimizer.load_state_dict(loaded["optimizer"])
         _finish_optimizer_load(optimizer)

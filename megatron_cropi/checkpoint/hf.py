@@ -10,7 +10,11 @@
 
 The model may be a bare ``GPTModel``, a wrapper with ``.module`` (DDP, Float16Module) or a
 one-element list; the local and Transformer Engine layer specs are both handled (detected from the
-parameter names).
+parameter names). :func:`load_hf_into_model` also takes the interleaved schedule's list of V chunks
+(:func:`~megatron_cropi.model.provider.build_model_chunks`): a chunk's layers are numbered locally
+(``decoder.layers.0``…) but megatron gives each its global ``layer_number`` (the offset of
+``get_transformer_layer_offset(config, vp_stage)``), which :func:`~megatron_cropi.model.params.param_layouts`
+turns into global names, so each chunk reads exactly its own layers.
 """
 
 from __future__ import annotations
@@ -73,6 +77,11 @@ def model_config_from_hf(
     )
 
 
+def _chunks(model) -> list:
+    """The unwrapped modules of ``model``: a list of chunks (interleaved schedule), or the one stage."""
+    return [_unwrap(m) for m in model] if isinstance(model, (list, tuple)) else [_unwrap(model)]
+
+
 def _unwrap(model):
     if isinstance(model, (list, tuple)):
         if len(model) != 1:
@@ -131,23 +140,29 @@ def load_hf_into_model(model, groups: ParallelGroups, hf_dir: str | Path) -> int
     HF tensors behind its own parameters (e.g. a PP stage reads only its layers). Load before
     the optimizer is built (a distributed optimizer keeps its own fp32 copy of the parameters).
 
+    Args:
+        model: this rank's stage, or the interleaved schedule's list of its V chunks (each filled with
+            its own global layers).
+
     Raises:
         HFCheckpointError: see :func:`check_checkpoint_matches`; also a missing directory, config,
             shard file, or an unreadable shard, naming it.
     """
-    model = _unwrap(model)
+    chunks = _chunks(model)
     reader = HFCheckpointReader(hf_dir)
-    dims = GPTDimensions.from_model(model)
-    check_checkpoint_matches(reader, dims, fused_norms=uses_fused_norm_names(model))
-    params = dict(model.named_parameters())
+    dims = GPTDimensions.from_model(chunks[0])  # the global sizes: the same on every chunk
+    check_checkpoint_matches(reader, dims, fused_norms=uses_fused_norm_names(chunks[0]))
     count = 0
-    # One global tensor at a time: the peak is the largest parameter (the embedding), not the model.
-    for name, layout in param_layouts(model, groups).items():
-        full = to_megatron_tensor(layout.global_name, reader.get_many(hf_shapes_for(layout.global_name, dims)), dims)
-        p = params[name]
-        for local_slices, spec in layout.pieces:
-            p.data[local_slices].copy_(full[spec.global_slices()])
-        count += 1
+    for chunk in chunks:
+        params = dict(chunk.named_parameters())
+        # One global tensor at a time: the peak is the largest parameter (the embedding), not the model.
+        for name, layout in param_layouts(chunk, groups).items():
+            full = to_megatron_tensor(layout.global_name, reader.get_many(hf_shapes_for(layout.global_name, dims)),
+                                      dims)
+            p = params[name]
+            for local_slices, spec in layout.pieces:
+                p.data[local_slices].copy_(full[spec.global_slices()])
+            count += 1
     return count
 
 

@@ -33,10 +33,12 @@ def split_overrides(extra: list[str]) -> tuple[list[str], list[str]]:
 
 
 def load_config(args):
-    """The :class:`~megatron_cropi.run_config.RunConfig` of ``args.config`` with ``args.overrides``."""
+    """The :class:`~megatron_cropi.run_config.RunConfig` of ``args.config`` with ``args.overrides``, validated
+    for the subcommand ``args.command`` (only ``score`` and ``select`` accept the interleaved schedule)."""
     from megatron_cropi.run_config import load_run_config
 
-    return load_run_config(args.config, getattr(args, "overrides", None) or ())
+    return load_run_config(args.config, getattr(args, "overrides", None) or (),
+                           command=getattr(args, "command", None) or "run")
 
 
 def print_config(args) -> int:

@@ -2,6 +2,8 @@
 
     cropi score CONFIG [--sets pool,val] [--checkpoint DIR] [--tag NAME]
     torchrun --nproc-per-node 4 -m megatron_cropi.cli score CONFIG        # any TP/PP/DP layout
+    torchrun --nproc-per-node 2 -m megatron_cropi.cli score CONFIG parallel.pipeline_model_parallel_size=2 \
+        model.transformer.virtual_pipeline_model_parallel_size=2          # the interleaved schedule
 
 For each set, the trajectory store ``{run.output_dir}/rollouts/{set}`` (written by ``cropi rollout`` or
 ``cropi run``) is scored into the feature store ``{run.output_dir}/features/{tag}/{set}``. The policy
@@ -25,7 +27,7 @@ from megatron_cropi.influence.stores import PolicyScorer, score_store
 from megatron_cropi.layout import RunLayout
 from megatron_cropi.projection.config import build_projector
 from megatron_cropi.commands.config_args import load_config
-from megatron_cropi.wiring import build_policy_model, initial_weights, pad_id_of, setup_run
+from megatron_cropi.wiring import build_scoring_model, initial_weights, pad_id_of, setup_run
 
 __all__ = ["cmd_score", "score_sets", "load_policy_scorer"]
 
@@ -45,9 +47,10 @@ def _policy_source(cfg, checkpoint: str | None) -> tuple[str | None, str | None]
 
 def load_policy_scorer(cfg, groups, tokenizer, checkpoint: str | None) -> PolicyScorer:
     """The policy at ``checkpoint`` (a GRPO checkpoint ``.../step_N`` saved in any TP/PP layout, or an HF
-    directory; None: the default of :func:`_policy_source`) on this rank's layout, ready to score."""
+    directory; None: the default of :func:`_policy_source`) on this rank's layout, ready to score: one
+    module per stage, or under the interleaved schedule the stage's V chunks (:func:`build_scoring_model`)."""
     hf_dir, ckpt = _policy_source(cfg, checkpoint)
-    model = build_policy_model(cfg, groups, hf_dir=hf_dir)
+    model = build_scoring_model(cfg, groups, hf_dir=hf_dir)
     step = 0
     if ckpt:
         step = int(read_checkpoint_meta(ckpt)["step"])

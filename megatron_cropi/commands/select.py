@@ -4,9 +4,13 @@ trainer reads.
     cropi select CONFIG --checkpoint RUN/checkpoints/step_00000050 [--out DIR] [--stage M]
     cropi select CONFIG --checkpoint /models/my-policy-hf                # an HF directory
     torchrun --nproc-per-node 4 -m megatron_cropi.cli select CONFIG --checkpoint CKPT parallel.tensor_model_parallel_size=2
+    torchrun --nproc-per-node 2 -m megatron_cropi.cli select CONFIG --checkpoint CKPT \
+        parallel.pipeline_model_parallel_size=2 model.transformer.virtual_pipeline_model_parallel_size=2
 
 The policy is loaded as ``cropi score --checkpoint`` loads it (a GRPO checkpoint saved in any TP/PP
-layout, or an HF directory) into this launch's layout. It scores the stored behaviour rollouts of the
+layout, or an HF directory) into this launch's layout, the interleaved schedule's V chunks per stage
+included (``model.transformer.virtual_pipeline_model_parallel_size`` at PP > 1: the layout of a
+trainer on Megatron-LM's interleaved schedule). It scores the stored behaviour rollouts of the
 pool and the target sets, ``{run.output_dir}/rollouts/{pool,target-<name>}`` (written by ``cropi run``;
 ``cropi rollout --split val`` writes ``rollouts/val``, used as the target set when there is one), and
 selects the stage's prompts with the run's ``selection`` config. Everything goes to ``DIR`` (default

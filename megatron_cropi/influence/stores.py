@@ -53,7 +53,8 @@ class PolicyScorer:
     """The policy at one checkpoint and how to score with it: model, groups, projector, scoring config.
 
     Args:
-        model: this rank's policy stage (Megatron ``GPTModel``, possibly DDP-wrapped).
+        model: this rank's policy stage (Megatron ``GPTModel``, possibly DDP-wrapped), or under the
+            interleaved schedule the list of its V chunks (``build_model_chunks``).
         projector: a :class:`~megatron_cropi.projection.base.Projector` (identical on every rank).
         cfg: the ``scoring`` section.
         projection_seed: ``projection.seed`` (recorded in the header).

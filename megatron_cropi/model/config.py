@@ -206,8 +206,9 @@ class ModelConfig:
 
         The model side only: V chunks per stage need PP > 1 (megatron runs no interleaving without a
         pipeline) and ``num_layers`` divisible by PP × V. Which steps run on chunks is the caller's
-        business: POPI capture does (``popi/capture.py``); ``RunConfig`` refuses it for the ``cropi``
-        commands, whose GRPO step, sampler and checkpoints run one module per stage.
+        business: POPI capture does (``popi/capture.py``), and so do ``cropi score``/``cropi select``;
+        ``RunConfig.refuse_interleaved_schedule`` refuses it for the other ``cropi`` commands, whose GRPO
+        step, sampler and checkpoint saving/export run one module per stage.
         """
         vp = self.virtual_pipeline_size
         if vp is None:

@@ -9,8 +9,9 @@ Under the interleaved (virtual pipeline) schedule (``model.transformer.virtual_p
 = V``) a rank holds V model chunks, one ``GPTModel(vp_stage=v)`` each: :func:`build_model_chunks`. With
 PP = P and L layers, chunk ``v`` of pipeline rank ``r`` holds the global layers
 ``[(v·P + r)·L/(P·V), (v·P + r + 1)·L/(P·V))`` (P = 2, V = 2, L = 4: rank 0 holds layers 0 and 2), the
-embedding is on chunk 0 of rank 0 and the output layer on chunk V − 1 of rank P − 1. Only POPI capture
-runs on chunks (``popi/capture.py``); everything that takes one module refuses such a config by name.
+embedding is on chunk 0 of rank 0 and the output layer on chunk V − 1 of rank P − 1. POPI capture
+(``popi/capture.py``) and the scoring commands run on chunks (``wiring.build_scoring_model``: HF and
+distributed checkpoints load into them); everything that takes one module refuses such a config by name.
 """
 
 from __future__ import annotations

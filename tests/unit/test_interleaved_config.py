@@ -1,9 +1,10 @@
 """The interleaved (virtual pipeline) schedule: what the model config accepts, and what is refused by name.
 
-POPI capture runs on model chunks (``tests/distributed/test_popi_capture_interleaved.py``); the
-``cropi`` commands (GRPO training, log-prob passes, the native sampler, checkpoints) run one module per
-stage and refuse it at config load (hence in ``cropi run --dry-run``), the GRPO trainer and the
-one-module model provider refuse it too.
+POPI capture runs on model chunks (``tests/distributed/test_popi_capture_interleaved.py``), and so do
+``cropi score`` and ``cropi select`` (``tests/distributed/test_cropi_select.py``); the other ``cropi``
+commands (GRPO training, log-prob passes, the native sampler, checkpoint saving and export) run one
+module per stage and refuse it at config load (hence in ``cropi run --dry-run``), the GRPO trainer and
+the one-module model provider refuse it too.
 """
 
 from types import SimpleNamespace
@@ -35,26 +36,48 @@ def test_model_layouts_the_interleaved_schedule_cannot_split_are_named(transform
     assert any(message in e for e in errors), errors
 
 
-def test_the_cropi_commands_refuse_the_interleaved_schedule_by_name():
-    with pytest.raises(ConfigError, match="supported by POPI capture only.*GRPO training") as info:
-        from_dict(RunConfig, {"parallel": {"pipeline_model_parallel_size": 2},
-                              "model": {"preset": "tiny", "transformer": VPP}})
+def _vpp_config(tmp_path) -> str:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"run: {{output_dir: {tmp_path}/run}}\nparallel: {{pipeline_model_parallel_size: 2}}\n"
+                   "model: {preset: tiny, transformer: {num_layers: 4, virtual_pipeline_model_parallel_size: 2}}\n")
+    return str(cfg)
+
+
+@pytest.mark.parametrize("command", ["run", "train", "rollout"])
+def test_the_cropi_commands_that_train_sample_or_export_refuse_the_interleaved_schedule_by_name(tmp_path, command):
+    from megatron_cropi.run_config import load_run_config
+
+    with pytest.raises(ConfigError, match=f"supported by `cropi score` and `cropi select` only.*not by `cropi "
+                                          f"{command}`.*GRPO training") as info:
+        load_run_config(_vpp_config(tmp_path), command=command)
     assert info.value.key == "model.transformer.virtual_pipeline_model_parallel_size"
+    with pytest.raises(ConfigError, match="not by `cropi run`"):  # the default: every caller but the scoring ones
+        load_run_config(_vpp_config(tmp_path))
     # a layout error comes first, also by name
     with pytest.raises(ConfigError, match="needs pipeline parallelism"):
         from_dict(RunConfig, {"model": {"preset": "tiny", "transformer": VPP}})
 
 
+@pytest.mark.parametrize("command", ["score", "select"])
+def test_cropi_score_and_select_accept_the_interleaved_schedule(tmp_path, command):
+    from megatron_cropi.run_config import load_run_config
+
+    cfg = load_run_config(_vpp_config(tmp_path), command=command)
+    assert cfg.model.virtual_pipeline_size == 2 and cfg.parallel.pipeline_model_parallel_size == 2
+    cfg.refuse_interleaved_schedule(command)
+    with pytest.raises(ConfigError, match="not by `cropi train`"):
+        cfg.refuse_interleaved_schedule("train")
+
+
 def test_the_dry_run_reports_the_refusal_by_name(tmp_path, capsys):
     from megatron_cropi.cli import main
 
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"run: {{output_dir: {tmp_path}/run}}\nparallel: {{pipeline_model_parallel_size: 2}}\n"
-                   "model: {preset: tiny, transformer: {num_layers: 4, virtual_pipeline_model_parallel_size: 2}}\n")
-    assert main(["run", "--dry-run", str(cfg)]) == 2
+    assert main(["run", "--dry-run", _vpp_config(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "model.transformer.virtual_pipeline_model_parallel_size: 2: the interleaved (virtual pipeline) " \
-           "schedule is supported by POPI capture only" in err
+           "schedule is supported by `cropi score` and `cropi select` only" in err
+    assert main(["select", "--print-config", _vpp_config(tmp_path), "--checkpoint", "x"]) == 0
+    assert "virtual_pipeline_model_parallel_size: 2" in capsys.readouterr().out
 
 
 def test_one_module_steps_refuse_a_chunked_model_by_name():
