@@ -10,9 +10,8 @@ killed mid-save leaves a ``.tmp-*`` directory that is ignored and cleaned up, ne
         rng/tp{t}_pp{p}_dp{d}.pt   per-rank RNG states (Python, NumPy, torch, Megatron's tracker)
 
 * Model tensors are saved with their global offsets (``model.sharded_state_dict()``), so they load
-  into any TP/PP/DP layout of the same model, and (weights only) into the interleaved schedule's list
-  of V chunks per stage: a chunk's sharded keys carry global layer offsets (megatron numbers its layers
-  from ``get_transformer_layer_offset(config, vp_stage)``).
+  into any TP/PP/DP layout of the same model, and (weights only) into the interleaved schedule's V chunks
+  per stage (a chunk's keys carry its global layer offsets: ``get_transformer_layer_offset(cfg, vp_stage)``).
 * The distributed optimizer's state is saved ``fully_reshardable`` (canonical per-parameter Adam
   moments), so it too loads into another TP/PP/DP layout; the non-distributed optimizer's sharded
   state dict is layout-independent as well. RNG states are restored only when the layout is the
@@ -72,8 +71,7 @@ def _unwrap(model):
     return model
 
 
-def _modules(model) -> list:
-    """The unwrapped modules: the interleaved schedule's chunks (a list), or the one stage."""
+def _modules(model) -> list:  # the interleaved schedule's chunks (a list), or the one stage
     return [_unwrap(m) for m in model] if isinstance(model, (list, tuple)) else [_unwrap(model)]
 
 
@@ -92,7 +90,8 @@ def model_dimensions(model) -> dict[str, Any]:
 
 def _global_shapes(model, groups: ParallelGroups) -> dict[str, list[int]]:
     """``{global name: global shape}`` of the whole model (gathered over every rank)."""
-    mine = {lay.global_name: list(lay.global_shape) for m in _modules(model) for lay in param_layouts(m, groups).values()}
+    mine = {lay.global_name: list(lay.global_shape) for m in _modules(model)
+            for lay in param_layouts(m, groups).values()}
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, mine)
     out: dict[str, list[int]] = {}
@@ -184,8 +183,8 @@ def _optimizer_has_state(optimizer, device) -> bool:
 
 def _sharded_state(model, optimizer, reference, *, is_loading: bool) -> dict:
     chunks = _modules(model)  # V chunks: one sharded state dict each, their keys global
-    sd: dict[str, Any] = {"model": chunks[0].sharded_state_dict() if len(chunks) == 1 else
-                          {f"chunk{v}": c.sharded_state_dict() for v, c in enumerate(chunks)}}
+    sd: dict[str, Any] = {"model": {f"chunk{v}": c.sharded_state_dict() for v, c in enumerate(chunks)}
+                          if len(chunks) > 1 else chunks[0].sharded_state_dict()}
     if optimizer is not None:
         if is_loading:
             _prepare_optimizer_for_load(optimizer)
@@ -380,8 +379,7 @@ def load_checkpoint(
     ckpt = Path(ckpt)
     chunks = _modules(model)
     if len(chunks) > 1 and (optimizer is not None or reference is not None):
-        raise ValueError(f"{len(chunks)} model chunks (interleaved schedule): only the weights load into chunks, "
-                         "not an optimizer or a reference model (GRPO training runs one module per stage)")
+        raise ValueError(f"{len(chunks)} model chunks (interleaved schedule) take weights only, no optimizer/reference")
     meta = read_checkpoint_meta(ckpt)
     _check_shapes(ckpt, meta, model, groups)
     if optimizer is not None and not weights_only and not meta.get("has_optimizer"):
