@@ -115,3 +115,14 @@ def test_the_schedule_wrapper_needs_every_chunk_of_an_interleaved_model():
         forward_backward(chunk, groups, data_iterator=iter([]), **kw)
     with pytest.raises(ValueError, match="one data iterator per chunk"):
         forward_backward([chunk, chunk], groups, data_iterator=iter([]), **kw)
+
+
+def test_a_checkpoint_loads_only_weights_into_chunks():
+    """``load_checkpoint`` on the interleaved schedule's chunks (scoring) refuses an optimizer or a reference
+    model by name, before anything is read."""
+    from megatron_cropi.checkpoint.dist_ckpt import load_checkpoint
+
+    chunks = [SimpleNamespace(decoder=None), SimpleNamespace(decoder=None)]
+    for extra in ({"optimizer": object()}, {"reference": object()}):
+        with pytest.raises(ValueError, match="2 model chunks \\(interleaved schedule\\) take weights only"):
+            load_checkpoint("/nonexistent", model=chunks, groups=None, **extra)
