@@ -1,0 +1,74 @@
+"""``benchmarks/curriculum.py``'s arithmetic (first crossing, ratios, intervals) against hand-worked
+records, and its warm-up retry: a β below the threshold is replaced by a warm-up with another batch seed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("curriculum_benchmark", ROOT / "benchmarks" / "curriculum.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["curriculum_benchmark"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load()
+
+
+def _records(values, clock_per_step=1.5):
+    return [{"step": 10 * i, "clock_seconds": 10 * i * clock_per_step + (5.0 if i else 0.0), "target_sampled": v}
+            for i, v in enumerate(values)]
+
+
+def test_ratio_is_the_reference_time_over_the_method_time_at_the_first_crossing():
+    full = _records([0.1, 0.12, 0.15, 0.2, 0.2], clock_per_step=1.0)  # reaches 0.2 at step 30, clock 35
+    method = _records([0.1, 0.2, 0.1, 0.1, 0.1], clock_per_step=2.0)  # reaches 0.2 at step 10, clock 25
+    assert bench.final_accuracy(full) == pytest.approx(0.2)
+    steps = bench.ratio(full, method, 0.2, "step")
+    assert (steps["status"], steps["value"]) == ("ok", pytest.approx(3.0))
+    clock = bench.ratio(full, method, 0.2, "clock_seconds")
+    assert clock["value"] == pytest.approx(35.0 / 25.0)
+    assert bench.ratio(full, _records([0.1, 0.1, 0.1]), 0.2, "step")["status"] == "not_reached"
+    assert bench.ratio(full, _records([0.3, 0.1]), 0.2, "step")["status"] == "at_start"
+
+
+def test_interval_is_the_student_t_interval():
+    out = bench.interval([1.0, 2.0, 3.0])
+    half = 4.303 * 1.0 / 3 ** 0.5  # t(0.975, 2) · sd / √n, sd = 1
+    assert out["mean"] == 2.0 and out["ci95"] == pytest.approx([2.0 - half, 2.0 + half])
+    assert bench.interval([5.0]) == {"mean": 5.0, "ci95": None, "sd": None, "n": 1}
+
+
+def test_a_warmup_below_its_threshold_is_retried_with_another_batch_seed(tmp_path, monkeypatch):
+    """The fault injected: the first warm-up ends below ``stop_at_greedy`` (as `sub3`'s did at 3,000 steps)."""
+    calls = []
+
+    def run_cli(cfg, out, log):  # stands in for `cropi run`: records the warm-up's outcome in state.json
+        calls.append(cfg["run"]["seed"])
+        reached = len(calls) > 1
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "state.json").write_text(json.dumps({"info": {"warmup": {
+            "steps": 2800 if reached else 3000, "greedy_val": 0.25 if reached else 0.05,
+            "reached_threshold": reached, "seconds": 10.0}}}))
+        return {"ok": True, "rc": 0, "wall_seconds": 0.1, "log": str(log)}
+
+    monkeypatch.setattr(bench, "run_cli", run_cli)
+    cfg0 = {"run": {"seed": 1234}, "selection": {}, "curriculum": {}}
+    beta, warmups = bench.behaviour_policy(cfg0, tmp_path, attempts=3)
+    assert calls == [1234, 1235]
+    assert beta == tmp_path / "warmup-a1" / "warmup" / "hf"
+    assert [w["reached_threshold"] for w in warmups] == [False, True]
+    assert [w["run_seed"] for w in warmups] == [1234, 1235]
+    # one attempt only: the weak β is used, and the result says so
+    calls.clear()
+    beta, warmups = bench.behaviour_policy(cfg0, tmp_path / "once", attempts=1)
+    assert calls == [1234] and warmups[-1]["reached_threshold"] is False
