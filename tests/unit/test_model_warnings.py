@@ -30,11 +30,13 @@ def test_the_interleaved_schedule_is_refused_by_name():
     from megatron_cropi.config.loader import ConfigError, from_dict
     from megatron_cropi.run_config import RunConfig
 
-    # the cropi commands run one model chunk per stage (capture alone runs chunks: test_interleaved_config.py)
+    # the cropi commands but score and select run one model chunk per stage (test_interleaved_config.py)
+    cfg = from_dict(RunConfig, {"parallel": {"pipeline_model_parallel_size": 2},
+                                "model": {"preset": "tiny", "transformer": {"num_layers": 4,
+                                                                            "virtual_pipeline_model_parallel_size": 2}}})
+    cfg.refuse_interleaved_schedule("select")
     with pytest.raises(ConfigError, match="virtual_pipeline_model_parallel_size: 2: the interleaved"):
-        from_dict(RunConfig, {"parallel": {"pipeline_model_parallel_size": 2},
-                              "model": {"preset": "tiny", "transformer": {"num_layers": 4,
-                                                                          "virtual_pipeline_model_parallel_size": 2}}})
+        cfg.refuse_interleaved_schedule("run")
 
 
 def test_sequence_parallel_is_allowed_where_it_is_tested_and_refused_by_name_elsewhere():
