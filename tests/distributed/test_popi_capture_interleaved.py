@@ -8,7 +8,8 @@ inside its backward, long after later micro-batches' forwards. Each prompt's ske
 own gradient: both capture modes, PP = 2 and TP2×PP2, no / full / selective recomputation, a call
 whose micro-batch count PP does not divide (padded with sink micro-batches), the scorer's capture with
 a truncated backward over the last two layers, and ``score_pool`` over DP replicas, against plain autograd per prompt at TP = PP = 1 (no VPP, no
-recomputation), projected by global name; and equal to the 1F1B (non-interleaved) run's features.
+recomputation), projected by global name; and, without recomputation, equal to the 1F1B (non-interleaved)
+run's features.
 
 Why this checks the attribution: booking a chunk's hooks to the micro-batch of the *last forward*
 instead of the one whose backward reaches the chunk's output (the per-prompt tap's row set in the
@@ -77,7 +78,9 @@ def _worker(recompute_name):
     loss_cfg = PopiLossConfig(clip_eps=None)
     results = {"oracle": _oracle(groups_data, projector, loss_cfg)}
     transformer = {"num_layers": LAYERS, **RECOMPUTE[recompute_name]}
-    for vp in (2, None):  # interleaved, then plain 1F1B on the same global model
+    # interleaved, then plain 1F1B on the same global model (1F1B under recomputation has its own oracle
+    # test, test_popi_capture_recompute.py: here only the no-recompute case compares the two schedules)
+    for vp in ((2, None) if recompute_name == "none" else (2,)):
         cfg = tiny_model_config("tiny", transformer={**transformer, "virtual_pipeline_model_parallel_size": vp}
                                 if vp else transformer)
         for tp, pp in LAYOUTS:
@@ -132,12 +135,13 @@ def test_capture_under_the_interleaved_schedule_matches_autograd_oracle(recomput
     for key, (sk, finite) in results.items():
         assert finite.all(), key
         errors[key] = _rel(sk, oracle["last_two" if key[-1] == "last_two" else "all"])
-        if key[0] == 2:
+        if key[0] == 2 and (None,) + key[1:] in results:
             vs_1f1b[key] = _rel(sk, results[(None,) + key[1:]][0])
+    assert bool(vs_1f1b) == (recompute == "none")
     assert any(key[0] == 2 and key[-1] == "last_two" for key in errors) == (recompute == "none")
     bad = {key: f"{err:.2e}" for key, err in errors.items() if not err < 1e-4}
     assert not bad, f"relative error >= 1e-4 against the oracle (vp, TP, PP, mode, prompts/mb[, scored]): {bad}"
     bad = {key: f"{err:.2e}" for key, err in vs_1f1b.items() if not err < 1e-5}
     assert not bad, f"interleaved features differ from 1F1B's: {bad}"
     print(f"{recompute}: max relative error vs oracle {max(errors.values()):.2e}, "
-          f"interleaved vs 1F1B {max(vs_1f1b.values()):.2e}")
+          f"interleaved vs 1F1B {max(vs_1f1b.values(), default=0.0):.2e}")
