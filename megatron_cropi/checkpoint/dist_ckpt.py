@@ -44,6 +44,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_cropi.checkpoint.optimizer_state import (finish_optimizer_load, optimizer_has_state,
+                                                       prepare_optimizer_for_load, reload_main_params)
 from megatron_cropi.model.params import param_layouts
 from megatron_cropi.parallel import ParallelGroups
 from megatron_cropi.utils.atomic import atomic_write_json, fsync_dir
@@ -125,69 +127,13 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _optimizers(optimizer) -> list:
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
-def _prepare_optimizer_for_load(optimizer) -> None:
-    """Allocate torch-Adam state and make the loader tolerate the checkpoint's missing ``step`` key."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    for opt in _optimizers(optimizer):
-        if not isinstance(opt, DistributedOptimizer):
-            continue
-        inner = opt.optimizer
-        if isinstance(inner, torch.optim.Optimizer) and len(inner.state) == 0:
-            # a zero-gradient step allocates exp_avg/exp_avg_sq/step; the weights are loaded afterwards
-            opt._init_optimizer_states_with_dummy_values()
-        if getattr(opt, "_cropi_step_tolerant", False):
-            continue
-        original = opt._set_main_param_and_optimizer_states
-
-        def tolerant(model_param, tensors, _opt=opt, _orig=original):
-            current = _opt._get_main_param_and_optimizer_states(model_param)
-            if "step" in current and "step" not in tensors:  # the step comes from the param groups
-                tensors = {**tensors, "step": current["step"]}
-            return _orig(model_param, tensors)
-
-        opt._set_main_param_and_optimizer_states = tolerant
-        opt._cropi_step_tolerant = True
-
-
-def _finish_optimizer_load(optimizer) -> None:
-    """Give every parameter its own ``step`` tensor (torch Adam increments it in place)."""
-    for opt in _optimizers(optimizer):
-        inner = getattr(opt, "optimizer", None)
-        if not isinstance(inner, torch.optim.Optimizer):
-            continue
-        for state in inner.state.values():
-            if isinstance(state.get("step"), torch.Tensor):
-                state["step"] = state["step"].detach().clone()
-
-
-def reload_main_params(optimizer) -> None:
-    """Copy the model's weights into the optimizer's fp32 main weights, after any write to the parameters
-    outside the optimizer (weights-only or HF load): megatron-core's mixed-precision optimizers step the
-    main copy and copy it back. A no-op for fp32 models (the main weights are the parameters or views)."""
-    optimizer.reload_model_params()
-
-
-def _optimizer_has_state(optimizer, device) -> bool:
-    """Whether every rank's optimizer has taken a step (before the first one there is nothing to save)."""
-    mine = all(len(getattr(o, "optimizer", o).state) > 0 for o in _optimizers(optimizer)
-               if isinstance(getattr(o, "optimizer", None), torch.optim.Optimizer))
-    flag = torch.tensor([int(mine)], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
 def _sharded_state(model, optimizer, reference, *, is_loading: bool) -> dict:
     chunks = _modules(model)  # V chunks: one sharded state dict each, their keys global
     sd: dict[str, Any] = {"model": {f"chunk{v}": c.sharded_state_dict() for v, c in enumerate(chunks)}
                           if len(chunks) > 1 else chunks[0].sharded_state_dict()}
     if optimizer is not None:
         if is_loading:
-            _prepare_optimizer_for_load(optimizer)
+            prepare_optimizer_for_load(optimizer)
         sd["optimizer"] = optimizer.sharded_state_dict(
             sd["model"], is_loading=is_loading, metadata={"distrib_optim_sharding_type": OPTIM_SHARDING})
     if reference is not None:
@@ -265,7 +211,7 @@ def save_checkpoint(
     shapes = _global_shapes(model, groups)
     # before the first optimizer step (e.g. every step so far skipped) the state is empty: a fresh
     # optimizer is then exactly what loading must produce, so none is saved
-    optimizer_state = optimizer is not None and _optimizer_has_state(optimizer, groups.device)
+    optimizer_state = optimizer is not None and optimizer_has_state(optimizer, groups.device)
     _orphan_safe_write_queue()
     dist_checkpointing.save(_sharded_state(model, optimizer if optimizer_state else None, reference, is_loading=False),
                             str(tmp / "dist"))
@@ -394,7 +340,7 @@ def load_checkpoint(
         chunk.load_state_dict(loaded["model"] if len(chunks) == 1 else loaded["model"][f"chunk{v}"])
     if read_optimizer:  # the reshardable state carries the fp32 main weights themselves
         optimizer.load_state_dict(loaded["optimizer"])
-        _finish_optimizer_load(optimizer)
+        finish_optimizer_load(optimizer)
     elif optimizer is not None:
         reload_main_params(optimizer)
     if reference is not None:
