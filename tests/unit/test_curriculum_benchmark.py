@@ -62,13 +62,32 @@ def test_a_warmup_below_its_threshold_is_retried_with_another_batch_seed(tmp_pat
         return {"ok": True, "rc": 0, "wall_seconds": 0.1, "log": str(log)}
 
     monkeypatch.setattr(bench, "run_cli", run_cli)
-    cfg0 = {"run": {"seed": 1234}, "selection": {}, "curriculum": {}}
+    cfg0 = {"run": {"seed": 1234}, "selection": {}, "curriculum": {"warmup": {"max_steps": 3000}}}
     beta, warmups = bench.behaviour_policy(cfg0, tmp_path, attempts=3)
     assert calls == [1234, 1235]
     assert beta == tmp_path / "warmup-a1" / "warmup" / "hf"
     assert [w["reached_threshold"] for w in warmups] == [False, True]
     assert [w["run_seed"] for w in warmups] == [1234, 1235]
+    assert [w["max_steps"] for w in warmups] == [3000, 6000]  # a retry may run twice as long
+    assert [w["chosen"] for w in warmups] == [False, True]
     # one attempt only: the weak β is used, and the result says so
     calls.clear()
     beta, warmups = bench.behaviour_policy(cfg0, tmp_path / "once", attempts=1)
-    assert calls == [1234] and warmups[-1]["reached_threshold"] is False
+    assert calls == [1234] and warmups[-1]["reached_threshold"] is False and warmups[-1]["chosen"]
+
+
+def test_when_no_warmup_reaches_the_threshold_the_best_one_is_used(tmp_path, monkeypatch):
+    greedy = [0.09, 0.0, 0.05]  # add4's first two attempts measured 0.09 and 0.0 after 3,000 steps
+
+    def run_cli(cfg, out, log):
+        out.mkdir(parents=True, exist_ok=True)
+        value = greedy[cfg["run"]["seed"] - 1234]
+        (out / "state.json").write_text(json.dumps({"info": {"warmup": {
+            "steps": 3000, "greedy_val": value, "reached_threshold": False, "seconds": 10.0}}}))
+        return {"ok": True, "rc": 0, "wall_seconds": 0.1, "log": str(log)}
+
+    monkeypatch.setattr(bench, "run_cli", run_cli)
+    cfg0 = {"run": {"seed": 1234}, "selection": {}, "curriculum": {"warmup": {"max_steps": 3000}}}
+    beta, warmups = bench.behaviour_policy(cfg0, tmp_path, 3)
+    assert beta == tmp_path / "warmup" / "warmup" / "hf"
+    assert [w["chosen"] for w in warmups] == [True, False, False]
