@@ -162,10 +162,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "print_config", False):
             return print_config(args)
-        return args.func(args)
+        code = args.func(args)
     except user_errors as err:
         print(f"cropi {args.command}: error: {err}", file=sys.stderr)
         return 2
+    # a command that returned on every rank leaves together (see parallel.leave_together); on an exception no
+    # barrier: the failing rank exits and torchrun stops the others
+    from megatron_cropi.parallel import leave_together
+
+    leave_together()
+    return code
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ __all__ = [
     "init_distributed",
     "build_parallel_groups",
     "destroy_parallel_groups",
+    "leave_together",
     "check_layout",
     "WorkCounter",
     "work_counter",
@@ -188,6 +189,19 @@ def destroy_parallel_groups(*, process_group: bool = False) -> None:
         parallel_state.destroy_model_parallel()
     if process_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def leave_together() -> None:
+    """End a command's distributed life: every rank meets at a barrier, then the groups are torn down.
+
+    Why: a rank whose interpreter exits while a peer still holds its gloo connections (or while its own
+    non-batched p2p requests, as under the interleaved schedule, are being reaped) can abort in teardown
+    with "terminate called without an active exception"; seen in fresh-clone CI runs of ``cropi export``
+    and ``cropi select`` under VPP. A no-op when no process group was initialised.
+    """
+    if dist.is_initialized():
+        dist.barrier()
+    destroy_parallel_groups(process_group=True)
 
 
 class WorkCounter:

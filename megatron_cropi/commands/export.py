@@ -130,12 +130,4 @@ def cmd_export(args) -> int:
         return 2
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(json.dumps(result), flush=True)
-    # every rank leaves together and the process groups are torn down before the interpreter exits: a rank
-    # that exited while another still held its gloo connections aborted in teardown ("terminate called
-    # without an active exception", seen once in a fresh-clone CI run)
-    from megatron_cropi.parallel import destroy_parallel_groups
-
-    if dist.is_initialized():
-        dist.barrier()
-    destroy_parallel_groups(process_group=True)
     return 0
