@@ -20,7 +20,7 @@ function that keeps for backward only the logits themselves (which the output la
 and ``[N]`` statistics; the backward recomputes ``p`` chunk by chunk and writes the logits' gradient in
 their own dtype. So the fp32 work tensors are ``[c, V/TP]``, never ``[N, V/TP]``: the transient
 footprint beyond the logits and their gradient is ``≈ 4 · c · V/TP · 4`` bytes
-(:func:`megatron_cropi.memory.logits_bytes`). ``chunk_tokens = 0`` is the whole-tensor autograd
+(:func:`megatron_cropi.memory_activations.logits_bytes`). ``chunk_tokens = 0`` is the whole-tensor autograd
 path (about three fp32 ``[N, V/TP]`` copies kept for backward per call), kept for comparison
 (``benchmarks/logprob_memory.py``). Work tensors are fp32, or float64 for float64 logits.
 """

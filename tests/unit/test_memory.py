@@ -1,4 +1,4 @@
-"""The per-GPU memory estimate (megatron_cropi/memory.py) against hand-computed numbers.
+"""The per-GPU memory estimate (megatron_cropi/memory.py, memory_activations.py) against hand-computed numbers.
 
 The hand case: 2 layers, hidden 8, 2 query heads of 4, 1 KV group, ffn 12, vocab 16, untied, QKV
 bias. Per layer: QKV 8×16 + 16 bias, output projection 8×8, fc1 8×24, fc2 12×8 = 496 sharded
@@ -19,12 +19,10 @@ from megatron_cropi.memory import (
     kv_cache_bytes_per_token,
     feature_store_bytes,
     index_cache_bytes_per_coordinate,
-    layer_activation_bytes,
-    logits_bytes,
     optimizer_bytes_per_param,
-    stage_activation_bytes,
     stage_parameter_counts,
 )
+from megatron_cropi.memory_activations import layer_activation_bytes, logits_bytes, stage_activation_bytes
 
 SHAPE = ModelShape(num_layers=2, hidden=8, heads=2, query_groups=1, head_dim=4, ffn=12, vocab=16, tied=False,
                    qkv_bias=True)
