@@ -5,7 +5,8 @@
 * :mod:`.native_sampler`: ``NativeSampler`` (Megatron model, TP ≥ 1, PP = 1).
 * :mod:`.vllm_engine`: ``VLLMEngine`` (``vllm.LLM`` on an HF directory; ``update_weights``; isolated mode).
 * :mod:`.sampling`: temperature/top-p processing, behaviour log-probs, counter-based sampling.
-* :mod:`.store`: ``TrajectoryStore`` (Arrow parts, checksummed manifest, resume).
+* :mod:`.store`: ``TrajectoryStore`` (Arrow parts, checksummed manifest, resume); its header and
+  ``StoreError``: :mod:`.store_header`.
 * :mod:`.runner`: ``rollout_prompts``: generate, verify, commit, resume.
 * :mod:`.config`: ``RolloutConfig``, ``VLLMConfig``.
 

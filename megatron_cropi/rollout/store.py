@@ -4,7 +4,7 @@ Written once by the behaviour policy's rollout, read by POPI at every stage. On 
 
     header.json                what the trajectories are: schema version, sampling parameters (with the
                                log-prob semantics), tokenizer and model identity, policy version, pool
-                               hash and size, created-by
+                               hash and size, created-by (:mod:`.store_header`)
     manifest.json              the committed parts, each with rows, bytes, blake2b checksum, id range
     parts/part-000000.arrow    Arrow IPC files, one row per prompt (columns below)
 
@@ -23,83 +23,22 @@ Columns: ``prompt_id, source, text, answer, meta`` (JSON), ``prompt_token_ids: l
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from megatron_cropi.records import PromptRecord, Response, RolloutGroup, SamplingParams
-from megatron_cropi.utils.atomic import atomic_write_bytes, fsync_dir
+from megatron_cropi.records import PromptRecord, Response, RolloutGroup
+from megatron_cropi.rollout.store_header import SCHEMA_VERSION, StoreError, StoreHeader, read_header, read_store_json
+from megatron_cropi.utils.atomic import atomic_write_bytes
 
 __all__ = ["StoreError", "StoreHeader", "TrajectoryStore", "SCHEMA_VERSION"]
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 1
-_CHECKED_FIELDS = ("schema_version", "sampling", "tokenizer", "model", "policy_version", "pool_hash", "num_prompts")
-
-
-class StoreError(RuntimeError):
-    """The store on disk is corrupt, truncated, or does not match what the run expects."""
-
-
-@dataclass(frozen=True)
-class StoreHeader:
-    """What a trajectory store holds; compared field by field on reopen.
-
-    Attributes:
-        sampling: the :class:`SamplingParams` as a mapping (``logprobs`` says which distribution the
-            behaviour log-probs are of: ``sampling`` = temperature and top-p applied, ``raw`` = untempered).
-        tokenizer: tokenizer identity (``TextTokenizer.identity``).
-        model: identity of the behaviour policy's weights (checkpoint path/step or a hash).
-        policy_version: checkpoint step of the behaviour policy.
-        pool_hash: :func:`~megatron_cropi.data.prompt_ids.pool_hash` of the prompts to roll out.
-        num_prompts: how many prompts the finished store holds.
-        created_by: program and version that wrote it (not compared).
-        engine: ``native`` or ``vllm`` (not compared: both sample the same distribution).
-    """
-
-    sampling: dict
-    tokenizer: str
-    model: str
-    policy_version: int
-    pool_hash: str
-    num_prompts: int
-    created_by: str = ""
-    engine: str = ""
-    schema_version: int = SCHEMA_VERSION
-    extra: dict = field(default_factory=dict)
-
-    @classmethod
-    def build(cls, sampling: SamplingParams, **kwargs) -> "StoreHeader":
-        from megatron_cropi import __version__
-
-        kwargs.setdefault("created_by", f"megatron_cropi {__version__}")
-        return cls(sampling=dataclasses.asdict(sampling), **kwargs)
-
-    @property
-    def sampling_params(self) -> SamplingParams:
-        return SamplingParams(**self.sampling)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def mismatches(self, other: "StoreHeader") -> list[str]:
-        """``"field: store has X, run expects Y"`` for every compared field that differs."""
-        a, b = self.to_dict(), other.to_dict()
-        out = []
-        for k in _CHECKED_FIELDS:
-            if isinstance(a[k], dict) and isinstance(b[k], dict):
-                out += [f"{k}.{s}: store has {a[k].get(s)!r}, run expects {b[k].get(s)!r}"
-                        for s in sorted(set(a[k]) | set(b[k])) if a[k].get(s) != b[k].get(s)]
-            elif a[k] != b[k]:
-                out.append(f"{k}: store has {a[k]!r}, run expects {b[k]!r}")
-        return out
 
 
 def _digest(path: Path) -> str:
@@ -108,13 +47,6 @@ def _digest(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise StoreError(f"{path}: cannot read the store's {what} ({err}); the file is truncated or corrupt") from None
 
 
 def _schema():
@@ -190,18 +122,8 @@ class TrajectoryStore:
 
     @classmethod
     def _load(cls, path: Path, *, writable: bool, repair: bool, verify: bool = True) -> "TrajectoryStore":
-        if not (path / "header.json").is_file():
-            raise StoreError(f"{path}: not a trajectory store (no header.json)")
-        raw = _read_json(path / "header.json", "header")
-        if raw.get("schema_version") != SCHEMA_VERSION:
-            raise StoreError(f"{path / 'header.json'}: schema_version {raw.get('schema_version')!r}, this code reads "
-                             f"{SCHEMA_VERSION}")
-        known = {f.name for f in dataclasses.fields(StoreHeader)}
-        if set(raw) - known or {"sampling", "tokenizer", "model", "policy_version", "pool_hash"} - set(raw):
-            raise StoreError(f"{path / 'header.json'}: unexpected or missing header fields "
-                             f"{sorted((set(raw) - known) | ({'sampling', 'tokenizer', 'model'} - set(raw)))}")
-        header = StoreHeader(**raw)
-        manifest = _read_json(path / "manifest.json", "manifest")
+        header = read_header(path)
+        manifest = read_store_json(path / "manifest.json", "manifest")
         good = []
         for part in manifest["parts"]:
             problem = cls._verify_part(path / "parts" / part["name"], part) if verify else None
