@@ -1,5 +1,6 @@
 """Behaviour rollouts: the sets rolled out by β once (and again at θ_m by a refresh), and the online
-pool rollouts of ``online_learnability``. Functions of values; the controller decides when they run.
+pool rollouts of ``online_learnability``, with their log lines. Functions of values; the controller
+decides when they run (by :func:`needs_behaviour_rollouts`, :func:`is_refresh_stage`).
 β's stores may instead come from another run whose stores match (:mod:`.reuse`).
 """
 
@@ -18,7 +19,8 @@ from megatron_cropi.records import PromptRecord, SamplingParams
 from megatron_cropi.utils.rank_zero import on_rank0
 
 __all__ = ["behaviour_sets", "roll_out_sets", "behaviour_sampling", "behaviour_header", "behaviour_rollouts",
-           "online_sampling", "online_pool_subset", "refresh_stage_of"]
+           "online_sampling", "online_pool_subset", "online_pool_rollouts", "refresh_stage_of", "is_refresh_stage",
+           "needs_behaviour_rollouts", "rollouts_line", "online_line"]
 
 
 def behaviour_sets(pool: Sequence[PromptRecord], targets: dict[str, list[PromptRecord]], check: Sequence[PromptRecord],
@@ -49,6 +51,18 @@ def refresh_stage_of(m: int, every: int) -> int:
     """The stage whose behaviour rollouts stage ``m`` scores with: the last refresh at or before ``m``
     (``curriculum.refresh_behaviour_every``; 0: never, β's rollouts of stage 0)."""
     return 0 if every <= 0 else (m // every) * every
+
+
+def is_refresh_stage(m: int, every: int) -> bool:
+    """Whether stage ``m`` rolls the behaviour sets out again (``curriculum.refresh_behaviour_every``): a
+    stage ``m > 0`` that is its own :func:`refresh_stage_of`."""
+    return m != 0 and refresh_stage_of(m, every) == m
+
+
+def needs_behaviour_rollouts(policy: str) -> bool:
+    """Whether ``selection.policy`` works from behaviour rollouts (β's, or a refresh's): every policy but
+    ``full``, ``random`` and ``online_learnability`` (which rolls the pool out at θ_m itself)."""
+    return policy not in ("full", "random", "online_learnability")
 
 
 def behaviour_header(path: Path, prompts: Sequence[PromptRecord], *, sampling: SamplingParams, tokenizer,
@@ -114,6 +128,30 @@ def online_pool_subset(pool: Sequence[PromptRecord], fraction: float, *, seed: i
     size = max(1, int(round(fraction * len(ordered))))
     rows = np.random.default_rng(_stage_seed("online-pool", seed, m)).choice(len(ordered), size=size, replace=False)
     return [ordered[i] for i in sorted(rows)]
+
+
+def online_pool_rollouts(m: int, prompts: Sequence[PromptRecord], path: Path, *, samples: int, base: SamplingParams,
+                         rollout, engine, reward_fn, tokenizer, groups, policy: str):
+    """Stage ``m``'s pool rollouts of ``online_learnability`` into the store ``path`` (:func:`behaviour_rollouts`):
+    ``samples`` responses per prompt of ``prompts`` (:func:`online_pool_subset`) at :func:`online_sampling`
+    of GRPO's ``base``, batched as the ``rollout`` section says; ``policy``: θ_m's identity."""
+    return behaviour_rollouts(f"stage{m}-pool", prompts, path, sampling=online_sampling(base, samples, m),
+                              engine=engine, reward_fn=reward_fn, tokenizer=tokenizer, groups=groups,
+                              batch_prompts=rollout.batch_prompts, engine_kind=rollout.engine,
+                              progress=rollout.progress, policy=policy)
+
+
+def rollouts_line(label: str, prompts: Sequence[PromptRecord], summary) -> str:
+    """The log line of one behaviour set rolled out (``summary``: :func:`behaviour_rollouts`'s)."""
+    return (f"[rollouts] {label}: {len(prompts)} prompts, pass rate {summary.pass_rate:.3f}, "
+            f"{summary.zero_variance_groups} zero-variance groups")
+
+
+def online_line(m: int, prompts: Sequence[PromptRecord], samples: int, summary, seconds: float) -> str:
+    """The log line of stage ``m``'s online pool rollouts (``summary``: :func:`online_pool_rollouts`'s)."""
+    return (f"[online] stage {m}: {len(prompts)} pool prompts × {samples} at θ_{m} "
+            f"({summary.prompts_rolled_out} rolled out now), pass rate {summary.pass_rate:.3f}, "
+            f"{summary.zero_variance_groups} zero-variance groups, {seconds:.1f} s")
 
 
 def roll_out_sets(sets: list[tuple[str, list, int]], store_of, *, stage: int, base: SamplingParams, curriculum,

@@ -22,15 +22,14 @@ import time
 from pathlib import Path
 
 from megatron_cropi.curriculum import behaviour, external, steps
-from megatron_cropi.curriculum.evaluate import EvalLog, eval_line, evaluate_runtime
+from megatron_cropi.curriculum.evaluate import EVAL_SEED_OFFSET, EvalLog, eval_line, evaluate_runtime
 from megatron_cropi.curriculum.faults import fault_point
 from megatron_cropi.curriculum.probe import probe_projection_quality
 from megatron_cropi.curriculum.report import publish_stage_report, write_final_report
 from megatron_cropi.curriculum.reuse import reuse_sources
 from megatron_cropi.curriculum.state import RunState
 from megatron_cropi.influence.feature_store import prune_feature_stores
-from megatron_cropi.influence.scale_out import score_store_sharded
-from megatron_cropi.influence.stores import PolicyScorer, score_store
+from megatron_cropi.influence.stores import PolicyScorer
 from megatron_cropi.layout import RunLayout
 from megatron_cropi.metrics import MetricsLogger
 from megatron_cropi.selection.policies import Selection
@@ -38,9 +37,6 @@ from megatron_cropi.utils.rank_zero import on_rank0, share_from_rank0
 from megatron_cropi.wiring import PolicyRuntime, policy_identity, setup_run
 
 __all__ = ["StageController", "run_curriculum"]
-
-# Seed offset of evaluation sampling: evaluations never share a stream with training.
-EVAL_SEED_OFFSET = 104729
 
 
 class StageController:
@@ -158,8 +154,7 @@ class StageController:
 
         def done(label: str, prompts: list, summary, seconds: float) -> None:
             self.charge("rollouts", seconds)
-            self.log(f"[rollouts] {label}: {len(prompts)} prompts, pass rate {summary.pass_rate:.3f}, "
-                     f"{summary.zero_variance_groups} zero-variance groups")
+            self.log(behaviour.rollouts_line(label, prompts, summary))
 
         behaviour.roll_out_sets(self.behaviour_sets(), lambda name: self.behaviour_store(stage, name), stage=stage,
                                 base=runtime.sampling, curriculum=cfg.curriculum, rollout=cfg.rollout,
@@ -172,7 +167,7 @@ class StageController:
         if self.is_done("rollouts"):
             return
         cfg, runtime = self.cfg, self.runtime
-        if cfg.selection.policy in ("full", "random", "online_learnability"):
+        if not behaviour.needs_behaviour_rollouts(cfg.selection.policy):
             self.mark_done("rollouts", skipped=f"policy {cfg.selection.policy} needs no behaviour rollouts")
             return
         if runtime.trainer.step_count:
@@ -184,8 +179,8 @@ class StageController:
         """``curriculum.refresh_behaviour_every``: at a refresh stage m, the behaviour sets rolled out again
         by θ_m (into ``rollouts/stage{m}/``), so that stage's POPI is on-policy."""
         step = f"stage{stage}/refresh"
-        if stage == 0 or behaviour.refresh_stage_of(stage, self.cfg.curriculum.refresh_behaviour_every) != stage \
-                or self.is_done(step) or self.cfg.selection.policy in ("full", "random", "online_learnability"):
+        if not behaviour.is_refresh_stage(stage, self.cfg.curriculum.refresh_behaviour_every) or self.is_done(step) \
+                or not behaviour.needs_behaviour_rollouts(self.cfg.selection.policy):
             return
         self.require_stage_start(stage, "behaviour refresh")
         t0, trainer_step = time.perf_counter(), self.runtime.trainer.step_count
@@ -243,17 +238,11 @@ class StageController:
         todo = [name for name in names if not self.is_done(f"stage{stage}/score/{name}")]
         scorer = self.scorer() if todo else None
         for name in todo:
-            t0 = time.perf_counter()
-            if name == "pool" and self.cfg.scoring.scale_out:  # shards per replica, a shared queue
-                stats = score_store_sharded(self.behaviour_store(stage, name), paths[name], scorer,
-                                            on_unit=lambda: fault_point("score:chunk"))
-            else:
-                stats = score_store(self.behaviour_store(stage, name), paths[name], scorer,
-                                    on_chunk=lambda: fault_point("score:chunk"),
-                                    shortlist=self.pool_shortlist(stage) if name == "pool" else None)
-            self.log(f"[score] stage {stage} {name}: {stats.scored} scored, {stats.excluded} zero-variance excluded, "
-                     + (f"{stats.shortlisted_out} left out by the shortlist, " if stats.shortlisted_out else "")
-                     + f"{stats.flagged} flagged, {stats.seconds:.1f} s ({1e3 * stats.seconds_per_prompt:.1f} ms/prompt)")
+            t0, sharded = time.perf_counter(), name == "pool" and self.cfg.scoring.scale_out
+            stats = steps.score_set(self.behaviour_store(stage, name), paths[name], scorer, sharded=sharded,
+                                    shortlist=self.pool_shortlist(stage) if name == "pool" and not sharded else None,
+                                    on_unit=lambda: fault_point("score:chunk"))
+            self.log(steps.score_line(stage, name, stats))
             self.charge("scoring", time.perf_counter() - t0)
             self.mark_done(f"stage{stage}/score/{name}", **dataclasses.asdict(stats))
         return paths
@@ -297,16 +286,13 @@ class StageController:
         prompts = behaviour.online_pool_subset(self.prompts.pool, curriculum.online_pool_fraction, seed=cfg.run.seed,
                                                m=stage)
         t0 = time.perf_counter()
-        summary = behaviour.behaviour_rollouts(
-            f"stage{stage}-pool", prompts, path,
-            sampling=behaviour.online_sampling(runtime.sampling, curriculum.online_samples, stage), engine=runtime.engine, reward_fn=runtime.reward_fn, tokenizer=self.tokenizer, groups=self.groups,
-            batch_prompts=cfg.rollout.batch_prompts, engine_kind=cfg.rollout.engine, progress=cfg.rollout.progress,
+        summary = behaviour.online_pool_rollouts(
+            stage, prompts, path, samples=curriculum.online_samples, base=runtime.sampling, rollout=cfg.rollout,
+            engine=runtime.engine, reward_fn=runtime.reward_fn, tokenizer=self.tokenizer, groups=self.groups,
             policy=f"{self.policy_identity()}+grpo-step{runtime.trainer.step_count}")
         seconds = time.perf_counter() - t0
         self.charge("selection", seconds)
-        self.log(f"[online] stage {stage}: {len(prompts)} pool prompts × {curriculum.online_samples} at θ_{stage} "
-                 f"({summary.prompts_rolled_out} rolled out now), pass rate {summary.pass_rate:.3f}, "
-                 f"{summary.zero_variance_groups} zero-variance groups, {seconds:.1f} s")
+        self.log(behaviour.online_line(stage, prompts, curriculum.online_samples, summary, seconds))
         fault_point("online_rollouts")
         # pass rate and zero-variance count of the prompts rolled out by this call (a resumed store's
         # earlier prompts are not counted); the selection summary has the whole store's
@@ -327,8 +313,7 @@ class StageController:
                                        seed=self.cfg.run.seed, features=features, pool_rollouts=pool_rollouts)
         self.charge("selection", time.perf_counter() - t0)
         fault_point("select")
-        self.log(f"[select] stage {stage}: {len(selection.prompt_ids)} prompts by {selection.policy}; mix "
-                 f"{dict(list(selection.summary['source_mix'].items())[:6])}")
+        self.log(steps.select_line(stage, selection))
         self.mark_done(step, seconds=selection.summary["seconds"])
         return selection
 

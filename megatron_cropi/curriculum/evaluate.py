@@ -20,8 +20,11 @@ from megatron_cropi.parallel import ParallelGroups
 from megatron_cropi.records import PromptRecord, SamplingParams
 from megatron_cropi.utils.atomic import atomic_write_text
 
-__all__ = ["evenly_spaced", "eval_logprob_mode", "evaluate_accuracy", "evaluate_policy", "evaluate_runtime",
-           "eval_line", "EvalLog"]
+__all__ = ["EVAL_SEED_OFFSET", "evenly_spaced", "eval_logprob_mode", "evaluate_accuracy", "evaluate_policy",
+           "evaluate_runtime", "eval_line", "EvalLog"]
+
+EVAL_SEED_OFFSET = 104729
+"""Added to ``run.seed`` for the run's evaluations: they never share a sampling stream with training."""
 
 
 def evenly_spaced(items: Sequence, count: int) -> list:

@@ -1,5 +1,5 @@
-"""The bodies of the controller's scoring and selection steps (behaviour rollouts: :mod:`.behaviour`).
-Each gets its inputs as values and returns its outputs.
+"""The bodies of the controller's scoring and selection steps (behaviour rollouts: :mod:`.behaviour`),
+and their log lines. Each gets its inputs as values and returns its outputs.
 
 Files they read and write are named by the run's :class:`~megatron_cropi.layout.RunLayout`; the
 controller decides which steps still have to run (``state.json``), charges their time to the run
@@ -17,9 +17,9 @@ import numpy as np
 import torch.distributed as dist
 
 from megatron_cropi.influence.feature_store import DONE, FeatureStore
-from megatron_cropi.influence.scale_out import pool_cosines
+from megatron_cropi.influence.scale_out import pool_cosines, score_store_sharded
 from megatron_cropi.influence.sharded_store import is_sharded_store
-from megatron_cropi.influence.stores import read_complete_store
+from megatron_cropi.influence.stores import read_complete_store, score_store
 from megatron_cropi.layout import RunLayout
 from megatron_cropi.rollout.store import TrajectoryStore
 from megatron_cropi.records import PromptRecord
@@ -36,7 +36,7 @@ from megatron_cropi.utils.atomic import atomic_write_json
 from megatron_cropi.utils.rank_zero import on_rank0, share_from_rank0
 
 __all__ = ["feature_set_names", "read_selection", "read_ranking", "selected_prompts", "previous_selections",
-           "selection_inputs", "select_stage", "pool_shortlist"]
+           "selection_inputs", "select_stage", "pool_shortlist", "score_set", "score_line", "select_line"]
 
 
 def feature_set_names(target_families: Sequence[str], *, guard: bool = False) -> list[str]:
@@ -142,6 +142,30 @@ def pool_shortlist(cfg: ShortlistConfig, m: int, carried: dict[str, float] | Non
         return shortlist_mask(cfg, m, [g.prompt_id for g in groups_list], live, carried, min_rows=budget, seed=seed)
 
     return choose
+
+
+def score_set(store: Path, out: Path, scorer, *, sharded: bool, shortlist=None, on_unit=None):
+    """Projected POPI gradients of the trajectory store ``store`` into the feature store ``out``: sharded
+    over the replicas with a shared queue (``sharded``: ``scoring.scale_out`` on the pool;
+    :func:`~megatron_cropi.influence.scale_out.score_store_sharded`), else whole, scoring the rows
+    ``shortlist`` (:func:`pool_shortlist`) keeps (:func:`~megatron_cropi.influence.stores.score_store`).
+    ``on_unit()`` after each unit or chunk. Returns the :class:`~megatron_cropi.influence.scorer.ScoreStats`."""
+    if sharded:
+        return score_store_sharded(store, out, scorer, on_unit=on_unit)
+    return score_store(store, out, scorer, on_chunk=on_unit, shortlist=shortlist)
+
+
+def score_line(m: int, name: str, stats) -> str:
+    """The log line of set ``name`` scored at stage ``m`` (``stats``: :func:`score_set`'s)."""
+    return (f"[score] stage {m} {name}: {stats.scored} scored, {stats.excluded} zero-variance excluded, "
+            + (f"{stats.shortlisted_out} left out by the shortlist, " if stats.shortlisted_out else "")
+            + f"{stats.flagged} flagged, {stats.seconds:.1f} s ({1e3 * stats.seconds_per_prompt:.1f} ms/prompt)")
+
+
+def select_line(m: int, selection: Selection) -> str:
+    """The log line of stage ``m``'s selection: its size, policy and first six sources of its mix."""
+    return (f"[select] stage {m}: {len(selection.prompt_ids)} prompts by {selection.policy}; mix "
+            f"{dict(list(selection.summary['source_mix'].items())[:6])}")
 
 
 def scale_out_cosines(cfg: SelectionConfig, features: dict[str, Path], *, seed: int) -> tuple | None:
