@@ -91,3 +91,24 @@ def test_when_no_warmup_reaches_the_threshold_the_best_one_is_used(tmp_path, mon
     beta, warmups = bench.behaviour_policy(cfg0, tmp_path, 3)
     assert beta == tmp_path / "warmup" / "warmup" / "hf"
     assert [w["chosen"] for w in warmups] == [True, False, False]
+
+
+def test_every_method_starts_from_the_papers_setting_and_the_cpu_default_is_one_of_them():
+    """The benchmark's base pins β's rollouts for every stage, 10% and plain GRPO, whatever the CPU default
+    sets, so ``full`` stays plain full-data GRPO; the CPU default's selection is the method
+    ``cropi_refresh1_r30_dynamic``."""
+    import argparse
+
+    import yaml
+
+    args = argparse.Namespace(target="add3c", stages=6, steps_per_stage=50, eval_every=10, eval_max_prompts=0)
+    base = bench.base_config(args)
+    assert base["selection"]["ratio"] == 0.1 and base["curriculum"]["refresh_behaviour_every"] == 0
+    assert base["grpo"]["dynamic_sampling"] == {"enabled": False}
+    default = yaml.safe_load((ROOT / "examples/configs/tiny_cpu.yaml").read_text())
+    method = json.loads(json.dumps(base))
+    for key, value in bench.METHODS["cropi_refresh1_r30_dynamic"].items():
+        bench.set_key(method, key, value)
+    for section, key in (("selection", "policy"), ("selection", "ratio"), ("curriculum", "refresh_behaviour_every"),
+                         ("grpo", "dynamic_sampling")):
+        assert method[section][key] == default[section][key], (section, key)
