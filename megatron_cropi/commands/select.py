@@ -43,8 +43,6 @@ from megatron_cropi.curriculum import steps
 from megatron_cropi.curriculum.exports import export_selection
 from megatron_cropi.curriculum.faults import fault_point
 from megatron_cropi.curriculum.report import write_stage_report
-from megatron_cropi.influence.scale_out import score_store_sharded
-from megatron_cropi.influence.stores import score_store
 from megatron_cropi.layout import RunLayout
 from megatron_cropi.utils.atomic import atomic_write_json
 from megatron_cropi.utils.rank_zero import on_rank0
@@ -116,10 +114,9 @@ def score_at_checkpoint(cfg, checkpoint, *, groups, tokenizer, stores: dict[str,
     features, info = {}, {}
     for name, store in stores.items():
         features[name] = out.features(stage, name)
-        if name == "pool" and cfg.scoring.scale_out:  # shards per replica; select_stage meets on cosines
-            stats = score_store_sharded(store, features[name], scorer, on_unit=fault)
-        else:
-            stats = score_store(store, features[name], scorer, on_chunk=fault)
+        # the pool under scoring.scale_out: shards per replica, select_stage meets on cosines
+        stats = steps.score_set(store, features[name], scorer, sharded=name == "pool" and cfg.scoring.scale_out,
+                                on_unit=fault)
         info[f"stage{stage}/score/{name}"] = dataclasses.asdict(stats)
     return features, info
 
