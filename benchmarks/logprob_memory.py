@@ -13,7 +13,7 @@ kernel's peak-RSS mark (``/proc/self/clear_refs`` = 5), reads ``VmRSS`` as the b
 + backward, and reports ``VmHWM − baseline``: the peak of what the log-prob work adds on top of the
 logits, the logits' gradient included (torch's CPU tensors bypass Python's allocator, so
 ``tracemalloc`` would not see them). Where ``clear_refs`` cannot be written a 1 ms ``VmRSS`` sampler
-takes the peak instead (``mem_method`` says which). ``estimate_mib`` is ``memory.logits_bytes`` for
+takes the peak instead (``mem_method`` says which). ``estimate_mib`` is ``memory_activations.logits_bytes`` for
 the same shape minus the logits, the part the measurement covers.
 
     OMP_NUM_THREADS=1 python benchmarks/logprob_memory.py          # ~1 minute on the 2-core CPU box
@@ -129,7 +129,7 @@ def main():
         child(args.rows, args.seq, args.vocab, args.chunk, args.entropy)
         return
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from megatron_cropi.memory import logits_bytes
+    from megatron_cropi.memory_activations import logits_bytes
 
     logits_mib = args.rows * args.seq * args.vocab * 2 / MIB
     result = {"what": "peak RSS added by one micro-batch's log-prob forward+backward on top of its bf16 logits "

@@ -8,15 +8,19 @@ trajectory store with the same tiny model and then meet for selection:
   rollouts; each chunk's k-vectors are gathered to global rank 0, which writes the store), then the
   selection inputs rank 0 reads (the ``[N, k]`` matrix).
 * ``scale_out``: :func:`~megatron_cropi.influence.scale_out.score_store_sharded` (per-row scalars, the
-  rollouts of the units a replica takes, its own shard) and
-  :func:`~megatron_cropi.influence.scale_out.pool_cosines` (per-row cosines to rank 0).
+  rollouts of the units a replica takes, its own shard), then the cropi selection of 10% where the
+  cosines are (:func:`~megatron_cropi.curriculum.scaled_selection.select_where_scored`: a distributed
+  top-m, counts meet, the picked rows reach rank 0), as ``cropi run`` and ``cropi select`` select.
+* ``scale_out_met``: the same scoring, then every scored row's cosine met on rank 0
+  (:func:`~megatron_cropi.influence.scale_out.pool_cosines`), as the other policies select.
 
 Measured per rank: ``rss_mib``, the rise of peak resident memory over the process's memory before
 scoring (``VmHWM`` after resetting it through ``/proc/self/clear_refs``; glibc told to return freed
 blocks); ``bytes_to_rank0``, counted at the collective calls while the path runs (the pickled payload
 of every ``gather_object``/``all_gather_object`` that rank 0 receives from another rank, and the bytes of
-every tensor ``all_reduce``/``broadcast`` it takes part in as a receiver). Every other rank's figures
-are reported too (``max_other_rank``).
+every tensor ``all_reduce``/``broadcast`` it takes part in as a receiver), over the whole path and over
+its selection step alone (``select_bytes_to_rank0``). Every other rank's figures are reported too
+(``max_other_rank``).
 
     OMP_NUM_THREADS=1 python benchmarks/scale_out.py --quick   # N in {512, 2048}, ~5 minutes on 2 cores
     OMP_NUM_THREADS=1 python benchmarks/scale_out.py           # N in {512, 2048, 8192}
@@ -42,7 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 RESULTS = Path(__file__).resolve().parent / "results"
 K, VOCAB_LEN, RESPONSE = 8, 6, 24
+RATIO = 0.1  # the share of the pool selected
 MIB = 1024 ** 2
+PATHS = ("rank0", "scale_out", "scale_out_met")
 
 
 def _status_mib(key: str) -> float:
@@ -127,11 +133,14 @@ class _Meter:
 def _worker(pool: str, out_dir: str, path: str):
     import torch.distributed as dist
 
+    from megatron_cropi.curriculum.scaled_selection import TargetPlan, select_where_scored
     from megatron_cropi.curriculum.steps import _usable
     from megatron_cropi.influence.feature_store import FeatureStore
     from megatron_cropi.influence.scale_out import pool_cosines, score_store_sharded
     from megatron_cropi.influence.scorer import ScoringConfig
+    from megatron_cropi.influence.sharded_store import ShardedFeatureStore
     from megatron_cropi.influence.stores import PolicyScorer, score_store
+    from megatron_cropi.selection.policies import SelectionConfig
     from megatron_cropi.parallel import build_parallel_groups, destroy_parallel_groups, init_distributed
     from megatron_cropi.projection.config import build_projector
     from megatron_cropi.testing.tiny import build_tiny_model, tiny_model_config
@@ -157,15 +166,25 @@ def _worker(pool: str, out_dir: str, path: str):
     with _Meter(dist) as meter:
         if path == "rank0":
             score_store(Path(pool), Path(out_dir), scorer)
-            if dist.get_rank() == 0:  # what selection reads on rank 0
-                _usable(FeatureStore.load(out_dir))
         else:
             score_store_sharded(Path(pool), Path(out_dir), scorer)
-            pool_cosines(Path(out_dir), {"target:t": direction})
+        with _Meter(dist) as select_meter:
+            if path == "rank0":
+                if dist.get_rank() == 0:  # what selection reads on rank 0
+                    _usable(FeatureStore.load(out_dir))
+            elif path == "scale_out_met":
+                pool_cosines(Path(out_dir), {"target:t": direction})
+            else:
+                n = ShardedFeatureStore.load(Path(out_dir)).header.num_rows
+                plan = TargetPlan(directions={"target:t": direction}, targets={}, skipped={})
+                done, _ = select_where_scored(SelectionConfig(policy="cropi", ratio=RATIO), plan, Path(out_dir),
+                                              num_prompts=n, budget=int(RATIO * n))
+                assert done
     seconds = time.perf_counter() - t0
     rss = _status_mib("VmHWM") - base
     destroy_parallel_groups()
-    return {"rss_mib": rss, "bytes_received": meter.received, "seconds": seconds}
+    return {"rss_mib": rss, "bytes_received": meter.received + select_meter.received,
+            "select_bytes_received": select_meter.received, "seconds": seconds}
 
 
 def main() -> None:
@@ -184,11 +203,12 @@ def main() -> None:
         for n in sizes:
             _write_pool(tmp / f"pool{n}", n, tiny_model_config().vocab_size)
             for dp in dps:
-                for path in ("rank0", "scale_out"):  # interleaved: load affects both alike
+                for path in PATHS:  # interleaved: load affects all alike
                     out = tmp / f"f_{n}_{dp}_{path}"
                     res = run_ranks(_worker, dp, args=(str(tmp / f"pool{n}"), str(out), path), timeout_s=1800)
                     row = {"pool": n, "dp": dp, "path": path, "rank0_rss_mib": round(res[0]["rss_mib"], 1),
                            "bytes_to_rank0": int(res[0]["bytes_received"]),
+                           "select_bytes_to_rank0": int(res[0]["select_bytes_received"]),
                            "max_other_rank_rss_mib": round(max([r["rss_mib"] for r in res[1:]], default=0.0), 1),
                            "max_other_rank_bytes": int(max([r["bytes_received"] for r in res[1:]], default=0)),
                            "seconds": round(max(r["seconds"] for r in res), 1)}
@@ -204,18 +224,22 @@ def main() -> None:
     lo, hi, top = sizes[0], sizes[-1], max(dps)
     multi = min((d for d in dps if d > 1), default=top)
     summary = {
-        "benchmark": "scale_out", "k": 1024, "responses_per_prompt": K, "live_fraction": 0.25, "pools": list(sizes),
+        "benchmark": "scale_out", "k": 1024, "responses_per_prompt": K, "live_fraction": 0.25, "ratio": RATIO,
+        "pools": list(sizes),
         "dp": dps, "rows": rows,
         "rank0_bytes_growth_with_pool": {p: pick(p, "bytes_to_rank0", hi, top) / max(pick(p, "bytes_to_rank0", lo, top), 1)
-                                         for p in ("rank0", "scale_out")},
+                                         for p in PATHS},
         # from the smallest DP > 1 (at DP = 1 nothing crosses ranks) to the largest
         "rank0_bytes_growth_with_dp": {p: pick(p, "bytes_to_rank0", hi, top) / max(pick(p, "bytes_to_rank0", hi, multi), 1)
-                                       for p in ("rank0", "scale_out")},
+                                       for p in PATHS},
         "rank0_bytes_per_live_row_at_largest": {p: pick(p, "bytes_to_rank0", hi, top) / (0.25 * hi * (top - 1) / top)
-                                                for p in ("rank0", "scale_out")},
+                                                for p in PATHS},
         "rank_rss_growth_mib_with_pool": {p: pick(p, "max_other_rank_rss_mib", hi, top) - pick(p, "max_other_rank_rss_mib", lo, top)
-                                          for p in ("rank0", "scale_out")},
-        "rank0_bytes_at_largest": {p: pick(p, "bytes_to_rank0", hi, top) for p in ("rank0", "scale_out")},
+                                          for p in PATHS},
+        "rank0_select_bytes_at_largest": {p: pick(p, "select_bytes_to_rank0", hi, top) for p in PATHS},
+        "rank0_select_bytes_growth_with_pool": {p: pick(p, "select_bytes_to_rank0", hi, top)
+                                                / max(pick(p, "select_bytes_to_rank0", lo, top), 1) for p in PATHS},
+        "rank0_bytes_at_largest": {p: pick(p, "bytes_to_rank0", hi, top) for p in PATHS},
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"scale_out{'_quick' if args.quick else ''}.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from megatron_cropi.selection.policies import uses_behaviour_rollouts
+
 __all__ = ["StageShape", "ScoringOptions", "shape_from_config", "estimate_run_time", "stage_row", "scoring_seconds",
            "behaviour_seconds", "grpo_step_seconds", "grpo_row_lengths", "padding_profile", "estimate_run_disk", "ASSUMPTIONS",
            "DISK_ASSUMPTIONS"]
@@ -304,7 +306,7 @@ def estimate_run_time(cfg, shape: StageShape) -> dict:
     steps = shape.steps_per_stage * (rollout + train)
     policy = cfg.selection.policy
     scoring = scoring_seconds(shape, options_from_config(cfg)) if policy == "cropi" else 0.0
-    rollouts_needed = policy not in ("full", "random", "online_learnability")
+    rollouts_needed = uses_behaviour_rollouts(policy)
     every = cfg.curriculum.refresh_behaviour_every
     refreshes = (shape.stages - 1) // every if every and rollouts_needed else 0
     behaviour = behaviour_seconds(shape) * (1 + refreshes) if rollouts_needed else 0.0
@@ -324,7 +326,7 @@ def estimate_run_disk(cfg, shape: StageShape) -> dict:
     from megatron_cropi.memory import feature_store_bytes
 
     policy = cfg.selection.policy
-    rollouts_needed = policy not in ("full", "random", "online_learnability")
+    rollouts_needed = uses_behaviour_rollouts(policy)
     every = cfg.curriculum.refresh_behaviour_every
     rolled = 1 + ((shape.stages - 1) // every if every else 0)
     prompt_bytes = (shape.pool_prompts + shape.target_prompts) * shape.max_prompt_tokens * STORE_BYTES_PER_PROMPT_TOKEN
@@ -350,11 +352,14 @@ def estimate_run_disk(cfg, shape: StageShape) -> dict:
 INDEX_BYTES_PER_ROW = 200   # a trajectory store's prompt-id → (part, row) index entry, a Python dict (assumed)
 SUMMARY_BYTES_PER_ROW = 17  # scale-out's per-row scalars: longest, tokens (int64), zero-variance (bool)
 COSINE_BYTES_PER_ROW = 9    # per scored row to rank 0: row id (int64) + usable (bool); + 8 per direction (float64)
+PICKED_BYTES_PER_ROW = 17   # per selected row to rank 0 (cropi under scale-out): row id, score (float64), demoted flag
+TOP_M_COUNT_BYTES = 8192    # the distributed top-m's and quantiles' all-reduced counts (~600 int64), a bound
 
 
 def scale_out_footprint(*, pool_prompts: int, nodes: int, tp: int, pp: int, k: int, feature_bytes: int,
                         responses: int, mean_response_tokens: float, prompt_tokens: float, live_fraction: float,
-                        prompts_per_unit: int, directions: int = 1, gpus_per_node: int = GPUS_PER_NODE) -> dict:
+                        prompts_per_unit: int, directions: int = 1, ratio: float = 0.1,
+                        gpus_per_node: int = GPUS_PER_NODE) -> dict:
     """Per-rank memory and the bytes global rank 0 receives when scoring a pool and meeting for selection:
     rank-0 scoring (every rank holds the pool's rollouts; rank 0 gathers every live row's float32
     k-vector and writes the store) against scale-out scoring (:mod:`megatron_cropi.influence.scale_out`).
@@ -362,7 +367,11 @@ def scale_out_footprint(*, pool_prompts: int, nodes: int, tp: int, pp: int, k: i
     Rollouts in memory count their token ids and log-probs only (``STORE_BYTES_PER_*``): the Python
     objects around them add more, so the rank-0 figure is a lower bound. Scale-out's per-rank figure is
     the steady state: opening the store and summarising it hold a second prompt-id index for a moment
-    (about twice the index at peak)."""
+    (about twice the index at peak).
+
+    Under scale-out a cropi selection (``ratio`` of the pool) is made where the cosines are: rank 0
+    receives the picked rows and a bounded number of counts (``rank0_receives_bytes``); the policies
+    that read every row's score meet the scored rows' cosines there (``rank0_receives_bytes_cosines_met``)."""
     dp = nodes * gpus_per_node // (tp * pp)
     per_prompt = responses * mean_response_tokens * STORE_BYTES_PER_RESPONSE_TOKEN + prompt_tokens * STORE_BYTES_PER_PROMPT_TOKEN
     live = live_fraction * pool_prompts
@@ -373,6 +382,8 @@ def scale_out_footprint(*, pool_prompts: int, nodes: int, tp: int, pp: int, k: i
                        "rank0_writes_bytes": int(pool_prompts * k * feature_bytes)},
         "scale_out": {"per_rank_bytes": int(pool_prompts * (SUMMARY_BYTES_PER_ROW + INDEX_BYTES_PER_ROW)
                                             + prompts_per_unit * per_prompt),
-                      "rank0_receives_bytes": int(live * (COSINE_BYTES_PER_ROW + 8 * directions)),
+                      "rank0_receives_bytes": int(min(ratio * pool_prompts, live) * PICKED_BYTES_PER_ROW
+                                                  + TOP_M_COUNT_BYTES),
+                      "rank0_receives_bytes_cosines_met": int(live * (COSINE_BYTES_PER_ROW + 8 * directions)),
                       "shard_bytes_per_replica": int(live * k * feature_bytes / dp)},
     }

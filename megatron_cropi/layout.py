@@ -9,7 +9,7 @@
     rollouts/stage{m}/pool/                  the pool rolled out at θ_m (online_learnability)
     features/stage{m}/{pool,target-<name>}/  feature stores at θ_m (``features/<tag>/`` for ``cropi score``)
     selections/stage{m}.json                 each stage's chosen prompts
-    rankings/stage{m}.json                   the carried influence score of every pool prompt (shortlist)
+    rankings/stage{m}.json                   every pool prompt's carried influence score (shortlist; not scale-out)
     checkpoints/step_N/                      GRPO checkpoints (model, optimizer, RNG, data position)
     metrics/eval.jsonl                       evaluations against GRPO step
     tensorboard/                             TensorBoard event files

@@ -21,7 +21,7 @@ selects the stage's prompts with the run's ``selection`` config. Everything goes
     selections/stage{M}.json        the selection: prompt ids, store rows, scores, summary
     selections/stage{M}.parquet     verl's RL dataset format (data/exports.py), best first
     selections/stage{M}.jsonl       slime's (``prompt``/``label``), best first
-    rankings/stage{M}.json          every pool prompt's influence score
+    rankings/stage{M}.json          every pool prompt's influence score (not with scoring.scale_out)
     reports/stage{M}.{json,md}      the stage report
 
 Every file is written atomically by global rank 0; a rerun recomputes only missing feature rows and

@@ -1,6 +1,7 @@
 """Behaviour rollouts: the sets rolled out by β once (and again at θ_m by a refresh), and the online
 pool rollouts of ``online_learnability``, with their log lines. Functions of values; the controller
-decides when they run (by :func:`needs_behaviour_rollouts`, :func:`is_refresh_stage`).
+decides when they run (by
+:func:`~megatron_cropi.selection.policies.uses_behaviour_rollouts` and :func:`is_refresh_stage`).
 β's stores may instead come from another run whose stores match (:mod:`.reuse`).
 """
 
@@ -20,7 +21,7 @@ from megatron_cropi.utils.rank_zero import on_rank0
 
 __all__ = ["behaviour_sets", "roll_out_sets", "behaviour_sampling", "behaviour_header", "behaviour_rollouts",
            "online_sampling", "online_pool_subset", "online_pool_rollouts", "refresh_stage_of", "is_refresh_stage",
-           "needs_behaviour_rollouts", "rollouts_line", "online_line"]
+           "rollouts_line", "online_line"]
 
 
 def behaviour_sets(pool: Sequence[PromptRecord], targets: dict[str, list[PromptRecord]], check: Sequence[PromptRecord],
@@ -57,12 +58,6 @@ def is_refresh_stage(m: int, every: int) -> bool:
     """Whether stage ``m`` rolls the behaviour sets out again (``curriculum.refresh_behaviour_every``): a
     stage ``m > 0`` that is its own :func:`refresh_stage_of`."""
     return m != 0 and refresh_stage_of(m, every) == m
-
-
-def needs_behaviour_rollouts(policy: str) -> bool:
-    """Whether ``selection.policy`` works from behaviour rollouts (β's, or a refresh's): every policy but
-    ``full``, ``random`` and ``online_learnability`` (which rolls the pool out at θ_m itself)."""
-    return policy not in ("full", "random", "online_learnability")
 
 
 def behaviour_header(path: Path, prompts: Sequence[PromptRecord], *, sampling: SamplingParams, tokenizer,

@@ -32,7 +32,7 @@ from megatron_cropi.influence.feature_store import prune_feature_stores
 from megatron_cropi.influence.stores import PolicyScorer
 from megatron_cropi.layout import RunLayout
 from megatron_cropi.metrics import MetricsLogger
-from megatron_cropi.selection.policies import Selection
+from megatron_cropi.selection.policies import Selection, uses_behaviour_rollouts
 from megatron_cropi.utils.rank_zero import on_rank0, share_from_rank0
 from megatron_cropi.wiring import PolicyRuntime, policy_identity, setup_run
 
@@ -167,7 +167,7 @@ class StageController:
         if self.is_done("rollouts"):
             return
         cfg, runtime = self.cfg, self.runtime
-        if not behaviour.needs_behaviour_rollouts(cfg.selection.policy):
+        if not uses_behaviour_rollouts(cfg.selection.policy):
             self.mark_done("rollouts", skipped=f"policy {cfg.selection.policy} needs no behaviour rollouts")
             return
         if runtime.trainer.step_count:
@@ -180,7 +180,7 @@ class StageController:
         by θ_m (into ``rollouts/stage{m}/``), so that stage's POPI is on-policy."""
         step = f"stage{stage}/refresh"
         if not behaviour.is_refresh_stage(stage, self.cfg.curriculum.refresh_behaviour_every) or self.is_done(step) \
-                or not behaviour.needs_behaviour_rollouts(self.cfg.selection.policy):
+                or not uses_behaviour_rollouts(self.cfg.selection.policy):
             return
         self.require_stage_start(stage, "behaviour refresh")
         t0, trainer_step = time.perf_counter(), self.runtime.trainer.step_count

@@ -24,19 +24,23 @@ from megatron_cropi.layout import RunLayout
 from megatron_cropi.rollout.store import TrajectoryStore
 from megatron_cropi.records import PromptRecord
 from megatron_cropi.influence.shortlist import ShortlistConfig, carry_ranking, shortlist_mask
+from megatron_cropi.curriculum.scaled_selection import select_where_scored, selects_where_scored, target_plan
 from megatron_cropi.selection.policies import (
     Selection,
     SelectionConfig,
     SelectionInputs,
+    finish_selection,
     pool_directions,
     ranking_scores,
     select,
+    selection_budget,
 )
 from megatron_cropi.utils.atomic import atomic_write_json
 from megatron_cropi.utils.rank_zero import on_rank0, share_from_rank0
 
 __all__ = ["feature_set_names", "read_selection", "read_ranking", "selected_prompts", "previous_selections",
-           "selection_inputs", "select_stage", "pool_shortlist", "score_set", "score_line", "select_line"]
+           "selection_inputs", "pool_columns", "pool_is_sharded", "select_stage", "pool_shortlist", "score_set",
+           "score_line", "select_line"]
 
 
 def feature_set_names(target_families: Sequence[str], *, guard: bool = False) -> list[str]:
@@ -97,15 +101,7 @@ def selection_inputs(pool: Sequence[PromptRecord], *, pool_rollouts: Path | None
     ``pool_cosines``: ``(usable [N], {direction: cosines [N]})`` of a sharded pool store
     (:func:`scale_out_cosines`); its features are then not read."""
     if pool_rollouts is not None and pool_rollouts.exists() and pool_cosines is not None:
-        # scale-out: the pool's per-row scalars column-wise; its rollouts are never loaded on one rank
-        store = TrajectoryStore.open(pool_rollouts, verify=False)
-        ids = store.prompt_ids()
-        rates, sources = store.pass_rates_and_sources()
-        held = set(ids)
-        rest = sorted((p for p in pool if p.prompt_id not in held), key=lambda p: p.prompt_id)
-        inputs = SelectionInputs(prompt_ids=ids + [p.prompt_id for p in rest],
-                                 pass_rates=np.concatenate([rates, np.full(len(rest), np.nan)]),
-                                 sources=sources + [p.source for p in rest], previous=previous)
+        inputs = pool_columns(pool, pool_rollouts, previous)
     elif pool_rollouts is not None and pool_rollouts.exists():
         pool_groups, _ = read_complete_store(pool_rollouts)
         held = {g.prompt_id for g in pool_groups}
@@ -129,6 +125,20 @@ def selection_inputs(pool: Sequence[PromptRecord], *, pool_rollouts: Path | None
             elif name == "guard":
                 inputs.guard = _usable(FeatureStore.load(path))
     return inputs
+
+
+def pool_columns(pool: Sequence[PromptRecord], pool_rollouts: Path, previous: set[str]) -> SelectionInputs:
+    """The pool's ids, pass rates and sources read column-wise from the trajectory store ``pool_rollouts``
+    (its rollouts are never loaded), then the pool prompts it does not hold (pass rate NaN): the
+    selection inputs of a sharded pool store, whose cosines come from where its features are."""
+    store = TrajectoryStore.open(pool_rollouts, verify=False)
+    ids = store.prompt_ids()
+    rates, sources = store.pass_rates_and_sources()
+    held = set(ids)
+    rest = sorted((p for p in pool if p.prompt_id not in held), key=lambda p: p.prompt_id)
+    return SelectionInputs(prompt_ids=ids + [p.prompt_id for p in rest],
+                           pass_rates=np.concatenate([rates, np.full(len(rest), np.nan)]),
+                           sources=sources + [p.source for p in rest], previous=previous)
 
 
 def pool_shortlist(cfg: ShortlistConfig, m: int, carried: dict[str, float] | None, *, budget: int, seed: int):
@@ -168,35 +178,80 @@ def select_line(m: int, selection: Selection) -> str:
             f"{dict(list(selection.summary['source_mix'].items())[:6])}")
 
 
+def _target_sets(features: dict[str, Path]):
+    """Rank 0: ``({name: (features, usable)}, guard (features, usable) or None)`` of the small target and
+    check-guard stores."""
+    targets = {name[len("target-"):]: _usable(FeatureStore.load(path)) for name, path in features.items()
+               if name.startswith("target-")}
+    return targets, (_usable(FeatureStore.load(features["guard"])) if "guard" in features else None)
+
+
+def pool_is_sharded(features: dict[str, Path]) -> bool:
+    """Whether the pool's feature store is sharded (``scoring.scale_out``), as rank 0 finds it, on every
+    rank. A collective."""
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    return bool(features) and bool(share_from_rank0(is_sharded_store(features["pool"]) if rank0 else None))
+
+
 def scale_out_cosines(cfg: SelectionConfig, features: dict[str, Path], *, seed: int) -> tuple | None:
     """For a sharded pool store (``scoring.scale_out``), every rank's share of the pool's cosines with the
     target (and check-guard) directions, met on rank 0 (:func:`~megatron_cropi.influence.scale_out.pool_cosines`);
     None for an ordinary store. A collective when the store is sharded."""
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    if not features or not share_from_rank0(is_sharded_store(features["pool"]) if rank0 else None):
+    if not pool_is_sharded(features):
         return None
-
-    def directions() -> dict[str, np.ndarray]:  # rank 0 reads the small target and guard stores
-        targets = {name[len("target-"):]: _usable(FeatureStore.load(path)) for name, path in features.items()
-                   if name.startswith("target-")}
-        guard = _usable(FeatureStore.load(features["guard"])) if "guard" in features else None
-        return pool_directions(cfg, targets, guard, seed=seed)
-
-    found = on_rank0(directions)
+    found = on_rank0(lambda: pool_directions(cfg, *_target_sets(features), seed=seed))
     # the guard's cosine is plain (guard.py), the targets' follow selection.use_sign
     return pool_cosines(features["pool"], found, use_sign={name: cfg.use_sign and name != "guard" for name in found})
 
 
+def _select_where_scored(m: int, *, layout: RunLayout, pool: Sequence[PromptRecord], cfg: SelectionConfig,
+                         seed: int, features: dict[str, Path], pool_rollouts: Path, t0: float) -> Selection | None:
+    """Stage ``m``'s cropi selection of a sharded pool store made where its cosines are
+    (:mod:`.scaled_selection`), written by rank 0; None on every rank when that path declines."""
+    plan = on_rank0(lambda: target_plan(cfg, *_target_sets(features), seed=seed))
+    held = {}
+
+    def sizes() -> tuple[int, int]:  # rank 0 keeps the columns; the others learn N and m
+        held["inputs"] = pool_columns(pool, pool_rollouts, previous_selections(layout, m))
+        n = len(held["inputs"].prompt_ids)
+        return n, selection_budget(cfg, n)
+
+    n, budget = on_rank0(sizes)
+    done, picked = select_where_scored(cfg, plan, features["pool"], num_prompts=n, budget=budget)
+    if not done:
+        return None
+
+    def write() -> Selection:
+        result = finish_selection(m, "cropi", picked.rows, picked.scores, held["inputs"], picked.summary)
+        result.summary["seconds"] = time.perf_counter() - t0
+        atomic_write_json(layout.selection(m), result.to_dict())
+        return result
+
+    return on_rank0(write)
+
+
 def select_stage(m: int, *, layout: RunLayout, pool: Sequence[PromptRecord], cfg: SelectionConfig, seed: int,
                  features: dict[str, Path], pool_rollouts: Path | None) -> Selection:
-    """Choose stage ``m``'s prompts on global rank 0, write ``selections/stage{m}.json``, and return the
-    selection on every rank (rank 0's error, if any, is raised on every rank).
+    """Choose stage ``m``'s prompts, write ``selections/stage{m}.json`` (and, for cropi on an ordinary
+    store, ``rankings/stage{m}.json``) on global rank 0, and return the selection on every rank (an
+    error, if any, is raised on every rank).
+
+    A cropi selection of a sharded pool store (``scoring.scale_out``) is made where the cosines are
+    (:mod:`.scaled_selection`) and keeps no ranking (the shortlist, its reader, is refused under
+    scale-out); other policies and the cases that path declines meet the cosines on rank 0.
 
     ``pool_rollouts``: the trajectory store the pass rates come from (β's pool store, the stage's
     θ_m store for ``online_learnability``, or None)."""
 
     t0 = time.perf_counter()
-    cosines = scale_out_cosines(cfg, features, seed=seed)
+    sharded = pool_is_sharded(features)
+    n_targets = sum(name.startswith("target-") for name in features)
+    if sharded and pool_rollouts is not None and selects_where_scored(cfg, n_targets):
+        result = _select_where_scored(m, layout=layout, pool=pool, cfg=cfg, seed=seed, features=features,
+                                      pool_rollouts=pool_rollouts, t0=t0)
+        if result is not None:
+            return result
+    cosines = scale_out_cosines(cfg, features, seed=seed) if sharded else None
 
     def choose() -> Selection:
         inputs = selection_inputs(pool, pool_rollouts=pool_rollouts, features=features,

@@ -16,10 +16,13 @@
   (one atomic file per unit). Units already on disk are not queued again, so a killed run resumes with
   any number of replicas and the same result.
 
-:func:`pool_cosines` is what selection needs from the pool: the cosine of every row with a few
-directions. Each rank reads a share of the unit files and sends only scalars to rank 0: per scored row a
-row id, a usable flag and a float64 cosine per direction (8 + 1 + 8 bytes for one direction, instead of
-the 4k bytes of a float32 k-vector).
+:func:`local_cosines` is what selection needs from the pool: the cosine of every row with a few
+directions, computed where the row's features are (each rank reads a share of the unit files). The
+``cropi`` policy selects from them where they are
+(:mod:`~megatron_cropi.curriculum.scaled_selection`: a distributed top-m, counts meet); the other
+policies meet them on rank 0 (:func:`pool_cosines`: per scored row a row id, a usable flag and a
+float64 cosine per direction, 8 + 1 + 8 bytes for one direction, instead of the 4k bytes of a float32
+k-vector).
 """
 
 from __future__ import annotations
@@ -40,10 +43,11 @@ from megatron_cropi.influence.stores import PolicyScorer
 from megatron_cropi.parallel import broadcast_in_replica, work_counter
 from megatron_cropi.popi.buckets import padded_tokens
 from megatron_cropi.rollout.store import TrajectoryStore
+from megatron_cropi.selection.distributed import global_sum
 from megatron_cropi.selection.scores import cosine_scores
 from megatron_cropi.utils.rank_zero import on_rank0, share_from_rank0
 
-__all__ = ["score_store_sharded", "pool_cosines"]
+__all__ = ["score_store_sharded", "local_cosines", "pool_cosines"]
 
 
 def _open_rollouts(path: Path) -> TrajectoryStore:
@@ -134,72 +138,82 @@ def score_store_sharded(rollouts_dir: Path, out: Path, scorer: PolicyScorer, *, 
                       padded_tokens=padded)
 
 
-def pool_cosines(path: Path, directions: dict[str, np.ndarray], *, use_sign: dict[str, bool] | None = None
-                 ) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
-    """Every row's cosine with each of ``directions`` (``{name: [k]}``, rank 0's), computed where the
-    features are: rank 0 lists the unit files of the sharded store ``path`` and rank ``r`` reads files
-    ``r, r + W, …`` of that list.
+def local_cosines(path: Path, directions: dict[str, np.ndarray], *, use_sign: dict[str, bool] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """This rank's share of the rows of the sharded store ``path`` and their cosines with each of
+    ``directions`` (``{name: [k]}``, rank 0's): rank 0 lists the unit files and rank ``r`` reads files
+    ``r, r + W, …`` of that list. Nothing but the list and the directions crosses ranks.
 
-    A collective. Rank 0 receives ``(rows, usable, cosines)`` scalars only: 8 + 1 + 8 × directions bytes
-    per scored row. An error on any rank (an unreadable unit, a zero direction) is raised on every rank.
+    A collective. An error on any rank (an unreadable unit, a zero direction) is raised on every rank,
+    and so is a store whose scoring did not finish (a row in no unit and not excluded: the rows of all
+    units plus the excluded ones must make up the store).
 
     Args:
         use_sign: per direction, compare signs (``selection.use_sign``); default False for all.
 
     Returns:
-        On global rank 0: ``(usable [N] bool, {name: cosines [N] float64, -inf where not usable})``,
-        as :func:`~megatron_cropi.selection.scores.cosine_scores` gives them; None on the other ranks.
-
-    Raises:
-        RuntimeError: on every rank, when a rank failed or a row is in no unit and not excluded (the
-            store's scoring did not finish).
+        ``(rows [n_r] int64, usable [n_r] bool, {name: cosines [n_r] float64, -inf where not usable})``,
+        as :func:`~megatron_cropi.selection.scores.cosine_scores` gives them.
     """
     store = ShardedFeatureStore.load(path)
     world, rank = dist.get_world_size(), dist.get_rank()
     directions = share_from_rank0(directions if rank == 0 else None)
     files = share_from_rank0([str(f) for f in store.unit_files()] if rank == 0 else None)
     use_sign = use_sign or {}
+    rows, usable, cos, error = [], [], {name: [] for name in directions}, None
     try:
-        rows, usable, cos = [], [], {name: [] for name in directions}
         for unit in store.iter_units([Path(f) for f in files[rank::world]]):
             ok = (unit.status == DONE) & (np.abs(unit.features).sum(1) > 0)
             rows.append(unit.rows)
             usable.append(ok)
             for name, d in directions.items():
                 cos[name].append(cosine_scores(unit.features, ok, d, use_sign=use_sign.get(name, False)))
-        cat = (lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype))
-        payload = (True, (cat(rows, np.int64), cat(usable, bool), {n: cat(v, np.float64) for n, v in cos.items()}))
-    except Exception as err:  # noqa: BLE001 - every rank must learn it, not wait in the gather
-        payload = (False, f"rank {rank}: {type(err).__name__}: {err}")
-    gathered = [None] * world if rank == 0 else None
-    dist.gather_object(payload, gathered, dst=0)
-    result, failures = None, None
-    if rank == 0:
-        failures = [msg for ok, msg in gathered if not ok]
-        if not failures:
-            result = _assemble(store, list(directions), [item for _, item in gathered])
-            if isinstance(result, str):
-                failures, result = [result], None
-    failures = share_from_rank0(failures)
-    if failures:
+    except Exception as err:  # noqa: BLE001 - every rank must learn it, not wait in a collective
+        error = f"rank {rank}: {type(err).__name__}: {err}"
+    cat = (lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype))
+    local = (cat(rows, np.int64), cat(usable, bool), {n: cat(v, np.float64) for n, v in cos.items()})
+    failed, covered = global_sum([error is not None, 0 if error else local[0].size])
+    if failed:
+        messages = [None] * world if rank == 0 else None
+        dist.gather_object(error, messages, dst=0)  # only when something failed
+        failures = share_from_rank0([m for m in messages if m] if rank == 0 else None)
         raise RuntimeError(f"pool cosines of the sharded feature store {path}: " + "; ".join(failures))
-    return result
+    missing = store.header.num_rows - len(store.excluded_rows()) - int(covered)
+    if missing:
+        raise RuntimeError(f"pool cosines of the sharded feature store {path}: {missing} of "
+                           f"{store.header.num_rows} rows are in no unit and not excluded: the store's scoring "
+                           "did not finish (rerun to resume it)")
+    return local
+
+
+def pool_cosines(path: Path, directions: dict[str, np.ndarray], *, use_sign: dict[str, bool] | None = None
+                 ) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
+    """Every row's cosine with each of ``directions``, computed where the features are
+    (:func:`local_cosines`) and met on rank 0: 8 + 1 + 8 × directions bytes per scored row. What the
+    selection policies that need the whole pool's scores on one rank read; ``cropi`` under scale-out
+    selects without it (:mod:`megatron_cropi.curriculum.scaled_selection`).
+
+    A collective; errors as :func:`local_cosines` raises them, on every rank.
+
+    Returns:
+        On global rank 0: ``(usable [N] bool, {name: cosines [N] float64, -inf where not usable})``,
+        as :func:`~megatron_cropi.selection.scores.cosine_scores` gives them; None on the other ranks.
+    """
+    local = local_cosines(path, directions, use_sign=use_sign)
+    rank = dist.get_rank()
+    gathered = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(local, gathered, dst=0)
+    return _assemble(ShardedFeatureStore.load(path), list(local[2]), gathered) if rank == 0 else None
 
 
 def _assemble(store: ShardedFeatureStore, names: list[str], parts: list[tuple]):
-    """Rank 0: the gathered ``(rows, usable, cosines)`` as ``[N]`` arrays, or the error message when a row
-    is in no unit and not excluded."""
+    """Rank 0: the gathered ``(rows, usable, cosines)`` as ``[N]`` arrays (every row is covered:
+    :func:`local_cosines` checked it)."""
     n = store.header.num_rows
     all_usable = np.zeros(n, bool)
     all_cos = {name: np.full(n, -np.inf) for name in names}
-    seen = np.zeros(n, bool)
-    seen[store.excluded_rows()] = True
     for r, u, c in parts:
-        seen[r] = True
         all_usable[r] = u
         for name in names:
             all_cos[name][r] = c[name]
-    if not seen.all():
-        return (f"{int((~seen).sum())} of {n} rows are in no unit and not excluded: the store's scoring did not "
-                "finish (rerun to resume it)")
     return all_usable, all_cos

@@ -26,10 +26,18 @@ from megatron_cropi.config.loader import require
 from megatron_cropi.selection.guard import GuardConfig, guard_candidates, guard_direction
 from megatron_cropi.selection.scores import cosine_scores, fuse_max, fuse_reciprocal_rank, target_direction, top_m
 
-__all__ = ["SelectionConfig", "Selection", "SelectionInputs", "SelectionError", "select", "learnability_top",
-           "ranking_scores", "pool_directions"]
+__all__ = ["SelectionConfig", "Selection", "SelectionInputs", "SelectionError", "select", "selection_budget", "finish_selection",
+           "learnability_top", "ranking_scores", "pool_directions", "uses_behaviour_rollouts", "COSINE_QUANTILES"]
 
+COSINE_QUANTILES = (0.0, 0.5, 0.9, 1.0)
+"""The quantiles of the first target's cosines a cropi selection's summary reports."""
 POLICIES = ("cropi", "full", "random", "learnability", "online_learnability", "pass_rate_band")
+
+
+def uses_behaviour_rollouts(policy: str) -> bool:
+    """Whether ``policy`` works from behaviour rollouts (β's, or a refresh's): every policy but ``full``,
+    ``random`` and ``online_learnability`` (which rolls the pool out at θ_m itself)."""
+    return policy not in ("full", "random", "online_learnability")
 
 
 class SelectionError(ValueError):
@@ -138,7 +146,12 @@ class Selection:
                    scores=list(d["scores"]), summary=dict(d["summary"]))
 
 
-def _budget(cfg: SelectionConfig, n: int) -> int:
+def selection_budget(cfg: SelectionConfig, n: int) -> int:
+    """``m = int(ratio × n)`` prompts for a pool of ``n``.
+
+    Raises:
+        SelectionError: an empty pool, or a ratio that selects nothing.
+    """
     if n == 0:
         raise SelectionError("the pool is empty: nothing to select from (check data.pool and the rollout store)")
     m = int(cfg.ratio * n)
@@ -250,7 +263,7 @@ def select(cfg: SelectionConfig, inp: SelectionInputs, *, stage: int, seed: int)
             usable prompt with ``fallback: error``.
     """
     n = len(inp.prompt_ids)
-    m = _budget(cfg, n)
+    m = selection_budget(cfg, n)
     rng = np.random.default_rng([seed, stage])
     all_rows = np.arange(n)
     if cfg.exclude_previous and inp.previous:
@@ -295,7 +308,7 @@ def select(cfg: SelectionConfig, inp: SelectionInputs, *, stage: int, seed: int)
         fused_all = extra["cosine"][0]
         finite = fused_all[np.isfinite(fused_all)]
         if finite.size:
-            summary["cosine_quantiles"] = {q: float(np.quantile(finite, q)) for q in (0.0, 0.5, 0.9, 1.0)}
+            summary["cosine_quantiles"] = {q: float(np.quantile(finite, q)) for q in COSINE_QUANTILES}
     elif policy == "full":
         picked, scores = cand, np.zeros(cand.size)
     elif policy == "random":
@@ -325,7 +338,15 @@ def select(cfg: SelectionConfig, inp: SelectionInputs, *, stage: int, seed: int)
         scores = p[picked]
     else:  # pragma: no cover - guarded by the config
         raise SelectionError(f"unknown policy {policy!r}")
+    return finish_selection(stage, policy, picked, scores, inp, summary)
+
+
+def finish_selection(stage: int, policy: str, picked: np.ndarray, scores: np.ndarray, inp: SelectionInputs,
+                     summary: dict) -> Selection:
+    """The :class:`Selection` of ``picked`` (rows of ``inp``, best first) with ``scores``; ``summary``
+    gains the selected count, the overlap with earlier stages, the mean pass rate and the source mix."""
     picked = np.asarray(picked, dtype=np.int64)
+    p = np.asarray(inp.pass_rates, dtype=np.float64)
     summary["selected"] = int(picked.size)
     summary["previous_overlap"] = int(sum(inp.prompt_ids[i] in inp.previous for i in picked))
     summary["mean_pass_rate"] = float(p[picked].mean()) if picked.size else 0.0

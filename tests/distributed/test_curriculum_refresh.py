@@ -1,4 +1,5 @@
-"""``curriculum.refresh_behaviour_every``, ``selection.guard`` and ``scoring.shortlist`` in a whole ``cropi run``.
+"""``curriculum.refresh_behaviour_every``, ``selection.guard`` and ``scoring.shortlist`` in a whole ``cropi run``,
+with GRPO's dynamic sampling on (the CPU default's combination: a refresh per stage and dynamic sampling).
 
 With ``refresh_behaviour_every: 1`` stage 1 rolls the pool, the target set and the guard set out again
 at θ_1 (GRPO step 3) into ``rollouts/stage1/`` and scores those; the stores' headers name θ_1 and a
@@ -16,6 +17,7 @@ OVERRIDES = {
     "curriculum.refresh_behaviour_every": 1,
     "selection.guard": {"source": "check", "mode": "demote"},
     "scoring.shortlist": {"fraction": 0.5, "explore": 0.25},
+    "grpo.dynamic_sampling": {"enabled": True},
 }
 
 
@@ -78,6 +80,12 @@ def test_refresh_rolls_out_at_theta_m_scores_it_and_resumes_through_it(tmp_path)
     assert report["behaviour_refresh"]["policy_step"] == 3
     assert "guard (check, demote" in (a / "reports" / "stage1.md").read_text()
     assert state["clock"]["rollouts"] > 0
+    # dynamic sampling ran in every stage's steps: each step logged its kept groups
+    from megatron_cropi.metrics import read_scalars
+
+    kept = read_scalars(a / "tensorboard").get("train/kept_groups", [])
+    curriculum = yaml.safe_load(runs["a"].read_text())["curriculum"]
+    assert len(kept) == curriculum["stages"] * curriculum["steps_per_stage"] and all(v > 0 for _, v in kept)
 
     # killed inside β's rollouts, then inside the refresh, then finished: same outcome
     b = tmp_path / "b"

@@ -1,0 +1,159 @@
+"""The ``cropi`` selection of a sharded pool store (``scoring.scale_out``) made where the scores are.
+
+Each rank reads its share of the store's unit files and takes the cosines of its rows with the
+target (and check-guard) directions (:func:`~megatron_cropi.influence.scale_out.local_cosines`); the
+guard, the fusion of several targets by ``max`` and the top ``m`` then run on those local rows
+(:func:`~megatron_cropi.selection.distributed.distributed_top_m`: all-reduced counts). Only the ``m``
+picked rows' ``(row, score, demoted)`` reach global rank 0, which orders them and writes the selection:
+24 bytes per *selected* prompt and a constant number of counts, against 17 bytes per *scored* pool
+prompt when the cosines meet on rank 0 (:func:`~megatron_cropi.influence.scale_out.pool_cosines`).
+
+The result equals :func:`~megatron_cropi.selection.policies.select` on the met cosines, summary
+included. Where the two would differ in kind (reciprocal-rank fusion of several targets, which ranks
+each target's top m; ``exclude_previous``; no prompt or no target with a gradient, where the fallback
+policy or the error of ``select`` applies; a guard that keeps nothing), :func:`select_where_scored`
+declines and the caller meets the cosines on rank 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch.distributed as dist
+
+from megatron_cropi.influence.scale_out import local_cosines
+from megatron_cropi.selection.distributed import distributed_quantiles, distributed_top_m, global_sum
+from megatron_cropi.selection.guard import guard_direction
+from megatron_cropi.selection.policies import COSINE_QUANTILES, SelectionConfig
+from megatron_cropi.selection.scores import target_direction
+
+__all__ = ["TargetPlan", "Picked", "target_plan", "selects_where_scored", "select_where_scored"]
+
+
+@dataclass(frozen=True)
+class TargetPlan:
+    """What the small target and guard stores give selection, read once on rank 0 and shared.
+
+    Attributes:
+        directions: ``{"target:<name>": [k], "guard": [k]}`` (the guard's for ``selection.guard.source:
+            check``), as :func:`~megatron_cropi.selection.policies.pool_directions` chooses them.
+        targets: per target set with a gradient, the summary's ``target_prompts_used``,
+            ``target_prompts`` and ``with_gradient``.
+        skipped: target sets without any gradient, with the reason.
+        guard_prompts_used: guard prompts averaged into the guard direction (None: no guard direction).
+    """
+
+    directions: dict[str, np.ndarray]
+    targets: dict[str, dict]
+    skipped: dict[str, str]
+    guard_prompts_used: int | None = None
+
+
+@dataclass
+class Picked:
+    """Rank 0's share of the result: the selected rows best first, their fused scores, and the summary
+    as :func:`~megatron_cropi.selection.policies.select` writes it up to its cosine quantiles."""
+
+    rows: np.ndarray
+    scores: np.ndarray
+    summary: dict
+
+
+def target_plan(cfg: SelectionConfig, targets: dict[str, tuple[np.ndarray, np.ndarray]],
+                guard: tuple[np.ndarray, np.ndarray] | None, *, seed: int) -> TargetPlan:
+    """The :class:`TargetPlan` of the target sets ``{name: (features [M, k], usable [M])}`` and the
+    check set ``guard`` (``(features [U, k], usable [U])`` or None), with ``select``'s seeds."""
+    directions, info, skipped = {}, {}, {}
+    for name, (tf, tu) in sorted(targets.items()):
+        try:
+            direction, chosen = target_direction(tf, tu, max_prompts=cfg.max_target_prompts, seed=seed)
+        except ValueError as err:
+            skipped[name] = str(err)
+            continue
+        directions[f"target:{name}"] = direction
+        info[name] = {"target_prompts_used": int(chosen.size), "target_prompts": int(len(tu)),
+                      "with_gradient": int(np.asarray(tu).sum())}
+    used = None
+    if guard is not None and cfg.guard.source == "check" and np.asarray(guard[1]).any():
+        directions["guard"], chosen = guard_direction(cfg.guard, *guard, seed=seed)
+        used = int(chosen.size)
+    return TargetPlan(directions=directions, targets=info, skipped=skipped, guard_prompts_used=used)
+
+
+def selects_where_scored(cfg: SelectionConfig, num_targets: int) -> bool:
+    """Whether :func:`select_where_scored` handles ``cfg`` (see the module docstring)."""
+    return (cfg.policy == "cropi" and not cfg.exclude_previous and cfg.guard.source in ("none", "check")
+            and (cfg.fusion == "max" or num_targets <= 1))
+
+
+def select_where_scored(cfg: SelectionConfig, plan: TargetPlan, pool_store: Path, *, num_prompts: int, budget: int
+                        ) -> tuple[bool, Picked | None]:
+    """Stage selection of the ``cropi`` policy from the sharded pool store ``pool_store`` without
+    meeting its rows on one rank. A collective: every rank calls it with the same values.
+
+    Args:
+        plan: rank 0's :class:`TargetPlan`, on every rank.
+        num_prompts: ``N``, the pool's prompts (the store's rows first, then any it does not hold).
+        budget: ``m``, prompts to select.
+
+    Returns:
+        ``(done, picked)``: ``done`` is the same on every rank; False when this path declines (the
+        caller then meets the cosines on rank 0). ``picked`` on global rank 0 when done, else None.
+    """
+    names = [n for n in plan.directions if n.startswith("target:")]
+    if not names or (cfg.guard.enabled and "guard" not in plan.directions):
+        return False, None  # select's fallback policy or its error
+    use_sign = {name: cfg.use_sign and name != "guard" for name in plan.directions}
+    rows, usable, cos = local_cosines(pool_store, plan.directions, use_sign=use_sign)
+    n_usable = int(global_sum([int(usable.sum())])[0])
+    if n_usable == 0:
+        return False, None
+    summary: dict = {"pool": num_prompts, "budget": budget, "candidates": num_prompts,
+                     "zero_gradient_prompts": num_prompts - n_usable}
+    keep = usable.copy()
+    if cfg.guard.enabled:
+        guard_cos = np.where(usable, cos["guard"], -np.inf)
+        conflict = usable & ~(np.isfinite(guard_cos) & (guard_cos >= cfg.guard.threshold))
+        n_conflict = int(global_sum([int(conflict.sum())])[0])
+        summary["guard"] = {"source": cfg.guard.source, "mode": cfg.guard.mode, "threshold": cfg.guard.threshold,
+                            "guard_prompts_used": plan.guard_prompts_used, "candidates": n_usable,
+                            "conflicting": n_conflict}
+        if cfg.guard.mode == "drop":
+            if n_conflict == n_usable:
+                return False, None  # select's error names the guard
+            keep &= ~conflict
+            summary["guard"]["dropped"] = n_conflict
+    else:
+        conflict = np.zeros_like(usable)
+    summary["targets"] = plan.targets
+    if plan.skipped:
+        summary["skipped_targets"] = plan.skipped
+    per_target = [np.where(keep, cos[name], -np.inf) for name in names]
+    fused = per_target[0] if len(per_target) == 1 else np.max(np.stack(per_target), axis=0)
+    demoted = conflict if cfg.guard.mode == "demote" else np.zeros_like(usable)
+    # non-conflicting rows first, each tier best first (select's _top_demoting)
+    first = np.where(demoted, -np.inf, fused)
+    picked = distributed_top_m(first, rows, budget)
+    n_first = int(global_sum([int(np.isfinite(first).sum())])[0])
+    if n_first < budget:
+        picked |= distributed_top_m(np.where(demoted, fused, -np.inf), rows, budget - n_first)
+    quantiles = distributed_quantiles(per_target[0], COSINE_QUANTILES)
+    mine = (rows[picked], fused[picked], demoted[picked])
+    rank = dist.get_rank()
+    parts = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(mine, parts, dst=0)  # the m picked rows, nothing else
+    if rank != 0:
+        return True, None
+    sel_rows = np.concatenate([p[0] for p in parts]).astype(np.int64)
+    sel_scores = np.concatenate([p[1] for p in parts]).astype(np.float64)
+    sel_tier = np.concatenate([p[2] for p in parts]).astype(bool)
+    order = np.lexsort((sel_rows, -sel_scores, sel_tier))  # tier, then score descending, then row
+    if cfg.guard.enabled and cfg.guard.mode == "demote" and n_conflict:
+        summary["guard"]["demoted_selected"] = int(sel_tier.sum())
+    if sel_rows.size < budget:
+        summary["shortfall"] = f"only {sel_rows.size} prompts had a gradient; selected all of them"
+    if quantiles is not None:
+        summary["cosine_quantiles"] = dict(zip(COSINE_QUANTILES, quantiles))
+    return True, Picked(rows=sel_rows[order], scores=sel_scores[order], summary=summary)
