@@ -63,7 +63,9 @@ def _cli(args, *, nproc=1, fault=None):
     return run_cli(args, nproc=nproc, fault=fault, timeout=400)
 
 
-def _selection(out: Path) -> dict:
+def _selection(out: Path, *, ranking: bool = True) -> dict:
+    """The selection ``cropi select`` wrote to ``out``; ``ranking``: whether it keeps a ranking file
+    (not under ``scoring.scale_out``, which selects where the cosines are)."""
     import pyarrow.parquet as pq
 
     sel = json.loads((out / "selections" / "stage0.json").read_text())
@@ -71,7 +73,7 @@ def _selection(out: Path) -> dict:
     lines = [json.loads(x) for x in (out / "selections" / "stage0.jsonl").read_text().splitlines()]
     assert [r["prompt_id"] for r in rows] == [x["prompt_id"] for x in lines] == sel["prompt_ids"]
     assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1))
-    assert (out / "reports" / "stage0.md").is_file() and (out / "rankings" / "stage0.json").is_file()
+    assert (out / "reports" / "stage0.md").is_file() and (out / "rankings" / "stage0.json").is_file() == ranking
     return {"ids": sel["prompt_ids"], "scores": np.array(sel["scores"]), "rows": rows}
 
 
@@ -118,14 +120,15 @@ def test_select_same_at_tp1_tp2_pp2_and_hf_and_resumes(tmp_path, curriculum_run)
     runs = {"tp2": (resaved["tp2"], ["parallel.tensor_model_parallel_size=2"], 2),
             "pp2": (resaved["pp2"], ["parallel.pipeline_model_parallel_size=2"], 2),
             "hf": (run / "final_hf", [], 1),  # the run's HF export: the same weights as its last checkpoint
-            # scoring.scale_out at DP=2: each replica scores units into its own shard; rank 0 meets on cosines
+            # scoring.scale_out at DP=2: each replica scores units into its own shard; a distributed top-m
+            # selects where the cosines are (no ranking file)
             "scale_out_dp2": (ckpt, ["scoring.scale_out=true"], 2)}
     for name, (checkpoint, layout, nproc) in runs.items():
         out = tmp_path / f"sel-{name}"
         rc, log = _cli(["select", str(cfg), "--checkpoint", str(checkpoint), "--out", str(out), *SELECT, *layout],
                        nproc=nproc)
         assert rc == 0, f"{name}: {log[-3000:]}"
-        got = _selection(out)
+        got = _selection(out, ranking=name != "scale_out_dp2")
         assert got["ids"] == ref["ids"], name
         np.testing.assert_allclose(got["scores"], ref["scores"], atol=1e-4, err_msg=name)
         strip = lambda rows: [{k: v for k, v in r.items() if k not in ("score", "extra_info")} for r in rows]  # noqa: E731
