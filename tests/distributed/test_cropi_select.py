@@ -1,7 +1,8 @@
 """`cropi select` on a checkpoint saved at TP=2 and one saved at PP=2 (each selected in its own layout)
 writes the selection it writes at TP=1, and from the run's HF export, and with ``scoring.scale_out`` at DP=2; a select killed mid-scoring
 resumes without recomputing done rows and ends identical. Under the interleaved schedule (PP=2, VPP=2)
-it writes the TP=1 selection too, from a TP=1 distributed checkpoint and from an HF export.
+it writes the TP=1 selection too, from a TP=1 distributed checkpoint and from an HF export, and
+``cropi score`` writes the TP=1 features.
 
 One short ``cropi run`` on the tiny synthetic suite (a module fixture) makes the behaviour rollouts and a
 GRPO checkpoint (TP=1); the checkpoint is re-saved in the TP=2 and PP=2 layouts (bit-identical weights,
@@ -165,3 +166,26 @@ def test_select_under_the_interleaved_schedule_pp2_vpp2_same_as_tp1(tmp_path, cu
         np.testing.assert_allclose(got["scores"], ref["scores"], atol=1e-4, err_msg=name)
         print(f"PP2 VPP2 from {name}: max |score - TP1| {np.abs(got['scores'] - ref['scores']).max():.2e}, "
               f"selection margin {gap:.2e}")
+
+
+@pytest.mark.timeout(900)
+def test_score_under_the_interleaved_schedule_pp2_vpp2_same_as_tp1(tmp_path, curriculum_run):
+    """``cropi score`` at PP=2, VPP=2 from the TP=1 distributed checkpoint of a 4-layer policy writes the
+    pool features ``cropi score`` writes at TP=1 (relative 1e-4 per row), the same rows excluded."""
+    from megatron_cropi.influence.feature_store import FeatureStore
+    from megatron_cropi.testing.spawn import run_ranks
+
+    cfg, run = curriculum_run
+    ckpt, _ = run_ranks(_save_four_layer_policy, 1, args=(str(cfg), str(tmp_path / "policy4")), timeout_s=300)[0]
+    stores = {}
+    for tag, layout, nproc in (("vpp-test-tp1", [], 1), ("vpp-test-pp2vpp2", VPP, 2)):
+        rc, log = _cli(["score", str(cfg), "--checkpoint", ckpt, "--sets", "pool", "--tag", tag, *FOUR_LAYERS,
+                        *layout], nproc=nproc)
+        assert rc == 0, f"{tag}: {log[-3000:]}"
+        fs = FeatureStore.load(run / "features" / tag / "pool")
+        stores[tag] = (fs.matrix().astype(np.float64), fs.statuses())
+    (ref, ref_status), (got, status) = stores["vpp-test-tp1"], stores["vpp-test-pp2vpp2"]
+    assert np.array_equal(status, ref_status) and (ref_status == 1).sum() > 0
+    live = ref_status == 1
+    err = np.linalg.norm(got[live] - ref[live], axis=1) / np.linalg.norm(ref[live], axis=1)
+    assert err.max() < 1e-4, err.max()
