@@ -5,14 +5,16 @@ target (and check-guard) directions (:func:`~megatron_cropi.influence.scale_out.
 guard, the fusion of several targets by ``max`` and the top ``m`` then run on those local rows
 (:func:`~megatron_cropi.selection.distributed.distributed_top_m`: all-reduced counts). Only the ``m``
 picked rows' ``(row, score, demoted)`` reach global rank 0, which orders them and writes the selection:
-24 bytes per *selected* prompt and a constant number of counts, against 17 bytes per *scored* pool
-prompt when the cosines meet on rank 0 (:func:`~megatron_cropi.influence.scale_out.pool_cosines`).
+17 bytes per *selected* prompt (plus pickling) and about 70 + ⌈log2 N⌉ all-reduced counts per top-m,
+against 17 bytes per *scored* pool prompt when the cosines meet on rank 0
+(:func:`~megatron_cropi.influence.scale_out.pool_cosines`).
 
 The result equals :func:`~megatron_cropi.selection.policies.select` on the met cosines, summary
-included. Where the two would differ in kind (reciprocal-rank fusion of several targets, which ranks
-each target's top m; ``exclude_previous``; no prompt or no target with a gradient, where the fallback
-policy or the error of ``select`` applies; a guard that keeps nothing), :func:`select_where_scored`
-declines and the caller meets the cosines on rank 0.
+included. Where the two would differ in kind (reciprocal-rank fusion of several targets with a
+gradient, which ranks each target's top m; ``exclude_previous``; a guard of source ``pool``, whose
+direction is the pool's mean; no prompt or no target with a gradient, where the fallback policy or the
+error of ``select`` applies; a guard that keeps nothing), :func:`select_where_scored` declines and the
+caller meets the cosines on rank 0.
 """
 
 from __future__ import annotations
@@ -53,12 +55,31 @@ class TargetPlan:
 
 @dataclass
 class Picked:
-    """Rank 0's share of the result: the selected rows best first, their fused scores, and the summary
-    as :func:`~megatron_cropi.selection.policies.select` writes it up to its cosine quantiles."""
+    """Rank 0's share of the result: every rank's picked ``(rows, fused scores, demoted)`` and the
+    summary so far. :meth:`ordered` finishes it; the caller runs that where an error reaches every rank
+    (the other ranks have left :func:`select_where_scored` by then)."""
 
-    rows: np.ndarray
-    scores: np.ndarray
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
     summary: dict
+    budget: int
+    quantiles: list[float] | None
+
+    def ordered(self) -> tuple[np.ndarray, np.ndarray, dict]:
+        """``(rows [m'], scores [m'], summary)``: the picks best first (not demoted first, then by score
+        descending, then by row), and the summary as :func:`~megatron_cropi.selection.policies.select`
+        writes it up to its cosine quantiles."""
+        rows = np.concatenate([p[0] for p in self.parts]).astype(np.int64)
+        scores = np.concatenate([p[1] for p in self.parts]).astype(np.float64)
+        demoted = np.concatenate([p[2] for p in self.parts]).astype(bool)
+        order = np.lexsort((rows, -scores, demoted))  # the last key sorts first
+        summary = dict(self.summary)
+        if summary.get("guard", {}).get("mode") == "demote" and summary["guard"]["conflicting"]:
+            summary["guard"] = {**summary["guard"], "demoted_selected": int(demoted.sum())}
+        if rows.size < self.budget:
+            summary["shortfall"] = f"only {rows.size} prompts had a gradient; selected all of them"
+        if self.quantiles is not None:
+            summary["cosine_quantiles"] = dict(zip(COSINE_QUANTILES, self.quantiles))
+        return rows[order], scores[order], summary
 
 
 def target_plan(cfg: SelectionConfig, targets: dict[str, tuple[np.ndarray, np.ndarray]],
@@ -82,10 +103,10 @@ def target_plan(cfg: SelectionConfig, targets: dict[str, tuple[np.ndarray, np.nd
     return TargetPlan(directions=directions, targets=info, skipped=skipped, guard_prompts_used=used)
 
 
-def selects_where_scored(cfg: SelectionConfig, num_targets: int) -> bool:
-    """Whether :func:`select_where_scored` handles ``cfg`` (see the module docstring)."""
-    return (cfg.policy == "cropi" and not cfg.exclude_previous and cfg.guard.source in ("none", "check")
-            and (cfg.fusion == "max" or num_targets <= 1))
+def selects_where_scored(cfg: SelectionConfig) -> bool:
+    """Whether ``cfg`` may be selected by :func:`select_where_scored` (the configuration's part of the
+    module docstring's conditions; the rest depend on the scores)."""
+    return cfg.policy == "cropi" and not cfg.exclude_previous and cfg.guard.source in ("none", "check")
 
 
 def select_where_scored(cfg: SelectionConfig, plan: TargetPlan, pool_store: Path, *, num_prompts: int, budget: int
@@ -103,6 +124,8 @@ def select_where_scored(cfg: SelectionConfig, plan: TargetPlan, pool_store: Path
         caller then meets the cosines on rank 0). ``picked`` on global rank 0 when done, else None.
     """
     names = [n for n in plan.directions if n.startswith("target:")]
+    if not selects_where_scored(cfg) or (cfg.fusion == "reciprocal_rank" and len(names) > 1):
+        return False, None
     if not names or (cfg.guard.enabled and "guard" not in plan.directions):
         return False, None  # select's fallback policy or its error
     use_sign = {name: cfg.use_sign and name != "guard" for name in plan.directions}
@@ -146,14 +169,4 @@ def select_where_scored(cfg: SelectionConfig, plan: TargetPlan, pool_store: Path
     dist.gather_object(mine, parts, dst=0)  # the m picked rows, nothing else
     if rank != 0:
         return True, None
-    sel_rows = np.concatenate([p[0] for p in parts]).astype(np.int64)
-    sel_scores = np.concatenate([p[1] for p in parts]).astype(np.float64)
-    sel_tier = np.concatenate([p[2] for p in parts]).astype(bool)
-    order = np.lexsort((sel_rows, -sel_scores, sel_tier))  # tier, then score descending, then row
-    if cfg.guard.enabled and cfg.guard.mode == "demote" and n_conflict:
-        summary["guard"]["demoted_selected"] = int(sel_tier.sum())
-    if sel_rows.size < budget:
-        summary["shortfall"] = f"only {sel_rows.size} prompts had a gradient; selected all of them"
-    if quantiles is not None:
-        summary["cosine_quantiles"] = dict(zip(COSINE_QUANTILES, quantiles))
-    return True, Picked(rows=sel_rows[order], scores=sel_scores[order], summary=summary)
+    return True, Picked(parts=parts, summary=summary, budget=budget, quantiles=quantiles)

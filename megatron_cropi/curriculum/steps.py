@@ -222,7 +222,8 @@ def _select_where_scored(m: int, *, layout: RunLayout, pool: Sequence[PromptReco
         return None
 
     def write() -> Selection:
-        result = finish_selection(m, "cropi", picked.rows, picked.scores, held["inputs"], picked.summary)
+        rows, scores, summary = picked.ordered()
+        result = finish_selection(m, "cropi", rows, scores, held["inputs"], summary)
         result.summary["seconds"] = time.perf_counter() - t0
         atomic_write_json(layout.selection(m), result.to_dict())
         return result
@@ -232,21 +233,21 @@ def _select_where_scored(m: int, *, layout: RunLayout, pool: Sequence[PromptReco
 
 def select_stage(m: int, *, layout: RunLayout, pool: Sequence[PromptRecord], cfg: SelectionConfig, seed: int,
                  features: dict[str, Path], pool_rollouts: Path | None) -> Selection:
-    """Choose stage ``m``'s prompts, write ``selections/stage{m}.json`` (and, for cropi on an ordinary
-    store, ``rankings/stage{m}.json``) on global rank 0, and return the selection on every rank (an
-    error, if any, is raised on every rank).
+    """Choose stage ``m``'s prompts, write ``selections/stage{m}.json`` (and, for cropi met on rank 0,
+    ``rankings/stage{m}.json``) on global rank 0, and return the selection on every rank (an error, if
+    any, is raised on every rank).
 
     A cropi selection of a sharded pool store (``scoring.scale_out``) is made where the cosines are
     (:mod:`.scaled_selection`) and keeps no ranking (the shortlist, its reader, is refused under
-    scale-out); other policies and the cases that path declines meet the cosines on rank 0.
+    scale-out); other policies and the cases that path declines meet the cosines on rank 0 (the unit
+    files are then read a second time).
 
     ``pool_rollouts``: the trajectory store the pass rates come from (β's pool store, the stage's
     θ_m store for ``online_learnability``, or None)."""
 
     t0 = time.perf_counter()
     sharded = pool_is_sharded(features)
-    n_targets = sum(name.startswith("target-") for name in features)
-    if sharded and pool_rollouts is not None and selects_where_scored(cfg, n_targets):
+    if sharded and pool_rollouts is not None and pool_rollouts.exists() and selects_where_scored(cfg):
         result = _select_where_scored(m, layout=layout, pool=pool, cfg=cfg, seed=seed, features=features,
                                       pool_rollouts=pool_rollouts, t0=t0)
         if result is not None:
