@@ -133,14 +133,14 @@ class _Meter:
 def _worker(pool: str, out_dir: str, path: str):
     import torch.distributed as dist
 
-    from megatron_cropi.curriculum.scaled_selection import TargetPlan, select_where_scored
+    from megatron_cropi.curriculum.scaled_selection import select_where_scored
     from megatron_cropi.curriculum.steps import _usable
     from megatron_cropi.influence.feature_store import FeatureStore
     from megatron_cropi.influence.scale_out import pool_cosines, score_store_sharded
     from megatron_cropi.influence.scorer import ScoringConfig
     from megatron_cropi.influence.sharded_store import ShardedFeatureStore
     from megatron_cropi.influence.stores import PolicyScorer, score_store
-    from megatron_cropi.selection.policies import SelectionConfig
+    from megatron_cropi.selection.policies import SelectionConfig, TargetPlan
     from megatron_cropi.parallel import build_parallel_groups, destroy_parallel_groups, init_distributed
     from megatron_cropi.projection.config import build_projector
     from megatron_cropi.testing.tiny import build_tiny_model, tiny_model_config

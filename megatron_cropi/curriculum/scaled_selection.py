@@ -27,30 +27,9 @@ import torch.distributed as dist
 
 from megatron_cropi.influence.scale_out import local_cosines
 from megatron_cropi.selection.distributed import distributed_quantiles, distributed_top_m, global_sum
-from megatron_cropi.selection.guard import guard_direction
-from megatron_cropi.selection.policies import COSINE_QUANTILES, SelectionConfig
-from megatron_cropi.selection.scores import target_direction
+from megatron_cropi.selection.policies import COSINE_QUANTILES, SelectionConfig, TargetPlan
 
-__all__ = ["TargetPlan", "Picked", "target_plan", "selects_where_scored", "select_where_scored"]
-
-
-@dataclass(frozen=True)
-class TargetPlan:
-    """What the small target and guard stores give selection, read once on rank 0 and shared.
-
-    Attributes:
-        directions: ``{"target:<name>": [k], "guard": [k]}`` (the guard's for ``selection.guard.source:
-            check``), as :func:`~megatron_cropi.selection.policies.pool_directions` chooses them.
-        targets: per target set with a gradient, the summary's ``target_prompts_used``,
-            ``target_prompts`` and ``with_gradient``.
-        skipped: target sets without any gradient, with the reason.
-        guard_prompts_used: guard prompts averaged into the guard direction (None: no guard direction).
-    """
-
-    directions: dict[str, np.ndarray]
-    targets: dict[str, dict]
-    skipped: dict[str, str]
-    guard_prompts_used: int | None = None
+__all__ = ["Picked", "selects_where_scored", "select_where_scored"]
 
 
 @dataclass
@@ -82,27 +61,6 @@ class Picked:
         return rows[order], scores[order], summary
 
 
-def target_plan(cfg: SelectionConfig, targets: dict[str, tuple[np.ndarray, np.ndarray]],
-                guard: tuple[np.ndarray, np.ndarray] | None, *, seed: int) -> TargetPlan:
-    """The :class:`TargetPlan` of the target sets ``{name: (features [M, k], usable [M])}`` and the
-    check set ``guard`` (``(features [U, k], usable [U])`` or None), with ``select``'s seeds."""
-    directions, info, skipped = {}, {}, {}
-    for name, (tf, tu) in sorted(targets.items()):
-        try:
-            direction, chosen = target_direction(tf, tu, max_prompts=cfg.max_target_prompts, seed=seed)
-        except ValueError as err:
-            skipped[name] = str(err)
-            continue
-        directions[f"target:{name}"] = direction
-        info[name] = {"target_prompts_used": int(chosen.size), "target_prompts": int(len(tu)),
-                      "with_gradient": int(np.asarray(tu).sum())}
-    used = None
-    if guard is not None and cfg.guard.source == "check" and np.asarray(guard[1]).any():
-        directions["guard"], chosen = guard_direction(cfg.guard, *guard, seed=seed)
-        used = int(chosen.size)
-    return TargetPlan(directions=directions, targets=info, skipped=skipped, guard_prompts_used=used)
-
-
 def selects_where_scored(cfg: SelectionConfig) -> bool:
     """Whether ``cfg`` may be selected by :func:`select_where_scored` (the configuration's part of the
     module docstring's conditions; the rest depend on the scores)."""
@@ -115,7 +73,7 @@ def select_where_scored(cfg: SelectionConfig, plan: TargetPlan, pool_store: Path
     meeting its rows on one rank. A collective: every rank calls it with the same values.
 
     Args:
-        plan: rank 0's :class:`TargetPlan`, on every rank.
+        plan: rank 0's :class:`~megatron_cropi.selection.policies.TargetPlan`, on every rank.
         num_prompts: ``N``, the pool's prompts (the store's rows first, then any it does not hold).
         budget: ``m``, prompts to select.
 

@@ -24,13 +24,14 @@ from megatron_cropi.layout import RunLayout
 from megatron_cropi.rollout.store import TrajectoryStore
 from megatron_cropi.records import PromptRecord
 from megatron_cropi.influence.shortlist import ShortlistConfig, carry_ranking, shortlist_mask
-from megatron_cropi.curriculum.scaled_selection import select_where_scored, selects_where_scored, target_plan
+from megatron_cropi.curriculum.scaled_selection import select_where_scored, selects_where_scored
 from megatron_cropi.selection.policies import (
     Selection,
     SelectionConfig,
     SelectionInputs,
     finish_selection,
     pool_directions,
+    target_plan,
     ranking_scores,
     select,
     selection_budget,

@@ -27,7 +27,7 @@ from megatron_cropi.selection.guard import GuardConfig, guard_candidates, guard_
 from megatron_cropi.selection.scores import cosine_scores, fuse_max, fuse_reciprocal_rank, target_direction, top_m
 
 __all__ = ["SelectionConfig", "Selection", "SelectionInputs", "SelectionError", "select", "selection_budget", "finish_selection",
-           "learnability_top", "ranking_scores", "pool_directions", "uses_behaviour_rollouts", "COSINE_QUANTILES"]
+           "learnability_top", "ranking_scores", "TargetPlan", "target_plan", "pool_directions", "uses_behaviour_rollouts", "COSINE_QUANTILES"]
 
 COSINE_QUANTILES = (0.0, 0.5, 0.9, 1.0)
 """The quantiles of the first target's cosines a cropi selection's summary reports."""
@@ -112,17 +112,51 @@ class SelectionInputs:
         return cosine_scores(self.features, self.usable, direction, use_sign=use_sign)
 
 
+@dataclass(frozen=True)
+class TargetPlan:
+    """What the small target and guard stores give selection, read once on rank 0 and shared.
+
+    Attributes:
+        directions: ``{"target:<name>": [k], "guard": [k]}`` (the guard's for ``selection.guard.source:
+            check``), as :func:`~megatron_cropi.selection.policies.pool_directions` chooses them.
+        targets: per target set with a gradient, the summary's ``target_prompts_used``,
+            ``target_prompts`` and ``with_gradient``.
+        skipped: target sets without any gradient, with the reason.
+        guard_prompts_used: guard prompts averaged into the guard direction (None: no guard direction).
+    """
+
+    directions: dict[str, np.ndarray]
+    targets: dict[str, dict]
+    skipped: dict[str, str]
+    guard_prompts_used: int | None = None
+
+
+def target_plan(cfg: SelectionConfig, targets: dict[str, tuple[np.ndarray, np.ndarray]],
+                guard: tuple[np.ndarray, np.ndarray] | None, *, seed: int) -> TargetPlan:
+    """The :class:`TargetPlan` of the target sets ``{name: (features [M, k], usable [M])}`` and the
+    check set ``guard`` (``(features [U, k], usable [U])`` or None), with ``select``'s seeds."""
+    directions, info, skipped = {}, {}, {}
+    for name, (tf, tu) in sorted(targets.items()):
+        try:
+            direction, chosen = target_direction(tf, tu, max_prompts=cfg.max_target_prompts, seed=seed)
+        except ValueError as err:
+            skipped[name] = str(err)
+            continue
+        directions[f"target:{name}"] = direction
+        info[name] = {"target_prompts_used": int(chosen.size), "target_prompts": int(len(tu)),
+                      "with_gradient": int(np.asarray(tu).sum())}
+    used = None
+    if guard is not None and cfg.guard.source == "check" and np.asarray(guard[1]).any():
+        directions["guard"], chosen = guard_direction(cfg.guard, *guard, seed=seed)
+        used = int(chosen.size)
+    return TargetPlan(directions=directions, targets=info, skipped=skipped, guard_prompts_used=used)
+
+
 def pool_directions(cfg: SelectionConfig, targets: dict[str, tuple[np.ndarray, np.ndarray]],
                     guard: tuple[np.ndarray, np.ndarray] | None, *, seed: int) -> dict[str, np.ndarray]:
     """The directions the pool's cosines are taken with: ``target:<name>`` for each target set with a
     gradient, and ``guard`` for a check-set guard; the same choice of prompts as :func:`select` makes."""
-    out = {}
-    for name, (tf, tu) in sorted(targets.items()):
-        if np.asarray(tu).any():
-            out[f"target:{name}"] = target_direction(tf, tu, max_prompts=cfg.max_target_prompts, seed=seed)[0]
-    if guard is not None and cfg.guard.source == "check" and np.asarray(guard[1]).any():
-        out["guard"] = guard_direction(cfg.guard, *guard, seed=seed)[0]
-    return out
+    return target_plan(cfg, targets, guard, seed=seed).directions
 
 
 @dataclass
