@@ -153,6 +153,11 @@ class CurriculumConfig:
     stages (m = M, 2M, ...), into ``rollouts/stage{m}/``; later stages score those (0: never, β's rollouts
     serve every stage). At a refresh stage POPI is on-policy (ρ ≡ 1), and prompts that were all-correct or
     all-wrong under β can return. Its time is charged to the run clock as ``rollouts``."""
+    selected_stages: int = 0
+    """Stages that train on a selection (``selection``); every later stage trains on the whole pool
+    (policy ``full``: no refresh, scoring or selection is made for it). 0: every stage selects. A warm start:
+    the influence ranking steers the first stages, where it gains the most steps, and the pool's breadth
+    the rest (``benchmarks/curriculum.py``, ``cropi_first1_r10_dynamic``)."""
     reuse_rollouts_from: str = ""
     """Another run's ``run.output_dir`` whose behaviour stores (``rollouts/<set>``) this run reuses instead of
     rolling out, set by set, when a store is complete and its header equals the one this run would write
@@ -195,6 +200,8 @@ class CurriculumConfig:
                     "must be >= 1 or null")
         require(self.refresh_behaviour_every >= 0, "refresh_behaviour_every", self.refresh_behaviour_every,
                 "must be >= 0 (0: never)")
+        require(0 <= self.selected_stages <= self.stages, "selected_stages", self.selected_stages,
+                f"must be between 0 (every stage selects) and stages ({self.stages})")
         require(2 <= self.online_samples <= 4096, "online_samples", self.online_samples,
                 "must be between 2 and 4096 (one response gives no pass-rate variance)")
         require(0 < self.online_pool_fraction <= 1, "online_pool_fraction", self.online_pool_fraction,
@@ -202,6 +209,10 @@ class CurriculumConfig:
         require(self.probe_prompts >= 0, "probe_prompts", self.probe_prompts, "must be >= 0")
         require(self.probe_max_params >= 0, "probe_max_params", self.probe_max_params, "must be >= 0")
         require(self.keep_features in ("all", "resume"), "keep_features", self.keep_features, "must be all or resume")
+
+    def selects(self, stage: int) -> bool:
+        """Whether stage ``stage`` trains on a selection (``selected_stages``) rather than the whole pool."""
+        return self.selected_stages == 0 or stage < self.selected_stages
 
     @property
     def total_steps(self) -> int:

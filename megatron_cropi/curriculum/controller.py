@@ -32,7 +32,7 @@ from megatron_cropi.influence.feature_store import prune_feature_stores
 from megatron_cropi.influence.stores import PolicyScorer
 from megatron_cropi.layout import RunLayout
 from megatron_cropi.metrics import MetricsLogger
-from megatron_cropi.selection.policies import Selection, uses_behaviour_rollouts
+from megatron_cropi.selection.policies import Selection, SelectionConfig, uses_behaviour_rollouts
 from megatron_cropi.utils.rank_zero import on_rank0, share_from_rank0
 from megatron_cropi.wiring import PolicyRuntime, policy_identity, setup_run
 
@@ -180,12 +180,16 @@ class StageController:
         by θ_m (into ``rollouts/stage{m}/``), so that stage's POPI is on-policy."""
         step = f"stage{stage}/refresh"
         if not behaviour.is_refresh_stage(stage, self.cfg.curriculum.refresh_behaviour_every) or self.is_done(step) \
-                or not uses_behaviour_rollouts(self.cfg.selection.policy):
+                or not uses_behaviour_rollouts(self.stage_selection(stage).policy):
             return
         self.require_stage_start(stage, "behaviour refresh")
         t0, trainer_step = time.perf_counter(), self.runtime.trainer.step_count
         self._roll_out_behaviour(stage, f"{self.policy_identity()}+grpo-step{trainer_step}")
         self.mark_done(step, seconds=time.perf_counter() - t0, policy_step=trainer_step)
+
+    def stage_selection(self, stage: int) -> SelectionConfig:
+        """``selection``, or the whole pool for a stage past ``curriculum.selected_stages``."""
+        return steps.stage_selection(self.cfg.selection, self.cfg.curriculum.selects(stage))
 
     def require_stage_start(self, stage: int, what: str) -> None:
         """Raise unless the policy is θ_stage, the checkpoint stage ``stage`` starts from."""
@@ -231,7 +235,7 @@ class StageController:
 
     def step_score(self, stage: int) -> dict[str, Path]:
         """Projected POPI gradients of the pool and the target sets at θ_m; ``{set: feature store}``."""
-        if self.cfg.selection.policy != "cropi":
+        if self.stage_selection(stage).policy != "cropi":
             return {}
         names = steps.feature_set_names(self.prompts.targets, guard=self.cfg.selection.guard.source == "check")
         paths = {name: self.layout.features(stage, name) for name in names}
@@ -276,7 +280,7 @@ class StageController:
         ``online_pool_fraction`` of the pool) from θ_m at GRPO's sampling, into ``rollouts/stage{m}/pool``;
         their pass rates are the selection's. Other policies: β's pool store (which may not exist)."""
         cfg, curriculum = self.cfg, self.cfg.curriculum
-        if cfg.selection.policy != "online_learnability":
+        if self.stage_selection(stage).policy != "online_learnability":
             return self.behaviour_store(stage, "pool")
         path, step = self.layout.stage_rollouts(stage, "pool"), f"stage{stage}/online_rollouts"
         if self.is_done(step):
@@ -309,7 +313,7 @@ class StageController:
             if done is not None:
                 return done
         t0 = time.perf_counter()
-        selection = steps.select_stage(stage, layout=self.layout, pool=self.prompts.pool, cfg=self.cfg.selection,
+        selection = steps.select_stage(stage, layout=self.layout, pool=self.prompts.pool, cfg=self.stage_selection(stage),
                                        seed=self.cfg.run.seed, features=features, pool_rollouts=pool_rollouts)
         self.charge("selection", time.perf_counter() - t0)
         fault_point("select")

@@ -8,6 +8,7 @@ clock and marks them done. Nothing here knows about the controller.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from megatron_cropi.rollout.store import TrajectoryStore
 from megatron_cropi.records import PromptRecord
 from megatron_cropi.influence.shortlist import ShortlistConfig, carry_ranking, shortlist_mask
 from megatron_cropi.curriculum.scaled_selection import select_where_scored, selects_where_scored
+from megatron_cropi.selection.guard import GuardConfig
 from megatron_cropi.selection.policies import (
     Selection,
     SelectionConfig,
@@ -39,9 +41,17 @@ from megatron_cropi.selection.policies import (
 from megatron_cropi.utils.atomic import atomic_write_json
 from megatron_cropi.utils.rank_zero import on_rank0, share_from_rank0
 
-__all__ = ["feature_set_names", "read_selection", "read_ranking", "selected_prompts", "previous_selections",
+__all__ = ["stage_selection", "feature_set_names", "read_selection", "read_ranking", "selected_prompts", "previous_selections",
            "selection_inputs", "pool_columns", "pool_is_sharded", "select_stage", "pool_shortlist", "score_set",
            "score_line", "select_line"]
+
+
+def stage_selection(cfg: SelectionConfig, selects: bool) -> SelectionConfig:
+    """The selection a stage makes: ``cfg`` where the stage selects (``curriculum.selected_stages``), else
+    the whole pool (policy ``full``, ratio 1, no guard), which needs no behaviour rollouts or scoring."""
+    if selects:
+        return cfg
+    return dataclasses.replace(cfg, policy="full", ratio=1.0, guard=GuardConfig(), exclude_previous=False)
 
 
 def feature_set_names(target_families: Sequence[str], *, guard: bool = False) -> list[str]:
