@@ -256,6 +256,12 @@ def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 360 else f"{seconds / 60:.1f} min"
 
 
+def _unscored_stages(time: dict) -> str:
+    """The stages past ``curriculum.selected_stages``, which train on the whole pool and score nothing."""
+    unscored = time["stages"] - time["selecting_stages"]
+    return f" − {unscored} stages' scoring (curriculum.selected_stages)" if unscored and time["scoring_per_stage_s"] else ""
+
+
 def run_estimate(cfg: RunConfig, *, world_size: int, nodes: int, rows: dict) -> dict:
     """Time (per stage and total) and disk of the run by :mod:`megatron_cropi.cost`, with ``text``: the
     same in words, each line naming its assumptions."""
@@ -267,7 +273,8 @@ def run_estimate(cfg: RunConfig, *, world_size: int, nodes: int, rows: dict) -> 
     text = [
         f"time: ~{_hours(time['total_s'])} in all = {time['stages']} stages × {_hours(time['stage_s'])} (scoring "
         f"{_hours(time['scoring_per_stage_s'])} + {cfg.curriculum.steps_per_stage} GRPO steps × "
-        f"{time['grpo_step_s']:.1f} s) + behaviour rollouts {_hours(time['behaviour_rollouts_s'])}; "
+        f"{time['grpo_step_s']:.1f} s){_unscored_stages(time)} + behaviour rollouts "
+        f"{_hours(time['behaviour_rollouts_s'])}; "
         f"{pool} pool and {targets} target prompts ({source}), {world_size} GPUs",
         f"time assumes: {time['assumptions']}",
         f"disk: ~{disk['total_bytes'] / GIB:.1f} GiB at the end = trajectory stores "

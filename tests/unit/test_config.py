@@ -116,3 +116,20 @@ def test_keys_the_engine_or_the_data_ignore_at_run_level(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("rollout: {engine: vllm, checkpoint: /m, vllm: {dtype: bfloat16}}\n")
     assert load_run_config(cfg, ["rollout.engine=native", "rollout.vllm={}"]).rollout.engine == "native"
+
+
+def test_selected_stages_bounds_and_the_whole_pool_past_them():
+    from megatron_cropi.config.loader import ConfigError
+    from megatron_cropi.curriculum.config import CurriculumConfig
+    from megatron_cropi.curriculum.steps import stage_selection
+    from megatron_cropi.selection.guard import GuardConfig
+    from megatron_cropi.selection.policies import SelectionConfig
+
+    with pytest.raises(ConfigError, match="selected_stages.*3"):
+        CurriculumConfig(stages=2, selected_stages=3)
+    assert [CurriculumConfig(stages=3).selects(m) for m in range(3)] == [True] * 3
+    assert [CurriculumConfig(stages=3, selected_stages=1).selects(m) for m in range(3)] == [True, False, False]
+    cfg = SelectionConfig(policy="cropi", ratio=0.1, guard=GuardConfig(source="check"), exclude_previous=True)
+    assert stage_selection(cfg, True) is cfg
+    whole = stage_selection(cfg, False)
+    assert (whole.policy, whole.ratio, whole.guard.enabled, whole.exclude_previous) == ("full", 1.0, False, False)

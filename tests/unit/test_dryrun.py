@@ -205,3 +205,25 @@ def test_a_selection_visited_too_often_per_stage_is_warned_about_by_name(tmp_pat
     assert ok["stage_visits"]["visits_per_prompt"] == round(1600 / 624, 2) and not ok["warnings"]
     full = dry_run(_cfg(tmp_path, model={"layer_spec": "local"}, selection={"policy": "full"}))
     assert full["stage_visits"] is None
+
+
+def test_run_estimate_charges_scoring_and_refreshes_to_the_selecting_stages_only():
+    import dataclasses
+
+    from megatron_cropi.dryrun import run_estimate
+    from megatron_cropi.run_config import load_run_config
+
+    cfg = load_run_config(Path(__file__).resolve().parents[2] / "examples" / "configs" / "qwen2.5-7b-instruct_2node.yaml",
+                          environ={"DATA_DIR": "/data", "MODEL_DIR": "/model"})
+    rows = {"pool": {"gsm8k": 7_473, "math": 7_500, "deepscaler": 40_315}, "val": {"math500": 1_000}}
+    every = dataclasses.replace(cfg, curriculum=dataclasses.replace(cfg.curriculum, refresh_behaviour_every=1))
+    first2 = dataclasses.replace(every, curriculum=dataclasses.replace(every.curriculum, selected_stages=2))
+    a = run_estimate(every, world_size=16, nodes=2, rows=rows)
+    b = run_estimate(first2, world_size=16, nodes=2, rows=rows)
+    ta, tb = a["time_seconds"], b["time_seconds"]
+    assert (ta["selecting_stages"], ta["behaviour_refreshes"]) == (6, 5)
+    assert (tb["selecting_stages"], tb["behaviour_refreshes"]) == (2, 1)
+    behaviour_once = ta["behaviour_rollouts_s"] / 6
+    assert tb["total_s"] == pytest.approx(6 * 100 * tb["grpo_step_s"] + 2 * tb["scoring_per_stage_s"] + 2 * behaviour_once)
+    assert "4 stages' scoring (curriculum.selected_stages)" in b["text"][0]
+    assert "selected_stages" not in a["text"][0]
