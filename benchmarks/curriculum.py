@@ -143,10 +143,11 @@ def base_config(args) -> dict:
     cfg["run"]["num_threads"] = 1
     cfg["rollout"]["progress"] = False
     cfg["data"]["synthetic"]["target"] = args.target
-    # the paper's setting is every method's base (the CPU default turns on a refresh per stage, 30% and dynamic
-    # sampling: the cropi_refresh1_r30_dynamic method); each method's overrides then change only its own keys
+    # the paper's setting is every method's base (the CPU default selects for the first stage only and turns on
+    # dynamic sampling: the cropi_first1_r10_dynamic method); each method's overrides then change only its own keys
     cfg["selection"]["ratio"] = 0.1
     cfg["curriculum"]["refresh_behaviour_every"] = 0
+    cfg["curriculum"]["selected_stages"] = 0
     cfg["grpo"]["dynamic_sampling"] = {"enabled": False}
     cfg["curriculum"]["stages"] = args.stages
     cfg["curriculum"]["steps_per_stage"] = args.steps_per_stage

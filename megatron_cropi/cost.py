@@ -297,6 +297,11 @@ def options_from_config(cfg) -> ScoringOptions:
                           shortlist=s.shortlist.fraction, last_layers=s.last_layers if s.truncate_backward else 0)
 
 
+def _selecting_stages(cfg, shape: StageShape) -> int:
+    """Stages that score and select (``curriculum.selected_stages``; the rest train on the whole pool)."""
+    return min(cfg.curriculum.selected_stages or shape.stages, shape.stages)
+
+
 def estimate_run_time(cfg, shape: StageShape) -> dict:
     """Seconds per stage (scoring + GRPO steps) and for the run: ``stages × steps + selecting stages ×
     scoring + behaviour rollouts`` (once, plus one per refresh of a selecting stage; ``selected_stages``).
@@ -308,8 +313,7 @@ def estimate_run_time(cfg, shape: StageShape) -> dict:
     scoring = scoring_seconds(shape, options_from_config(cfg)) if policy == "cropi" else 0.0
     rollouts_needed = uses_behaviour_rollouts(policy)
     every = cfg.curriculum.refresh_behaviour_every
-    # curriculum.selected_stages: later stages train on the whole pool and score or refresh nothing
-    selecting = min(cfg.curriculum.selected_stages or shape.stages, shape.stages)
+    selecting = _selecting_stages(cfg, shape)
     refreshes = (selecting - 1) // every if every and rollouts_needed else 0
     behaviour = behaviour_seconds(shape) * (1 + refreshes) if rollouts_needed else 0.0
     stage = scoring + steps
@@ -330,12 +334,13 @@ def estimate_run_disk(cfg, shape: StageShape) -> dict:
     policy = cfg.selection.policy
     rollouts_needed = uses_behaviour_rollouts(policy)
     every = cfg.curriculum.refresh_behaviour_every
-    rolled = 1 + ((shape.stages - 1) // every if every else 0)
+    selecting = _selecting_stages(cfg, shape)
+    rolled = 1 + ((selecting - 1) // every if every else 0)
     prompt_bytes = (shape.pool_prompts + shape.target_prompts) * shape.max_prompt_tokens * STORE_BYTES_PER_PROMPT_TOKEN
     response_bytes = ((shape.pool_prompts * shape.pool_samples + shape.target_prompts * shape.target_samples)
                       * shape.mean_response_tokens * STORE_BYTES_PER_RESPONSE_TOKEN)
     stores = (prompt_bytes + response_bytes) * rolled if rollouts_needed else 0
-    kept_stages = 1 if cfg.curriculum.keep_features == "resume" else shape.stages
+    kept_stages = 1 if cfg.curriculum.keep_features == "resume" else selecting
     per_stage = feature_store_bytes(shape.pool_prompts + shape.target_prompts, cfg.projection.k,
                                     cfg.scoring.feature_dtype) if policy == "cropi" else 0
     weight_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[cfg.model.params_dtype]

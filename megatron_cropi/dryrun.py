@@ -242,7 +242,9 @@ def stage_visits(cfg: RunConfig, pool_prompts: int) -> dict | None:
 
 
 def _visits_warning(cfg: RunConfig, visits: dict | None) -> list[str]:
-    if visits is None or visits["visits_per_prompt"] <= MAX_VISITS_PER_STAGE:
+    # a warm start (curriculum.selected_stages) repeats its selection only in its first stages, by design: the
+    # ranking's gain comes within a stage, and the whole pool trains the rest
+    if visits is None or visits["visits_per_prompt"] <= MAX_VISITS_PER_STAGE or cfg.curriculum.selected_stages:
         return []
     c = cfg.curriculum
     return [f"selection.ratio={cfg.selection.ratio:g} selects {visits['selected_prompts']} prompts, which a stage of "

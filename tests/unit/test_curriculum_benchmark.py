@@ -96,7 +96,7 @@ def test_when_no_warmup_reaches_the_threshold_the_best_one_is_used(tmp_path, mon
 def test_every_method_starts_from_the_papers_setting_and_the_cpu_default_is_one_of_them():
     """The benchmark's base pins β's rollouts for every stage, 10% and plain GRPO, whatever the CPU default
     sets, so ``full`` stays plain full-data GRPO; the CPU default's selection is the method
-    ``cropi_refresh1_r30_dynamic``."""
+    ``cropi_first1_r10_dynamic``."""
     import argparse
 
     import yaml
@@ -104,11 +104,12 @@ def test_every_method_starts_from_the_papers_setting_and_the_cpu_default_is_one_
     args = argparse.Namespace(target="add3c", stages=6, steps_per_stage=50, eval_every=10, eval_max_prompts=0)
     base = bench.base_config(args)
     assert base["selection"]["ratio"] == 0.1 and base["curriculum"]["refresh_behaviour_every"] == 0
+    assert base["curriculum"]["selected_stages"] == 0
     assert base["grpo"]["dynamic_sampling"] == {"enabled": False}
     default = yaml.safe_load((ROOT / "examples/configs/tiny_cpu.yaml").read_text())
     method = json.loads(json.dumps(base))
-    for key, value in bench.METHODS["cropi_refresh1_r30_dynamic"].items():
+    for key, value in bench.METHODS["cropi_first1_r10_dynamic"].items():
         bench.set_key(method, key, value)
     for section, key in (("selection", "policy"), ("selection", "ratio"), ("curriculum", "refresh_behaviour_every"),
-                         ("grpo", "dynamic_sampling")):
+                         ("curriculum", "selected_stages"), ("grpo", "dynamic_sampling")):
         assert method[section][key] == default[section][key], (section, key)

@@ -205,6 +205,9 @@ def test_a_selection_visited_too_often_per_stage_is_warned_about_by_name(tmp_pat
     assert ok["stage_visits"]["visits_per_prompt"] == round(1600 / 624, 2) and not ok["warnings"]
     full = dry_run(_cfg(tmp_path, model={"layer_spec": "local"}, selection={"policy": "full"}))
     assert full["stage_visits"] is None
+    warm = dry_run(_cfg(tmp_path, model={"layer_spec": "local"}, grpo={"prompts_per_step": 32, "micro_batch_prompts": 32},
+                        curriculum={"steps_per_stage": 50, "selected_stages": 1}, selection={"ratio": 0.1}))
+    assert warm["stage_visits"]["visits_per_prompt"] == 7.69 and not warm["warnings"], "a warm start repeats by design"
 
 
 def test_run_estimate_charges_scoring_and_refreshes_to_the_selecting_stages_only():
@@ -226,4 +229,6 @@ def test_run_estimate_charges_scoring_and_refreshes_to_the_selecting_stages_only
     behaviour_once = ta["behaviour_rollouts_s"] / 6
     assert tb["total_s"] == pytest.approx(6 * 100 * tb["grpo_step_s"] + 2 * tb["scoring_per_stage_s"] + 2 * behaviour_once)
     assert "4 stages' scoring (curriculum.selected_stages)" in b["text"][0]
+    kept = b["disk_bytes"]["feature_stores"] / a["disk_bytes"]["feature_stores"]
+    assert kept == pytest.approx(2 / 6) and b["disk_bytes"]["trajectory_stores"] < a["disk_bytes"]["trajectory_stores"]
     assert "selected_stages" not in a["text"][0]
