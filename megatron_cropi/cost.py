@@ -303,24 +303,29 @@ def _selecting_stages(cfg, shape: StageShape) -> int:
 
 
 def estimate_run_time(cfg, shape: StageShape) -> dict:
-    """Seconds per stage (scoring + GRPO steps) and for the run: ``stages × steps + selecting stages ×
-    scoring + behaviour rollouts`` (once, plus one per refresh of a selecting stage; ``selected_stages``).
+    """Seconds per stage (scoring, the mean over the run's stages, + GRPO steps) and for the run: ``stages ×
+    steps + the selecting stages' scoring + behaviour rollouts`` (once, plus one per refresh of a selecting
+    stage; ``curriculum.selected_stages``: the first stages select, stage 0 scoring the whole live pool).
     Policies other than ``cropi`` score nothing; ``full``, ``random`` and ``online_learnability`` have no
     behaviour rollouts (the latter's per-stage pool rollouts are not priced)."""
     rollout, train = grpo_step_seconds(shape)
     steps = shape.steps_per_stage * (rollout + train)
     policy = cfg.selection.policy
+    selecting = _selecting_stages(cfg, shape)
     scoring = scoring_seconds(shape, options_from_config(cfg)) if policy == "cropi" else 0.0
+    # the selecting stages are the first ones: stage 0 scores the whole live pool, a shortlist the later ones
+    scoring_all = (sum(scoring_seconds(shape, options_from_config(cfg), stage=m) for m in range(selecting))
+                   if policy == "cropi" else 0.0)
     rollouts_needed = uses_behaviour_rollouts(policy)
     every = cfg.curriculum.refresh_behaviour_every
-    selecting = _selecting_stages(cfg, shape)
     refreshes = (selecting - 1) // every if every and rollouts_needed else 0
     behaviour = behaviour_seconds(shape) * (1 + refreshes) if rollouts_needed else 0.0
     stage = scoring + steps
     return {"grpo_step_s": rollout + train, "grpo_rollout_s": rollout, "grpo_train_s": train,
             "scoring_per_stage_s": scoring, "grpo_steps_per_stage_s": steps, "stage_s": stage,
             "behaviour_rollouts_s": behaviour, "behaviour_refreshes": refreshes, "selecting_stages": selecting,
-            "total_s": shape.stages * steps + selecting * scoring + behaviour, "stages": shape.stages,
+            "scoring_all_stages_s": scoring_all,
+            "total_s": shape.stages * steps + scoring_all + behaviour, "stages": shape.stages,
             "pool_prompts": shape.pool_prompts, "target_prompts": shape.target_prompts,
             "vllm_tokens_per_s": shape.vllm_tokens_per_s, "mean_response_tokens": shape.mean_response_tokens,
             "assumptions": ASSUMPTIONS}

@@ -207,7 +207,7 @@ def _feature_stores(cfg: RunConfig, rows: dict) -> dict:
     sets.update({f"target-{name}": n for name, n in rows.get("val", {}).items()})
     dtype = cfg.scoring.feature_dtype
     per_stage = sum(feature_store_bytes(n, k, dtype) for n in sets.values())
-    kept = 1 if cfg.curriculum.keep_features == "resume" else cfg.curriculum.stages
+    kept = 1 if cfg.curriculum.keep_features == "resume" else (cfg.curriculum.selected_stages or cfg.curriculum.stages)
     return {"label": f"computed: rows × k × {dtype}", "rows": sets, "k": k, "dtype": dtype,
             "per_stage_gib": round(per_stage / GIB, 3),
             "all_stages_gib": round(per_stage * kept / GIB, 3), "stages_kept": kept}
@@ -244,7 +244,8 @@ def stage_visits(cfg: RunConfig, pool_prompts: int) -> dict | None:
 def _visits_warning(cfg: RunConfig, visits: dict | None) -> list[str]:
     # a warm start (curriculum.selected_stages) repeats its selection only in its first stages, by design: the
     # ranking's gain comes within a stage, and the whole pool trains the rest
-    if visits is None or visits["visits_per_prompt"] <= MAX_VISITS_PER_STAGE or cfg.curriculum.selected_stages:
+    c = cfg.curriculum
+    if visits is None or visits["visits_per_prompt"] <= MAX_VISITS_PER_STAGE or 0 < c.selected_stages < c.stages:
         return []
     c = cfg.curriculum
     return [f"selection.ratio={cfg.selection.ratio:g} selects {visits['selected_prompts']} prompts, which a stage of "
@@ -254,14 +255,28 @@ def _visits_warning(cfg: RunConfig, visits: dict | None) -> list[str]:
             f"{visits['ratio_for_max_visits']:g} or shorten curriculum.steps_per_stage"]
 
 
+def _refresh_warning(cfg: RunConfig) -> list[str]:
+    """A refresh that never fires: every refresh stage lies past ``curriculum.selected_stages``."""
+    c = cfg.curriculum
+    if c.refresh_behaviour_every and 0 < c.selected_stages <= c.refresh_behaviour_every:
+        return [f"curriculum.refresh_behaviour_every={c.refresh_behaviour_every} never re-rolls: only stages below "
+                f"curriculum.selected_stages={c.selected_stages} select, and the first refresh is at stage "
+                f"{c.refresh_behaviour_every} (set it to 0, or select for more stages)"]
+    return []
+
+
 def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 360 else f"{seconds / 60:.1f} min"
 
 
-def _unscored_stages(time: dict) -> str:
-    """The stages past ``curriculum.selected_stages``, which train on the whole pool and score nothing."""
-    unscored = time["stages"] - time["selecting_stages"]
-    return f" − {unscored} stages' scoring (curriculum.selected_stages)" if unscored and time["scoring_per_stage_s"] else ""
+def _stages_text(time: dict, steps_per_stage: int) -> str:
+    """The run's stages in words: every stage scores, or only the first ``curriculum.selected_stages``."""
+    steps = f"{steps_per_stage} GRPO steps × {time['grpo_step_s']:.1f} s"
+    if time["selecting_stages"] == time["stages"] or not time["scoring_all_stages_s"]:
+        return (f"{time['stages']} stages × {_hours(time['stage_s'])} (scoring {_hours(time['scoring_per_stage_s'])}"
+                f" + {steps})")
+    return (f"{time['stages']} stages × {steps} + scoring {_hours(time['scoring_all_stages_s'])} for the first "
+            f"{time['selecting_stages']} (curriculum.selected_stages; the rest train on the whole pool)")
 
 
 def run_estimate(cfg: RunConfig, *, world_size: int, nodes: int, rows: dict) -> dict:
@@ -273,10 +288,8 @@ def run_estimate(cfg: RunConfig, *, world_size: int, nodes: int, rows: dict) -> 
     time, disk = estimate_run_time(cfg, shape), estimate_run_disk(cfg, shape)
     b = disk["bytes"]
     text = [
-        f"time: ~{_hours(time['total_s'])} in all = {time['stages']} stages × {_hours(time['stage_s'])} (scoring "
-        f"{_hours(time['scoring_per_stage_s'])} + {cfg.curriculum.steps_per_stage} GRPO steps × "
-        f"{time['grpo_step_s']:.1f} s){_unscored_stages(time)} + behaviour rollouts "
-        f"{_hours(time['behaviour_rollouts_s'])}; "
+        f"time: ~{_hours(time['total_s'])} in all = {_stages_text(time, cfg.curriculum.steps_per_stage)} + "
+        f"behaviour rollouts {_hours(time['behaviour_rollouts_s'])}; "
         f"{pool} pool and {targets} target prompts ({source}), {world_size} GPUs",
         f"time assumes: {time['assumptions']}",
         f"disk: ~{disk['total_bytes'] / GIB:.1f} GiB at the end = trajectory stores "
@@ -357,7 +370,7 @@ def dry_run(cfg: RunConfig, *, world_size: int | None = None, gpus_per_node: int
     if problems:
         raise DryRunError("dry run found problems:\n  - " + "\n  - ".join(problems))
     visits = stage_visits(cfg, _prompt_counts(cfg, rows)[0])
-    warnings += _visits_warning(cfg, visits)
+    warnings += _visits_warning(cfg, visits) + _refresh_warning(cfg)
     n_params = cfg.model.num_parameters()
     bytes_per = {"float32": 4, "bfloat16": 2, "float16": 2}[cfg.model.params_dtype]
     return {

@@ -6,7 +6,8 @@
 ``selection.policy: online_learnability`` replaces β's rollouts and the scoring by a roll-out of the
 pool at θ_m before each selection (its time is charged to the run clock as ``selection``).
 ``curriculum.refresh_behaviour_every: M`` re-rolls the behaviour sets at θ_m every M stages (before
-that stage's scoring); stages score the newest refresh.
+that stage's scoring); stages score the newest refresh. Stages past ``curriculum.selected_stages`` train
+on the whole pool: no refresh, scoring or probe.
 
 Every step leaves files under ``run.output_dir`` (their paths: :class:`~megatron_cropi.layout.RunLayout`)
 and is recorded in ``state.json``; a restarted run skips each step recorded as done, and resumes GRPO
@@ -25,7 +26,7 @@ from megatron_cropi.curriculum import behaviour, external, steps
 from megatron_cropi.curriculum.evaluate import EVAL_SEED_OFFSET, EvalLog, eval_line, evaluate_runtime
 from megatron_cropi.curriculum.faults import fault_point
 from megatron_cropi.curriculum.probe import probe_projection_quality
-from megatron_cropi.curriculum.report import publish_stage_report, write_final_report
+from megatron_cropi.curriculum.report import policy_label, publish_stage_report, write_final_report
 from megatron_cropi.curriculum.reuse import reuse_sources
 from megatron_cropi.curriculum.state import RunState
 from megatron_cropi.influence.feature_store import prune_feature_stores
@@ -267,18 +268,19 @@ class StageController:
             return
         curriculum = self.cfg.curriculum
         stores, t0 = {name: self.behaviour_store(stage, name) for name in features}, time.perf_counter()
+        skipped = "policy is not cropi" if curriculum.selects(stage) else "a whole-pool stage (curriculum.selected_stages)"
         probe = (probe_projection_quality(stage, features, self.scorer(), stores=stores,
                                           probe_prompts=curriculum.probe_prompts, max_params=curriculum.probe_max_params,
                                           max_target_prompts=self.cfg.selection.max_target_prompts,
-                                          seed=self.cfg.run.seed)
-                 if features else {"skipped": "policy is not cropi"})
+                                          seed=self.cfg.run.seed) if features else {"skipped": skipped})
         # a diagnostic: its time is not charged to the run clock, but reported
         self.mark_done(f"stage{stage}/probe", **probe, seconds=time.perf_counter() - t0)
 
     def step_online_rollouts(self, stage: int) -> Path:
         """``online_learnability``: ``curriculum.online_samples`` responses per pool prompt (or a random
         ``online_pool_fraction`` of the pool) from θ_m at GRPO's sampling, into ``rollouts/stage{m}/pool``;
-        their pass rates are the selection's. Other policies: β's pool store (which may not exist)."""
+        their pass rates are the selection's. Other policies (and whole-pool stages): the stage's behaviour
+        pool store (which may not exist)."""
         cfg, curriculum = self.cfg, self.cfg.curriculum
         if self.stage_selection(stage).policy != "online_learnability":
             return self.behaviour_store(stage, "pool")
@@ -390,8 +392,9 @@ class StageController:
         if not exported or not self.is_done("final_hf"):
             save_model_as_hf(self.runtime.trainer.ddp, self.groups, cfg.model, self.layout.final_hf, overwrite=True)
             self.mark_done("final_hf")
+        label = policy_label(cfg.selection.policy, cfg.curriculum.selected_stages, cfg.curriculum.stages)
         summary = on_rank0(lambda: write_final_report(
-            self.layout, self.state.data.get("info", {}), seconds=seconds, policy=cfg.selection.policy,
+            self.layout, self.state.data.get("info", {}), seconds=seconds, policy=label,
             stages=cfg.curriculum.stages, steps_per_stage=cfg.curriculum.steps_per_stage,
             target_family=self.prompts.target_family, plot=cfg.curriculum.plot))
         self.metrics.flush()

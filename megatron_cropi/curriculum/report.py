@@ -20,7 +20,7 @@ from megatron_cropi.selection.policies import Selection
 from megatron_cropi.utils.atomic import atomic_write_json, atomic_write_text
 from megatron_cropi.utils.rank_zero import on_rank0
 
-__all__ = ["write_stage_report", "publish_stage_report", "stage_scalars", "write_final_report", "plot_accuracy"]
+__all__ = ["write_stage_report", "publish_stage_report", "stage_scalars", "policy_label", "write_final_report", "plot_accuracy"]
 
 
 def write_stage_report(m: int, selection: Selection, previous: Selection | None, *, step_info: dict[str, dict],
@@ -175,6 +175,14 @@ def plot_accuracy(records: list[dict], path: Path, *, title: str, stage_steps: i
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(path)
+
+
+def policy_label(policy: str, selected_stages: int, stages: int) -> str:
+    """The policy as the run summary names it: ``cropi``, or with ``curriculum.selected_stages`` below the
+    stages, ``cropi for stages 0-0, then full``."""
+    if 0 < selected_stages < stages:
+        return f"{policy} for stages 0-{selected_stages - 1}, then full (curriculum.selected_stages)"
+    return policy
 
 
 def write_final_report(layout: RunLayout, step_info: dict[str, dict], *, seconds: float, policy: str, stages: int,

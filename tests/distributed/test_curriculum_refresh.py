@@ -1,5 +1,5 @@
 """``curriculum.refresh_behaviour_every``, ``selection.guard`` and ``scoring.shortlist`` in a whole ``cropi run``,
-with GRPO's dynamic sampling on (the CPU default's combination: a refresh per stage and dynamic sampling).
+with GRPO's dynamic sampling on (the previous CPU default's combination: a refresh per stage and dynamic sampling).
 
 With ``refresh_behaviour_every: 1`` stage 1 rolls the pool, the target set and the guard set out again
 at θ_1 (GRPO step 3) into ``rollouts/stage1/`` and scores those; the stores' headers name θ_1 and a

@@ -38,6 +38,9 @@ def test_stages_past_selected_stages_train_on_the_whole_pool_and_score_nothing(t
     done = set(state["done"])
     assert {"stage0/score/pool", "stage1/train"} <= done
     assert not any(s.startswith(("stage1/score", "stage1/refresh")) for s in done), sorted(done)
+    assert "whole-pool stage" in state["info"]["stage1/probe"]["skipped"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["policy"] == "cropi for stages 0-0, then full (curriculum.selected_stages)"
     assert [p.name for p in (out / "features").iterdir()] == ["stage0"]
     assert not (out / "rollouts" / "stage1").exists(), "stage 1 selects nothing: no refresh"
     report = json.loads((out / "reports" / "stage1.json").read_text())

@@ -208,6 +208,12 @@ def test_a_selection_visited_too_often_per_stage_is_warned_about_by_name(tmp_pat
     warm = dry_run(_cfg(tmp_path, model={"layer_spec": "local"}, grpo={"prompts_per_step": 32, "micro_batch_prompts": 32},
                         curriculum={"steps_per_stage": 50, "selected_stages": 1}, selection={"ratio": 0.1}))
     assert warm["stage_visits"]["visits_per_prompt"] == 7.69 and not warm["warnings"], "a warm start repeats by design"
+    every = dry_run(_cfg(tmp_path, model={"layer_spec": "local"}, grpo={"prompts_per_step": 32, "micro_batch_prompts": 32},
+                         curriculum={"steps_per_stage": 50, "selected_stages": 2, "stages": 2}, selection={"ratio": 0.1}))
+    assert any("7.7 times each" in w for w in every["warnings"]), "selected_stages = stages selects at every stage"
+    never = dry_run(_cfg(tmp_path, model={"layer_spec": "local"},
+                         curriculum={"selected_stages": 1, "refresh_behaviour_every": 1}))
+    assert any(w.startswith("curriculum.refresh_behaviour_every=1 never re-rolls") for w in never["warnings"])
 
 
 def test_run_estimate_charges_scoring_and_refreshes_to_the_selecting_stages_only():
@@ -228,7 +234,17 @@ def test_run_estimate_charges_scoring_and_refreshes_to_the_selecting_stages_only
     assert (tb["selecting_stages"], tb["behaviour_refreshes"]) == (2, 1)
     behaviour_once = ta["behaviour_rollouts_s"] / 6
     assert tb["total_s"] == pytest.approx(6 * 100 * tb["grpo_step_s"] + 2 * tb["scoring_per_stage_s"] + 2 * behaviour_once)
-    assert "4 stages' scoring (curriculum.selected_stages)" in b["text"][0]
+    assert "scoring" in b["text"][0] and "for the first 2 (curriculum.selected_stages" in b["text"][0]
+    # with a shortlist, stage 0 scores the whole live pool and later stages part of it: the selecting stages
+    # (the first ones) are charged what they score, not the run's mean per stage
+    def with_shortlist(n):
+        curriculum = dataclasses.replace(every.curriculum, selected_stages=n)
+        scoring = dataclasses.replace(every.scoring, shortlist=dataclasses.replace(every.scoring.shortlist, fraction=0.5))
+        return run_estimate(dataclasses.replace(every, curriculum=curriculum, scoring=scoring), world_size=16, nodes=2,
+                            rows=rows)["time_seconds"]
+    one, two = with_shortlist(1), with_shortlist(2)
+    assert one["scoring_all_stages_s"] > one["scoring_per_stage_s"], "stage 0 scores more than the mean stage"
+    assert one["scoring_all_stages_s"] < two["scoring_all_stages_s"] < 2 * one["scoring_all_stages_s"]
     kept = b["disk_bytes"]["feature_stores"] / a["disk_bytes"]["feature_stores"]
     assert kept == pytest.approx(2 / 6) and b["disk_bytes"]["trajectory_stores"] < a["disk_bytes"]["trajectory_stores"]
     assert "selected_stages" not in a["text"][0]

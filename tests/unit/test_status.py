@@ -97,3 +97,20 @@ def test_status_of_a_finished_run_through_the_cli(running, capsys):
 def test_status_of_a_directory_without_a_run(tmp_path, capsys):
     assert main(["status", str(tmp_path)]) == 2
     assert "not a `cropi run` directory" in capsys.readouterr().err
+
+
+def test_status_counts_scoring_only_for_the_stages_that_select(tmp_path):
+    """``curriculum.selected_stages: 1``: stage 0 scored and selected; stage 1's whole-pool selection costs
+    no scoring, and stage 2 will score nothing either: only training and evaluations remain."""
+    cfg = to_dict(from_dict(RunConfig, {"run": {"output_dir": str(tmp_path / "run")},
+                                        "curriculum": {"stages": 3, "steps_per_stage": 10, "selected_stages": 1,
+                                                       "eval": {"every": 5}}}))
+    layout = RunLayout(tmp_path / "run")
+    state = RunState.open(layout.root, cfg)
+    _stage(state, layout, 0, {"add3c": 12, "add2": 8})
+    state.mark_done("stage0/train", {"step": 10})
+    state.mark_done("stage0/report")
+    state.mark_done("stage1/select", {"seconds": 0.1})
+    state.update(train_step=14, stage=1, clock={"rollouts": 10.0, "scoring": 12.0, "selection": 1.0, "training": 28.0})
+    s = run_status(layout.root)
+    assert s["estimated_seconds_left"] == pytest.approx(16 * 2)  # 16 steps at 2 s; no evaluations logged yet
