@@ -108,7 +108,9 @@ def test_every_method_starts_from_the_papers_setting_and_the_cpu_default_is_one_
     assert base["grpo"]["dynamic_sampling"] == {"enabled": False}
     default = yaml.safe_load((ROOT / "examples/configs/tiny_cpu.yaml").read_text())
     method = json.loads(json.dumps(base))
-    for key, value in bench.METHODS["cropi_first1_r10_dynamic"].items():
+    assert bench.CPU_DEFAULT_METHOD == "cropi_first1_r10_dynamic" and bench.CPU_DEFAULT_METHOD in bench.DEFAULT_METHODS
+    assert {"full", "random", "learnability", "online_learnability", "dynamic_sampling"} <= set(bench.DEFAULT_METHODS)
+    for key, value in bench.METHODS[bench.CPU_DEFAULT_METHOD].items():
         bench.set_key(method, key, value)
     for section, key in (("selection", "policy"), ("selection", "ratio"), ("curriculum", "refresh_behaviour_every"),
                          ("curriculum", "selected_stages"), ("grpo", "dynamic_sampling")):
