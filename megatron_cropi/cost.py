@@ -297,8 +297,7 @@ def options_from_config(cfg) -> ScoringOptions:
                           shortlist=s.shortlist.fraction, last_layers=s.last_layers if s.truncate_backward else 0)
 
 
-def _selecting_stages(cfg, shape: StageShape) -> int:
-    """Stages that score and select (``curriculum.selected_stages``; the rest train on the whole pool)."""
+def _selecting_stages(cfg, shape: StageShape) -> int:  # curriculum.selected_stages; the rest: the whole pool
     return min(cfg.curriculum.selected_stages or shape.stages, shape.stages)
 
 

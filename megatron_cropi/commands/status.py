@@ -149,7 +149,8 @@ def run_status(run_dir: str | Path, *, now: float | None = None) -> dict:
     if not finished:
         # curriculum.selected_stages: only the first stages score and select; the rest add training only
         selecting = min(int(cur.get("selected_stages", 0) or 0) or stages, stages)
-        selects_done = len([s for s in done if (m := re.fullmatch(r"stage(\d+)/select", s)) and int(m.group(1)) < selecting])
+        selects_done = len([s for s in done
+                            if (m := re.fullmatch(r"stage(\d+)/select", s)) and int(m.group(1)) < selecting])
         out["estimated_seconds_left"] = _estimate_left(
             clock, step, stages * per_stage, selects_done, selecting, evals, int(cur.get("eval", {}).get("every", 0)))
     return out

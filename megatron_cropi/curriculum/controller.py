@@ -6,8 +6,8 @@
 ``selection.policy: online_learnability`` replaces β's rollouts and the scoring by a roll-out of the
 pool at θ_m before each selection (its time is charged to the run clock as ``selection``).
 ``curriculum.refresh_behaviour_every: M`` re-rolls the behaviour sets at θ_m every M stages (before
-that stage's scoring); stages score the newest refresh. Stages past ``curriculum.selected_stages`` train
-on the whole pool: no refresh, scoring or probe.
+that stage's scoring); stages score the newest refresh. Stages past ``curriculum.selected_stages``
+train on the whole pool: no refresh, scoring or probe.
 
 Every step leaves files under ``run.output_dir`` (their paths: :class:`~megatron_cropi.layout.RunLayout`)
 and is recorded in ``state.json``; a restarted run skips each step recorded as done, and resumes GRPO
@@ -87,10 +87,6 @@ class StageController:
         the wall-clock axis of the curriculum benchmark (evaluation time is not charged)."""
         clock = self.state.data.setdefault("clock", {})
         clock[phase] = clock.get(phase, 0.0) + float(seconds)
-
-    @property
-    def clock_seconds(self) -> float:
-        return float(sum(self.state.data.get("clock", {}).values()))
 
     # -- the run ------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -188,8 +184,7 @@ class StageController:
         self._roll_out_behaviour(stage, f"{self.policy_identity()}+grpo-step{trainer_step}")
         self.mark_done(step, seconds=time.perf_counter() - t0, policy_step=trainer_step)
 
-    def stage_selection(self, stage: int) -> SelectionConfig:
-        """``selection``, or the whole pool for a stage past ``curriculum.selected_stages``."""
+    def stage_selection(self, stage: int) -> SelectionConfig:  # the whole pool past curriculum.selected_stages
         return steps.stage_selection(self.cfg.selection, self.cfg.curriculum.selects(stage))
 
     def require_stage_start(self, stage: int, what: str) -> None:
@@ -268,13 +263,12 @@ class StageController:
             return
         curriculum = self.cfg.curriculum
         stores, t0 = {name: self.behaviour_store(stage, name) for name in features}, time.perf_counter()
-        skipped = "policy is not cropi" if curriculum.selects(stage) else "a whole-pool stage (curriculum.selected_stages)"
+        skipped = "policy is not cropi" if curriculum.selects(stage) else "whole-pool stage (curriculum.selected_stages)"
         probe = (probe_projection_quality(stage, features, self.scorer(), stores=stores,
                                           probe_prompts=curriculum.probe_prompts, max_params=curriculum.probe_max_params,
                                           max_target_prompts=self.cfg.selection.max_target_prompts,
                                           seed=self.cfg.run.seed) if features else {"skipped": skipped})
-        # a diagnostic: its time is not charged to the run clock, but reported
-        self.mark_done(f"stage{stage}/probe", **probe, seconds=time.perf_counter() - t0)
+        self.mark_done(f"stage{stage}/probe", **probe, seconds=time.perf_counter() - t0)  # reported, not charged
 
     def step_online_rollouts(self, stage: int) -> Path:
         """``online_learnability``: ``curriculum.online_samples`` responses per pool prompt (or a random
@@ -371,7 +365,7 @@ class StageController:
             return done
         rec = evaluate_runtime(self.runtime, self.groups, self.prompts, self.cfg.curriculum.eval,
                                seed=self.cfg.run.seed + EVAL_SEED_OFFSET)
-        rec["clock_seconds"] = self.clock_seconds
+        rec["clock_seconds"] = float(sum(self.state.data.get("clock", {}).values()))  # the run clock so far
         self.metrics.log(step, {k: v for k, v in rec.items() if isinstance(v, float)}, prefix="eval")
         on_rank0(lambda: self.eval_log.append(rec))
         self.log(eval_line(rec))

@@ -20,7 +20,8 @@ from megatron_cropi.selection.policies import Selection
 from megatron_cropi.utils.atomic import atomic_write_json, atomic_write_text
 from megatron_cropi.utils.rank_zero import on_rank0
 
-__all__ = ["write_stage_report", "publish_stage_report", "stage_scalars", "policy_label", "write_final_report", "plot_accuracy"]
+__all__ = ["write_stage_report", "publish_stage_report", "stage_scalars", "policy_label", "write_final_report",
+           "plot_accuracy"]
 
 
 def write_stage_report(m: int, selection: Selection, previous: Selection | None, *, step_info: dict[str, dict],
