@@ -297,10 +297,6 @@ def options_from_config(cfg) -> ScoringOptions:
                           shortlist=s.shortlist.fraction, last_layers=s.last_layers if s.truncate_backward else 0)
 
 
-def _selecting_stages(cfg, shape: StageShape) -> int:  # curriculum.selected_stages; the rest: the whole pool
-    return min(cfg.curriculum.selected_stages or shape.stages, shape.stages)
-
-
 def estimate_run_time(cfg, shape: StageShape) -> dict:
     """Seconds per stage (scoring, the mean over the run's stages, + GRPO steps) and for the run: ``stages ×
     steps + the selecting stages' scoring + behaviour rollouts`` (once, plus one per refresh of a selecting
@@ -310,7 +306,7 @@ def estimate_run_time(cfg, shape: StageShape) -> dict:
     rollout, train = grpo_step_seconds(shape)
     steps = shape.steps_per_stage * (rollout + train)
     policy = cfg.selection.policy
-    selecting = _selecting_stages(cfg, shape)
+    selecting = min(cfg.curriculum.selecting_stages, shape.stages)  # the rest: the whole pool
     scoring = scoring_seconds(shape, options_from_config(cfg)) if policy == "cropi" else 0.0
     # the selecting stages are the first ones: stage 0 scores the whole live pool, a shortlist the later ones
     scoring_all = (sum(scoring_seconds(shape, options_from_config(cfg), stage=m) for m in range(selecting))
@@ -338,7 +334,7 @@ def estimate_run_disk(cfg, shape: StageShape) -> dict:
     policy = cfg.selection.policy
     rollouts_needed = uses_behaviour_rollouts(policy)
     every = cfg.curriculum.refresh_behaviour_every
-    selecting = _selecting_stages(cfg, shape)
+    selecting = min(cfg.curriculum.selecting_stages, shape.stages)  # the rest: the whole pool
     rolled = 1 + ((selecting - 1) // every if every else 0)
     prompt_bytes = (shape.pool_prompts + shape.target_prompts) * shape.max_prompt_tokens * STORE_BYTES_PER_PROMPT_TOKEN
     response_bytes = ((shape.pool_prompts * shape.pool_samples + shape.target_prompts * shape.target_samples)

@@ -207,7 +207,7 @@ def _feature_stores(cfg: RunConfig, rows: dict) -> dict:
     sets.update({f"target-{name}": n for name, n in rows.get("val", {}).items()})
     dtype = cfg.scoring.feature_dtype
     per_stage = sum(feature_store_bytes(n, k, dtype) for n in sets.values())
-    kept = 1 if cfg.curriculum.keep_features == "resume" else (cfg.curriculum.selected_stages or cfg.curriculum.stages)
+    kept = 1 if cfg.curriculum.keep_features == "resume" else cfg.curriculum.selecting_stages
     return {"label": f"computed: rows × k × {dtype}", "rows": sets, "k": k, "dtype": dtype,
             "per_stage_gib": round(per_stage / GIB, 3),
             "all_stages_gib": round(per_stage * kept / GIB, 3), "stages_kept": kept}

@@ -215,5 +215,10 @@ class CurriculumConfig:
         return self.selected_stages == 0 or stage < self.selected_stages
 
     @property
+    def selecting_stages(self) -> int:
+        """How many stages select: ``selected_stages``, or every stage when it is 0."""
+        return self.selected_stages or self.stages
+
+    @property
     def total_steps(self) -> int:
         return self.stages * self.steps_per_stage

@@ -129,6 +129,8 @@ def test_selected_stages_bounds_and_the_whole_pool_past_them():
         CurriculumConfig(stages=2, selected_stages=3)
     assert [CurriculumConfig(stages=3).selects(m) for m in range(3)] == [True] * 3
     assert [CurriculumConfig(stages=3, selected_stages=1).selects(m) for m in range(3)] == [True, False, False]
+    assert (CurriculumConfig(stages=3).selecting_stages, CurriculumConfig(stages=3, selected_stages=1).selecting_stages) \
+        == (3, 1)
     cfg = SelectionConfig(policy="cropi", ratio=0.1, guard=GuardConfig(source="check"), exclude_previous=True)
     assert stage_selection(cfg, True) is cfg
     whole = stage_selection(cfg, False)
