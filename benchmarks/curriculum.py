@@ -118,6 +118,9 @@ METHODS: dict[str, dict] = {
     "cropi_first1_r10_dynamic_last1": {"selection.policy": "cropi", "selection.ratio": 0.1,
                                        "grpo.dynamic_sampling": {"enabled": True}, "curriculum.selected_stages": 1,
                                        "scoring.last_layers": 1, "scoring.truncate_backward": True},
+    # the warm start's control: a random 10% of the pool for stage 0 (no β rollouts, no scoring), then the same
+    "random_first1_r10_dynamic": {"selection.policy": "random", "selection.ratio": 0.1,
+                                  "grpo.dynamic_sampling": {"enabled": True}, "curriculum.selected_stages": 1},
     # the same without influence: refreshed every stage, a random 30% of the prompts with reward variance at θ_m
     # (K = 8: pass rates 1/8..7/8), dynamic sampling; what the on-policy zero-variance filter alone is worth
     "band_refresh1_r30_dynamic": {"selection.policy": "pass_rate_band", "selection.pass_rate_band": [0.1, 0.9],
@@ -138,7 +141,7 @@ COLORS = {"cropi": "C3", "full": "C0", "random": "C7", "learnability": "C2", "on
           "cropi_r50_dynamic": "C5", "cropi_refresh1": "C8", "cropi_refresh1_r30_dynamic": "C6",
           "cropi_refresh1_r10_dynamic": "C3", "cropi_refresh1_r10_dynamic_last1": "C1",
           "band_refresh1_r30_dynamic": "C2", "cropi_first1_r10_dynamic": "C5",
-          "cropi_first1_r10_dynamic_last1": "C6"}
+          "cropi_first1_r10_dynamic_last1": "C6", "random_first1_r10_dynamic": "C8"}
 # two-sided 95% Student-t quantiles t_{0.975, df}; beyond 30 degrees of freedom 1.96 is used
 T975 = [None, 12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045,
