@@ -115,3 +115,26 @@ def test_every_method_starts_from_the_papers_setting_and_the_cpu_default_is_one_
     for section, key in (("selection", "policy"), ("selection", "ratio"), ("curriculum", "refresh_behaviour_every"),
                          ("curriculum", "selected_stages"), ("grpo", "dynamic_sampling")):
         assert method[section][key] == default[section][key], (section, key)
+
+
+def test_every_method_is_a_valid_run_config(tmp_path):
+    """Each method's overrides, on the benchmark's base, load as a run config (a misspelt key or a bad
+    value would otherwise fail only minutes into a benchmark run)."""
+    import argparse
+
+    import yaml
+
+    from megatron_cropi.run_config import load_run_config
+
+    args = argparse.Namespace(target="sub3", stages=6, steps_per_stage=50, eval_every=10, eval_max_prompts=0)
+    for name, overrides in bench.METHODS.items():
+        cfg = json.loads(json.dumps(bench.base_config(args)))
+        cfg["run"]["output_dir"] = str(tmp_path / name)
+        for key, value in overrides.items():
+            bench.set_key(cfg, key, value)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        loaded = load_run_config(path)
+        assert loaded.selection.policy == overrides["selection.policy"], name
+        if "curriculum.selected_stages" in overrides:
+            assert loaded.curriculum.selecting_stages == overrides["curriculum.selected_stages"], name
