@@ -10,6 +10,7 @@
     features/stage{m}/{pool,target-<name>}/  feature stores at θ_m (``features/<tag>/`` for ``cropi score``)
     selections/stage{m}.json                 each stage's chosen prompts
     rankings/stage{m}.json                   every pool prompt's carried influence score (shortlist; not scale-out)
+    background/stage{m}/                     curriculum.background_scoring: θ_m (HF), the job, its result and log
     checkpoints/step_N/                      GRPO checkpoints (model, optimizer, RNG, data position)
     metrics/eval.jsonl                       evaluations against GRPO step
     tensorboard/                             TensorBoard event files
@@ -72,6 +73,11 @@ class RunLayout:
     def ranking(self, m: int) -> Path:
         """The carried influence score of every pool prompt after stage ``m`` (``influence/shortlist.py``)."""
         return self.root / "rankings" / f"stage{m}.json"
+
+    def background(self, m: int) -> Path:
+        """Stage ``m``'s background scoring job (``curriculum.background_scoring``): ``policy_hf/`` (θ_m when
+        it is not β's directory), ``job.json``, ``result.json``, ``log``."""
+        return self.root / "background" / f"stage{m}"
 
     @property
     def checkpoints(self) -> Path:

@@ -101,6 +101,8 @@ class RunConfig:
         if self.curriculum.refresh_behaviour_every and policy not in ("cropi", "learnability", "pass_rate_band"):
             raise ConfigError("curriculum.refresh_behaviour_every", f"{self.curriculum.refresh_behaviour_every}: "
                               f"selection.policy {policy} uses no behaviour rollouts (set it to 0)")
+        if self.curriculum.background_scoring:
+            self._check_background_scoring()
         if self.selection.guard.enabled and policy != "cropi":
             raise ConfigError("selection.guard.source", f"{self.selection.guard.source}: the guard applies to "
                               f"selection.policy cropi only, not {policy} (set it to none)")
@@ -112,6 +114,20 @@ class RunConfig:
             if self.selection.guard.source == "pool":
                 raise ConfigError("scoring.scale_out", "true with selection.guard.source pool: the pool's mean "
                                   "gradient would gather the pool's vectors; use guard source check or none")
+
+    def _check_background_scoring(self) -> None:
+        why = None
+        if self.selection.policy != "cropi":
+            why = f"selection.policy {self.selection.policy} makes no scoring to move off the critical path"
+        elif self.curriculum.trainer.kind != "native":
+            why = f"curriculum.trainer.kind {self.curriculum.trainer.kind}: the stage is trained by a command, " \
+                  "so there is no training to overlap"
+        elif self.scoring.shortlist.enabled:
+            why = "scoring.shortlist is on: the shortlist reads the ranking of the stage that is still training"
+        elif self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size != 1:
+            why = "the background scorer is one process: TP and PP must be 1"
+        if why:
+            raise ConfigError("curriculum.background_scoring", f"true: {why} (set it to false)")
 
     def refuse_interleaved_schedule(self, command: str) -> None:
         """Refuse the interleaved (virtual pipeline) schedule by name unless ``command`` supports it.

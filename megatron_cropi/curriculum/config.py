@@ -158,6 +158,13 @@ class CurriculumConfig:
     (policy ``full``: no refresh, scoring or selection is made for it). 0: every stage selects. A warm start:
     the influence ranking steers the first stages, where it gains the most steps, and the pool's breadth
     the rest (``benchmarks/curriculum.py``, ``cropi_first1_r10_dynamic``)."""
+    background_scoring: bool = False
+    """Score and select each selecting stage off the critical path (``curriculum/background.py``): a
+    background process scores β's (or the refresh's) trajectories at θ_m and selects while stage m
+    trains on the whole pool; the stage switches to the selection at the first step after it is ready.
+    The run clock charges only what still delays training (exporting θ_m, any wait at the stage's end);
+    the background work is recorded beside it (``background_clock``). Needs ``selection.policy: cropi``,
+    one process (world size 1) and the native trainer."""
     reuse_rollouts_from: str = ""
     """Another run's ``run.output_dir`` whose behaviour stores (``rollouts/<set>``) this run reuses instead of
     rolling out, set by set, when a store is complete and its header equals the one this run would write

@@ -5,7 +5,8 @@
 
 ``selection.policy: online_learnability`` replaces β's rollouts and the scoring by a roll-out of the
 pool at θ_m before each selection (its time is charged to the run clock as ``selection``).
-``curriculum.refresh_behaviour_every: M`` re-rolls the behaviour sets at θ_m every M stages (before
+``curriculum.background_scoring`` moves a stage's scoring, probe and selection into a background process
+while the stage trains on the whole pool (:mod:`.background_stage`). ``curriculum.refresh_behaviour_every: M`` re-rolls the behaviour sets at θ_m every M stages (before
 that stage's scoring); stages score the newest refresh. Stages past ``curriculum.selected_stages``
 train on the whole pool: no refresh, scoring or probe.
 
@@ -20,13 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
-from megatron_cropi.curriculum import behaviour, external, steps
+from megatron_cropi.curriculum import background_stage, behaviour, external, steps
 from megatron_cropi.curriculum.evaluate import EVAL_SEED_OFFSET, EvalLog, eval_line, evaluate_runtime
 from megatron_cropi.curriculum.faults import fault_point
 from megatron_cropi.curriculum.probe import probe_projection_quality
 from megatron_cropi.curriculum.report import policy_label, publish_stage_report, write_final_report
+from megatron_cropi.curriculum.resume import resume_training
 from megatron_cropi.curriculum.reuse import reuse_sources
 from megatron_cropi.curriculum.state import RunState
 from megatron_cropi.influence.feature_store import prune_feature_stores
@@ -62,6 +65,7 @@ class StageController:
         self.eval_log = EvalLog(self.layout.eval_log)
         self.projector = build_projector(cfg.projection) if cfg.selection.policy == "cropi" else None
         self.runtime: PolicyRuntime | None = None
+        self.background_scorers: dict = {}  # stage -> its BackgroundScorer (curriculum.background_scoring)
 
     def log(self, msg: str) -> None:
         if self.is_rank0:
@@ -82,10 +86,11 @@ class StageController:
         else:
             self.state.data["done"].append(name)
 
-    def charge(self, phase: str, seconds: float) -> None:
+    def charge(self, phase: str, seconds: float, *, background: bool = False) -> None:
         """Charge ``seconds`` of method work (rollouts, scoring, selection, training) to the run's clock,
-        the wall-clock axis of the curriculum benchmark (evaluation time is not charged)."""
-        clock = self.state.data.setdefault("clock", {})
+        the wall-clock axis of the curriculum benchmark (evaluation time is not charged); ``background``:
+        to ``background_clock``, work done beside training that delayed no step."""
+        clock = self.state.data.setdefault("background_clock" if background else "clock", {})
         clock[phase] = clock.get(phase, 0.0) + float(seconds)
 
     # -- the run ------------------------------------------------------------------------------------
@@ -98,22 +103,26 @@ class StageController:
                                      total_steps=curriculum.total_steps, metrics=self.metrics,
                                      checkpoint_dir=self.layout.checkpoints)
         try:
+            background_stage.prestart(self)
             self.step_behaviour_rollouts()
-            self.resume_training()
+            resume_training(self)
             for stage in range(curriculum.stages):
                 if self.is_done(f"stage{stage}/report"):
                     continue
                 self.step_refresh_behaviour(stage)
-                features = self.step_score(stage)
-                self.step_probe(stage, features)
-                pool_rollouts = self.step_online_rollouts(stage)
-                selection = self.step_select(stage, features, pool_rollouts)
-                self.prune_features()
-                self.step_train(stage, selection)
+                if background_stage.uses_background(self.cfg, self.stage_selection(stage).policy):
+                    selection = background_stage.train_stage(self, stage)
+                else:
+                    features = self.step_score(stage)
+                    self.step_probe(stage, features)
+                    selection = self.step_select(stage, features, self.step_online_rollouts(stage))
+                    self.prune_features()
+                    self.step_train(stage, selection)
                 self.step_report(stage, selection)
             self.prune_features()
             return self.finish(time.perf_counter() - t0)
         finally:
+            background_stage.stop_all(self)
             self.runtime.close()
 
     # -- steps ----------------------------------------------------------------------------------------
@@ -200,27 +209,6 @@ class StageController:
             self._beta_identity = share_from_rank0(
                 policy_identity(self.cfg, self.runtime.hf_dir) if self.is_rank0 else None)
         return self._beta_identity
-
-    def resume_training(self) -> None:
-        """Load the latest GRPO checkpoint (if any) with its stage's prompt set for the data position."""
-        from megatron_cropi.checkpoint.dist_ckpt import latest_checkpoint, read_checkpoint_meta
-
-        if self.cfg.curriculum.trainer.kind == "external":  # θ of the last stage the user's command trained
-            return external.resume(self)
-        # rank 0 reads the directory and every rank acts on what it found (a shared filesystem may
-        # show a new checkpoint to some nodes later than to others)
-        ckpt = share_from_rank0(latest_checkpoint(self.layout.checkpoints) if self.is_rank0 else None)
-        if ckpt is None:
-            return
-        trainer = self.runtime.trainer
-        step = int(read_checkpoint_meta(ckpt)["step"])
-        stage = max(step - 1, 0) // max(self.cfg.curriculum.steps_per_stage, 1)
-        selection = on_rank0(lambda: steps.read_selection(self.layout.selection(stage)))
-        if selection is not None:
-            trainer.set_prompts(steps.selected_prompts(self.prompts.pool, selection))
-        trainer.load(ckpt)
-        on_rank0(lambda: self.eval_log.truncate_after(step))
-        self.log(f"[resume] from {ckpt.name} (step {step}, stage {stage})")
 
     def scorer(self) -> PolicyScorer:
         """The policy as it is now, ready to score stored trajectories."""
@@ -327,8 +315,10 @@ class StageController:
         if freed:
             self.log(f"[features] deleted {freed / 2**20:.1f} MiB of feature stores (curriculum.keep_features: resume)")
 
-    def step_train(self, stage: int, selection: Selection) -> None:
-        """GRPO steps ``m·T .. (m+1)·T`` of stage m on the selection; state after every step; checkpoint at the end."""
+    def step_train(self, stage: int, selection: Selection | None = None, *, switch=None) -> None:
+        """GRPO steps ``m·T .. (m+1)·T`` of stage m on the selection; state after every step; checkpoint at the
+        end. ``switch`` (a background stage's :class:`~.background_stage.StageSwitch`): the stage starts on
+        its prompts, changes them when it says, and its scorer is paused while evaluating."""
         if self.is_done(f"stage{stage}/train"):
             return
         if self.cfg.curriculum.trainer.kind == "external":  # the user's command trains it (curriculum/external.py)
@@ -336,13 +326,17 @@ class StageController:
         curriculum, trainer = self.cfg.curriculum, self.runtime.trainer
         start, end = stage * curriculum.steps_per_stage, (stage + 1) * curriculum.steps_per_stage
         if trainer.step_count == start:
-            trainer.set_prompts(steps.selected_prompts(self.prompts.pool, selection))
+            trainer.set_prompts(switch.prompts_at(start) if switch else steps.selected_prompts(self.prompts.pool, selection))
         elif not start < trainer.step_count <= end:
             raise RuntimeError(f"stage {stage} covers steps {start}..{end}, but the policy is at step {trainer.step_count}")
+        paused = switch.paused if switch else nullcontext
         if trainer.step_count == 0:
-            self.evaluate()
+            with paused():
+                self.evaluate()
         t0 = time.perf_counter()
         while trainer.step_count < end:
+            if switch and (prompts := switch.before_step(trainer.step_count)):
+                trainer.set_prompts(prompts)
             t_step = time.perf_counter()
             metrics = trainer.step()
             self.charge("training", time.perf_counter() - t_step)
@@ -350,7 +344,8 @@ class StageController:
             if self.is_rank0:
                 self.state.update(train_step=trainer.step_count, stage=stage)
             if trainer.step_count % curriculum.eval.every == 0 or trainer.step_count == curriculum.total_steps:
-                self.evaluate()
+                with paused():
+                    self.evaluate()
             if trainer.step_count % 10 == 0:
                 self.log(f"[train] step {trainer.step_count}: reward {metrics.get('reward', float('nan')):.3f}")
         last = trainer.save_unless_current()
@@ -366,6 +361,7 @@ class StageController:
         rec = evaluate_runtime(self.runtime, self.groups, self.prompts, self.cfg.curriculum.eval,
                                seed=self.cfg.run.seed + EVAL_SEED_OFFSET)
         rec["clock_seconds"] = float(sum(self.state.data.get("clock", {}).values()))  # the run clock so far
+        rec["background_seconds"] = float(sum(self.state.data.get("background_clock", {}).values()))
         self.metrics.log(step, {k: v for k, v in rec.items() if isinstance(v, float)}, prefix="eval")
         on_rank0(lambda: self.eval_log.append(rec))
         self.log(eval_line(rec))

@@ -1,0 +1,205 @@
+"""A selecting stage with its scoring off the critical path (``curriculum.background_scoring``).
+
+    the scorer process started early (it loads while the parent rolls out, or trains the stage before)
+    θ_m as an HF directory (β's at stage 0; else exported, charged)  →  submit the job to the scorer
+    GRPO steps of stage m on the whole pool; before each step: is the scorer done?
+        yes → record score/probe/select (``switch_step`` = this step)  →  the rest of the stage on the selection
+    the stage's last step done and the scorer not: wait for it (charged)  →  ``switch_step`` null
+
+The prompt set in force at any step is a function of the recorded switch (:func:`prompts_in_force`), so a
+run killed anywhere resumes to the end state of an uninterrupted run that switched at the same step: a
+checkpoint before the switch trains on the pool again and switches at the recorded step; a run killed
+before the switch was recorded starts a new scorer, which resumes the feature stores.
+
+``CROPI_BACKGROUND_SWITCH_AT=N`` (tests only) makes the switch deterministic: no poll before step N, a
+wait for the scorer at step N.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+
+from megatron_cropi.curriculum import steps
+from megatron_cropi.curriculum.background import BackgroundJob, BackgroundScorer
+from megatron_cropi.influence.scorer import ScoreStats
+from megatron_cropi.records import PromptRecord
+from megatron_cropi.selection.policies import Selection
+from megatron_cropi.utils.atomic import atomic_write_text
+from megatron_cropi.wiring import RunInputError
+
+__all__ = ["SWITCH_AT_ENV", "uses_background", "prompts_in_force", "StageSwitch", "prestart", "stop_all",
+           "train_stage"]
+
+SWITCH_AT_ENV = "CROPI_BACKGROUND_SWITCH_AT"
+
+
+def uses_background(cfg, stage_policy: str) -> bool:
+    """Whether a stage whose selection policy is ``stage_policy`` scores in the background."""
+    return bool(cfg.curriculum.background_scoring) and stage_policy == "cropi"
+
+
+def prompts_in_force(pool: Sequence[PromptRecord], selected: Sequence[PromptRecord] | None,
+                     switch_step: int | None, step: int) -> list[PromptRecord]:
+    """The prompts GRPO step ``step`` (1-based: the checkpoint ``step_<step>``) drew from: the selection
+    after ``switch_step`` (the steps done when the stage switched), the whole pool up to it, and
+    throughout when the selection came too late (``switch_step`` None)."""
+    if selected is None or switch_step is None or step <= switch_step:
+        return list(pool)
+    return list(selected)
+
+
+class StageSwitch:
+    """``StageController.step_train``'s hooks for a background stage: the set at a step, the switch, pauses.
+
+    Args:
+        on_ready: ``on_ready(result, step)`` records the scorer's result and returns the selection.
+    """
+
+    def __init__(self, pool: Sequence[PromptRecord], *, scorer: BackgroundScorer | None = None,
+                 selection: Selection | None = None, switch_step: int | None = None, on_ready=None,
+                 switch_at: int | None = None):
+        self.pool, self.scorer, self.on_ready, self.switch_at = list(pool), scorer, on_ready, switch_at
+        self.selection, self.switch_step = selection, switch_step
+
+    def _selected(self) -> list[PromptRecord] | None:
+        return steps.selected_prompts(self.pool, self.selection) if self.selection is not None else None
+
+    def prompts_at(self, step: int) -> list[PromptRecord]:
+        """The set in force after ``step`` steps (before the switch :meth:`before_step` makes there)."""
+        return prompts_in_force(self.pool, self._selected(), self.switch_step, step)
+
+    def before_step(self, step: int) -> list[PromptRecord] | None:
+        """The selection when the stage switches to it before ``step``'s GRPO step, else None."""
+        if self.selection is None and self.scorer is not None:
+            if self.switch_at is not None:
+                result = self.scorer.wait() if step == self.switch_at else None
+            else:
+                result = self.scorer.poll()
+            if result is not None:
+                self.selection, self.switch_step = self.on_ready(result, step), step
+                return self._selected()
+            return None
+        return self._selected() if self.switch_step == step else None
+
+    def paused(self):
+        """A block the scorer does not run in (evaluation)."""
+        return self.scorer.paused() if self.scorer is not None and self.selection is None else nullcontext()
+
+
+def _policy_dir(controller, stage: int) -> str:
+    """θ_m as an HF directory: β's at stage 0 (when β has one), else ``background/stage{m}/policy_hf``,
+    exported now (atomically: a complete directory or none) unless an earlier attempt left it."""
+    runtime, layout = controller.runtime, controller.layout
+    if stage == 0 and runtime.hf_dir:
+        return str(runtime.hf_dir)
+    out = layout.background(stage) / "policy_hf"
+    if (out / "config.json").exists():
+        return str(out)
+    from megatron_cropi.checkpoint import save_model_as_hf
+
+    controller.require_stage_start(stage, "background scoring policy")
+    t0, tmp = time.perf_counter(), out.with_name("policy_hf.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model_as_hf(runtime.trainer.ddp, controller.groups, controller.cfg.model, tmp, overwrite=True)
+    os.replace(tmp, out)
+    controller.charge("scoring", time.perf_counter() - t0)
+    return str(out)
+
+
+def prestart(controller, first: int = 0) -> None:
+    """Start the scorer of the first stage from ``first`` on that scores in the background and has not
+    selected yet (into ``controller.background_scorers``), so that it loads before its job is ready."""
+    cfg = controller.cfg
+    stage = next((m for m in range(first, cfg.curriculum.stages) if not controller.is_done(f"stage{m}/select")
+                  and uses_background(cfg, controller.stage_selection(m).policy)), None)
+    if stage is None or stage in controller.background_scorers:
+        return
+    root = controller.layout.background(stage)
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(root / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))  # the resolved config
+    controller.background_scorers[stage] = BackgroundScorer.start(stage, root / "config.yaml", root / "job.json",
+                                                                  root / "log", threads=max(cfg.run.num_threads, 1))
+
+
+def stop_all(controller) -> None:
+    """Kill every scorer still running (the run ends or fails)."""
+    for scorer in controller.background_scorers.values():
+        scorer.kill()
+    controller.background_scorers.clear()
+
+
+def _submit(controller, stage: int) -> BackgroundScorer:
+    cfg, layout = controller.cfg, controller.layout
+    prestart(controller, stage)
+    scorer = controller.background_scorers[stage]
+    names = steps.feature_set_names(controller.prompts.targets, guard=cfg.selection.guard.source == "check")
+    job = BackgroundJob(stage=stage, policy_hf=_policy_dir(controller, stage),
+                        checkpoint_step=stage * cfg.curriculum.steps_per_stage,
+                        stores={n: str(controller.behaviour_store(stage, n)) for n in names},
+                        features={n: str(layout.features(stage, n)) for n in names},
+                        pool_rollouts=str(controller.behaviour_store(stage, "pool")),
+                        result=str(layout.background(stage) / "result.json"))
+    scorer.submit(job)
+    controller.log(f"[background] stage {stage}: scoring and selection at θ_{stage} submitted (pid {scorer.proc.pid}); "
+                   "training on the whole pool until they are done")
+    return scorer
+
+
+def _record(controller, stage: int, scorer: BackgroundScorer, result: dict, switch_step: int | None) -> Selection:
+    """Mark the scorer's steps done (the selection last: it carries the switch) and return the selection."""
+    for name, stats in result["score"].items():
+        fields = {k: v for k, v in stats.items() if k in ScoreStats.__dataclass_fields__}
+        controller.log(steps.score_line(stage, name, ScoreStats(**fields)))
+        controller.mark_done(f"stage{stage}/score/{name}", **stats)
+    controller.mark_done(f"stage{stage}/probe", **result["probe"])
+    scoring = sum(s["wall_seconds"] for s in result["score"].values())
+    controller.charge("scoring", scoring, background=True)
+    controller.charge("selection", result["select_seconds"], background=True)
+    controller.charge("startup", max(scorer.seconds - scoring - result["select_seconds"], 0.0), background=True)
+    selection = steps.read_selection(controller.layout.selection(stage))
+    where = f"from step {switch_step} on" if switch_step is not None else "after the stage's last step (not used)"
+    controller.log(steps.select_line(stage, selection) + f" [background, {scorer.seconds:.1f} s; trains {where}]")
+    controller.mark_done(f"stage{stage}/select", seconds=result["select_seconds"], background=True,
+                         switch_step=switch_step, background_seconds=scorer.seconds)
+    return selection
+
+
+def train_stage(controller, stage: int) -> Selection:
+    """Train stage ``stage`` while its scoring and selection run in the background; its selection."""
+    if controller.groups.world_size != 1:
+        raise RunInputError(f"curriculum.background_scoring: true needs one process (the scorer runs beside it), "
+                            f"not a world of {controller.groups.world_size}")
+    pool, select_step = controller.prompts.pool, f"stage{stage}/select"
+    if controller.is_done(select_step):
+        selection = steps.read_selection(controller.layout.selection(stage))
+        switch = StageSwitch(pool, selection=selection,
+                             switch_step=controller.state.info(select_step).get("switch_step"))
+        controller.step_train(stage, switch=switch)
+        return selection
+    scorer = _submit(controller, stage)
+    forced = os.environ.get(SWITCH_AT_ENV)
+
+    def on_ready(result: dict, step: int) -> Selection:
+        t0 = time.perf_counter()
+        selection = _record(controller, stage, scorer, result, step)
+        controller.charge("selection", time.perf_counter() - t0)
+        prestart(controller, stage + 1)  # the next background stage's scorer loads while this one trains
+        return selection
+
+    switch = StageSwitch(pool, scorer=scorer, on_ready=on_ready, switch_at=int(forced) if forced else None)
+    controller.step_train(stage, switch=switch)
+    if switch.selection is None:  # the stage ended first: what the scorer still needs delays the next stage
+        t0 = time.perf_counter()
+        result = scorer.wait()
+        controller.charge("scoring", time.perf_counter() - t0)
+        switch.selection = _record(controller, stage, scorer, result, None)
+    controller.background_scorers.pop(stage).kill()
+    controller.prune_features()
+    return switch.selection
