@@ -141,6 +141,7 @@ def run_status(run_dir: str | Path, *, now: float | None = None) -> dict:
         "seconds_since_update": now - float(state.get("updated", now)),
         "seconds_since_start": float(state.get("updated", now)) - float(state.get("started", now)),
         "clock_seconds": clock, "warmup_seconds": info.get("warmup", {}).get("seconds"),
+        "background_seconds": {k: float(v) for k, v in state.get("background_clock", {}).items()},
         "eval_seconds": sum(r.get("seconds", 0.0) for r in evals),
         "disk_bytes": _disk(layout),
         "last_eval": {k: v for k, v in evals[-1].items() if not isinstance(v, dict)} if evals else None,
@@ -184,6 +185,8 @@ def format_status(s: dict) -> str:
     clock = s["clock_seconds"]
     phases = ", ".join(f"{k} {_hms(v)}" for k, v in clock.items())
     extra = [f"warm-up {_hms(s['warmup_seconds'])}"] if s["warmup_seconds"] else []
+    if s.get("background_seconds"):  # curriculum.background_scoring: beside the run clock, not on it
+        extra.append(f"background scorer {_hms(sum(s['background_seconds'].values()))}")
     extra.append(f"evaluation {_hms(s['eval_seconds'])}")
     lines.append(f"time       run clock {_hms(sum(clock.values()))} ({phases or 'nothing yet'}); " + ", ".join(extra)
                  + f"; wall {_hms(s['seconds_since_start'])}")
@@ -197,8 +200,8 @@ def format_status(s: dict) -> str:
     lines.append(f"disk       {_size(disk['total'])}" + (f": {parts}" if parts else ""))
     if s["last_eval"]:
         e = s["last_eval"]
-        vals = ", ".join(f"{k} {v:.3f}" for k, v in e.items() if k not in ("step", "seconds", "clock_seconds")
-                         and isinstance(v, float))
+        vals = ", ".join(f"{k} {v:.3f}" for k, v in e.items()
+                         if k not in ("step", "seconds", "clock_seconds", "background_seconds") and isinstance(v, float))
         lines.append(f"last eval  step {e.get('step')}: {vals}")
     sel = s["last_selection"]
     if sel:

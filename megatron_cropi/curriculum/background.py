@@ -79,6 +79,7 @@ class BackgroundScorer:
         self.started = time.perf_counter()
         self.submitted: float | None = None
         self.paused_seconds = 0.0
+        self.pause_started: float | None = None
         self.seconds: float | None = None
         """Wall seconds from the job's submission to the parent seeing the child done, pauses excluded."""
 
@@ -96,6 +97,16 @@ class BackgroundScorer:
             proc = subprocess.Popen([sys.executable, "-m", "megatron_cropi.commands.background_scorer", str(config),
                                      str(job_path)], stdout=log, stderr=subprocess.STDOUT, env=env)
         return cls(stage, job_path, proc, log_path)
+
+    def elapsed(self) -> float:
+        """Seconds the submitted job has run so far (pauses excluded; 0 before :meth:`submit`)."""
+        if self.seconds is not None:
+            return self.seconds
+        if self.submitted is None:
+            return 0.0
+        now = time.perf_counter()
+        pausing = now - self.pause_started if self.pause_started is not None else 0.0
+        return now - self.submitted - self.paused_seconds - pausing
 
     def submit(self, job: BackgroundJob) -> None:
         """Hand the child its job (its result file, if an earlier attempt left one, is removed first)."""
@@ -134,14 +145,15 @@ class BackgroundScorer:
         if self.proc.poll() is not None:
             yield
             return
-        t0 = time.perf_counter()
+        self.pause_started = time.perf_counter()
         self.proc.send_signal(signal.SIGSTOP)
         try:
             yield
         finally:
             if self.proc.poll() is None:
                 self.proc.send_signal(signal.SIGCONT)
-            self.paused_seconds += time.perf_counter() - t0
+            self.paused_seconds += time.perf_counter() - self.pause_started
+            self.pause_started = None
 
     def kill(self) -> None:
         """Stop the child if it still runs (a parent that fails takes its scorer down with it)."""

@@ -11,8 +11,8 @@ run killed anywhere resumes to the end state of an uninterrupted run that switch
 checkpoint before the switch trains on the pool again and switches at the recorded step; a run killed
 before the switch was recorded starts a new scorer, which resumes the feature stores.
 
-``CROPI_BACKGROUND_SWITCH_AT=N`` (tests only) makes the switch deterministic: no poll before step N, a
-wait for the scorer at step N.
+``CROPI_BACKGROUND_SWITCH_AT=N`` (tests only) makes the switch deterministic: no poll before N steps into
+the stage, a wait for the scorer there (N = 0: the stage trains as a foreground-scored one does).
 """
 
 from __future__ import annotations
@@ -193,7 +193,8 @@ def train_stage(controller, stage: int) -> Selection:
         prestart(controller, stage + 1)  # the next background stage's scorer loads while this one trains
         return selection
 
-    switch = StageSwitch(pool, scorer=scorer, on_ready=on_ready, switch_at=int(forced) if forced else None)
+    start = stage * controller.cfg.curriculum.steps_per_stage
+    switch = StageSwitch(pool, scorer=scorer, on_ready=on_ready, switch_at=start + int(forced) if forced else None)
     controller.step_train(stage, switch=switch)
     if switch.selection is None:  # the stage ended first: what the scorer still needs delays the next stage
         t0 = time.perf_counter()

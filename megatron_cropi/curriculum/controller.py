@@ -361,7 +361,8 @@ class StageController:
         rec = evaluate_runtime(self.runtime, self.groups, self.prompts, self.cfg.curriculum.eval,
                                seed=self.cfg.run.seed + EVAL_SEED_OFFSET)
         rec["clock_seconds"] = float(sum(self.state.data.get("clock", {}).values()))  # the run clock so far
-        rec["background_seconds"] = float(sum(self.state.data.get("background_clock", {}).values()))
+        rec["background_seconds"] = float(sum(self.state.data.get("background_clock", {}).values())  # beside it
+                                          + sum(b.elapsed() for b in self.background_scorers.values()))
         self.metrics.log(step, {k: v for k, v in rec.items() if isinstance(v, float)}, prefix="eval")
         on_rank0(lambda: self.eval_log.append(rec))
         self.log(eval_line(rec))

@@ -55,6 +55,10 @@ def write_stage_report(m: int, selection: Selection, previous: Selection | None,
     }
     if f"stage{m}/online_rollouts" in step_info:  # online_learnability: the pool rolled out at θ_m
         report["online_rollouts"] = step_info[f"stage{m}/online_rollouts"]
+    select_info = step_info.get(f"stage{m}/select", {})
+    if select_info.get("background"):  # curriculum.background_scoring: the pool until the selection was ready
+        report["background_scoring"] = {"switch_step": select_info.get("switch_step"),
+                                        "seconds": select_info.get("background_seconds")}
     if f"stage{m}/refresh" in step_info:  # the behaviour sets rolled out again at θ_m: on-policy POPI
         report["behaviour_refresh"] = step_info[f"stage{m}/refresh"]
     # the target direction rests on the target prompts that have a gradient (mixed rewards under β)
@@ -116,6 +120,12 @@ def _stage_markdown(r: dict) -> str:
              f"(budget {s.get('budget')})"]
     if "fallback" in s:
         lines.append(f"- fallback: {s['fallback']}")
+    if "background_scoring" in r:
+        b = r["background_scoring"]
+        lines.append(f"- scored and selected in the background ({b['seconds'] or 0:.1f} s): " + (
+            f"trained on the whole pool for steps {r['steps'][0]}–{b['switch_step']}, on the selection after"
+            if b["switch_step"] is not None else "the selection came after the stage's last step; it trained on the "
+            "whole pool"))
     if "behaviour_refresh" in r:
         lines.append(f"- behaviour sets rolled out again at this stage's checkpoint (GRPO step "
                      f"{r['behaviour_refresh'].get('policy_step')}, {r['behaviour_refresh'].get('seconds', 0):.1f} s)")

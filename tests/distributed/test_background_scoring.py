@@ -1,0 +1,168 @@
+"""``curriculum.background_scoring``: a stage's scoring and selection in a second process while it trains.
+
+Oracles are runs that score in the foreground (the controller's own steps):
+
+* switched before the stage's first step (``CROPI_BACKGROUND_SWITCH_AT=0``), a background run is the
+  foreground run: the same feature stores, selections, evaluations and final parameters;
+* switched one step into each stage, a run killed at injected points and by SIGKILL (with its scorer
+  running), then restarted, ends where the uninterrupted run with the same switch ends, and no scorer
+  outlives a killed parent;
+* left to itself (no forced switch), the run records where it switched, trains on the pool before that,
+  and keeps the scorer's time off the run clock (``background_clock``).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+SWITCH_AT = "CROPI_BACKGROUND_SWITCH_AT"
+
+
+def _write(tmp: Path, out: Path, **changes) -> Path:
+    from megatron_cropi.testing.tiny import tiny_curriculum_config
+
+    path = tmp / f"cfg-{out.name}.yaml"
+    path.write_text(yaml.safe_dump(tiny_curriculum_config(str(out), **changes)))
+    return path
+
+
+def _cropi(cfg: Path, *, fault=None, switch_at=None):
+    from megatron_cropi.testing.cli import run_cli
+
+    old = os.environ.get(SWITCH_AT)
+    if switch_at is not None:
+        os.environ[SWITCH_AT] = str(switch_at)
+    try:
+        return run_cli(["run", str(cfg)], fault=fault, timeout=300)
+    finally:
+        if old is None:
+            os.environ.pop(SWITCH_AT, None)
+        else:
+            os.environ[SWITCH_AT] = old
+
+
+def _outcome(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    sels = {p.name: json.loads(p.read_text()) for p in sorted((out / "selections").glob("stage*.json"))}
+    for s in sels.values():
+        s["summary"].pop("seconds", None)
+    evals = [json.loads(x) for x in (out / "metrics" / "eval.jsonl").read_text().splitlines() if x]
+    for e in evals:
+        for key in ("seconds", "clock_seconds", "background_seconds"):
+            e.pop(key, None)
+    return {"selections": sels, "evals": evals, "params": load_file(str(out / "final_hf" / "model.safetensors"))}
+
+
+def _assert_same(got: dict, ref: dict) -> None:
+    assert got["selections"] == ref["selections"]
+    assert got["evals"] == ref["evals"]
+    assert got["params"].keys() == ref["params"].keys()
+    for name, tensor in ref["params"].items():
+        assert bool((got["params"][name] == tensor).all()), name
+
+
+def _state(out: Path) -> dict:
+    return json.loads((out / "state.json").read_text())
+
+
+def _scorers_of(out: Path) -> list[int]:
+    """Pids of background scorers working for the run in ``out``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"megatron_cropi.commands.background_scorer" in cmd and any(str(out).encode() in c for c in cmd):
+                pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.timeout(600)
+def test_switched_at_the_stage_start_it_is_the_foreground_run(tmp_path):
+    from megatron_cropi.influence.feature_store import FeatureStore
+
+    fg, bg = tmp_path / "fg", tmp_path / "bg"
+    rc, log = _cropi(_write(tmp_path, fg))
+    assert rc == 0, log[-3000:]
+    rc, log = _cropi(_write(tmp_path, bg, **{"curriculum.background_scoring": True}), switch_at=0)
+    assert rc == 0, log[-3000:]
+    assert "[background] stage 0" in log and "trains from step 0 on" in log, log[-3000:]
+    for stage in (0, 1):
+        for name in ("pool", "target-cmp"):
+            a = FeatureStore.load(fg / "features" / f"stage{stage}" / name)
+            b = FeatureStore.load(bg / "features" / f"stage{stage}" / name)
+            np.testing.assert_array_equal(a.statuses(), b.statuses())
+            np.testing.assert_allclose(b.matrix(), a.matrix(), rtol=0, atol=1e-6)
+    _assert_same(_outcome(bg), _outcome(fg))
+    state = _state(bg)
+    assert state["info"]["stage0/select"]["switch_step"] == 0 and state["info"]["stage1/select"]["switch_step"] == 3
+    # the scorer's work is beside the clock; on it, only exporting θ_1 for stage 1's scorer (stage 0 reads β's)
+    assert state["background_clock"]["scoring"] > 0
+    assert 0 < state["clock"]["scoring"] < state["background_clock"]["scoring"]
+    assert not _scorers_of(bg)
+
+
+@pytest.mark.timeout(900)
+def test_killed_and_restarted_it_ends_where_the_uninterrupted_run_ends(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    cfg_a = _write(tmp_path, a, **{"curriculum.background_scoring": True})
+    rc, log = _cropi(cfg_a, switch_at=1)
+    assert rc == 0, log[-3000:]
+    ref = _outcome(a)
+    assert [_state(a)["info"][f"stage{m}/select"]["switch_step"] for m in (0, 1)] == [1, 4]
+
+    cfg_b = _write(tmp_path, b, **{"curriculum.background_scoring": True})
+    from megatron_cropi.testing.cli import cli_env
+
+    # SIGKILL while stage 0's scorer runs: the scorer dies with its parent
+    env = dict(cli_env(), **{SWITCH_AT: "1"})
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_cropi.cli", "run", str(cfg_b)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (b / "background" / "stage0" / "job.json").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert _scorers_of(b), "no background scorer was running"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while _scorers_of(b) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _scorers_of(b), "the background scorer outlived its killed parent"
+    for fault in ("train:step", "train:step", "train:step", "train:step"):
+        rc, log = _cropi(cfg_b, fault=fault, switch_at=1)
+        assert rc in (0, 17), log[-3000:]
+    rc, log = _cropi(cfg_b, switch_at=1)
+    assert rc == 0, log[-3000:]
+    _assert_same(_outcome(b), ref)
+    assert not _scorers_of(b)
+
+
+@pytest.mark.timeout(600)
+def test_unforced_it_records_the_switch_and_keeps_the_scorer_off_the_clock(tmp_path):
+    out = tmp_path / "run"
+    cfg = _write(tmp_path, out, **{"curriculum.background_scoring": True, "curriculum.steps_per_stage": 12,
+                                   "curriculum.stages": 1, "curriculum.eval.every": 6})
+    rc, log = _cropi(cfg)
+    assert rc == 0, log[-3000:]
+    state = _state(out)
+    info = state["info"]["stage0/select"]
+    assert info["background"] is True and info["background_seconds"] > 0
+    switch = info["switch_step"]
+    assert switch is None or 0 <= switch < 12
+    assert state["background_clock"]["scoring"] > 0
+    # on the clock: nothing of the scorer's, unless the stage ended first and waited for it
+    assert ("scoring" in state["clock"]) == (switch is None)
+    last = [json.loads(x) for x in (out / "metrics" / "eval.jsonl").read_text().splitlines() if x][-1]
+    assert last["background_seconds"] == pytest.approx(sum(state["background_clock"].values()))
+    assert (out / "background" / "stage0" / "log").exists()
