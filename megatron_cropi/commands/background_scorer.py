@@ -17,9 +17,10 @@ __all__ = ["main"]
 
 def main(argv: list[str] | None = None) -> int:
     from megatron_cropi.curriculum.background import die_with_parent, run_job
+
+    die_with_parent()  # first: a parent killed during the heavy imports below takes this process with it
     from megatron_cropi.run_config import load_run_config
 
-    die_with_parent()
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2:
         print("usage: python -m megatron_cropi.commands.background_scorer CONFIG.yaml JOB.json", file=sys.stderr)
