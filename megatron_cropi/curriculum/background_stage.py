@@ -28,6 +28,7 @@ import yaml
 
 from megatron_cropi.curriculum import steps
 from megatron_cropi.curriculum.background import BackgroundJob, BackgroundScorer
+from megatron_cropi.curriculum.faults import fault_point
 from megatron_cropi.influence.scorer import ScoreStats
 from megatron_cropi.records import PromptRecord
 from megatron_cropi.selection.policies import Selection
@@ -190,6 +191,7 @@ def train_stage(controller, stage: int) -> Selection:
         t0 = time.perf_counter()
         selection = _record(controller, stage, scorer, result, step)
         controller.charge("selection", time.perf_counter() - t0)
+        fault_point("background:switch")
         prestart(controller, stage + 1)  # the next background stage's scorer loads while this one trains
         return selection
 

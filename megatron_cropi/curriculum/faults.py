@@ -2,7 +2,8 @@
 
 ``CROPI_FAULT_AT=<point>`` in the environment kills the process (exit 17, no clean-up) when the run
 reaches that point; the resume tests restart it and compare the end state with an uninterrupted run.
-Points: ``rollouts:<set>``, ``refresh:<set>``, ``score:chunk``, ``online_rollouts``, ``select`` and ``train:step``.
+Points: ``rollouts:<set>``, ``refresh:<set>``, ``score:chunk``, ``online_rollouts``, ``select``, ``train:step`` and ``background:switch`` (right after a background stage
+recorded its switch).
 """
 
 from __future__ import annotations

@@ -116,13 +116,16 @@ def test_switched_at_the_stage_start_it_is_the_foreground_run(tmp_path):
 @pytest.mark.timeout(900)
 def test_killed_and_restarted_it_ends_where_the_uninterrupted_run_ends(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    cfg_a = _write(tmp_path, a, **{"curriculum.background_scoring": True})
+    # a checkpoint after every step, so that each killed run gets one step further: resumes before, at and
+    # after each stage's switch
+    changes = {"curriculum.background_scoring": True, "grpo.checkpoint.save_interval": 1}
+    cfg_a = _write(tmp_path, a, **changes)
     rc, log = _cropi(cfg_a, switch_at=1)
     assert rc == 0, log[-3000:]
     ref = _outcome(a)
     assert [_state(a)["info"][f"stage{m}/select"]["switch_step"] for m in (0, 1)] == [1, 4]
 
-    cfg_b = _write(tmp_path, b, **{"curriculum.background_scoring": True})
+    cfg_b = _write(tmp_path, b, **changes)
     from megatron_cropi.testing.cli import cli_env
 
     # SIGKILL while stage 0's scorer runs: the scorer dies with its parent
@@ -139,7 +142,7 @@ def test_killed_and_restarted_it_ends_where_the_uninterrupted_run_ends(tmp_path)
     while _scorers_of(b) and time.time() < deadline:
         time.sleep(0.1)
     assert not _scorers_of(b), "the background scorer outlived its killed parent"
-    for fault in ("train:step", "train:step"):
+    for fault in ("background:switch", "train:step", "train:step", "train:step", "background:switch", "train:step"):
         rc, log = _cropi(cfg_b, fault=fault, switch_at=1)
         assert rc in (0, 17), log[-3000:]
     rc, log = _cropi(cfg_b, switch_at=1)
