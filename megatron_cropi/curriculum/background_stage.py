@@ -21,7 +21,6 @@ import os
 import shutil
 import time
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Sequence
 
 import yaml

@@ -8,7 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["cli_env", "run_cli"]
+__all__ = ["cli_env", "run_cli", "run_outcome"]
 
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "CROPI_FAULT_AT")
 
@@ -45,3 +45,26 @@ def run_cli(args: list[str], *, fault: str | None = None, nproc: int = 1, timeou
             raise
         out.seek(0)
         return rc, out.read()
+
+
+# evaluation fields that measure time, not the policy: two runs of the same work differ in them
+_TIMING_FIELDS = ("seconds", "clock_seconds", "background_seconds")
+
+
+def run_outcome(out: str | Path) -> dict:
+    """What a finished ``cropi run`` in ``out`` decided, for comparing runs: ``selections`` (each stage's
+    selection, its timing dropped), ``evals`` (``metrics/eval.jsonl`` without timing fields) and ``params``
+    (the final HF export's tensors)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    out = Path(out)
+    sels = {p.name: json.loads(p.read_text()) for p in sorted((out / "selections").glob("stage*.json"))}
+    for sel in sels.values():
+        sel["summary"].pop("seconds", None)
+    evals = [json.loads(x) for x in (out / "metrics" / "eval.jsonl").read_text().splitlines() if x]
+    for rec in evals:
+        for key in _TIMING_FIELDS:
+            rec.pop(key, None)
+    return {"selections": sels, "evals": evals, "params": load_file(str(out / "final_hf" / "model.safetensors"))}

@@ -50,16 +50,9 @@ def _cropi(cfg: Path, *, fault=None, switch_at=None):
 
 
 def _outcome(out: Path) -> dict:
-    from safetensors.torch import load_file
+    from megatron_cropi.testing.cli import run_outcome
 
-    sels = {p.name: json.loads(p.read_text()) for p in sorted((out / "selections").glob("stage*.json"))}
-    for s in sels.values():
-        s["summary"].pop("seconds", None)
-    evals = [json.loads(x) for x in (out / "metrics" / "eval.jsonl").read_text().splitlines() if x]
-    for e in evals:
-        for key in ("seconds", "clock_seconds", "background_seconds"):
-            e.pop(key, None)
-    return {"selections": sels, "evals": evals, "params": load_file(str(out / "final_hf" / "model.safetensors"))}
+    return run_outcome(out)
 
 
 def _assert_same(got: dict, ref: dict) -> None:

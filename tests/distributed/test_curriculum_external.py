@@ -77,14 +77,10 @@ def _setup(tmp: Path, name: str) -> tuple[Path, Path, Path]:
 def _outcome(out: Path) -> dict:
     from safetensors.torch import load_file
 
-    sels = {p.name: json.loads(p.read_text()) for p in sorted((out / "selections").glob("stage*.json"))}
-    for s in sels.values():
-        s["summary"].pop("seconds", None)
-    evals = [json.loads(x) for x in (out / "metrics" / "eval.jsonl").read_text().splitlines() if x]
-    for e in evals:
-        e.pop("seconds", None)
-        e.pop("clock_seconds", None)
-    return {"selections": sels, "evals": evals, "final": load_file(str(out / "final_hf" / "model.safetensors")),
+    from megatron_cropi.testing.cli import run_outcome
+
+    got = run_outcome(out)
+    return {**got, "final": got.pop("params"),
             "stage1": load_file(str(out / "external" / "stage1" / "hf" / "model.safetensors"))}
 
 

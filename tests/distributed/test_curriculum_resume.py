@@ -7,7 +7,6 @@ mid-training, each followed by a restart. Selections, evaluation records and the
 (the run's HF export) must be identical.
 """
 
-import json
 import os
 import random
 import signal
@@ -34,17 +33,9 @@ def _cropi(cfg: Path, *extra, fault=None):
 
 
 def _outcome(out: Path) -> dict:
-    from safetensors.torch import load_file
+    from megatron_cropi.testing.cli import run_outcome
 
-    sels = {p.name: json.loads(p.read_text()) for p in sorted((out / "selections").glob("stage*.json"))}
-    for s in sels.values():
-        s["summary"].pop("seconds", None)
-    evals = [json.loads(x) for x in (out / "metrics" / "eval.jsonl").read_text().splitlines() if x]
-    for e in evals:
-        e.pop("seconds", None)
-        e.pop("clock_seconds", None)
-    params = load_file(str(out / "final_hf" / "model.safetensors"))
-    return {"selections": sels, "evals": evals, "params": params}
+    return run_outcome(out)
 
 
 @pytest.mark.timeout(900)
