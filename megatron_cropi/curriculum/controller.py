@@ -330,7 +330,8 @@ class StageController:
         elif not start < trainer.step_count <= end:
             raise RuntimeError(f"stage {stage} covers steps {start}..{end}, but the policy is at step {trainer.step_count}")
         paused = switch.paused if switch else nullcontext
-        if trainer.step_count == 0:
+        due = lambda step: step == 0 or step % curriculum.eval.every == 0 or step == curriculum.total_steps  # noqa: E731
+        if due(trainer.step_count):  # step 0, or a resumed checkpoint whose evaluation the killed run never made
             with paused():
                 self.evaluate()
         t0 = time.perf_counter()
@@ -343,7 +344,7 @@ class StageController:
             fault_point("train:step")
             if self.is_rank0:
                 self.state.update(train_step=trainer.step_count, stage=stage)
-            if trainer.step_count % curriculum.eval.every == 0 or trainer.step_count == curriculum.total_steps:
+            if due(trainer.step_count):
                 with paused():
                     self.evaluate()
             if trainer.step_count % 10 == 0:
