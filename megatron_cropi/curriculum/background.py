@@ -71,7 +71,7 @@ class BackgroundJob:
 
 
 class BackgroundScorer:
-    """The parent's handle on a running child (:func:`launch`)."""
+    """The parent's handle on a child process (:meth:`start`, then :meth:`submit`)."""
 
     def __init__(self, stage: int, job_path: Path, proc: subprocess.Popen, log_path: Path):
         self.stage, self.job_path, self.proc, self.log_path = stage, job_path, proc, log_path
