@@ -10,7 +10,8 @@ trajectory store with the same tiny model and then meet for selection:
 * ``scale_out``: :func:`~megatron_cropi.influence.scale_out.score_store_sharded` (per-row scalars, the
   rollouts of the units a replica takes, its own shard), then the cropi selection of 10% where the
   cosines are (:func:`~megatron_cropi.curriculum.scaled_selection.select_where_scored`: a distributed
-  top-m, counts meet, the picked rows reach rank 0), as ``cropi run`` and ``cropi select`` select.
+  top-m, counts meet) and written in parts (:func:`~.write_where_scored`: each rank its picks, rank 0 a
+  head of summed counts), as ``cropi run`` and ``cropi select`` select.
 * ``scale_out_met``: the same scoring, then every scored row's cosine met on rank 0
   (:func:`~megatron_cropi.influence.scale_out.pool_cosines`), as the other policies select.
 
@@ -133,12 +134,11 @@ class _Meter:
 def _worker(pool: str, out_dir: str, path: str):
     import torch.distributed as dist
 
-    from megatron_cropi.curriculum.scaled_selection import select_where_scored
-    from megatron_cropi.curriculum.steps import _usable
+    from megatron_cropi.curriculum.scaled_selection import select_where_scored, write_where_scored
+    from megatron_cropi.curriculum.steps import _usable, pool_columns
     from megatron_cropi.influence.feature_store import FeatureStore
     from megatron_cropi.influence.scale_out import pool_cosines, score_store_sharded
     from megatron_cropi.influence.scorer import ScoringConfig
-    from megatron_cropi.influence.sharded_store import ShardedFeatureStore
     from megatron_cropi.influence.stores import PolicyScorer, score_store
     from megatron_cropi.selection.policies import SelectionConfig, TargetPlan
     from megatron_cropi.parallel import build_parallel_groups, destroy_parallel_groups, init_distributed
@@ -175,11 +175,14 @@ def _worker(pool: str, out_dir: str, path: str):
             elif path == "scale_out_met":
                 pool_cosines(Path(out_dir), {"target:t": direction})
             else:
-                n = ShardedFeatureStore.load(Path(out_dir)).header.num_rows
+                inputs = pool_columns([], Path(pool), set())  # every rank reads the columns itself
+                n = len(inputs.prompt_ids)
                 plan = TargetPlan(directions={"target:t": direction}, targets={}, skipped={})
-                done, _ = select_where_scored(SelectionConfig(policy="cropi", ratio=RATIO), plan, Path(out_dir),
-                                              num_prompts=n, budget=int(RATIO * n))
+                done, picks = select_where_scored(SelectionConfig(policy="cropi", ratio=RATIO), plan, Path(out_dir),
+                                                  num_prompts=n, budget=int(RATIO * n))
                 assert done
+                write_where_scored(0, picks, inputs, Path(f"{out_dir}_selection") / "stage0.json",
+                                   t0=time.perf_counter())
     seconds = time.perf_counter() - t0
     rss = _status_mib("VmHWM") - base
     destroy_parallel_groups()
@@ -216,6 +219,7 @@ def main() -> None:
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                     shutil.rmtree(out, ignore_errors=True)
+                    shutil.rmtree(f"{out}_selection", ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

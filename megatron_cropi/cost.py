@@ -358,14 +358,14 @@ def estimate_run_disk(cfg, shape: StageShape) -> dict:
 
 INDEX_BYTES_PER_ROW = 200   # a trajectory store's prompt-id → (part, row) index entry, a Python dict (assumed)
 SUMMARY_BYTES_PER_ROW = 17  # scale-out's per-row scalars: longest, tokens (int64), zero-variance (bool)
+COLUMN_BYTES_PER_ROW = 16   # scale-out selection's per-row columns on every rank: pass rate (float64), source (a reference)
 COSINE_BYTES_PER_ROW = 9    # per scored row to rank 0: row id (int64) + usable (bool); + 8 per direction (float64)
-PICKED_BYTES_PER_ROW = 17   # per selected row to rank 0 (cropi under scale-out): row id, score (float64), demoted flag
-TOP_M_COUNT_BYTES = 8192    # the distributed top-m's and quantiles' all-reduced counts (~600 int64), a bound
+TOP_M_COUNT_BYTES = 8192    # the distributed top-m's, quantiles' and summary's all-reduced counts (~600 int64), a bound
 
 
 def scale_out_footprint(*, pool_prompts: int, nodes: int, tp: int, pp: int, k: int, feature_bytes: int,
                         responses: int, mean_response_tokens: float, prompt_tokens: float, live_fraction: float,
-                        prompts_per_unit: int, directions: int = 1, ratio: float = 0.1,
+                        prompts_per_unit: int, directions: int = 1,
                         gpus_per_node: int = GPUS_PER_NODE) -> dict:
     """Per-rank memory and the bytes global rank 0 receives when scoring a pool and meeting for selection:
     rank-0 scoring (every rank holds the pool's rollouts; rank 0 gathers every live row's float32
@@ -376,9 +376,11 @@ def scale_out_footprint(*, pool_prompts: int, nodes: int, tp: int, pp: int, k: i
     the steady state: opening the store and summarising it hold a second prompt-id index for a moment
     (about twice the index at peak).
 
-    Under scale-out a cropi selection (``ratio`` of the pool) is made where the cosines are: rank 0
-    receives the picked rows and a bounded number of counts (``rank0_receives_bytes``); the policies
-    that read every row's score meet the scored rows' cosines there (``rank0_receives_bytes_cosines_met``)."""
+    Under scale-out a cropi selection is made and written where the cosines are (each rank writes its
+    own picks): rank 0 receives a bounded number of counts (``rank0_receives_bytes``), whatever the pool
+    and DP; every rank reads the pool's pass-rate and source columns for its picks' summary and its
+    share of the picks from disk. The policies that read every row's score meet the
+    scored rows' cosines on rank 0 (``rank0_receives_bytes_cosines_met``)."""
     dp = nodes * gpus_per_node // (tp * pp)
     per_prompt = responses * mean_response_tokens * STORE_BYTES_PER_RESPONSE_TOKEN + prompt_tokens * STORE_BYTES_PER_PROMPT_TOKEN
     live = live_fraction * pool_prompts
@@ -387,10 +389,10 @@ def scale_out_footprint(*, pool_prompts: int, nodes: int, tp: int, pp: int, k: i
         "rank0_path": {"per_rank_rollouts_bytes": int(pool_prompts * per_prompt),
                        "rank0_receives_bytes": int(live * k * 4 * (dp - 1) / dp),
                        "rank0_writes_bytes": int(pool_prompts * k * feature_bytes)},
-        "scale_out": {"per_rank_bytes": int(pool_prompts * (SUMMARY_BYTES_PER_ROW + INDEX_BYTES_PER_ROW)
+        "scale_out": {"per_rank_bytes": int(pool_prompts * (SUMMARY_BYTES_PER_ROW + INDEX_BYTES_PER_ROW
+                                                            + COLUMN_BYTES_PER_ROW)
                                             + prompts_per_unit * per_prompt),
-                      "rank0_receives_bytes": int(min(ratio * pool_prompts, live) * PICKED_BYTES_PER_ROW
-                                                  + TOP_M_COUNT_BYTES),
+                      "rank0_receives_bytes": TOP_M_COUNT_BYTES,
                       "rank0_receives_bytes_cosines_met": int(live * (COSINE_BYTES_PER_ROW + 8 * directions)),
                       "shard_bytes_per_replica": int(live * k * feature_bytes / dp)},
     }

@@ -8,7 +8,8 @@
     rollouts/{pool,target-<name>}/           trajectory stores of β (written once)
     rollouts/stage{m}/pool/                  the pool rolled out at θ_m (online_learnability)
     features/stage{m}/{pool,target-<name>}/  feature stores at θ_m (``features/<tag>/`` for ``cropi score``)
-    selections/stage{m}.json                 each stage's chosen prompts
+    selections/stage{m}.json                 each stage's chosen prompts (under scoring.scale_out the head:
+    selections/stage{m}.parts/part{r}.json     summary only, and each rank's picks: selection/stored.py)
     rankings/stage{m}.json                   every pool prompt's carried influence score (shortlist; not scale-out)
     background/stage{m}/                     curriculum.background_scoring: θ_m (HF), the job, its result and log
     checkpoints/step_N/                      GRPO checkpoints (model, optimizer, RNG, data position)

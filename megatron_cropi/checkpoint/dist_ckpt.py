@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import random
+import queue
 import re
 import shutil
 import uuid
@@ -141,35 +142,22 @@ def _sharded_state(model, optimizer, reference, *, is_loading: bool) -> dict:
     return sd
 
 
-def _die_with_parent() -> None:  # runs in megatron's writer-queue manager process
-    try:
-        import ctypes
-        import signal
+def _in_process_write_queue() -> None:
+    """Give megatron-core's checkpoint writer an in-process results queue.
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-    except OSError:  # not Linux: the manager outlives a killed trainer, as upstream's does
-        pass
-
-
-def _orphan_safe_write_queue() -> None:
-    """Give megatron-core's checkpoint writer a results queue whose manager process dies with us.
-
-    megatron-core's ``filesystem_async`` starts a ``multiprocessing`` manager on the first save and keeps
-    it for the process lifetime; when a trainer is killed (SIGKILL, preemption) that server is orphaned
-    and lingers. The same queue, started with a parent-death signal, goes away with the trainer.
+    Our saves are synchronous (``dist_checkpointing.save`` without ``async_sharded_save``): the writer's
+    save function runs in this process, forks its file writers and puts their results on the queue
+    here, and finalising reads them here. megatron-core's default is a queue served by a
+    ``multiprocessing`` manager, which an asynchronous save (run in another process) needs: starting it
+    spawns a Python process that imports the trainer's modules (about 2 s per process on the 2-core
+    CPU machine, more with several ranks), and a killed trainer orphans it. A plain queue needs neither.
     """
     try:
-        import multiprocessing as mp
-        from multiprocessing.managers import SyncManager
-
         from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
     except ImportError:
         return
     if getattr(fsa, "_results_queue", "absent") is None:
-        manager = SyncManager(ctx=mp.get_context("spawn"))
-        manager.start(initializer=_die_with_parent)
-        fsa._results_queue = manager.Queue()
-        fsa._cropi_manager = manager  # keep it alive as long as the queue
+        fsa._results_queue = queue.Queue()
 
 
 def save_checkpoint(
@@ -212,7 +200,7 @@ def save_checkpoint(
     # before the first optimizer step (e.g. every step so far skipped) the state is empty: a fresh
     # optimizer is then exactly what loading must produce, so none is saved
     optimizer_state = optimizer is not None and optimizer_has_state(optimizer, groups.device)
-    _orphan_safe_write_queue()
+    _in_process_write_queue()
     dist_checkpointing.save(_sharded_state(model, optimizer if optimizer_state else None, reference, is_loading=False),
                             str(tmp / "dist"))
     torch.save(_rng_state(), _rng_file(tmp, groups))

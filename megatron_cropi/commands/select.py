@@ -18,7 +18,8 @@ selects the stage's prompts with the run's ``selection`` config. Everything goes
 
     inputs.json                     the checkpoint these files were made at (a DIR made at another is refused)
     features/stage{M}/<set>/        feature stores (a killed select resumes them at the first pending row)
-    selections/stage{M}.json        the selection: prompt ids, store rows, scores, summary
+    selections/stage{M}.json        the selection: prompt ids, store rows, scores, summary (under
+                                    ``scoring.scale_out`` a head and ``stage{M}.parts/``: selection/stored.py)
     selections/stage{M}.parquet     verl's RL dataset format (data/exports.py), best first
     selections/stage{M}.jsonl       slime's (``prompt``/``label``), best first
     rankings/stage{M}.json          every pool prompt's influence score (not with scoring.scale_out)

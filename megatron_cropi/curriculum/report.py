@@ -17,6 +17,7 @@ import numpy as np
 
 from megatron_cropi.layout import RunLayout
 from megatron_cropi.selection.policies import Selection
+from megatron_cropi.selection.stored import read_selection
 from megatron_cropi.utils.atomic import atomic_write_json, atomic_write_text
 from megatron_cropi.utils.rank_zero import on_rank0
 
@@ -76,8 +77,7 @@ def publish_stage_report(m: int, selection: Selection, *, layout: RunLayout, ste
     stage, is not global rank 0). Returns the report on every rank."""
 
     def write() -> dict:
-        path = layout.selection(m - 1)
-        previous = Selection.from_dict(json.loads(path.read_text())) if m > 0 and path.exists() else None
+        previous = read_selection(layout.selection(m - 1)) if m > 0 else None
         return write_stage_report(m, selection, previous, step_info=step_info, steps_per_stage=steps_per_stage,
                                   layout=layout)
 

@@ -3,10 +3,12 @@
 Each rank reads its share of the store's unit files and takes the cosines of its rows with the
 target (and check-guard) directions (:func:`~megatron_cropi.influence.scale_out.local_cosines`); the
 guard, the fusion of several targets by ``max`` and the top ``m`` then run on those local rows
-(:func:`~megatron_cropi.selection.distributed.distributed_top_m`: all-reduced counts). Only the ``m``
-picked rows' ``(row, score, demoted)`` reach global rank 0, which orders them and writes the selection:
-17 bytes per *selected* prompt (plus pickling) and about 70 + ⌈log2 N⌉ all-reduced counts per top-m,
-against 17 bytes per *scored* pool prompt when the cosines meet on rank 0
+(:func:`~megatron_cropi.selection.distributed.distributed_top_m`: all-reduced counts). The picks stay
+where they are too: every rank writes its own part of the selection and global rank 0 a head with the
+summary, made of all-reduced counts (:func:`write_where_scored`; the format:
+:mod:`~megatron_cropi.selection.stored`). What global rank 0 receives is about 70 + ⌈log2 N⌉ all-reduced
+counts per top-m and a few more for the summary, whatever the pool and the number of ranks, against
+17 bytes per *scored* pool prompt when the cosines meet on rank 0
 (:func:`~megatron_cropi.influence.scale_out.pool_cosines`).
 
 The result equals :func:`~megatron_cropi.selection.policies.select` on the met cosines, summary
@@ -19,6 +21,8 @@ caller meets the cosines on rank 0.
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,39 +30,26 @@ import numpy as np
 import torch.distributed as dist
 
 from megatron_cropi.influence.scale_out import local_cosines
-from megatron_cropi.selection.distributed import distributed_quantiles, distributed_top_m, global_sum
-from megatron_cropi.selection.policies import COSINE_QUANTILES, SelectionConfig, TargetPlan
+from megatron_cropi.selection.distributed import distributed_quantiles, distributed_top_m, global_fsum, global_sum
+from megatron_cropi.selection.policies import COSINE_QUANTILES, Selection, SelectionConfig, SelectionInputs, TargetPlan
+from megatron_cropi.selection.stored import read_selection, write_selection_head, write_selection_part
+from megatron_cropi.utils.rank_zero import on_rank0
 
-__all__ = ["Picked", "selects_where_scored", "select_where_scored"]
+__all__ = ["LocalPicks", "selects_where_scored", "select_where_scored", "write_where_scored"]
 
 
 @dataclass
-class Picked:
-    """Rank 0's share of the result: every rank's picked ``(rows, fused scores, demoted)`` and the
-    summary so far. :meth:`ordered` finishes it; the caller runs that where an error reaches every rank
-    (the other ranks have left :func:`select_where_scored` by then)."""
+class LocalPicks:
+    """This rank's share of a selection made where the scores are: its picked ``rows`` (``[p_r]`` int64,
+    store rows, any order), their fused ``scores`` (float64) and ``demoted`` flags, and what every rank
+    knows of the whole: the ``summary`` so far, the ``budget`` and the target cosines' ``quantiles``."""
 
-    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+    rows: np.ndarray
+    scores: np.ndarray
+    demoted: np.ndarray
     summary: dict
     budget: int
     quantiles: list[float] | None
-
-    def ordered(self) -> tuple[np.ndarray, np.ndarray, dict]:
-        """``(rows [m'], scores [m'], summary)``: the picks best first (not demoted first, then by score
-        descending, then by row), and the summary as :func:`~megatron_cropi.selection.policies.select`
-        writes it up to its cosine quantiles."""
-        rows = np.concatenate([p[0] for p in self.parts]).astype(np.int64)
-        scores = np.concatenate([p[1] for p in self.parts]).astype(np.float64)
-        demoted = np.concatenate([p[2] for p in self.parts]).astype(bool)
-        order = np.lexsort((rows, -scores, demoted))  # the last key sorts first
-        summary = dict(self.summary)
-        if summary.get("guard", {}).get("mode") == "demote" and summary["guard"]["conflicting"]:
-            summary["guard"] = {**summary["guard"], "demoted_selected": int(demoted.sum())}
-        if rows.size < self.budget:
-            summary["shortfall"] = f"only {rows.size} prompts had a gradient; selected all of them"
-        if self.quantiles is not None:
-            summary["cosine_quantiles"] = dict(zip(COSINE_QUANTILES, self.quantiles))
-        return rows[order], scores[order], summary
 
 
 def selects_where_scored(cfg: SelectionConfig) -> bool:
@@ -68,7 +59,7 @@ def selects_where_scored(cfg: SelectionConfig) -> bool:
 
 
 def select_where_scored(cfg: SelectionConfig, plan: TargetPlan, pool_store: Path, *, num_prompts: int, budget: int
-                        ) -> tuple[bool, Picked | None]:
+                        ) -> tuple[bool, LocalPicks | None]:
     """Stage selection of the ``cropi`` policy from the sharded pool store ``pool_store`` without
     meeting its rows on one rank. A collective: every rank calls it with the same values.
 
@@ -78,8 +69,9 @@ def select_where_scored(cfg: SelectionConfig, plan: TargetPlan, pool_store: Path
         budget: ``m``, prompts to select.
 
     Returns:
-        ``(done, picked)``: ``done`` is the same on every rank; False when this path declines (the
-        caller then meets the cosines on rank 0). ``picked`` on global rank 0 when done, else None.
+        ``(done, picks)``: ``done`` is the same on every rank; False when this path declines (the
+        caller then meets the cosines on rank 0). ``picks``: this rank's :class:`LocalPicks` when done,
+        else None; :func:`write_where_scored` writes them.
     """
     names = [n for n in plan.directions if n.startswith("target:")]
     if not selects_where_scored(cfg) or (cfg.fusion == "reciprocal_rank" and len(names) > 1):
@@ -121,10 +113,61 @@ def select_where_scored(cfg: SelectionConfig, plan: TargetPlan, pool_store: Path
     if n_first < budget:
         picked |= distributed_top_m(np.where(demoted, fused, -np.inf), rows, budget - n_first)
     quantiles = distributed_quantiles(per_target[0], COSINE_QUANTILES)
-    mine = (rows[picked], fused[picked], demoted[picked])
-    rank = dist.get_rank()
-    parts = [None] * dist.get_world_size() if rank == 0 else None
-    dist.gather_object(mine, parts, dst=0)  # the m picked rows, nothing else
-    if rank != 0:
-        return True, None
-    return True, Picked(parts=parts, summary=summary, budget=budget, quantiles=quantiles)
+    return True, LocalPicks(rows=rows[picked], scores=fused[picked], demoted=demoted[picked], summary=summary,
+                            budget=budget, quantiles=quantiles)
+
+
+def write_where_scored(stage: int, picks: LocalPicks, inputs: SelectionInputs, path: Path, *, t0: float
+                       ) -> Selection:
+    """Write the selection of ``picks`` in parts (:mod:`~megatron_cropi.selection.stored`): every rank
+    its own picks, then global rank 0 the head with the summary :func:`~megatron_cropi.selection.policies.select`
+    writes (selected count, overlap with earlier stages, mean pass rate, source mix: each a sum of
+    per-rank counts). A collective; an error on any rank is raised on every rank.
+
+    Args:
+        inputs: the pool's ids, pass rates and sources by store row, and the earlier stages' picks
+            (:func:`~megatron_cropi.curriculum.steps.pool_columns`), on every rank.
+        t0: when the stage's selection began (``perf_counter``; the summary's ``seconds``, rank 0's).
+
+    Returns:
+        The :class:`~megatron_cropi.selection.policies.Selection` on every rank, read back from the parts.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ids = [inputs.prompt_ids[r] for r in picks.rows]
+    sources = sorted(set(inputs.sources))  # the same on every rank: the same column
+    counts = [int(picks.rows.size), int(picks.demoted.sum()), sum(i in inputs.previous for i in ids)]
+    counts += [sum(inputs.sources[r] == s for r in picks.rows) for s in sources]
+    error = None
+    try:
+        write_selection_part(path, rank, picks.rows, ids, picks.scores, picks.demoted)
+    except OSError as err:  # every rank must learn it, not wait in the next collective
+        error = f"rank {rank}: {type(err).__name__}: {err}"
+    failed = int(global_sum([error is not None])[0])
+    if failed:
+        raise RuntimeError(f"writing the parts of selection {path}: {failed} ranks failed" +
+                           (f" ({error})" if error else ""))
+    totals = global_sum(counts)
+    pass_sum = float(global_fsum([float(np.asarray(inputs.pass_rates, np.float64)[picks.rows].sum())])[0])
+    selected, demoted_selected, overlap = (int(v) for v in totals[:3])
+    summary = dict(picks.summary)
+    if summary.get("guard", {}).get("mode") == "demote" and summary["guard"]["conflicting"]:
+        summary["guard"] = {**summary["guard"], "demoted_selected": demoted_selected}
+    if selected < picks.budget:
+        summary["shortfall"] = f"only {selected} prompts had a gradient; selected all of them"
+    if picks.quantiles is not None:
+        summary["cosine_quantiles"] = dict(zip(COSINE_QUANTILES, picks.quantiles))
+    summary["selected"] = selected
+    summary["previous_overlap"] = overlap
+    summary["mean_pass_rate"] = pass_sum / selected if selected else 0.0
+    mix = {s: int(c) for s, c in zip(sources, totals[3:]) if c}
+    summary["source_mix"] = dict(sorted(mix.items(), key=lambda kv: -kv[1]))
+
+    def head() -> dict:
+        summary["seconds"] = time.perf_counter() - t0
+        write_selection_head(path, stage=stage, policy="cropi", parts=world, summary=summary)
+        return summary
+
+    summary = on_rank0(head)  # also the barrier: the head is on disk when anyone reads it
+    found = read_selection(path)
+    # the summary as computed (its keys in select's order; the file sorts them)
+    return dataclasses.replace(found, summary=summary)

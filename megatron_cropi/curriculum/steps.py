@@ -25,13 +25,13 @@ from megatron_cropi.layout import RunLayout
 from megatron_cropi.rollout.store import TrajectoryStore
 from megatron_cropi.records import PromptRecord
 from megatron_cropi.influence.shortlist import ShortlistConfig, carry_ranking, shortlist_mask
-from megatron_cropi.curriculum.scaled_selection import select_where_scored, selects_where_scored
+from megatron_cropi.curriculum.scaled_selection import select_where_scored, selects_where_scored, write_where_scored
+from megatron_cropi.selection import stored
 from megatron_cropi.selection.guard import GuardConfig
 from megatron_cropi.selection.policies import (
     Selection,
     SelectionConfig,
     SelectionInputs,
-    finish_selection,
     pool_directions,
     target_plan,
     ranking_scores,
@@ -61,8 +61,9 @@ def feature_set_names(target_families: Sequence[str], *, guard: bool = False) ->
 
 
 def read_selection(path: Path) -> Selection | None:
-    """The selection written at ``path``, or None when there is none yet."""
-    return Selection.from_dict(json.loads(path.read_text())) if path.exists() else None
+    """The selection written at ``path`` (whole or in parts: :mod:`~megatron_cropi.selection.stored`), or
+    None when there is none yet."""
+    return stored.read_selection(path)
 
 
 def read_ranking(layout: RunLayout, m: int) -> dict[str, float] | None:
@@ -217,29 +218,17 @@ def scale_out_cosines(cfg: SelectionConfig, features: dict[str, Path], *, seed: 
 
 def _select_where_scored(m: int, *, layout: RunLayout, pool: Sequence[PromptRecord], cfg: SelectionConfig,
                          seed: int, features: dict[str, Path], pool_rollouts: Path, t0: float) -> Selection | None:
-    """Stage ``m``'s cropi selection of a sharded pool store made where its cosines are
-    (:mod:`.scaled_selection`), written by rank 0; None on every rank when that path declines."""
+    """Stage ``m``'s cropi selection of a sharded pool store made where its cosines are and written in
+    parts (:mod:`.scaled_selection`); None on every rank when that path declines. Every rank reads the
+    pool's columns (ids, pass rates, sources) itself, so none of them travels."""
     plan = on_rank0(lambda: target_plan(cfg, *_target_sets(features), seed=seed))
-    held = {}
-
-    def sizes() -> tuple[int, int]:  # rank 0 keeps the columns; the others learn N and m
-        held["inputs"] = pool_columns(pool, pool_rollouts, previous_selections(layout, m))
-        n = len(held["inputs"].prompt_ids)
-        return n, selection_budget(cfg, n)
-
-    n, budget = on_rank0(sizes)
-    done, picked = select_where_scored(cfg, plan, features["pool"], num_prompts=n, budget=budget)
+    inputs = pool_columns(pool, pool_rollouts, previous_selections(layout, m))
+    budget = selection_budget(cfg, len(inputs.prompt_ids))  # the same error, if any, on every rank
+    done, picks = select_where_scored(cfg, plan, features["pool"], num_prompts=len(inputs.prompt_ids),
+                                      budget=budget)
     if not done:
         return None
-
-    def write() -> Selection:
-        rows, scores, summary = picked.ordered()
-        result = finish_selection(m, "cropi", rows, scores, held["inputs"], summary)
-        result.summary["seconds"] = time.perf_counter() - t0
-        atomic_write_json(layout.selection(m), result.to_dict())
-        return result
-
-    return on_rank0(write)
+    return write_where_scored(m, picks, inputs, layout.selection(m), t0=t0)
 
 
 def select_stage(m: int, *, layout: RunLayout, pool: Sequence[PromptRecord], cfg: SelectionConfig, seed: int,
@@ -274,7 +263,7 @@ def select_stage(m: int, *, layout: RunLayout, pool: Sequence[PromptRecord], cfg
             ranking = carry_ranking(read_ranking(layout, m - 1), inputs.prompt_ids, scores, inputs.usable)
             atomic_write_json(layout.ranking(m), {"stage": m, "scores": ranking})
         result.summary["seconds"] = time.perf_counter() - t0
-        atomic_write_json(layout.selection(m), result.to_dict())
+        stored.write_selection(layout.selection(m), result)
         return result
 
     return on_rank0(choose)

@@ -59,8 +59,10 @@ def run_outcome(out: str | Path) -> dict:
 
     from safetensors.torch import load_file
 
+    from megatron_cropi.selection.stored import read_selection
+
     out = Path(out)
-    sels = {p.name: json.loads(p.read_text()) for p in sorted((out / "selections").glob("stage*.json"))}
+    sels = {p.name: read_selection(p).to_dict() for p in sorted((out / "selections").glob("stage*.json"))}
     for sel in sels.values():
         sel["summary"].pop("seconds", None)
     evals = [json.loads(x) for x in (out / "metrics" / "eval.jsonl").read_text().splitlines() if x]

@@ -69,7 +69,9 @@ def _selection(out: Path, *, ranking: bool = True) -> dict:
     (not under ``scoring.scale_out``, which selects where the cosines are)."""
     import pyarrow.parquet as pq
 
-    sel = json.loads((out / "selections" / "stage0.json").read_text())
+    from megatron_cropi.selection.stored import read_selection
+
+    sel = read_selection(out / "selections" / "stage0.json").to_dict()
     rows = pq.read_table(out / "selections" / "stage0.parquet").to_pylist()
     lines = [json.loads(x) for x in (out / "selections" / "stage0.jsonl").read_text().splitlines()]
     assert [r["prompt_id"] for r in rows] == [x["prompt_id"] for x in lines] == sel["prompt_ids"]

@@ -1,7 +1,7 @@
 """``curriculum.keep_features: resume`` deletes each stage's feature stores once its selection is
 recorded, and changes nothing else: the selections equal a run that keeps every store. So does
-``scoring.scale_out`` (sharded pool store, selection from gathered cosines, the probe reading rows
-from shards), also with its stores pruned."""
+``scoring.scale_out`` (sharded pool store, selection where the cosines are, written in parts, the
+probe reading rows from shards), also with its stores pruned."""
 
 import json
 from pathlib import Path
@@ -12,6 +12,7 @@ import yaml
 
 
 def _run(tmp: Path, out: Path, nproc: int = 1, **changes) -> dict:
+    from megatron_cropi.selection.stored import read_selection
     from megatron_cropi.testing.cli import run_cli
     from megatron_cropi.testing.tiny import tiny_curriculum_config
 
@@ -19,7 +20,7 @@ def _run(tmp: Path, out: Path, nproc: int = 1, **changes) -> dict:
     cfg.write_text(yaml.safe_dump(tiny_curriculum_config(str(out), **changes)))
     rc, log = run_cli(["run", str(cfg)], timeout=400, nproc=nproc)
     assert rc == 0, log[-4000:]
-    return {p.name: json.loads(p.read_text())["prompt_ids"] for p in sorted((out / "selections").glob("stage*.json"))}
+    return {p.name: read_selection(p).prompt_ids for p in sorted((out / "selections").glob("stage*.json"))}
 
 
 @pytest.mark.timeout(600)
@@ -43,9 +44,15 @@ def test_keep_features_resume_prunes_stores_and_keeps_selections(tmp_path):
 
 @pytest.mark.timeout(900)
 def test_scale_out_under_torchrun_selects_what_rank0_scoring_selects(tmp_path):
-    """Two ranks (DP = 2): the queue, the shards, the cosines met on rank 0, through `cropi run`."""
+    """Two ranks (DP = 2): the queue, the shards, the selection made and written where the cosines are,
+    through `cropi run`."""
     plain = _run(tmp_path, tmp_path / "plain", nproc=2)
     sharded = _run(tmp_path, tmp_path / "sharded", nproc=2, **{"scoring.scale_out": True})
     assert len(plain) == 2 and sharded == plain
     writers = {d.name for d in (tmp_path / "sharded" / "features" / "stage0" / "pool" / "shards").iterdir()}
     assert writers == {"w00000", "w00001"}, writers
+    # selected where the cosines are: each rank wrote its own picks, the head holds none
+    head = json.loads((tmp_path / "sharded" / "selections" / "stage0.json").read_text())
+    assert head["parts"] == 2 and "prompt_ids" not in head, head
+    assert sorted(p.name for p in (tmp_path / "sharded" / "selections" / "stage0.parts").iterdir()) == [
+        "part00000.json", "part00001.json"]

@@ -7,10 +7,12 @@
   check-set guard dropping and demoting, a budget above the prompts with a gradient). The oracle is
   the plain path: the pool scored into one ``[N, k]`` store at DP = 1 and
   :func:`~megatron_cropi.selection.policies.select` on its features. Same prompts, same order, same
-  summary (keys in order); no ranking file is kept. Reciprocal-rank fusion of two targets is declined:
-  the cosines meet on rank 0, with the same result.
+  summary (keys in order); no ranking file is kept; the selection is on disk as a head and one part per
+  rank (no pick in the head), and reads back the same. Reciprocal-rank fusion of two targets is declined:
+  the cosines meet on rank 0, with the same result, in one file.
 """
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +91,7 @@ def _pipeline_worker(tmp):
     from megatron_cropi.parallel import build_parallel_groups, destroy_parallel_groups, init_distributed
     from megatron_cropi.projection.config import build_projector
     from megatron_cropi.selection.policies import select
+    from megatron_cropi.selection.stored import read_selection
     from megatron_cropi.testing.tiny import build_tiny_model, tiny_model_config
 
     tmp = Path(tmp)
@@ -110,7 +113,9 @@ def _pipeline_worker(tmp):
         layout = RunLayout(tmp / f"run{world}-{label}")
         got = select_stage(0, layout=layout, pool=[], cfg=sel_cfg, seed=3, features=_features(tmp, f"sharded{world}", spec),
                            pool_rollouts=tmp / "pool")
-        out[label] = {"got": got.to_dict(), "ranking_kept": layout.ranking(0).exists()}
+        head = json.loads(layout.selection(0).read_text())
+        out[label] = {"got": got.to_dict(), "ranking_kept": layout.ranking(0).exists(), "head": head,
+                      "read_back": read_selection(layout.selection(0)).to_dict()}
         if world == 1 and groups.rank == 0:
             inputs = selection_inputs([], pool_rollouts=tmp / "pool", features=_features(tmp, "classic", spec),
                                       previous=set())
@@ -144,12 +149,20 @@ def test_scaled_out_selection_equals_the_plain_selection_at_dp_1_2_4(tmp_path):
         for world, result in runs.items():
             got, where = result[label]["got"], f"{label} at DP={world}"
             assert result[label]["ranking_kept"] == (label in DECLINED), where
+            # made where scored: a head and one part per rank, no picks in the head; read back the same
+            head = result[label]["head"]
+            assert head.get("parts") == (None if label in DECLINED else world) and ("rows" in head) == (label in DECLINED), where
+            read_back = result[label]["read_back"]
+            assert read_back["prompt_ids"] == got["prompt_ids"] and read_back["scores"] == got["scores"], where
+            assert read_back["summary"] == json.loads(json.dumps(got["summary"])), where  # as JSON keeps it
             assert got["prompt_ids"] == oracle["prompt_ids"] and got["rows"] == oracle["rows"], where
             np.testing.assert_allclose(got["scores"], oracle["scores"], rtol=1e-5, err_msg=where)
             summary, expect = dict(got["summary"]), dict(oracle["summary"])
             summary.pop("seconds")
             np.testing.assert_allclose(list(summary.pop("cosine_quantiles").values()),
                                        list(expect.pop("cosine_quantiles").values()), rtol=1e-5, err_msg=where)
+            # the mean pass rate is a sum of per-rank sums: equal up to the order of the additions
+            assert summary.pop("mean_pass_rate") == pytest.approx(expect.pop("mean_pass_rate"), rel=1e-12), where
             assert list(summary.items()) == list(expect.items()), where  # the same keys in the same order
     for world, result in runs.items():
         assert "SelectionError" in result["guard_keeps_nothing"] and "nothing selected" in result["guard_keeps_nothing"]
