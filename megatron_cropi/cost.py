@@ -378,9 +378,9 @@ def scale_out_footprint(*, pool_prompts: int, nodes: int, tp: int, pp: int, k: i
 
     Under scale-out a cropi selection is made and written where the cosines are (each rank writes its
     own picks): rank 0 receives a bounded number of counts (``rank0_receives_bytes``), whatever the pool
-    and DP; every rank reads the pool's pass-rate and source columns for its picks' summary and its
-    share of the picks from disk. The policies that read every row's score meet the
-    scored rows' cosines on rank 0 (``rank0_receives_bytes_cosines_met``)."""
+    and DP; every rank reads the pool's id, pass-rate and source columns (rank 0 writes the summary
+    from them) and the picks from disk. The policies that read every row's score meet the scored rows'
+    cosines on rank 0 (``rank0_receives_bytes_cosines_met``)."""
     dp = nodes * gpus_per_node // (tp * pp)
     per_prompt = responses * mean_response_tokens * STORE_BYTES_PER_RESPONSE_TOKEN + prompt_tokens * STORE_BYTES_PER_PROMPT_TOKEN
     live = live_fraction * pool_prompts

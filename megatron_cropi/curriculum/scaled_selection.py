@@ -4,10 +4,10 @@ Each rank reads its share of the store's unit files and takes the cosines of its
 target (and check-guard) directions (:func:`~megatron_cropi.influence.scale_out.local_cosines`); the
 guard, the fusion of several targets by ``max`` and the top ``m`` then run on those local rows
 (:func:`~megatron_cropi.selection.distributed.distributed_top_m`: all-reduced counts). The picks stay
-where they are too: every rank writes its own part of the selection and global rank 0 a head with the
-summary, made of all-reduced counts (:func:`write_where_scored`; the format:
+where they are too: every rank writes its own part of the selection, and global rank 0 reads the parts
+from disk and writes a head with the summary (:func:`write_where_scored`; the format:
 :mod:`~megatron_cropi.selection.stored`). What global rank 0 receives is about 70 + ⌈log2 N⌉ all-reduced
-counts per top-m and a few more for the summary, whatever the pool and the number of ranks, against
+counts per top-m, whatever the pool and the number of ranks, against
 17 bytes per *scored* pool prompt when the cosines meet on rank 0
 (:func:`~megatron_cropi.influence.scale_out.pool_cosines`).
 
@@ -30,9 +30,10 @@ import numpy as np
 import torch.distributed as dist
 
 from megatron_cropi.influence.scale_out import local_cosines
-from megatron_cropi.selection.distributed import distributed_quantiles, distributed_top_m, global_fsum, global_sum
-from megatron_cropi.selection.policies import COSINE_QUANTILES, Selection, SelectionConfig, SelectionInputs, TargetPlan
-from megatron_cropi.selection.stored import read_selection, write_selection_head, write_selection_part
+from megatron_cropi.selection.distributed import distributed_quantiles, distributed_top_m, global_sum
+from megatron_cropi.selection.policies import (COSINE_QUANTILES, Selection, SelectionConfig, SelectionInputs, TargetPlan,
+                                               finish_selection)
+from megatron_cropi.selection.stored import read_parts, read_selection, write_selection_head, write_selection_part
 from megatron_cropi.utils.rank_zero import on_rank0
 
 __all__ = ["LocalPicks", "selects_where_scored", "select_where_scored", "write_where_scored"]
@@ -120,54 +121,45 @@ def select_where_scored(cfg: SelectionConfig, plan: TargetPlan, pool_store: Path
 def write_where_scored(stage: int, picks: LocalPicks, inputs: SelectionInputs, path: Path, *, t0: float
                        ) -> Selection:
     """Write the selection of ``picks`` in parts (:mod:`~megatron_cropi.selection.stored`): every rank
-    its own picks, then global rank 0 the head with the summary :func:`~megatron_cropi.selection.policies.select`
-    writes (selected count, overlap with earlier stages, mean pass rate, source mix: each a sum of
-    per-rank counts). A collective; an error on any rank is raised on every rank.
+    its own picks, then global rank 0 the head. Rank 0 reads the parts from disk and writes the summary
+    :func:`~megatron_cropi.selection.policies.finish_selection` writes (selected count, overlap with
+    earlier stages, mean pass rate, source mix); nothing of the picks travels between ranks. A
+    collective; an error on any rank is raised on every rank.
 
     Args:
-        inputs: the pool's ids, pass rates and sources by store row, and the earlier stages' picks
-            (:func:`~megatron_cropi.curriculum.steps.pool_columns`), on every rank.
+        inputs: the pool's ids, pass rates and sources by store row and the earlier stages' picks
+            (:func:`~megatron_cropi.curriculum.steps.pool_columns`; rank 0's are read).
         t0: when the stage's selection began (``perf_counter``; the summary's ``seconds``, rank 0's).
 
     Returns:
         The :class:`~megatron_cropi.selection.policies.Selection` on every rank, read back from the parts.
     """
     rank, world = dist.get_rank(), dist.get_world_size()
-    ids = [inputs.prompt_ids[r] for r in picks.rows]
-    sources = sorted(set(inputs.sources))  # the same on every rank: the same column
-    counts = [int(picks.rows.size), int(picks.demoted.sum()), sum(i in inputs.previous for i in ids)]
-    counts += [sum(inputs.sources[r] == s for r in picks.rows) for s in sources]
     error = None
     try:
-        write_selection_part(path, rank, picks.rows, ids, picks.scores, picks.demoted)
+        write_selection_part(path, rank, picks.rows, [inputs.prompt_ids[r] for r in picks.rows], picks.scores,
+                             picks.demoted)
     except OSError as err:  # every rank must learn it, not wait in the next collective
         error = f"rank {rank}: {type(err).__name__}: {err}"
     failed = int(global_sum([error is not None])[0])
     if failed:
         raise RuntimeError(f"writing the parts of selection {path}: {failed} ranks failed" +
                            (f" ({error})" if error else ""))
-    totals = global_sum(counts)
-    pass_sum = float(global_fsum([float(np.asarray(inputs.pass_rates, np.float64)[picks.rows].sum())])[0])
-    selected, demoted_selected, overlap = (int(v) for v in totals[:3])
-    summary = dict(picks.summary)
-    if summary.get("guard", {}).get("mode") == "demote" and summary["guard"]["conflicting"]:
-        summary["guard"] = {**summary["guard"], "demoted_selected": demoted_selected}
-    if selected < picks.budget:
-        summary["shortfall"] = f"only {selected} prompts had a gradient; selected all of them"
-    if picks.quantiles is not None:
-        summary["cosine_quantiles"] = dict(zip(COSINE_QUANTILES, picks.quantiles))
-    summary["selected"] = selected
-    summary["previous_overlap"] = overlap
-    summary["mean_pass_rate"] = pass_sum / selected if selected else 0.0
-    mix = {s: int(c) for s, c in zip(sources, totals[3:]) if c}
-    summary["source_mix"] = dict(sorted(mix.items(), key=lambda kv: -kv[1]))
 
     def head() -> dict:
+        rows, _, scores, demoted = read_parts(path, world)
+        summary = dict(picks.summary)
+        if summary.get("guard", {}).get("mode") == "demote" and summary["guard"]["conflicting"]:
+            summary["guard"] = {**summary["guard"], "demoted_selected": int(demoted.sum())}
+        if rows.size < picks.budget:
+            summary["shortfall"] = f"only {rows.size} prompts had a gradient; selected all of them"
+        if picks.quantiles is not None:
+            summary["cosine_quantiles"] = dict(zip(COSINE_QUANTILES, picks.quantiles))
+        summary = finish_selection(stage, "cropi", rows, scores, inputs, summary).summary
         summary["seconds"] = time.perf_counter() - t0
         write_selection_head(path, stage=stage, policy="cropi", parts=world, summary=summary)
         return summary
 
     summary = on_rank0(head)  # also the barrier: the head is on disk when anyone reads it
-    found = read_selection(path)
-    # the summary as computed (its keys in select's order; the file sorts them)
-    return dataclasses.replace(found, summary=summary)
+    # the summary as made (its keys in select's order; the file sorts them)
+    return dataclasses.replace(read_selection(path), summary=summary)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["order_keys", "key_values", "global_sum", "global_fsum", "kth_largest_keys", "distributed_top_m", "distributed_quantiles"]
+__all__ = ["order_keys", "key_values", "global_sum", "kth_largest_keys", "distributed_top_m", "distributed_quantiles"]
 
 _SIGN = np.uint64(1 << 63)
 
@@ -54,19 +54,10 @@ def _device(group) -> torch.device:
 def global_sum(values: Sequence[int], group=None) -> np.ndarray:
     """``[len(values)]`` int64: ``values`` summed over the ranks of ``group`` (the values themselves when
     no process group is initialised)."""
-    return _summed(np.asarray(values, dtype=np.int64), group)
-
-
-def global_fsum(values: Sequence[float], group=None) -> np.ndarray:
-    """``[len(values)]`` float64: ``values`` summed over the ranks of ``group`` (the values themselves when
-    no process group is initialised; the sum's rounding depends on the reduction order)."""
-    return _summed(np.asarray(values, dtype=np.float64), group)
-
-
-def _summed(values: np.ndarray, group) -> np.ndarray:
+    out = np.asarray(values, dtype=np.int64)
     if not dist.is_initialized():
-        return values
-    box = torch.from_numpy(values.copy()).to(_device(group))
+        return out
+    box = torch.from_numpy(out.copy()).to(_device(group))
     dist.all_reduce(box, group=group)
     return box.cpu().numpy()
 

@@ -25,7 +25,7 @@ from megatron_cropi.selection.policies import Selection
 from megatron_cropi.utils.atomic import atomic_write_json
 
 __all__ = ["parts_dir", "part_path", "write_selection", "write_selection_part", "write_selection_head",
-           "read_selection", "order_picks"]
+           "read_selection", "read_parts", "order_picks"]
 
 
 def parts_dir(path: Path) -> Path:
@@ -74,19 +74,30 @@ def read_selection(path: Path) -> Selection | None:
     head = json.loads(path.read_text())
     if "parts" not in head:
         return Selection.from_dict(head)
+    rows, ids, scores, _ = read_parts(path, int(head["parts"]))
+    return Selection(stage=head["stage"], policy=head["policy"], rows=[int(r) for r in rows], prompt_ids=ids,
+                     scores=[float(s) for s in scores], summary=dict(head["summary"]))
+
+
+def read_parts(path: Path, parts: int) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
+    """The picks in the ``parts`` parts of the selection whose head is (or will be) ``path``, best first
+    (:func:`order_picks`): ``(rows [m] int64, prompt ids, scores [m] float64, demoted [m] bool)``.
+
+    Raises:
+        RuntimeError: a part is missing or unreadable.
+    """
     rows, ids, scores, demoted = [], [], [], []
-    for rank in range(int(head["parts"])):
+    for rank in range(parts):
         part = part_path(path, rank)
         try:
             d = json.loads(part.read_text())
         except (OSError, ValueError) as err:
-            raise RuntimeError(f"selection {path} names {head['parts']} parts but part {part} cannot be read "
+            raise RuntimeError(f"selection {path} has {parts} parts but part {part} cannot be read "
                                f"({type(err).__name__}: {err}); rerun the stage's selection") from err
         rows += d["rows"]
         ids += d["prompt_ids"]
         scores += d["scores"]
         demoted += d["demoted"]
-    order = order_picks(np.asarray(rows, np.int64), np.asarray(scores, np.float64), np.asarray(demoted, bool))
-    return Selection(stage=head["stage"], policy=head["policy"], rows=[int(rows[i]) for i in order],
-                     prompt_ids=[ids[i] for i in order], scores=[float(scores[i]) for i in order],
-                     summary=dict(head["summary"]))
+    rows_a, scores_a, demoted_a = np.asarray(rows, np.int64), np.asarray(scores, np.float64), np.asarray(demoted, bool)
+    order = order_picks(rows_a, scores_a, demoted_a)
+    return rows_a[order], [ids[i] for i in order], scores_a[order], demoted_a[order]

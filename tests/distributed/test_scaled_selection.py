@@ -161,8 +161,6 @@ def test_scaled_out_selection_equals_the_plain_selection_at_dp_1_2_4(tmp_path):
             summary.pop("seconds")
             np.testing.assert_allclose(list(summary.pop("cosine_quantiles").values()),
                                        list(expect.pop("cosine_quantiles").values()), rtol=1e-5, err_msg=where)
-            # the mean pass rate is a sum of per-rank sums: equal up to the order of the additions
-            assert summary.pop("mean_pass_rate") == pytest.approx(expect.pop("mean_pass_rate"), rel=1e-12), where
             assert list(summary.items()) == list(expect.items()), where  # the same keys in the same order
     for world, result in runs.items():
         assert "SelectionError" in result["guard_keeps_nothing"] and "nothing selected" in result["guard_keeps_nothing"]
