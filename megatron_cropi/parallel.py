@@ -33,6 +33,7 @@ __all__ = [
 ]
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+_SINGLE_WORLD_VARS = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}  # set by a one-process world
 
 
 class LaunchError(RuntimeError):
@@ -113,7 +114,10 @@ def init_distributed(*, backend: str | None = None, timeout_s: float = 600.0, al
     if dist.is_initialized():
         return dist.get_backend()
     missing = [v for v in _TORCHRUN_VARS if v not in os.environ]
-    single = bool(missing) and allow_single and len(missing) == len(_TORCHRUN_VARS)
+    # exactly what a one-process world started earlier in this process leaves (below): start one again
+    leftover = (set(missing) == {"MASTER_ADDR", "MASTER_PORT"}
+                and all(os.environ.get(k) == v for k, v in _SINGLE_WORLD_VARS.items()))
+    single = bool(missing) and allow_single and (len(missing) == len(_TORCHRUN_VARS) or leftover)
     if missing and not single:
         raise LaunchError(
             "torch.distributed environment not found (missing " + ", ".join(missing) + "). Launch with "
@@ -125,7 +129,7 @@ def init_distributed(*, backend: str | None = None, timeout_s: float = 600.0, al
     timeout = datetime.timedelta(seconds=timeout_s)
     if single:
         # A lone process needs no rendezvous: an in-memory store, no TCP port to race for.
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.update(_SINGLE_WORLD_VARS)
         if torch.cuda.is_available():
             torch.cuda.set_device(0)
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)

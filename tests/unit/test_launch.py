@@ -30,6 +30,25 @@ def test_partial_torchrun_env_names_the_missing_variables(monkeypatch):
         init_distributed(allow_single=True)  # a partial env is never silently replaced
 
 
+def test_a_one_process_world_starts_again_after_one_ended_in_the_same_process(monkeypatch):
+    """A one-process world sets RANK/WORLD_SIZE/LOCAL_RANK (no MASTER_*); once it is destroyed, the next
+    ``cropi`` call in the same Python process (the API, a test) starts a one-process world again
+    instead of reading the leftovers as a partial torchrun environment."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    started = []
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: started.append(kw))
+    for var, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(var, value)
+    for var in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    init_distributed(allow_single=True)
+    assert len(started) == 1 and started[0]["world_size"] == 1 and started[0]["rank"] == 0
+    with pytest.raises(LaunchError, match="MASTER_ADDR"):
+        init_distributed()  # only where a one-process world is allowed
+
+
 @pytest.mark.parametrize("world, tp, pp, dp", [(1, 1, 1, 1), (4, 2, 2, 1), (8, 2, 2, 2), (16, 8, 1, 2)])
 def test_layouts_that_fit(world, tp, pp, dp):
     assert check_layout(world, tp, pp) == dp
