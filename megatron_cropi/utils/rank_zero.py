@@ -1,7 +1,8 @@
 """Rank 0 acts, every rank learns the result or the error.
 
-A run's files (stores, state, reports; not TensorBoard, which the metrics rank writes) are written by
-global rank 0 alone (one writer, atomic writes); the other ranks must
+A run's files (stores, state, reports; not TensorBoard, which the metrics rank writes, nor under
+``scoring.scale_out`` the feature-store shards and selection parts, written where they are made) are
+written by global rank 0 alone (one writer, atomic writes); the other ranks must
 still learn what it found (a value) or that it failed (the exception, re-raised on every rank), or
 they would go on into the next collective and wait forever for a rank that has died.
 """
