@@ -25,6 +25,8 @@ evaluation. A method differs only by the config overrides in ``METHODS``:
   0 trains on the whole pool while a second process scores and selects at β, then on the top 10%. The run
   occupies two cores (trainer and scorer); a run of any method never shares a core with another (the
   runs take cores in order). The scorer's time is not on its clock; ``background_seconds_final`` reports it;
+* ``cropi_r10_dynamic_bg``: the same at every stage: each stage starts on the whole pool and switches to its
+  own top 10% (ranked at θ_m from β's rollouts) when the scorer is done. Two cores, as above;
 * ``cropi_r30``: CROPI selecting 30% of the pool per stage (``selection.ratio: 0.3``). At 10% a stage of
   50 steps × 32 prompts visits each of the 199 selected prompts 8 times; at 30%, 2.7 times, close to the
   example configs' 2.3 (100 steps × 128 prompts over 10% of a 55k pool). A CROPI variant.
@@ -132,6 +134,11 @@ METHODS: dict[str, dict] = {
     "cropi_first1_r10_dynamic_bg": {"selection.policy": "cropi", "selection.ratio": 0.1,
                                     "grpo.dynamic_sampling": {"enabled": True}, "curriculum.selected_stages": 1,
                                     "curriculum.background_scoring": True},
+    # every stage selects off the critical path: each stage trains on the whole pool (dynamic sampling) while the
+    # scorer ranks the pool at θ_m (β's rollouts, off-policy), then on that stage's top 10% for the rest of it; the
+    # selection steers every stage and never waits, and the pool's breadth comes back at each stage's start
+    "cropi_r10_dynamic_bg": {"selection.policy": "cropi", "selection.ratio": 0.1,
+                             "grpo.dynamic_sampling": {"enabled": True}, "curriculum.background_scoring": True},
     # the warm start's control: a random 10% of the pool for stage 0 (no β rollouts, no scoring), then the same
     "random_first1_r10_dynamic": {"selection.policy": "random", "selection.ratio": 0.1,
                                   "grpo.dynamic_sampling": {"enabled": True}, "curriculum.selected_stages": 1},
@@ -156,7 +163,7 @@ COLORS = {"cropi": "C3", "full": "C0", "random": "C7", "learnability": "C2", "on
           "cropi_refresh1_r10_dynamic": "C3", "cropi_refresh1_r10_dynamic_last1": "C1",
           "band_refresh1_r30_dynamic": "C2", "cropi_first1_r10_dynamic": "C5",
           "cropi_first1_r10_dynamic_last1": "C6", "random_first1_r10_dynamic": "C8",
-          "cropi_first1_r10_dynamic_bg": "C3"}
+          "cropi_first1_r10_dynamic_bg": "C3", "cropi_r10_dynamic_bg": "C1"}
 # two-sided 95% Student-t quantiles t_{0.975, df}; beyond 30 degrees of freedom 1.96 is used
 T975 = [None, 12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045,
