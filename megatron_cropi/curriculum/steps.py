@@ -20,7 +20,7 @@ import torch.distributed as dist
 from megatron_cropi.influence.feature_store import DONE, FeatureStore
 from megatron_cropi.influence.scale_out import pool_cosines, score_store_sharded
 from megatron_cropi.influence.sharded_store import is_sharded_store
-from megatron_cropi.influence.stores import read_complete_store, score_store
+from megatron_cropi.influence.stores import score_store
 from megatron_cropi.layout import RunLayout
 from megatron_cropi.rollout.store import TrajectoryStore
 from megatron_cropi.records import PromptRecord
@@ -112,16 +112,9 @@ def selection_inputs(pool: Sequence[PromptRecord], *, pool_rollouts: Path | None
 
     ``pool_cosines``: ``(usable [N], {direction: cosines [N]})`` of a sharded pool store
     (:func:`scale_out_cosines`); its features are then not read."""
-    if pool_rollouts is not None and pool_rollouts.exists() and pool_cosines is not None:
-        inputs = pool_columns(pool, pool_rollouts, previous)
-    elif pool_rollouts is not None and pool_rollouts.exists():
-        pool_groups, _ = read_complete_store(pool_rollouts)
-        held = {g.prompt_id for g in pool_groups}
-        rest = sorted((p for p in pool if p.prompt_id not in held), key=lambda p: p.prompt_id)
-        inputs = SelectionInputs(prompt_ids=[g.prompt_id for g in pool_groups] + [p.prompt_id for p in rest],
-                                 pass_rates=np.array([g.pass_rate for g in pool_groups] + [np.nan] * len(rest)),
-                                 sources=[g.prompt.source for g in pool_groups] + [p.source for p in rest],
-                                 previous=previous)
+    if pool_rollouts is not None and pool_rollouts.exists():
+        # column-wise: building every group's rollouts cost 1.3-1.8 s of a 1.7 s CPU-default selection
+        inputs = pool_columns(pool, pool_rollouts, previous, verify=pool_cosines is None)
     else:  # full / random need no rollouts
         ordered = sorted(pool, key=lambda p: p.prompt_id)
         inputs = SelectionInputs(prompt_ids=[p.prompt_id for p in ordered], pass_rates=np.full(len(ordered), np.nan),
@@ -139,11 +132,20 @@ def selection_inputs(pool: Sequence[PromptRecord], *, pool_rollouts: Path | None
     return inputs
 
 
-def pool_columns(pool: Sequence[PromptRecord], pool_rollouts: Path, previous: set[str]) -> SelectionInputs:
+def pool_columns(pool: Sequence[PromptRecord], pool_rollouts: Path, previous: set[str], *,
+                 verify: bool = False) -> SelectionInputs:
     """The pool's ids, pass rates and sources read column-wise from the trajectory store ``pool_rollouts``
-    (its rollouts are never loaded), then the pool prompts it does not hold (pass rate NaN): the
-    selection inputs of a sharded pool store, whose cosines come from where its features are."""
-    store = TrajectoryStore.open(pool_rollouts, verify=False)
+    (its rollouts are never loaded), then the pool prompts it does not hold (pass rate NaN).
+
+    ``verify``: check every part's checksum and that the store is complete (one process reading the
+    store; scale-out verifies on one rank and reads unverified on every rank).
+
+    Raises:
+        RuntimeError: ``verify`` and the store is not complete (its rollouts were interrupted).
+    """
+    store = TrajectoryStore.open(pool_rollouts, verify=verify)
+    if verify and not store.complete:
+        raise RuntimeError(f"{store.path} is not complete; rerun to finish its rollouts")
     ids = store.prompt_ids()
     rates, sources = store.pass_rates_and_sources()
     held = set(ids)

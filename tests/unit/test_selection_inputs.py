@@ -1,0 +1,61 @@
+"""What a selection reads of the pool's trajectory store (``curriculum.steps.selection_inputs``): ids,
+pass rates and sources read column-wise equal the same figures computed by hand from the groups written,
+prompts the store does not hold follow with pass rate NaN, and an interrupted store is refused."""
+
+import numpy as np
+import pytest
+
+from megatron_cropi.curriculum.steps import selection_inputs
+from megatron_cropi.data.prompt_ids import pool_hash, prompt_id
+from megatron_cropi.records import PromptRecord, Response, RolloutGroup, SamplingParams
+from megatron_cropi.rollout.store import StoreHeader, TrajectoryStore
+
+
+def _groups(n: int, seed: int = 0) -> list[RolloutGroup]:
+    """Groups of 1-5 responses whose rewards include the 0.5 boundary (not a pass) and partial credit."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        text, answer = f"q{i}", str(i)
+        prompt = PromptRecord(prompt_id(text, answer), rng.integers(0, 30, 4).astype(np.int32), answer,
+                              source=f"fam{i % 3}", text=text)
+        k = 1 + i % 5
+        responses = tuple(Response(rng.integers(0, 30, 2).astype(np.int32), np.zeros(2, np.float32), finished=True)
+                          for _ in range(k))
+        rewards = rng.choice([0.0, 0.5, 0.75, 1.0], size=k).astype(np.float32)
+        out.append(RolloutGroup(prompt, responses, rewards, policy_version=0))
+    return out
+
+
+def _write(path, groups, *, complete=True, part=7):
+    header = StoreHeader.build(SamplingParams(n=5, temperature=1.0), tokenizer="char:test", model="hf:test:abc",
+                               policy_version=0, pool_hash=pool_hash(g.prompt_id for g in groups),
+                               num_prompts=len(groups))
+    store = TrajectoryStore.open_for_append(path, header)
+    for start in range(0, len(groups), part):  # several parts, rows out of prompt-id order within each
+        store.append(groups[start:start + part])
+    if complete:
+        store.mark_complete()
+
+
+def test_pass_rates_and_sources_read_column_wise_equal_the_groups(tmp_path):
+    groups = _groups(23)
+    _write(tmp_path / "pool", groups)
+    extra = [PromptRecord(prompt_id(f"x{i}", "0"), np.zeros(3, np.int32), "0", source="famx", text=f"x{i}")
+             for i in range(4)]
+    inputs = selection_inputs([g.prompt for g in groups] + extra,
+                              pool_rollouts=tmp_path / "pool", features={}, previous={"p"})
+    held = sorted(groups, key=lambda g: g.prompt_id)  # the store's row order: prompt-id order
+    rest = sorted(extra, key=lambda p: p.prompt_id)
+    assert list(inputs.prompt_ids) == [g.prompt_id for g in held] + [p.prompt_id for p in rest]
+    assert list(inputs.sources) == [g.prompt.source for g in held] + ["famx"] * 4
+    by_hand = [sum(r > 0.5 for r in g.rewards.tolist()) / len(g.rewards) for g in held]
+    np.testing.assert_allclose(inputs.pass_rates[:23], by_hand, rtol=0, atol=1e-12)
+    assert np.isnan(inputs.pass_rates[23:]).all() and inputs.previous == {"p"}
+
+
+def test_an_interrupted_pool_store_is_refused_by_path(tmp_path):
+    groups = _groups(9)
+    _write(tmp_path / "pool", groups, complete=False)
+    with pytest.raises(RuntimeError, match=r"pool is not complete; rerun to finish its rollouts"):
+        selection_inputs([g.prompt for g in groups], pool_rollouts=tmp_path / "pool", features={}, previous=set())
