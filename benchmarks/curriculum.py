@@ -150,7 +150,7 @@ METHODS: dict[str, dict] = {
 }
 REFERENCE = "full"
 # the CROPI setting of examples/configs/tiny_cpu.yaml (a unit test checks they agree): the default headline
-CPU_DEFAULT_METHOD = "cropi_first1_r10_dynamic"
+CPU_DEFAULT_METHOD = "cropi_first1_r10_dynamic_bg"
 # what runs by default: the reference, the four selectors users would pick instead, the paper's CROPI and
 # the CPU default's (every other variant by --methods)
 DEFAULT_METHODS = ["full", "random", "learnability", "online_learnability", "dynamic_sampling", "cropi",
@@ -188,6 +188,7 @@ def base_config(args) -> dict:
     cfg["selection"]["ratio"] = 0.1
     cfg["curriculum"]["refresh_behaviour_every"] = 0
     cfg["curriculum"]["selected_stages"] = 0
+    cfg["curriculum"]["background_scoring"] = False
     cfg["grpo"]["dynamic_sampling"] = {"enabled": False}
     cfg["curriculum"]["stages"] = args.stages
     cfg["curriculum"]["steps_per_stage"] = args.steps_per_stage

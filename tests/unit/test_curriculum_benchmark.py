@@ -104,16 +104,17 @@ def test_every_method_starts_from_the_papers_setting_and_the_cpu_default_is_one_
     args = argparse.Namespace(target="add3c", stages=6, steps_per_stage=50, eval_every=10, eval_max_prompts=0)
     base = bench.base_config(args)
     assert base["selection"]["ratio"] == 0.1 and base["curriculum"]["refresh_behaviour_every"] == 0
-    assert base["curriculum"]["selected_stages"] == 0
+    assert base["curriculum"]["selected_stages"] == 0 and base["curriculum"]["background_scoring"] is False
     assert base["grpo"]["dynamic_sampling"] == {"enabled": False}
     default = yaml.safe_load((ROOT / "examples/configs/tiny_cpu.yaml").read_text())
     method = json.loads(json.dumps(base))
-    assert bench.CPU_DEFAULT_METHOD == "cropi_first1_r10_dynamic" and bench.CPU_DEFAULT_METHOD in bench.DEFAULT_METHODS
+    assert bench.CPU_DEFAULT_METHOD == "cropi_first1_r10_dynamic_bg" and bench.CPU_DEFAULT_METHOD in bench.DEFAULT_METHODS
     assert {"full", "random", "learnability", "online_learnability", "dynamic_sampling"} <= set(bench.DEFAULT_METHODS)
     for key, value in bench.METHODS[bench.CPU_DEFAULT_METHOD].items():
         bench.set_key(method, key, value)
     for section, key in (("selection", "policy"), ("selection", "ratio"), ("curriculum", "refresh_behaviour_every"),
-                         ("curriculum", "selected_stages"), ("grpo", "dynamic_sampling")):
+                         ("curriculum", "selected_stages"), ("curriculum", "background_scoring"),
+                         ("grpo", "dynamic_sampling")):
         assert method[section][key] == default[section][key], (section, key)
 
 

@@ -98,7 +98,7 @@ def test_cli_bad_override_exits_2_naming_the_key(capsys):
 
 def test_cli_override_reaches_the_dry_run(tmp_path, capsys):
     assert main(["run", TINY, "--dry-run", f"run.output_dir={tmp_path}/o", "parallel.tensor_model_parallel_size=2",
-                 "--world-size", "3"]) == 2
+                 "curriculum.background_scoring=false", "--world-size", "3"]) == 2
     assert "world size 3 is not divisible by TP×PP = 2×1" in capsys.readouterr().err
 
 
