@@ -7,7 +7,9 @@ out or trains, then waits for ``JOB``); once the parent submits the job, the chi
 projection probe and selects, exactly as the controller's own steps do; the parent meanwhile trains
 stage m on the whole pool and switches to the selection before the first step after the child is done
 (:mod:`.background_stage`). The features and the selection equal the foreground's (the same weights,
-the same code), only the steps trained before the switch differ.
+the same code), only the steps trained before the switch differ. The probe is a report, not an input of
+the selection: the child writes its result (scores and selection) first, so that the stage can switch,
+then probes and writes ``probe.json`` beside it; the parent records the probe at the stage's end.
 
 The child:
 
@@ -15,7 +17,8 @@ The child:
   the restarted run starts a new child, which resumes the feature stores where they stopped;
 * is stopped (SIGSTOP) while the parent evaluates, since evaluation is charged to nobody and the child
   must not gain time from it;
-* writes ``result.json`` atomically when it is done; its exit status and log (``log``) say why otherwise.
+* writes ``result.json`` atomically when the selection is made, then ``probe.json`` and exits; its exit
+  status and log (``log``) say why otherwise.
 
 Its wall time (launch to the parent seeing it done, pauses excluded) goes to ``background_clock`` in
 ``state.json``, not to the run clock: on a machine with a free core (or GPU) it delays no training step.
@@ -36,12 +39,15 @@ from pathlib import Path
 
 from megatron_cropi.utils.atomic import atomic_write_json
 
-__all__ = ["BackgroundJob", "BackgroundScorer", "BackgroundScoringError", "die_with_parent", "run_job"]
+__all__ = ["PROBE_FILE", "BackgroundJob", "BackgroundScorer", "BackgroundScoringError", "die_with_parent", "run_job"]
 
 # a launched controller's variables (the child must not join its process group) and the injected faults,
 # which are the parent's (a test that kills the parent at a point must not kill the child there)
 _PARENT_ONLY_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                      "TORCHELASTIC_RUN_ID", "CROPI_FAULT_AT")
+
+
+PROBE_FILE = "probe.json"  # beside the job's result: the child's projection probe, written after the result
 
 
 class BackgroundScoringError(RuntimeError):
@@ -109,35 +115,52 @@ class BackgroundScorer:
         return now - self.submitted - self.paused_seconds - pausing
 
     def submit(self, job: BackgroundJob) -> None:
-        """Hand the child its job (its result file, if an earlier attempt left one, is removed first)."""
+        """Hand the child its job (its result and probe files, if an earlier attempt left them, are removed
+        first)."""
         Path(job.result).unlink(missing_ok=True)
+        Path(job.result).with_name(PROBE_FILE).unlink(missing_ok=True)
         self.job, self.submitted, self.paused_seconds = job, time.perf_counter(), 0.0
         job.write(self.job_path)
 
     def poll(self) -> dict | None:
-        """The child's result once it has exited with it; None while it runs.
+        """The child's result (scores and selection) once it has written it, whether or not it still
+        probes; None while it works on it.
 
         Raises:
             BackgroundScoringError: it exited without writing its result (the log's tail says why).
         """
-        rc = self.proc.poll()
+        path = Path(self.job.result) if self.job is not None else None
+        rc = self.proc.poll()  # before the file: a child that wrote it and exited is not taken for a failure
+        if path is not None and path.exists():
+            if self.seconds is None:
+                self.seconds = time.perf_counter() - (self.submitted or self.started) - self.paused_seconds
+            return json.loads(path.read_text())
         if rc is None:
             return None
-        return self._result(rc)
+        raise self._failure(rc, "no result")
 
-    def wait(self) -> dict:
-        """Block until the child is done; its result (see :meth:`poll`)."""
-        return self._result(self.proc.wait())
+    def wait(self, poll_s: float = 0.05) -> dict:
+        """Block until the child has written its result; that result (see :meth:`poll`)."""
+        while (result := self.poll()) is None:
+            time.sleep(poll_s)
+        return result
 
-    def _result(self, rc: int) -> dict:
-        if self.seconds is None:
-            self.seconds = time.perf_counter() - (self.submitted or self.started) - self.paused_seconds
-        path = Path(self.job.result) if self.job is not None else None
-        if rc != 0 or path is None or not path.exists():
-            tail = self.log_path.read_text(errors="replace").strip().splitlines()[-15:] if self.log_path.exists() else []
-            raise BackgroundScoringError(f"the background scorer of stage {self.stage} exited with status {rc} "
-                                         f"and no result; its log {self.log_path} ends:\n" + "\n".join(tail))
-        return json.loads(path.read_text())
+    def probe(self) -> dict | None:
+        """Wait for the child to exit after its result; its probe (``probe.json``), None if it wrote none.
+
+        Raises:
+            BackgroundScoringError: it exited with a nonzero status (the log's tail says why).
+        """
+        rc = self.proc.wait()
+        if rc != 0:
+            raise self._failure(rc, "no probe")
+        path = Path(self.job.result).with_name(PROBE_FILE) if self.job is not None else None
+        return json.loads(path.read_text()) if path is not None and path.exists() else None
+
+    def _failure(self, rc: int, what: str) -> BackgroundScoringError:
+        tail = self.log_path.read_text(errors="replace").strip().splitlines()[-15:] if self.log_path.exists() else []
+        return BackgroundScoringError(f"the background scorer of stage {self.stage} exited with status {rc} "
+                                      f"and {what}; its log {self.log_path} ends:\n" + "\n".join(tail))
 
     @contextmanager
     def paused(self):
@@ -183,7 +206,8 @@ def wait_for_job(path: Path, poll_s: float = 0.05) -> BackgroundJob:
 
 def run_job(cfg, job_path: Path, *, log=print) -> dict:
     """The child's work for the run config ``cfg``: load the run (world size 1), wait for the job, score,
-    probe, select; write and return the result."""
+    select and write the result (the stage may switch now), then probe and write ``probe.json``; returns
+    the result with the probe."""
     from megatron_cropi.curriculum import steps
     from megatron_cropi.curriculum.probe import probe_projection_quality
     from megatron_cropi.influence.stores import PolicyScorer
@@ -206,12 +230,6 @@ def run_job(cfg, job_path: Path, *, log=print) -> dict:
         log(steps.score_line(job.stage, name, stats))
         result["score"][name] = {**dataclasses.asdict(stats), "wall_seconds": time.perf_counter() - t0}
     t0 = time.perf_counter()
-    result["probe"] = probe_projection_quality(
-        job.stage, features, scorer, stores={name: Path(p) for name, p in job.stores.items()},
-        probe_prompts=cfg.curriculum.probe_prompts, max_params=cfg.curriculum.probe_max_params,
-        max_target_prompts=cfg.selection.max_target_prompts, seed=cfg.run.seed)
-    result["probe"]["seconds"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
     selection = steps.select_stage(job.stage, layout=RunLayout(cfg.run.output_dir), pool=prompts.pool,
                                    cfg=steps.stage_selection(cfg.selection, True), seed=cfg.run.seed,
                                    features=features, pool_rollouts=Path(job.pool_rollouts))
@@ -219,4 +237,11 @@ def run_job(cfg, job_path: Path, *, log=print) -> dict:
     result["select_seconds"] = time.perf_counter() - t0
     result["seconds"] = time.perf_counter() - t_start
     atomic_write_json(job.result, result)
-    return result
+    t0 = time.perf_counter()
+    probe = probe_projection_quality(
+        job.stage, features, scorer, stores={name: Path(p) for name, p in job.stores.items()},
+        probe_prompts=cfg.curriculum.probe_prompts, max_params=cfg.curriculum.probe_max_params,
+        max_target_prompts=cfg.selection.max_target_prompts, seed=cfg.run.seed)
+    probe["seconds"] = time.perf_counter() - t0
+    atomic_write_json(Path(job.result).with_name(PROBE_FILE), probe)
+    return {**result, "probe": probe}

@@ -3,8 +3,9 @@
     the scorer process started early (it loads while the parent rolls out, or trains the stage before)
     θ_m as an HF directory (β's at stage 0; else exported, charged)  →  submit the job to the scorer
     GRPO steps of stage m on the whole pool; before each step: is the scorer done?
-        yes → record score/probe/select (``switch_step`` = this step)  →  the rest of the stage on the selection
+        yes → record score/select (``switch_step`` = this step)  →  the rest of the stage on the selection
     the stage's last step done and the scorer not: wait for it (charged)  →  ``switch_step`` null
+    the stage's end: record the probe the scorer made after its selection (``probe.json``)
 
 The prompt set in force at any step is a function of the recorded switch (:func:`prompts_in_force`), so a
 run killed anywhere resumes to the end state of an uninterrupted run that switched at the same step: a
@@ -17,6 +18,7 @@ the stage, a wait for the scorer there (N = 0: the stage trains as a foreground-
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -26,7 +28,7 @@ from typing import Sequence
 import yaml
 
 from megatron_cropi.curriculum import steps
-from megatron_cropi.curriculum.background import BackgroundJob, BackgroundScorer
+from megatron_cropi.curriculum.background import PROBE_FILE, BackgroundJob, BackgroundScorer
 from megatron_cropi.curriculum.faults import fault_point
 from megatron_cropi.influence.scorer import ScoreStats
 from megatron_cropi.records import PromptRecord
@@ -153,12 +155,12 @@ def _submit(controller, stage: int) -> BackgroundScorer:
 
 
 def _record(controller, stage: int, scorer: BackgroundScorer, result: dict, switch_step: int | None) -> Selection:
-    """Mark the scorer's steps done (the selection last: it carries the switch) and return the selection."""
+    """Mark the scorer's steps done (the selection last: it carries the switch) and return the selection.
+    The probe comes later (:func:`_record_probe`)."""
     for name, stats in result["score"].items():
         fields = {k: v for k, v in stats.items() if k in ScoreStats.__dataclass_fields__}
         controller.log(steps.score_line(stage, name, ScoreStats(**fields)))
         controller.mark_done(f"stage{stage}/score/{name}", **stats)
-    controller.mark_done(f"stage{stage}/probe", **result["probe"])
     scoring = sum(s["wall_seconds"] for s in result["score"].values())
     controller.charge("scoring", scoring, background=True)
     controller.charge("selection", result["select_seconds"], background=True)
@@ -169,6 +171,21 @@ def _record(controller, stage: int, scorer: BackgroundScorer, result: dict, swit
     controller.mark_done(f"stage{stage}/select", seconds=result["select_seconds"], background=True,
                          switch_step=switch_step, background_seconds=scorer.seconds)
     return selection
+
+
+def _record_probe(controller, stage: int, scorer: BackgroundScorer | None) -> None:
+    """Mark the stage's projection probe done at its end: the scorer's (it probes after writing the
+    selection; what remains of it is waited for, not charged, like the foreground probe), or a note that it
+    was lost when the run was restarted after the switch (the probe needs θ_m, which training has left)."""
+    if controller.is_done(f"stage{stage}/probe"):
+        return
+    if scorer is not None:
+        probe = scorer.probe()
+    else:  # restarted after the switch: the scorer that made the selection may have left its probe
+        path = controller.layout.background(stage) / PROBE_FILE
+        probe = json.loads(path.read_text()) if path.exists() else None
+    controller.mark_done(f"stage{stage}/probe", **(probe or {"skipped": "the run restarted after the background "
+                                                              "selection, before its scorer probed"}))
 
 
 def train_stage(controller, stage: int) -> Selection:
@@ -182,6 +199,7 @@ def train_stage(controller, stage: int) -> Selection:
         switch = StageSwitch(pool, selection=selection,
                              switch_step=controller.state.info(select_step).get("switch_step"))
         controller.step_train(stage, switch=switch)
+        _record_probe(controller, stage, None)
         return selection
     scorer = _submit(controller, stage)
     forced = os.environ.get(SWITCH_AT_ENV)
@@ -202,6 +220,7 @@ def train_stage(controller, stage: int) -> Selection:
         result = scorer.wait()
         controller.charge("scoring", time.perf_counter() - t0)
         switch.selection = _record(controller, stage, scorer, result, None)
+    _record_probe(controller, stage, scorer)
     controller.background_scorers.pop(stage).kill()
     controller.prune_features()
     return switch.selection

@@ -8,7 +8,8 @@ Oracles are runs that score in the foreground (the controller's own steps):
   running), then restarted, ends where the uninterrupted run with the same switch ends, and no scorer
   outlives a killed parent;
 * left to itself (no forced switch), the run records where it switched, trains on the pool before that,
-  and keeps the scorer's time off the run clock (``background_clock``).
+  and keeps the scorer's time off the run clock (``background_clock``); the scorer's probe comes after its
+  selection and is recorded at the stage's end.
 """
 
 import json
@@ -148,7 +149,7 @@ def test_killed_and_restarted_it_ends_where_the_uninterrupted_run_ends(tmp_path)
 def test_unforced_it_records_the_switch_and_keeps_the_scorer_off_the_clock(tmp_path):
     out = tmp_path / "run"
     cfg = _write(tmp_path, out, **{"curriculum.background_scoring": True, "curriculum.steps_per_stage": 12,
-                                   "curriculum.stages": 1, "curriculum.eval.every": 6})
+                                   "curriculum.stages": 1, "curriculum.eval.every": 6, "curriculum.probe_prompts": 8})
     rc, log = _cropi(cfg)
     assert rc == 0, log[-3000:]
     state = _state(out)
@@ -166,3 +167,11 @@ def test_unforced_it_records_the_switch_and_keeps_the_scorer_off_the_clock(tmp_p
     else:
         assert 0 < last["background_seconds"] <= sum(state["background_clock"].values())
     assert (out / "background" / "stage0" / "log").exists()
+    # the probe is a report, not an input of the selection: the scorer wrote its result (the switch) first,
+    # then probed, and the parent recorded that probe at the stage's end
+    job = out / "background" / "stage0"
+    assert "probe" not in json.loads((job / "result.json").read_text())
+    assert (job / "probe.json").stat().st_mtime_ns >= (job / "result.json").stat().st_mtime_ns
+    probe = state["info"]["stage0/probe"]
+    assert probe["probe_prompts"] == 8 and -1 <= probe["spearman"] <= 1, probe
+    assert json.loads((job / "probe.json").read_text())["spearman"] == probe["spearman"]
