@@ -362,8 +362,11 @@ class StageController:
         rec = evaluate_runtime(self.runtime, self.groups, self.prompts, self.cfg.curriculum.eval,
                                seed=self.cfg.run.seed + EVAL_SEED_OFFSET)
         rec["clock_seconds"] = float(sum(self.state.data.get("clock", {}).values()))  # the run clock so far
-        rec["background_seconds"] = float(sum(self.state.data.get("background_clock", {}).values())  # beside it
-                                          + sum(b.elapsed() for b in self.background_scorers.values()))
+        # beside it: what is recorded, plus the scorers still working (a scorer whose result is recorded is in
+        # background_clock already, though it stays in background_scorers until its stage ends)
+        working = [b for b in self.background_scorers.values() if b.seconds is None]
+        rec["background_seconds"] = float(sum(self.state.data.get("background_clock", {}).values())
+                                          + sum(b.elapsed() for b in working))
         self.metrics.log(step, {k: v for k, v in rec.items() if isinstance(v, float)}, prefix="eval")
         on_rank0(lambda: self.eval_log.append(rec))
         self.log(eval_line(rec))

@@ -105,6 +105,11 @@ def test_switched_at_the_stage_start_it_is_the_foreground_run(tmp_path):
     assert state["background_clock"]["scoring"] > 0
     assert 0 < state["clock"]["scoring"] < state["background_clock"]["scoring"]
     assert not _scorers_of(bg)
+    # each evaluation counts the scorers' seconds so far once: never falling, never above the final total
+    # (a scorer whose result is recorded stays a handle until its stage ends; it is not counted twice)
+    seen = [json.loads(x)["background_seconds"] for x in (bg / "metrics" / "eval.jsonl").read_text().splitlines() if x]
+    assert all(b >= a - 1e-9 for a, b in zip(seen, seen[1:])), seen
+    assert seen[-1] == pytest.approx(sum(state["background_clock"].values())), seen
 
 
 @pytest.mark.timeout(900)
