@@ -20,7 +20,7 @@ import torch.distributed as dist
 from megatron_cropi.influence.feature_store import DONE, FeatureStore
 from megatron_cropi.influence.scale_out import pool_cosines, score_store_sharded
 from megatron_cropi.influence.sharded_store import is_sharded_store
-from megatron_cropi.influence.stores import score_store
+from megatron_cropi.influence.stores import open_complete_store, score_store
 from megatron_cropi.layout import RunLayout
 from megatron_cropi.rollout.store import TrajectoryStore
 from megatron_cropi.records import PromptRecord
@@ -113,7 +113,7 @@ def selection_inputs(pool: Sequence[PromptRecord], *, pool_rollouts: Path | None
     ``pool_cosines``: ``(usable [N], {direction: cosines [N]})`` of a sharded pool store
     (:func:`scale_out_cosines`); its features are then not read."""
     if pool_rollouts is not None and pool_rollouts.exists():
-        # column-wise: building every group's rollouts cost 1.3-1.8 s of a 1.7 s CPU-default selection
+        # column-wise: building every group's rollouts took 0.15-0.6 s on the CPU default's pool, this 0.015 s
         inputs = pool_columns(pool, pool_rollouts, previous, verify=pool_cosines is None)
     else:  # full / random need no rollouts
         ordered = sorted(pool, key=lambda p: p.prompt_id)
@@ -143,9 +143,7 @@ def pool_columns(pool: Sequence[PromptRecord], pool_rollouts: Path, previous: se
     Raises:
         RuntimeError: ``verify`` and the store is not complete (its rollouts were interrupted).
     """
-    store = TrajectoryStore.open(pool_rollouts, verify=verify)
-    if verify and not store.complete:
-        raise RuntimeError(f"{store.path} is not complete; rerun to finish its rollouts")
+    store = open_complete_store(pool_rollouts) if verify else TrajectoryStore.open(pool_rollouts, verify=False)
     ids = store.prompt_ids()
     rates, sources = store.pass_rates_and_sources()
     held = set(ids)

@@ -39,7 +39,7 @@ import torch.distributed as dist
 from megatron_cropi.influence.feature_store import DONE, FLAGGED, hash_strings
 from megatron_cropi.influence.scorer import ScoreStats, capture_call, make_capture, plan_calls, trims_padding_rows
 from megatron_cropi.influence.sharded_store import ShardedFeatureStore
-from megatron_cropi.influence.stores import PolicyScorer
+from megatron_cropi.influence.stores import PolicyScorer, open_complete_store
 from megatron_cropi.parallel import broadcast_in_replica, work_counter
 from megatron_cropi.popi.buckets import padded_tokens
 from megatron_cropi.rollout.store import TrajectoryStore
@@ -56,10 +56,7 @@ def _open_rollouts(path: Path) -> TrajectoryStore:
     verified: list[TrajectoryStore] = []
 
     def verify() -> None:
-        store = TrajectoryStore.open(path)
-        if not store.complete:
-            raise RuntimeError(f"{store.path} is not complete; rerun to finish its rollouts")
-        verified.append(store)
+        verified.append(open_complete_store(path))
 
     on_rank0(verify)
     return verified[0] if verified else TrajectoryStore.open(path, verify=False)

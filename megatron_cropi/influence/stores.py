@@ -23,7 +23,8 @@ from megatron_cropi.records import RolloutGroup, SamplingParams
 from megatron_cropi.rollout.store import TrajectoryStore
 from megatron_cropi.utils.rank_zero import on_rank0
 
-__all__ = ["FeatureSink", "MemoryFeatureSink", "PolicyScorer", "read_complete_store", "score_store"]
+__all__ = ["FeatureSink", "MemoryFeatureSink", "PolicyScorer", "open_complete_store", "read_complete_store",
+           "score_store"]
 
 
 class FeatureSink(Protocol):
@@ -82,6 +83,18 @@ class PolicyScorer:
                              dtype=self.cfg.feature_dtype, responses_per_prompt=self.cfg.max_responses_per_prompt)
 
 
+def open_complete_store(path: Path) -> TrajectoryStore:
+    """The trajectory store at ``path``, every part verified.
+
+    Raises:
+        RuntimeError: the store is not complete (its rollouts were interrupted).
+    """
+    store = TrajectoryStore.open(path)
+    if not store.complete:
+        raise RuntimeError(f"{store.path} is not complete; rerun to finish its rollouts")
+    return store
+
+
 def read_complete_store(path: Path) -> tuple[list[RolloutGroup], SamplingParams]:
     """Every rollout group of the trajectory store at ``path`` in prompt-id order, and its sampling params.
 
@@ -90,9 +103,7 @@ def read_complete_store(path: Path) -> tuple[list[RolloutGroup], SamplingParams]
     Raises:
         RuntimeError: the store is not complete (its rollouts were interrupted).
     """
-    store = TrajectoryStore.open(path)
-    if not store.complete:
-        raise RuntimeError(f"{store.path} is not complete; rerun to finish its rollouts")
+    store = open_complete_store(path)
     return list(store.iter_groups()), store.header.sampling_params
 
 
