@@ -9,6 +9,7 @@
     cropi train CONFIG                    plain GRPO on grpo.split: the full-data baseline (resumes)
     cropi status RUN_DIR [--json]         where a run is: stage, step, time, disk, last selection
     cropi export RUN_DIR --step N         a GRPO checkpoint of a run as an HF directory (any layout)
+    cropi serve-scoring CONFIG            a run's external background scoring job (curriculum.background_scorer)
 
 Every CONFIG may be followed by overrides ``key.path=value`` (YAML values, validated like the file),
 and ``--print-config`` prints the resolved config (after ``extends:`` and overrides) as YAML.
@@ -77,6 +78,13 @@ def _cmd_export(args) -> int:
     return cmd_export(args)
 
 
+def _cmd_serve_scoring(args) -> int:
+    from megatron_cropi.commands.background_scorer import cmd_serve_scoring
+    from megatron_cropi.run_config import load_run_config
+
+    return cmd_serve_scoring(load_run_config(args.config, args.overrides or (), command="run"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cropi", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", type=int, default=0, help="stage number of this selection (seeds its tie-breaks; "
                    "exclude_previous reads the earlier stages in --out)")
     p.set_defaults(func=_cmd_select)
+    p = sub.add_parser("serve-scoring", help="the scoring job of a run with curriculum.background_scorer external: "
+                       "scores and selects each stage it submits, on this job's own devices, until the run finishes")
+    add_config_arguments(p)
+    p.set_defaults(func=_cmd_serve_scoring)
     p = sub.add_parser("status", help="where a run is: stage, step, time per phase, disk, last selection's health")
     p.add_argument("run_dir", help="run.output_dir of a `cropi run` (running or finished)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -148,9 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_cropi.parallel import LaunchError
     from megatron_cropi.rollout.store import StoreError
     from megatron_cropi.selection.policies import SelectionError
+    from megatron_cropi.curriculum.scoring_service import ScoringServiceError
 
     user_errors = (ConfigError, DryRunError, LaunchError, ConfigChangedError, SelectionError, RunInputError,
-                   DataError, StoreError, FeatureStoreMismatch, CheckpointError)
+                   DataError, StoreError, FeatureStoreMismatch, CheckpointError, ScoringServiceError)
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

@@ -166,9 +166,10 @@ def _layout_problems(cfg: RunConfig, dp: int, gpus_per_node: int, world_size: in
                             f"{per_update:g} prompts each data-parallel rank trains per update "
                             f"(prompts_per_step {g.prompts_per_step} ÷ DP {dp} ÷ updates_per_step "
                             f"{g.updates_per_step}): every micro-batch would be padded")
-    if cfg.curriculum.background_scoring and world_size != 1:
-        problems.append(f"curriculum.background_scoring=true needs one process (its scorer is one more process "
-                        f"beside it), not a world of {world_size}")
+    if cfg.curriculum.background_scoring and cfg.curriculum.background_scorer == "child" and world_size != 1:
+        problems.append(f"curriculum.background_scoring=true with curriculum.background_scorer child needs one "
+                        f"process (its scorer is one more process beside it), not a world of {world_size}: set "
+                        "curriculum.background_scorer external and launch the scoring job (`cropi serve-scoring`)")
     if cfg.scoring.mode == "batched" and cfg.model.layer_spec == "te":
         problems.append("scoring.mode batched sees megatron-core's local-spec modules only; with model.layer_spec "
                         "te use scoring.mode per_prompt, or layer_spec local")

@@ -12,6 +12,7 @@
     selections/stage{m}.parts/part{r}.json     summary only, and each rank's picks: selection/stored.py)
     rankings/stage{m}.json                   every pool prompt's carried influence score (shortlist; not scale-out)
     background/stage{m}/                     curriculum.background_scoring: θ_m (HF), the job, its result and log
+    background/{config.yaml,stop}              an external scorer's config (the run's, resolved) and its stop
     checkpoints/step_N/                      GRPO checkpoints (model, optimizer, RNG, data position)
     metrics/eval.jsonl                       evaluations against GRPO step
     tensorboard/                             TensorBoard event files
@@ -79,6 +80,12 @@ class RunLayout:
         """Stage ``m``'s background scoring job (``curriculum.background_scoring``): ``policy_hf/`` (θ_m when
         it is not β's directory), ``job.json``, ``result.json``, ``log``."""
         return self.root / "background" / f"stage{m}"
+
+    @property
+    def background_root(self) -> Path:
+        """``background/``: with ``curriculum.background_scorer: external`` also ``config.yaml`` (the run's
+        resolved config, which the scoring job must match) and ``stop`` (written when the run has finished)."""
+        return self.root / "background"
 
     @property
     def checkpoints(self) -> Path:

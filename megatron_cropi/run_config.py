@@ -124,8 +124,10 @@ class RunConfig:
                   "so there is no training to overlap"
         elif self.scoring.shortlist.enabled:
             why = "scoring.shortlist is on: the shortlist reads the ranking of the stage that is still training"
-        elif self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size != 1:
-            why = "the background scorer is one process: TP and PP must be 1"
+        elif (self.curriculum.background_scorer == "child"
+              and self.parallel.tensor_model_parallel_size * self.parallel.pipeline_model_parallel_size != 1):
+            why = ("the background scorer is one process (curriculum.background_scorer child): TP and PP must be 1, "
+                   "or set curriculum.background_scorer to external and launch the scoring job (`cropi serve-scoring`)")
         if why:
             raise ConfigError("curriculum.background_scoring", f"true: {why} (set it to false)")
 

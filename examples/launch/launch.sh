@@ -13,7 +13,9 @@
 #
 # Environment (default):
 #   NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1), MASTER_PORT (29500), NPROC_PER_NODE (8)
-#   CROPI_COMMAND (run; or train, score, rollout)   PYTHON (python)   DRY_RUN (0)
+#   CROPI_COMMAND (run; or train, score, rollout; or serve-scoring: the scoring job of a run with
+#             curriculum.background_scorer external, launched on nodes of its own with the run's config
+#             and PREFLIGHT=0, since the preflight checks a training launch)   PYTHON (python)   DRY_RUN (0)
 #   PREFLIGHT (1: run the dry run before torchrun, for every CROPI_COMMAND and with the launch's
 #             overrides, so a bad config fails before the GPUs are taken; 0: skip it)
 #   GPU_MEMORY_GIB (80: the memory budget of the dry run)

@@ -1,4 +1,7 @@
-"""Scoring off the critical path (``curriculum.background_scoring``): the job and its process.
+"""Scoring off the critical path (``curriculum.background_scoring``): the job and the run's handles on
+whoever does it: a child process (:class:`BackgroundScorer`, ``curriculum.background_scorer: child``) or
+an external scoring job (:class:`ExternalScorer`, ``external``: the files of
+:mod:`.scoring_service`).
 
 A selecting stage m normally scores the pool at θ_m, selects, and only then trains. With background
 scoring the parent starts one child process (``python -m megatron_cropi.commands.background_scorer
@@ -39,7 +42,8 @@ from pathlib import Path
 
 from megatron_cropi.utils.atomic import atomic_write_json
 
-__all__ = ["PROBE_FILE", "BackgroundJob", "BackgroundScorer", "BackgroundScoringError", "die_with_parent", "run_job"]
+__all__ = ["ERROR_FILE", "PROBE_FILE", "STOP_FILE", "TAKEN_FILE", "BackgroundJob", "BackgroundScorer",
+           "BackgroundScoringError", "ExternalScorer", "die_with_parent", "wait_for_job"]
 
 # a launched controller's variables (the child must not join its process group) and the injected faults,
 # which are the parent's (a test that kills the parent at a point must not kill the child there)
@@ -48,6 +52,8 @@ _PARENT_ONLY_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MA
 
 
 PROBE_FILE = "probe.json"  # beside the job's result: the child's projection probe, written after the result
+TAKEN_FILE, ERROR_FILE = "taken.json", "error.json"  # beside it, from an external scoring job
+STOP_FILE = "stop"  # in background/: the run has finished (an external scoring job exits)
 
 
 class BackgroundScoringError(RuntimeError):
@@ -67,6 +73,8 @@ class BackgroundJob:
     features: dict[str, str]
     pool_rollouts: str
     result: str
+    attempt: str = ""
+    """Names this submission: the result and probe carry it (an external job may still finish an earlier one)."""
 
     def write(self, path: Path) -> None:
         atomic_write_json(path, dataclasses.asdict(self))
@@ -76,18 +84,53 @@ class BackgroundJob:
         return cls(**json.loads(Path(path).read_text()))
 
 
-class BackgroundScorer:
-    """The parent's handle on a child process (:meth:`start`, then :meth:`submit`)."""
+class _JobClock:
+    """A submitted job's wall seconds, pauses excluded (:meth:`elapsed`; :attr:`seconds` once done)."""
 
-    def __init__(self, stage: int, job_path: Path, proc: subprocess.Popen, log_path: Path):
-        self.stage, self.job_path, self.proc, self.log_path = stage, job_path, proc, log_path
+    def __init__(self, stage: int):
+        self.stage = stage
         self.job: BackgroundJob | None = None
         self.started = time.perf_counter()
         self.submitted: float | None = None
         self.paused_seconds = 0.0
         self.pause_started: float | None = None
         self.seconds: float | None = None
-        """Wall seconds from the job's submission to the parent seeing the child done, pauses excluded."""
+        """Wall seconds from the job's submission to the run seeing its result, pauses excluded."""
+
+    def elapsed(self) -> float:
+        """Seconds the submitted job has run so far (pauses excluded; 0 before it is submitted)."""
+        if self.seconds is not None:
+            return self.seconds
+        if self.submitted is None:
+            return 0.0
+        now = time.perf_counter()
+        pausing = now - self.pause_started if self.pause_started is not None else 0.0
+        return now - self.submitted - self.paused_seconds - pausing
+
+    def _done(self, result: dict) -> dict:
+        if self.seconds is None:
+            self.seconds = time.perf_counter() - (self.submitted or self.started) - self.paused_seconds
+        return {**result, "background_seconds": self.seconds}
+
+    def wait(self, poll_s: float = 0.05) -> dict:
+        """Block until the job's result is there; that result (see ``poll``)."""
+        while (result := self.poll()) is None:
+            time.sleep(poll_s)
+        return result
+
+    def poll(self) -> dict | None:
+        raise NotImplementedError
+
+
+class BackgroundScorer(_JobClock):
+    """The parent's handle on a child process (:meth:`start`, then :meth:`submit`)."""
+
+    def __init__(self, stage: int, job_path: Path, proc: subprocess.Popen, log_path: Path):
+        super().__init__(stage)
+        self.job_path, self.proc, self.log_path = job_path, proc, log_path
+
+    def describe(self) -> str:
+        return f"pid {self.proc.pid}"
 
     @classmethod
     def start(cls, stage: int, config: Path, job_path: Path, log_path: Path, *, threads: int = 1) -> "BackgroundScorer":
@@ -104,16 +147,6 @@ class BackgroundScorer:
                                      str(job_path)], stdout=log, stderr=subprocess.STDOUT, env=env)
         return cls(stage, job_path, proc, log_path)
 
-    def elapsed(self) -> float:
-        """Seconds the submitted job has run so far (pauses excluded; 0 before :meth:`submit`)."""
-        if self.seconds is not None:
-            return self.seconds
-        if self.submitted is None:
-            return 0.0
-        now = time.perf_counter()
-        pausing = now - self.pause_started if self.pause_started is not None else 0.0
-        return now - self.submitted - self.paused_seconds - pausing
-
     def submit(self, job: BackgroundJob) -> None:
         """Hand the child its job (its result and probe files, if an earlier attempt left them, are removed
         first)."""
@@ -123,8 +156,8 @@ class BackgroundScorer:
         job.write(self.job_path)
 
     def poll(self) -> dict | None:
-        """The child's result (scores and selection) once it has written it, whether or not it still
-        probes; None while it works on it.
+        """The child's result (scores and selection; ``background_seconds``: :attr:`seconds`) once it has
+        written it, whether or not it still probes; None while it works on it.
 
         Raises:
             BackgroundScoringError: it exited without writing its result (the log's tail says why).
@@ -132,18 +165,10 @@ class BackgroundScorer:
         path = Path(self.job.result) if self.job is not None else None
         rc = self.proc.poll()  # before the file: a child that wrote it and exited is not taken for a failure
         if path is not None and path.exists():
-            if self.seconds is None:
-                self.seconds = time.perf_counter() - (self.submitted or self.started) - self.paused_seconds
-            return json.loads(path.read_text())
+            return self._done(json.loads(path.read_text()))
         if rc is None:
             return None
         raise self._failure(rc, "no result")
-
-    def wait(self, poll_s: float = 0.05) -> dict:
-        """Block until the child has written its result; that result (see :meth:`poll`)."""
-        while (result := self.poll()) is None:
-            time.sleep(poll_s)
-        return result
 
     def probe(self) -> dict | None:
         """Wait for the child to exit after its result; its probe (``probe.json``), None if it wrote none.
@@ -186,6 +211,78 @@ class BackgroundScorer:
             self.proc.wait()
 
 
+class ExternalScorer(_JobClock):
+    """The run's handle on its job for an external scoring job (``curriculum.background_scorer: external``):
+    files in ``root`` (``background/stage{m}/``) only, read and written by the run's global rank 0.
+
+    The scoring job runs on devices of its own, so it is not paused while the run evaluates, and it is
+    not stopped with the stage: it serves the run until ``background/stop``.
+    """
+
+    def __init__(self, stage: int, root: Path):
+        super().__init__(stage)
+        self.root = root
+
+    def describe(self) -> str:
+        return "external scoring job (`cropi serve-scoring`)"
+
+    def submit(self, job: BackgroundJob) -> None:
+        """Write the job (an earlier attempt's result, probe, error and pick-up are removed first)."""
+        for name in (Path(job.result).name, PROBE_FILE, ERROR_FILE, TAKEN_FILE):
+            (self.root / name).unlink(missing_ok=True)
+        self.job, self.submitted = job, time.perf_counter()
+        job.write(self.root / "job.json")
+
+    def _read(self, name: str) -> dict | None:
+        """The job's file ``name`` when it is this attempt's."""
+        path = self.root / name
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):  # absent (files are written atomically)
+            return None
+        return data if self.job is not None and data.get("attempt") == self.job.attempt else None
+
+    def _raise_error(self) -> None:
+        error = self._read(ERROR_FILE)
+        if error is not None:
+            raise BackgroundScoringError(f"the external scoring job failed stage {self.stage}: {error['error']} "
+                                         f"({self.root / ERROR_FILE}; its traceback ends: "
+                                         + " | ".join(error.get("traceback", [])[-3:]) + ")")
+
+    def poll(self) -> dict | None:
+        """The job's result (as :meth:`BackgroundScorer.poll` gives it) once written; None before.
+
+        Raises:
+            BackgroundScoringError: the scoring job wrote this attempt's ``error.json``.
+        """
+        self._raise_error()
+        result = self._read(Path(self.job.result).name) if self.job is not None else None
+        return self._done(result) if result is not None else None
+
+    def taken(self) -> bool:
+        """Whether a scoring job has started on this attempt."""
+        return self._read(TAKEN_FILE) is not None
+
+    def probe(self, poll_s: float = 0.2) -> dict | None:
+        """Wait for this attempt's probe (``probe.json``); the probe.
+
+        Raises:
+            BackgroundScoringError: the scoring job failed it.
+        """
+        while (probe := self._read(PROBE_FILE)) is None:
+            self._raise_error()
+            time.sleep(poll_s)
+        return probe
+
+    @contextmanager
+    def paused(self):
+        """No pause: the scoring job runs on devices of its own."""
+        yield
+
+    def kill(self) -> None:
+        """Nothing: the scoring job serves the run until it finishes (``background/stop``)."""
+
+
 def die_with_parent() -> None:
     """Linux: SIGKILL this process when the parent dies, even by SIGKILL (``PR_SET_PDEATHSIG``)."""
     try:
@@ -202,46 +299,3 @@ def wait_for_job(path: Path, poll_s: float = 0.05) -> BackgroundJob:
     while not path.exists():
         time.sleep(poll_s)
     return BackgroundJob.read(path)
-
-
-def run_job(cfg, job_path: Path, *, log=print) -> dict:
-    """The child's work for the run config ``cfg``: load the run (world size 1), wait for the job, score,
-    select and write the result (the stage may switch now), then probe and write ``probe.json``; returns
-    the result with the probe."""
-    from megatron_cropi.curriculum import steps
-    from megatron_cropi.curriculum.probe import probe_projection_quality
-    from megatron_cropi.influence.stores import PolicyScorer
-    from megatron_cropi.layout import RunLayout
-    from megatron_cropi.projection.config import build_projector
-    from megatron_cropi.wiring import build_scoring_model, pad_id_of, setup_run
-
-    groups, prompts, tokenizer = setup_run(cfg)
-    job = wait_for_job(job_path)
-    t_start = time.perf_counter()
-    model = build_scoring_model(cfg, groups, hf_dir=job.policy_hf)
-    scorer = PolicyScorer(model, groups, build_projector(cfg.projection), cfg.scoring,
-                          projection_seed=cfg.projection.seed, checkpoint_step=job.checkpoint_step,
-                          pad_id=pad_id_of(tokenizer), progress=False)
-    features = {name: Path(p) for name, p in job.features.items()}
-    result: dict = {"stage": job.stage, "startup_seconds": time.perf_counter() - t_start, "score": {}}
-    for name, store in job.stores.items():
-        t0 = time.perf_counter()
-        stats = steps.score_set(Path(store), features[name], scorer, sharded=name == "pool" and cfg.scoring.scale_out)
-        log(steps.score_line(job.stage, name, stats))
-        result["score"][name] = {**dataclasses.asdict(stats), "wall_seconds": time.perf_counter() - t0}
-    t0 = time.perf_counter()
-    selection = steps.select_stage(job.stage, layout=RunLayout(cfg.run.output_dir), pool=prompts.pool,
-                                   cfg=steps.stage_selection(cfg.selection, True), seed=cfg.run.seed,
-                                   features=features, pool_rollouts=Path(job.pool_rollouts))
-    log(steps.select_line(job.stage, selection))
-    result["select_seconds"] = time.perf_counter() - t0
-    result["seconds"] = time.perf_counter() - t_start
-    atomic_write_json(job.result, result)
-    t0 = time.perf_counter()
-    probe = probe_projection_quality(
-        job.stage, features, scorer, stores={name: Path(p) for name, p in job.stores.items()},
-        probe_prompts=cfg.curriculum.probe_prompts, max_params=cfg.curriculum.probe_max_params,
-        max_target_prompts=cfg.selection.max_target_prompts, seed=cfg.run.seed)
-    probe["seconds"] = time.perf_counter() - t0
-    atomic_write_json(Path(job.result).with_name(PROBE_FILE), probe)
-    return {**result, "probe": probe}

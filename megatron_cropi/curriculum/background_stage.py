@@ -1,11 +1,17 @@
 """A selecting stage with its scoring off the critical path (``curriculum.background_scoring``).
 
-    the scorer process started early (it loads while the parent rolls out, or trains the stage before)
+    the scorer process started early (it loads while the parent rolls out, or trains the stage before);
+        or, with ``curriculum.background_scorer: external``, the run's resolved config written for the
+        scoring job the operator launched (``background/config.yaml``)
     θ_m as an HF directory (β's at stage 0; else exported, charged)  →  submit the job to the scorer
     GRPO steps of stage m on the whole pool; before each step: is the scorer done?
         yes → record score/select (``switch_step`` = this step)  →  the rest of the stage on the selection
     the stage's last step done and the scorer not: wait for it (charged)  →  ``switch_step`` null
     the stage's end: record the probe the scorer made after its selection (``probe.json``)
+
+A run of any size may use an external scoring job: its global rank 0 writes the job and reads the
+scorer's files, and every rank learns from it whether to switch before each step (one small broadcast a
+step), so that all ranks switch at the same step.
 
 The prompt set in force at any step is a function of the recorded switch (:func:`prompts_in_force`), so a
 run killed anywhere resumes to the end state of an uninterrupted run that switched at the same step: a
@@ -25,15 +31,18 @@ import time
 from contextlib import nullcontext
 from typing import Sequence
 
+import uuid
+
 import yaml
 
 from megatron_cropi.curriculum import steps
-from megatron_cropi.curriculum.background import PROBE_FILE, BackgroundJob, BackgroundScorer
+from megatron_cropi.curriculum.background import PROBE_FILE, STOP_FILE, BackgroundJob, BackgroundScorer, ExternalScorer
 from megatron_cropi.curriculum.faults import fault_point
 from megatron_cropi.influence.scorer import ScoreStats
 from megatron_cropi.records import PromptRecord
 from megatron_cropi.selection.policies import Selection
 from megatron_cropi.utils.atomic import atomic_write_text
+from megatron_cropi.utils.rank_zero import on_rank0, share_from_rank0
 from megatron_cropi.wiring import RunInputError
 
 __all__ = ["SWITCH_AT_ENV", "uses_background", "prompts_in_force", "StageSwitch", "prestart", "stop_all",
@@ -62,9 +71,11 @@ class StageSwitch:
 
     Args:
         on_ready: ``on_ready(result, step)`` records the scorer's result and returns the selection.
+
+    The scorer is asked on global rank 0 (its files are rank 0's) and every rank gets the answer.
     """
 
-    def __init__(self, pool: Sequence[PromptRecord], *, scorer: BackgroundScorer | None = None,
+    def __init__(self, pool: Sequence[PromptRecord], *, scorer: BackgroundScorer | ExternalScorer | None = None,
                  selection: Selection | None = None, switch_step: int | None = None, on_ready=None,
                  switch_at: int | None = None):
         self.pool, self.scorer, self.on_ready, self.switch_at = list(pool), scorer, on_ready, switch_at
@@ -81,9 +92,9 @@ class StageSwitch:
         """The selection when the stage switches to it before ``step``'s GRPO step, else None."""
         if self.selection is None and self.scorer is not None:
             if self.switch_at is not None:
-                result = self.scorer.wait() if step == self.switch_at else None
+                result = on_rank0(self.scorer.wait) if step == self.switch_at else None
             else:
-                result = self.scorer.poll()
+                result = on_rank0(self.scorer.poll)
             if result is not None:
                 self.selection, self.switch_step = self.on_ready(result, step), step
                 return self._selected()
@@ -102,26 +113,40 @@ def _policy_dir(controller, stage: int) -> str:
     if stage == 0 and runtime.hf_dir:
         return str(runtime.hf_dir)
     out = layout.background(stage) / "policy_hf"
-    if (out / "config.json").exists():
+    if share_from_rank0((out / "config.json").exists() if controller.is_rank0 else None):
         return str(out)
     from megatron_cropi.checkpoint import save_model_as_hf
 
     controller.require_stage_start(stage, "background scoring policy")
     t0, tmp = time.perf_counter(), out.with_name("policy_hf.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    on_rank0(lambda: shutil.rmtree(tmp, ignore_errors=True))
     save_model_as_hf(runtime.trainer.ddp, controller.groups, controller.cfg.model, tmp, overwrite=True)
-    os.replace(tmp, out)
+    on_rank0(lambda: os.replace(tmp, out))
     controller.charge("scoring", time.perf_counter() - t0)
     return str(out)
 
 
+def _external(cfg) -> bool:
+    return cfg.curriculum.background_scorer == "external"
+
+
 def prestart(controller, first: int = 0) -> None:
     """Start the scorer of the first stage from ``first`` on that scores in the background and has not
-    selected yet (into ``controller.background_scorers``), so that it loads before its job is ready."""
+    selected yet (into ``controller.background_scorers``), so that it loads before its job is ready. With
+    an external scoring job: write the run's resolved config for it (``background/config.yaml``), once."""
     cfg = controller.cfg
     stage = next((m for m in range(first, cfg.curriculum.stages) if not controller.is_done(f"stage{m}/select")
                   and uses_background(cfg, controller.stage_selection(m).policy)), None)
     if stage is None or stage in controller.background_scorers:
+        return
+    if _external(cfg):
+        root = controller.layout.background_root
+
+        def write_config() -> None:
+            root.mkdir(parents=True, exist_ok=True)
+            (root / STOP_FILE).unlink(missing_ok=True)  # a run resumed after it had finished once
+            atomic_write_text(root / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        on_rank0(write_config)
         return
     root = controller.layout.background(stage)
     root.mkdir(parents=True, exist_ok=True)
@@ -130,16 +155,25 @@ def prestart(controller, first: int = 0) -> None:
                                                                   root / "log", threads=max(cfg.run.num_threads, 1))
 
 
-def stop_all(controller) -> None:
-    """Kill every scorer still running (the run ends or fails)."""
+def stop_all(controller, *, finished: bool = False) -> None:
+    """Kill every scorer still running (the run ends or fails). ``finished``: the run is done, so an
+    external scoring job may stop too (``background/stop``); after a failure it waits for the restart."""
     for scorer in controller.background_scorers.values():
         scorer.kill()
     controller.background_scorers.clear()
+    if finished and _external(controller.cfg) and controller.cfg.curriculum.background_scoring:
+        def stop() -> None:
+            root = controller.layout.background_root
+            root.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(root / STOP_FILE, "the run has finished\n")
+        on_rank0(stop)
 
 
-def _submit(controller, stage: int) -> BackgroundScorer:
+def _submit(controller, stage: int) -> BackgroundScorer | ExternalScorer:
     cfg, layout = controller.cfg, controller.layout
     prestart(controller, stage)
+    if _external(cfg):
+        controller.background_scorers[stage] = ExternalScorer(stage, layout.background(stage))
     scorer = controller.background_scorers[stage]
     names = steps.feature_set_names(controller.prompts.targets, guard=cfg.selection.guard.source == "check")
     job = BackgroundJob(stage=stage, policy_hf=_policy_dir(controller, stage),
@@ -147,14 +181,22 @@ def _submit(controller, stage: int) -> BackgroundScorer:
                         stores={n: str(controller.behaviour_store(stage, n)) for n in names},
                         features={n: str(layout.features(stage, n)) for n in names},
                         pool_rollouts=str(controller.behaviour_store(stage, "pool")),
-                        result=str(layout.background(stage) / "result.json"))
-    scorer.submit(job)
-    controller.log(f"[background] stage {stage}: scoring and selection at θ_{stage} submitted (pid {scorer.proc.pid}); "
+                        result=str(layout.background(stage) / "result.json"),
+                        attempt=share_from_rank0(uuid.uuid4().hex))
+
+    def submit() -> None:
+        layout.background(stage).mkdir(parents=True, exist_ok=True)
+        scorer.submit(job)
+    if controller.is_rank0:
+        submit()
+    else:  # the other ranks' handle only keeps the time: rank 0 asks the scorer
+        scorer.job, scorer.submitted = job, time.perf_counter()
+    controller.log(f"[background] stage {stage}: scoring and selection at θ_{stage} submitted ({scorer.describe()}); "
                    "training on the whole pool until they are done")
     return scorer
 
 
-def _record(controller, stage: int, scorer: BackgroundScorer, result: dict, switch_step: int | None) -> Selection:
+def _record(controller, stage: int, result: dict, switch_step: int | None) -> Selection:
     """Mark the scorer's steps done (the selection last: it carries the switch) and return the selection.
     The probe comes later (:func:`_record_probe`)."""
     for name, stats in result["score"].items():
@@ -164,35 +206,54 @@ def _record(controller, stage: int, scorer: BackgroundScorer, result: dict, swit
     scoring = sum(s["wall_seconds"] for s in result["score"].values())
     controller.charge("scoring", scoring, background=True)
     controller.charge("selection", result["select_seconds"], background=True)
-    controller.charge("startup", max(scorer.seconds - scoring - result["select_seconds"], 0.0), background=True)
+    seconds = result["background_seconds"]
+    controller.charge("startup", max(seconds - scoring - result["select_seconds"], 0.0), background=True)
     selection = steps.read_selection(controller.layout.selection(stage))
     where = f"from step {switch_step} on" if switch_step is not None else "after the stage's last step (not used)"
-    controller.log(steps.select_line(stage, selection) + f" [background, {scorer.seconds:.1f} s; trains {where}]")
+    controller.log(steps.select_line(stage, selection) + f" [background, {seconds:.1f} s; trains {where}]")
     controller.mark_done(f"stage{stage}/select", seconds=result["select_seconds"], background=True,
-                         switch_step=switch_step, background_seconds=scorer.seconds)
+                         switch_step=switch_step, background_seconds=seconds)
     return selection
 
 
-def _record_probe(controller, stage: int, scorer: BackgroundScorer | None) -> None:
+def _record_probe(controller, stage: int, scorer: BackgroundScorer | ExternalScorer | None) -> None:
     """Mark the stage's projection probe done at its end: the scorer's (it probes after writing the
     selection; what remains of it is waited for, not charged, like the foreground probe), or a note that it
     was lost when the run was restarted after the switch (the probe needs θ_m, which training has left)."""
     if controller.is_done(f"stage{stage}/probe"):
         return
     if scorer is not None:
-        probe = scorer.probe()
+        probe = on_rank0(scorer.probe)
     else:  # restarted after the switch: the scorer that made the selection may have left its probe
         path = controller.layout.background(stage) / PROBE_FILE
-        probe = json.loads(path.read_text()) if path.exists() else None
+        probe = on_rank0(lambda: json.loads(path.read_text()) if path.exists() else None)
     controller.mark_done(f"stage{stage}/probe", **(probe or {"skipped": "the run restarted after the background "
                                                               "selection, before its scorer probed"}))
 
 
+def _wait_noting(controller, scorer, note_every: float = 60.0) -> dict:
+    """Rank 0: wait for the scorer's result, saying every ``note_every`` seconds what it waits for (an
+    external scoring job may not have been launched)."""
+    last = time.perf_counter()
+    while (result := scorer.poll()) is None:
+        if time.perf_counter() - last >= note_every:
+            last = time.perf_counter()
+            if isinstance(scorer, ExternalScorer) and not scorer.taken():
+                controller.log(f"[background] stage {scorer.stage}: waiting for a scoring job to take the job in "
+                               f"{scorer.root}: launch `torchrun ... -m megatron_cropi.cli serve-scoring CONFIG` "
+                               "with this run's config")
+            else:
+                controller.log(f"[background] stage {scorer.stage}: waiting for the scorer ({scorer.elapsed():.0f} s)")
+        time.sleep(0.05)
+    return result
+
+
 def train_stage(controller, stage: int) -> Selection:
     """Train stage ``stage`` while its scoring and selection run in the background; its selection."""
-    if controller.groups.world_size != 1:
-        raise RunInputError(f"curriculum.background_scoring: true needs one process (the scorer runs beside it), "
-                            f"not a world of {controller.groups.world_size}")
+    if controller.groups.world_size != 1 and not _external(controller.cfg):
+        raise RunInputError(f"curriculum.background_scoring: true with curriculum.background_scorer child needs one "
+                            f"process (the scorer runs beside it), not a world of {controller.groups.world_size}: "
+                            "set curriculum.background_scorer external and launch `cropi serve-scoring`")
     pool, select_step = controller.prompts.pool, f"stage{stage}/select"
     if controller.is_done(select_step):
         selection = steps.read_selection(controller.layout.selection(stage))
@@ -206,7 +267,7 @@ def train_stage(controller, stage: int) -> Selection:
 
     def on_ready(result: dict, step: int) -> Selection:
         t0 = time.perf_counter()
-        selection = _record(controller, stage, scorer, result, step)
+        selection = _record(controller, stage, result, step)
         controller.charge("selection", time.perf_counter() - t0)
         fault_point("background:switch")
         prestart(controller, stage + 1)  # the next background stage's scorer loads while this one trains
@@ -217,9 +278,9 @@ def train_stage(controller, stage: int) -> Selection:
     controller.step_train(stage, switch=switch)
     if switch.selection is None:  # the stage ended first: what the scorer still needs delays the next stage
         t0 = time.perf_counter()
-        result = scorer.wait()
+        result = on_rank0(lambda: _wait_noting(controller, scorer))
         controller.charge("scoring", time.perf_counter() - t0)
-        switch.selection = _record(controller, stage, scorer, result, None)
+        switch.selection = _record(controller, stage, result, None)
     _record_probe(controller, stage, scorer)
     controller.background_scorers.pop(stage).kill()
     controller.prune_features()

@@ -163,8 +163,14 @@ class CurriculumConfig:
     background process scores β's (or the refresh's) trajectories at θ_m and selects while stage m
     trains on the whole pool; the stage switches to the selection at the first step after it is ready.
     The run clock charges only what still delays training (exporting θ_m, any wait at the stage's end);
-    the background work is recorded beside it (``background_clock``). Needs ``selection.policy: cropi``,
-    one process (world size 1) and the native trainer."""
+    the background work is recorded beside it (``background_clock``). Needs ``selection.policy: cropi``
+    and the native trainer; where the scorer runs is ``background_scorer``."""
+    background_scorer: str = "child"
+    """Where ``background_scoring`` runs: ``child``, a process the run starts beside itself (a one-process
+    run: world size 1, TP = PP = 1); ``external``, a scoring job the operator launches on devices of its
+    own, any size and layout (``torchrun ... -m megatron_cropi.cli serve-scoring CONFIG``): the run, of any
+    size, writes each stage's job under ``background/`` and switches when the job's result is there
+    (``curriculum/scoring_service.py``)."""
     reuse_rollouts_from: str = ""
     """Another run's ``run.output_dir`` whose behaviour stores (``rollouts/<set>``) this run reuses instead of
     rolling out, set by set, when a store is complete and its header equals the one this run would write
@@ -216,6 +222,8 @@ class CurriculumConfig:
         require(self.probe_prompts >= 0, "probe_prompts", self.probe_prompts, "must be >= 0")
         require(self.probe_max_params >= 0, "probe_max_params", self.probe_max_params, "must be >= 0")
         require(self.keep_features in ("all", "resume"), "keep_features", self.keep_features, "must be all or resume")
+        require(self.background_scorer in ("child", "external"), "background_scorer", self.background_scorer,
+                "must be child (a process beside a one-process run) or external (a scoring job of its own)")
 
     def selects(self, stage: int) -> bool:
         """Whether stage ``stage`` trains on a selection (``selected_stages``) rather than the whole pool."""

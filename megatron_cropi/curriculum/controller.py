@@ -120,7 +120,9 @@ class StageController:
                     self.step_train(stage, selection)
                 self.step_report(stage, selection)
             self.prune_features()
-            return self.finish(time.perf_counter() - t0)
+            summary = self.finish(time.perf_counter() - t0)
+            background_stage.stop_all(self, finished=True)  # an external scoring job may stop now
+            return summary
         finally:
             background_stage.stop_all(self)
             self.runtime.close()

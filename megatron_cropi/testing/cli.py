@@ -8,7 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["cli_env", "run_cli", "run_outcome"]
+__all__ = ["assert_same_features", "cli_env", "run_cli", "run_outcome"]
 
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "CROPI_FAULT_AT")
 
@@ -70,3 +70,19 @@ def run_outcome(out: str | Path) -> dict:
         for key in _TIMING_FIELDS:
             rec.pop(key, None)
     return {"selections": sels, "evals": evals, "params": load_file(str(out / "final_hf" / "model.safetensors"))}
+
+
+def assert_same_features(a: str | Path, b: str | Path, *, stages=(0, 1), names=("pool", "target-cmp"),
+                         atol: float = 1e-6) -> None:
+    """The feature stores ``features/stage{m}/{name}`` of the runs in ``a`` and ``b`` hold the same statuses
+    and features within ``atol``."""
+    import numpy as np
+
+    from megatron_cropi.influence.feature_store import FeatureStore
+
+    for stage in stages:
+        for name in names:
+            x = FeatureStore.load(Path(a) / "features" / f"stage{stage}" / name)
+            y = FeatureStore.load(Path(b) / "features" / f"stage{stage}" / name)
+            np.testing.assert_array_equal(y.statuses(), x.statuses())
+            np.testing.assert_allclose(y.matrix(), x.matrix(), rtol=0, atol=atol)

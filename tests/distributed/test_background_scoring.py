@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
@@ -84,7 +83,7 @@ def _scorers_of(out: Path) -> list[int]:
 
 @pytest.mark.timeout(600)
 def test_switched_at_the_stage_start_it_is_the_foreground_run(tmp_path):
-    from megatron_cropi.influence.feature_store import FeatureStore
+    from megatron_cropi.testing.cli import assert_same_features
 
     fg, bg = tmp_path / "fg", tmp_path / "bg"
     rc, log = _cropi(_write(tmp_path, fg))
@@ -92,12 +91,7 @@ def test_switched_at_the_stage_start_it_is_the_foreground_run(tmp_path):
     rc, log = _cropi(_write(tmp_path, bg, **{"curriculum.background_scoring": True}), switch_at=0)
     assert rc == 0, log[-3000:]
     assert "[background] stage 0" in log and "trains from step 0 on" in log, log[-3000:]
-    for stage in (0, 1):
-        for name in ("pool", "target-cmp"):
-            a = FeatureStore.load(fg / "features" / f"stage{stage}" / name)
-            b = FeatureStore.load(bg / "features" / f"stage{stage}" / name)
-            np.testing.assert_array_equal(a.statuses(), b.statuses())
-            np.testing.assert_allclose(b.matrix(), a.matrix(), rtol=0, atol=1e-6)
+    assert_same_features(fg, bg)
     _assert_same(_outcome(bg), _outcome(fg))
     state = _state(bg)
     assert state["info"]["stage0/select"]["switch_step"] == 0 and state["info"]["stage1/select"]["switch_step"] == 3

@@ -55,8 +55,18 @@ def test_combinations_it_cannot_serve_are_refused_naming_the_key(tmp_path, secti
 def test_the_dry_run_refuses_more_than_one_process(tmp_path):
     cfg = _cfg(tmp_path, grpo={"prompts_per_step": 8, "micro_batch_prompts": 4})
     dry_run(cfg, world_size=1)
-    with pytest.raises(DryRunError, match="curriculum.background_scoring=true needs one process"):
+    with pytest.raises(DryRunError, match="curriculum.background_scorer child needs one process") as info:
         dry_run(cfg, world_size=2)
+    assert "background_scorer external" in str(info.value)
+
+
+def test_an_external_scorer_serves_any_world_and_layout(tmp_path):
+    cfg = _cfg(tmp_path, grpo={"prompts_per_step": 8, "micro_batch_prompts": 4},
+               parallel={"tensor_model_parallel_size": 2}, curriculum={"background_scorer": "external"})
+    dry_run(cfg, world_size=4)  # TP 2 × DP 2: no refusal
+    with pytest.raises(ConfigError, match="curriculum.background_scorer") as info:
+        _cfg(tmp_path, curriculum={"background_scorer": "sidecar"})
+    assert "'sidecar'" in str(info.value) or "sidecar" in str(info.value)
 
 
 def _state(pid: int) -> str:

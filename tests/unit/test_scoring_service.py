@@ -1,0 +1,110 @@
+"""The external scoring job's file protocol (``curriculum.background_scorer: external``), without processes:
+the run's handle reads only its own attempt's files, the job picks what it has not served, and a job
+whose config is not the run's is refused naming the keys (through ``cropi serve-scoring``)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from megatron_cropi.curriculum.background import (ERROR_FILE, PROBE_FILE, STOP_FILE, TAKEN_FILE, BackgroundJob,
+                                                  BackgroundScoringError, ExternalScorer)
+from megatron_cropi.curriculum.scoring_service import _next_job, config_differences
+from megatron_cropi.utils.atomic import atomic_write_json
+
+
+def _job(root, stage: int, attempt: str) -> BackgroundJob:
+    here = root / f"stage{stage}"
+    return BackgroundJob(stage=stage, policy_hf="hf", checkpoint_step=0, stores={}, features={}, pool_rollouts="p",
+                         result=str(here / "result.json"), attempt=attempt)
+
+
+def test_the_handle_takes_only_its_own_attempts_result_probe_and_error(tmp_path):
+    here = tmp_path / "stage0"
+    here.mkdir()
+    for name in ("result.json", PROBE_FILE, ERROR_FILE, TAKEN_FILE):  # an earlier attempt's files
+        atomic_write_json(here / name, {"attempt": "old", "error": "old failure"})
+    scorer = ExternalScorer(0, here)
+    scorer.submit(_job(tmp_path, 0, "new"))
+    assert sorted(p.name for p in here.iterdir()) == ["job.json"]  # the earlier files are gone
+    assert BackgroundJob.read(here / "job.json").attempt == "new"
+    assert scorer.poll() is None and not scorer.taken()
+    atomic_write_json(here / "result.json", {"attempt": "old", "score": {}})  # an old job finishing late
+    assert scorer.poll() is None
+    atomic_write_json(here / TAKEN_FILE, {"attempt": "new", "world": 2})
+    atomic_write_json(here / "result.json", {"attempt": "new", "score": {}, "select_seconds": 1.0})
+    got = scorer.poll()
+    assert got["attempt"] == "new" and got["background_seconds"] == scorer.seconds >= 0 and scorer.taken()
+    atomic_write_json(here / PROBE_FILE, {"attempt": "new", "spearman": 0.9})
+    assert scorer.probe()["spearman"] == 0.9
+    with scorer.paused():  # not paused: its devices are its own
+        pass
+    scorer.kill()
+
+
+def test_the_handle_raises_its_attempts_error(tmp_path):
+    here = tmp_path / "stage1"
+    here.mkdir()
+    scorer = ExternalScorer(1, here)
+    scorer.submit(_job(tmp_path, 1, "a1"))
+    atomic_write_json(here / ERROR_FILE, {"attempt": "a0", "error": "stale"})
+    assert scorer.poll() is None
+    atomic_write_json(here / ERROR_FILE, {"attempt": "a1", "error": "ValueError: bad store", "traceback": ["x", "y"]})
+    with pytest.raises(BackgroundScoringError, match="failed stage 1: ValueError: bad store"):
+        scorer.poll()
+    with pytest.raises(BackgroundScoringError, match="bad store"):
+        scorer.probe()
+
+
+def test_the_job_serves_each_attempt_once_and_stops_when_the_run_has(tmp_path):
+    assert _next_job(tmp_path, 3, set()) == ("idle", None)
+    for stage, attempt in ((0, "a"), (2, "c")):
+        (tmp_path / f"stage{stage}").mkdir()
+        _job(tmp_path, stage, attempt).write(tmp_path / f"stage{stage}" / "job.json")
+    assert _next_job(tmp_path, 3, set()) == ("job", str(tmp_path / "stage0" / "job.json"))
+    assert _next_job(tmp_path, 3, {(0, "a")}) == ("job", str(tmp_path / "stage2" / "job.json"))
+    # a result of this attempt on disk (a restarted job): not again; of an earlier one: served
+    atomic_write_json(tmp_path / "stage2" / "result.json", {"attempt": "c"})
+    assert _next_job(tmp_path, 3, {(0, "a")}) == ("idle", None)
+    atomic_write_json(tmp_path / "stage2" / "result.json", {"attempt": "b"})
+    assert _next_job(tmp_path, 3, {(0, "a")})[0] == "job"
+    (tmp_path / STOP_FILE).write_text("done\n")
+    assert _next_job(tmp_path, 3, set()) == ("stop", None)
+
+
+def test_config_differences_name_dotted_keys():
+    ours = {"grpo": {"optim": {"lr": 1e-3, "wd": 0.0}}, "run": {"seed": 1}, "extra": 1}
+    theirs = {"grpo": {"optim": {"lr": 3e-4, "wd": 0.0}}, "run": {"seed": 1}}
+    assert config_differences(ours, theirs) == ["extra (1 here, None in the run)",
+                                                "grpo.optim.lr (0.001 here, 0.0003 in the run)"]
+    assert config_differences(ours, ours) == []
+
+
+def _tiny(tmp_path, **changes):
+    from megatron_cropi.testing.tiny import tiny_curriculum_config
+
+    cfg = tiny_curriculum_config(str(tmp_path / "run"), **changes)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.timeout(300)
+def test_serve_scoring_refuses_a_config_that_is_not_the_runs_and_a_run_without_an_external_scorer(tmp_path):
+    from megatron_cropi.run_config import load_run_config
+    from megatron_cropi.testing.cli import run_cli
+
+    external = {"curriculum.background_scoring": True, "curriculum.background_scorer": "external"}
+    run_cfg = load_run_config(_tiny(tmp_path, **external))
+    root = tmp_path / "run" / "background"
+    root.mkdir(parents=True)
+    theirs = yaml.safe_load(yaml.safe_dump(run_cfg.to_dict(), sort_keys=False))
+    theirs["grpo"]["optim"]["lr"] = 1.0e-4
+    (root / "config.yaml").write_text(yaml.safe_dump(theirs, sort_keys=False))
+    rc, out = run_cli(["serve-scoring", str(_tiny(tmp_path, **external))], timeout=240)
+    assert rc == 2 and "grpo.optim.lr (0.0003 here, 0.0001 in the run)" in out, out[-2000:]
+    assert "pass the run's config and overrides" in out
+    rc, out = run_cli(["serve-scoring", str(_tiny(tmp_path))], timeout=240)
+    assert rc == 2 and "curriculum.background_scorer external" in out, out[-2000:]
