@@ -31,6 +31,7 @@ from megatron_cropi.cost import (  # noqa: E402,F401  (re-exported: tests and at
     padding_profile, pipeline_bubble, sampled_response_lengths, scored_prompts, scoring_flops_per_row,
     scoring_seconds, shape_from_config, stage_row)
 from megatron_cropi.cost import StageShape as ExampleRun  # noqa: E402
+from megatron_cropi.cost_scale_out import scale_out_footprint  # noqa: E402
 
 # ------------------------------------------------------------------ assumptions (§3), each a constant
 POOL_PROMPTS = 7_473 + 7_500 + 40_315   # GSM8K-train + MATH-train + DeepScaleR = 55,288
@@ -159,13 +160,13 @@ def reproduce_old_table(runs: list[ExampleRun]) -> list[dict]:
 def scale_out_example() -> dict:
     """Scoring a 1M-prompt pool on 128 nodes (1,024 GPUs) with the 7B layout (TP4×PP2, DP 128), k = 32768
     stored as float16, 8 responses of the 7B mean length; 43% of prompts live (the CPU default's share)."""
-    return cost.scale_out_footprint(pool_prompts=1_000_000, nodes=128, tp=4, pp=2, k=32768, feature_bytes=2,
+    return scale_out_footprint(pool_prompts=1_000_000, nodes=128, tp=4, pp=2, k=32768, feature_bytes=2,
                                     responses=8, mean_response_tokens=MEAN_RESPONSE_TOKENS["qwen2.5-7b"],
                                     prompt_tokens=PROMPT_TOKENS, live_fraction=0.43, prompts_per_unit=32)
 
 
 def rounded(row: dict) -> dict:
-    return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}
+    return {k: (round(v, 3) if isinstance(v, float) else rounded(v) if isinstance(v, dict) else v) for k, v in row.items()}
 
 
 def main() -> dict:

@@ -5,7 +5,9 @@ the throughput assumptions below; nothing runs a model. ``benchmarks/cost_model.
 configs with it (``docs/at_scale.md`` §3) and ``cropi run --dry-run`` prints a run's estimate
 (:func:`estimate_run_time`, :func:`estimate_run_disk`). A stage is its scoring of the pool and the
 target sets plus ``steps_per_stage`` GRPO steps (rollout + train); the behaviour rollouts come once per
-run (and once per behaviour refresh).
+run (and once per behaviour refresh). With ``curriculum.background_scoring`` a selecting stage's scoring
+runs beside its steps on devices of its own (:func:`background_stage`): the stage takes the longer of
+the two.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 from megatron_cropi.selection.policies import uses_behaviour_rollouts
 
 __all__ = ["StageShape", "ScoringOptions", "shape_from_config", "estimate_run_time", "stage_row", "scoring_seconds",
+           "background_stage",
            "behaviour_seconds", "grpo_step_seconds", "grpo_row_lengths", "padding_profile", "estimate_run_disk", "ASSUMPTIONS",
            "DISK_ASSUMPTIONS"]
 
@@ -278,16 +281,42 @@ def grpo_step_seconds(run: StageShape) -> tuple[float, float]:
     return rollout, flops / cluster_flops(run) * pipeline_bubble(run.pp, microbatches)
 
 
+def background_stage(scoring_s: float, steps_s: float, *, scoring_gpus: float = 1.0) -> dict:
+    """A selecting stage with its scoring off the critical path (``curriculum.background_scoring`` with an
+    external scoring job on GPUs of its own, ``scoring_gpus`` times as many as training has): the stage
+    trains its steps on the whole pool while the job scores, and switches to the selection when it is there;
+    a job slower than the stage is waited for at the stage's end.
+
+    Returns:
+        ``stage_s`` = max(steps, scoring / scoring_gpus) (exporting θ_m not counted);
+        ``switch_fraction`` = min(scoring / scoring_gpus / steps, 1), the share of the stage's steps that train
+        on the whole pool; ``critical_scoring_share``, the part of the stage spent waiting for scoring;
+        ``gpu_hours_scoring_share``, scoring's share of the stage's GPU-hours (scoring + steps, each × its
+        GPUs): what moving it off the critical path does not change.
+    """
+    scoring_wall = scoring_s / scoring_gpus
+    stage = max(steps_s, scoring_wall)
+    return {"stage_s": stage, "switch_fraction": min(scoring_wall / steps_s, 1.0) if steps_s > 0 else 1.0,
+            "critical_scoring_share": (stage - steps_s) / stage if stage > 0 else 0.0,
+            "gpu_hours_scoring_share": scoring_s / (scoring_s + steps_s) if scoring_s + steps_s > 0 else 0.0}
+
+
 def stage_row(run: StageShape, opts: ScoringOptions = ScoringOptions(), *, target_samples: int | None = None,
               live_share: float | None = None) -> dict:
-    """One row of §3's table, seconds and hours."""
+    """One row of §3's table, seconds and hours; ``background``: the same stage with its scoring off the
+    critical path (:func:`background_stage`, with as many and with half as many scoring GPUs)."""
     rollout, train = grpo_step_seconds(run)
     steps = run.steps_per_stage * (rollout + train)
     scoring = scoring_seconds(run, opts, target_samples=target_samples, live_share=live_share)
+    background = background_stage(scoring, steps)
     return {"config": run.label, "behaviour_rollouts_h": behaviour_seconds(run, target_samples) / 3600,
             "scoring_per_stage_h": scoring / 3600, "grpo_step_s": rollout + train, "grpo_rollout_s": rollout,
             "grpo_train_s": train, "steps_per_stage": run.steps_per_stage, "grpo_steps_h": steps / 3600,
-            "stage_h": (scoring + steps) / 3600, "scoring_share": scoring / (scoring + steps)}
+            "stage_h": (scoring + steps) / 3600, "scoring_share": scoring / (scoring + steps),
+            "background": {"stage_h": background["stage_s"] / 3600, "switch_fraction": background["switch_fraction"],
+                           "switch_fraction_half_scoring_gpus":
+                               background_stage(scoring, steps, scoring_gpus=0.5)["switch_fraction"],
+                           "critical_scoring_share": background["critical_scoring_share"]}}
 
 
 def options_from_config(cfg) -> ScoringOptions:
@@ -301,6 +330,9 @@ def estimate_run_time(cfg, shape: StageShape) -> dict:
     """Seconds per stage (scoring, the mean over the run's stages, + GRPO steps) and for the run: ``stages ×
     steps + the selecting stages' scoring + behaviour rollouts`` (once, plus one per refresh of a selecting
     stage; ``curriculum.selected_stages``: the first stages select, stage 0 scoring the whole live pool).
+    With ``curriculum.background_scoring`` a selecting stage takes max(steps, scoring) (:func:`background_stage`:
+    a scoring job with as many GPUs as training); the run is charged only the waits, and
+    ``scoring_all_stages_s`` is then the scoring job's own time.
     Policies other than ``cropi`` score nothing; ``full``, ``random`` and ``online_learnability`` have no
     behaviour rollouts (the latter's per-stage pool rollouts are not priced)."""
     rollout, train = grpo_step_seconds(shape)
@@ -315,12 +347,18 @@ def estimate_run_time(cfg, shape: StageShape) -> dict:
     every = cfg.curriculum.refresh_behaviour_every
     refreshes = (selecting - 1) // every if every and rollouts_needed else 0
     behaviour = behaviour_seconds(shape) * (1 + refreshes) if rollouts_needed else 0.0
-    stage = scoring + steps
+    stage, waited = scoring + steps, scoring_all  # scoring on the critical path: all of it, or (background) the wait
+    background = bool(cfg.curriculum.background_scoring) and policy == "cropi"
+    if background:
+        stage = background_stage(scoring, steps)["stage_s"]
+        waited = sum(background_stage(scoring_seconds(shape, options_from_config(cfg), stage=m), steps)["stage_s"]
+                     - steps for m in range(selecting))
     return {"grpo_step_s": rollout + train, "grpo_rollout_s": rollout, "grpo_train_s": train,
             "scoring_per_stage_s": scoring, "grpo_steps_per_stage_s": steps, "stage_s": stage,
             "behaviour_rollouts_s": behaviour, "behaviour_refreshes": refreshes, "selecting_stages": selecting,
-            "scoring_all_stages_s": scoring_all,
-            "total_s": shape.stages * steps + scoring_all + behaviour, "stages": shape.stages,
+            "scoring_all_stages_s": scoring_all, "background_scoring": background, "scoring_waits_s": waited,
+            "switch_fraction": background_stage(scoring, steps)["switch_fraction"] if background else 0.0,
+            "total_s": shape.stages * steps + waited + behaviour, "stages": shape.stages,
             "pool_prompts": shape.pool_prompts, "target_prompts": shape.target_prompts,
             "vllm_tokens_per_s": shape.vllm_tokens_per_s, "mean_response_tokens": shape.mean_response_tokens,
             "assumptions": ASSUMPTIONS}
@@ -354,45 +392,3 @@ def estimate_run_disk(cfg, shape: StageShape) -> dict:
              "checkpoints": int(checkpoints), "hf_exports": int(exports)}
     return {"bytes": parts, "total_bytes": sum(parts.values()), "feature_stages_kept": kept_stages,
             "checkpoints_kept": kept_ckpts, "assumptions": DISK_ASSUMPTIONS}
-
-
-INDEX_BYTES_PER_ROW = 200   # a trajectory store's prompt-id → (part, row) index entry, a Python dict (assumed)
-SUMMARY_BYTES_PER_ROW = 17  # scale-out's per-row scalars: longest, tokens (int64), zero-variance (bool)
-COLUMN_BYTES_PER_ROW = 16   # scale-out selection's per-row columns on every rank: pass rate (float64), source (a reference)
-COSINE_BYTES_PER_ROW = 9    # per scored row to rank 0: row id (int64) + usable (bool); + 8 per direction (float64)
-TOP_M_COUNT_BYTES = 8192    # the distributed top-m's, quantiles' and summary's all-reduced counts (~600 int64), a bound
-
-
-def scale_out_footprint(*, pool_prompts: int, nodes: int, tp: int, pp: int, k: int, feature_bytes: int,
-                        responses: int, mean_response_tokens: float, prompt_tokens: float, live_fraction: float,
-                        prompts_per_unit: int, directions: int = 1,
-                        gpus_per_node: int = GPUS_PER_NODE) -> dict:
-    """Per-rank memory and the bytes global rank 0 receives when scoring a pool and meeting for selection:
-    rank-0 scoring (every rank holds the pool's rollouts; rank 0 gathers every live row's float32
-    k-vector and writes the store) against scale-out scoring (:mod:`megatron_cropi.influence.scale_out`).
-
-    Rollouts in memory count their token ids and log-probs only (``STORE_BYTES_PER_*``): the Python
-    objects around them add more, so the rank-0 figure is a lower bound. Scale-out's per-rank figure is
-    the steady state: opening the store and summarising it hold a second prompt-id index for a moment
-    (about twice the index at peak).
-
-    Under scale-out a cropi selection is made and written where the cosines are (each rank writes its
-    own picks): rank 0 receives a bounded number of counts (``rank0_receives_bytes``), whatever the pool
-    and DP; every rank reads the pool's id, pass-rate and source columns (rank 0 writes the summary
-    from them) and the picks from disk. The policies that read every row's score meet the scored rows'
-    cosines on rank 0 (``rank0_receives_bytes_cosines_met``)."""
-    dp = nodes * gpus_per_node // (tp * pp)
-    per_prompt = responses * mean_response_tokens * STORE_BYTES_PER_RESPONSE_TOKEN + prompt_tokens * STORE_BYTES_PER_PROMPT_TOKEN
-    live = live_fraction * pool_prompts
-    return {
-        "pool_prompts": pool_prompts, "nodes": nodes, "dp": dp,
-        "rank0_path": {"per_rank_rollouts_bytes": int(pool_prompts * per_prompt),
-                       "rank0_receives_bytes": int(live * k * 4 * (dp - 1) / dp),
-                       "rank0_writes_bytes": int(pool_prompts * k * feature_bytes)},
-        "scale_out": {"per_rank_bytes": int(pool_prompts * (SUMMARY_BYTES_PER_ROW + INDEX_BYTES_PER_ROW
-                                                            + COLUMN_BYTES_PER_ROW)
-                                            + prompts_per_unit * per_prompt),
-                      "rank0_receives_bytes": TOP_M_COUNT_BYTES,
-                      "rank0_receives_bytes_cosines_met": int(live * (COSINE_BYTES_PER_ROW + 8 * directions)),
-                      "shard_bytes_per_replica": int(live * k * feature_bytes / dp)},
-    }

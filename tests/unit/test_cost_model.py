@@ -120,3 +120,36 @@ def test_length_aware_grpo_training_is_priced_where_the_trainer_applies_it(runs)
     assert train < 0.7 * train_padded
     seven = by["7B, 1 node"]  # PP = 2: one length per step
     assert seven.pp == 2 and cm.cost.grpo_row_lengths(seven) == (seven.seq, seven.seq ** 2)
+
+
+# docs/at_scale.md §3 computed by hand from column (b) (exact options), before the code priced it: a stage with
+# its scoring off the critical path, in hours, and when its selection arrives, with as many and with half as
+# many scoring GPUs as training has
+HAND_BACKGROUND = {
+    "1.5B, 1 node": (1.15, 0.40, 0.80),
+    "1.5B, 2 nodes": (1.00, 0.23, 0.46),
+    "7B, 1 node": (7.7, 0.38, 0.75),
+    "7B, 2 nodes": (5.4, 0.26, 0.52),
+    "7B, 4 nodes": (4.1, 0.18, 0.35),
+}
+
+
+def test_background_scoring_reproduces_the_hand_computed_stages(runs):
+    exact = cm.exact_options(cm.measured_quality())
+    for run in runs:
+        row = cm.stage_row(run, exact)
+        stage_h, switch, switch_half = HAND_BACKGROUND[run.label]
+        bg = row["background"]
+        assert bg["stage_h"] == pytest.approx(stage_h, abs=0.1), run.label
+        assert bg["switch_fraction"] == pytest.approx(switch, abs=0.02), run.label
+        assert bg["switch_fraction_half_scoring_gpus"] == pytest.approx(switch_half, abs=0.03), run.label
+        assert bg["stage_h"] == pytest.approx(max(row["grpo_steps_h"], row["scoring_per_stage_h"]))
+        assert bg["critical_scoring_share"] == 0.0  # scoring shorter than every example's stage
+
+
+def test_background_stage_laws():
+    assert cm.cost.background_stage(3.0, 10.0) == pytest.approx(
+        {"stage_s": 10.0, "switch_fraction": 0.3, "critical_scoring_share": 0.0, "gpu_hours_scoring_share": 3 / 13})
+    slow = cm.cost.background_stage(12.0, 10.0)
+    assert slow["stage_s"] == 12.0 and slow["switch_fraction"] == 1.0 and slow["critical_scoring_share"] == pytest.approx(2 / 12)
+    assert cm.cost.background_stage(3.0, 10.0, scoring_gpus=0.5)["switch_fraction"] == pytest.approx(0.6)

@@ -248,3 +248,31 @@ def test_run_estimate_charges_scoring_and_refreshes_to_the_selecting_stages_only
     kept = b["disk_bytes"]["feature_stores"] / a["disk_bytes"]["feature_stores"]
     assert kept == pytest.approx(2 / 6) and b["disk_bytes"]["trajectory_stores"] < a["disk_bytes"]["trajectory_stores"]
     assert "selected_stages" not in a["text"][0]
+
+
+def test_run_estimate_with_background_scoring_charges_only_the_wait_for_the_scoring_job():
+    import dataclasses
+
+    from megatron_cropi.dryrun import run_estimate
+    from megatron_cropi.run_config import load_run_config
+
+    cfg = load_run_config(Path(__file__).resolve().parents[2] / "examples" / "configs" / "qwen2.5-7b-instruct_2node.yaml",
+                          environ={"DATA_DIR": "/data", "MODEL_DIR": "/model"},
+                          overrides=["curriculum.background_scoring=true", "curriculum.background_scorer=external"])
+    rows = {"pool": {"gsm8k": 7_473, "math": 7_500, "deepscaler": 40_315}, "val": {"math500": 1_000}}
+    est = run_estimate(cfg, world_size=16, nodes=2, rows=rows)
+    t = est["time_seconds"]
+    steps = t["grpo_steps_per_stage_s"]
+    assert t["background_scoring"] and t["scoring_per_stage_s"] < steps  # shorter than the stage: no wait
+    assert t["stage_s"] == pytest.approx(steps) and t["scoring_waits_s"] == 0
+    assert t["switch_fraction"] == pytest.approx(t["scoring_per_stage_s"] / steps)
+    assert t["total_s"] == pytest.approx(6 * steps + t["behaviour_rollouts_s"])
+    assert "off the critical path" in est["text"][0] and "0.0 min of waiting" in est["text"][0], est["text"][0]
+    # stages of 10 steps: the scoring job is slower than the stage, which waits for it at its end
+    short = dataclasses.replace(cfg, curriculum=dataclasses.replace(cfg.curriculum, steps_per_stage=10))
+    s = run_estimate(short, world_size=16, nodes=2, rows=rows)["time_seconds"]
+    steps = s["grpo_steps_per_stage_s"]
+    assert s["scoring_per_stage_s"] > steps and s["switch_fraction"] == 1.0
+    assert s["stage_s"] == pytest.approx(s["scoring_per_stage_s"])
+    assert s["scoring_waits_s"] == pytest.approx(6 * (s["scoring_per_stage_s"] - steps))
+    assert s["total_s"] == pytest.approx(6 * steps + s["scoring_waits_s"] + s["behaviour_rollouts_s"])
