@@ -14,7 +14,10 @@ evaluations), an estimate of the time left from the phases' rates so far, disk p
 evaluation, and the last selection's source mix with the health signals of selection: the projection
 probe (Spearman and precision@10% of projected vs exact cosines), the share of zero-variance pool prompts
 (all K rewards equal: no gradient, never selectable by influence) and the target prompts that carry the
-target direction.
+target direction. With ``curriculum.background_scoring``, the stage's background job still in flight
+(``background/stage{m}/``): submitted, taken by a scoring job (``taken.json``: an external one says how
+many processes it has), done, or failed (``error.json``); an external job nobody has taken is named, since
+the run waits for it.
 """
 
 from __future__ import annotations
@@ -100,6 +103,25 @@ def _selection_health(layout: RunLayout, stage: int, info: dict) -> dict:
     return out
 
 
+def _background_job(layout: RunLayout, done: list[str], stages: int, scorer: str, now: float) -> dict | None:
+    """The newest stage's background job whose selection is not recorded yet, from its files."""
+    for stage in reversed(range(stages)):
+        here = layout.background(stage)
+        job = _read_json(here / "job.json")
+        if job is None or f"stage{stage}/select" in done:
+            continue
+        attempt = job.get("attempt")
+        mine = (lambda name: (d := _read_json(here / name)) is not None and d.get("attempt") == attempt)
+        out = {"stage": stage, "scorer": scorer, "submitted_seconds_ago": now - (here / "job.json").stat().st_mtime,
+               "taken": mine("taken.json"), "result": mine("result.json")}
+        if out["taken"]:
+            out["world"] = _read_json(here / "taken.json").get("world")
+        if mine("error.json"):
+            out["error"] = _read_json(here / "error.json").get("error")
+        return out
+    return None
+
+
 def _estimate_left(clock: dict, step: int, total_steps: int, selects_done: int, stages: int,
                    evals: list[dict], eval_every: int) -> float | None:
     """Seconds left at the rates so far: training per step, scoring + selection per stage, evaluations."""
@@ -147,6 +169,8 @@ def run_status(run_dir: str | Path, *, now: float | None = None) -> dict:
         "last_eval": {k: v for k, v in evals[-1].items() if not isinstance(v, dict)} if evals else None,
         "last_selection": _selection_health(layout, selected_stage, info) if selected_stage is not None else None,
     }
+    if cur.get("background_scoring") and not finished:
+        out["background_job"] = _background_job(layout, done, stages, cur.get("background_scorer", "child"), now)
     if not finished:
         # curriculum.selected_stages: only the first stages score and select; the rest add training only
         selecting = min(int(cur.get("selected_stages", 0) or 0) or stages, stages)
@@ -192,6 +216,21 @@ def format_status(s: dict) -> str:
                  + f"; wall {_hms(s['seconds_since_start'])}")
     if "estimated_seconds_left" in s:
         lines.append(f"time left  ~{_hms(s['estimated_seconds_left'])} at the rates so far (estimate)")
+    job = s.get("background_job")
+    if job:
+        if job.get("error"):
+            what = f"failed: {job['error']}"
+        elif job["result"]:
+            what = "scored and selected; the stage switches before its next step"
+        elif job["taken"]:
+            size = f" ({job['world']} processes)" if job.get("world") else ""
+            what = f"taken by the scoring job{size}, working"
+        elif job["scorer"] == "external":
+            what = ("not taken by any scoring job yet: launch `torchrun ... -m megatron_cropi.cli serve-scoring CONFIG` "
+                    "with the run's config")
+        else:
+            what = "submitted to the run's scorer process"
+        lines.append(f"background stage {job['stage']}, submitted {_hms(job['submitted_seconds_ago'])} ago: {what}")
     disk = s["disk_bytes"]
     ranked = sorted(((k, v) for k, v in disk.items() if k != "total"), key=lambda kv: -kv[1])
     if len(ranked) > 6:

@@ -114,3 +114,30 @@ def test_status_counts_scoring_only_for_the_stages_that_select(tmp_path):
     state.update(train_step=14, stage=1, clock={"rollouts": 10.0, "scoring": 12.0, "selection": 1.0, "training": 28.0})
     s = run_status(layout.root)
     assert s["estimated_seconds_left"] == pytest.approx(16 * 2)  # 16 steps at 2 s; no evaluations logged yet
+
+
+def test_status_names_an_external_background_job_nobody_has_taken(tmp_path):
+    """``curriculum.background_scorer: external``: the run waits for a scoring job the operator launches;
+    status says whether one has taken the stage's job (this attempt's files only), and if it failed."""
+    cfg = to_dict(from_dict(RunConfig, {"run": {"output_dir": str(tmp_path / "run")},
+                                        "selection": {"policy": "cropi"},
+                                        "curriculum": {"stages": 2, "steps_per_stage": 10, "background_scoring": True,
+                                                       "background_scorer": "external"}}))
+    layout = RunLayout(tmp_path / "run")
+    state = RunState.open(layout.root, cfg)
+    state.mark_done("rollouts")
+    state.update(train_step=3, stage=0, clock={"training": 6.0})
+    here = layout.background(0)
+    here.mkdir(parents=True)
+    atomic_write_json(here / "job.json", {"stage": 0, "attempt": "a2"})
+    atomic_write_json(here / "taken.json", {"attempt": "a1", "world": 8})  # an earlier attempt's
+    text = format_status(run_status(layout.root))
+    assert "background stage 0" in text and "not taken by any scoring job yet" in text and "serve-scoring" in text
+    atomic_write_json(here / "taken.json", {"attempt": "a2", "world": 16})
+    s = run_status(layout.root)
+    assert s["background_job"]["taken"] and s["background_job"]["world"] == 16
+    assert "taken by the scoring job (16 processes), working" in format_status(s)
+    atomic_write_json(here / "error.json", {"attempt": "a2", "error": "RuntimeError: disk full"})
+    assert "failed: RuntimeError: disk full" in format_status(run_status(layout.root))
+    state.mark_done("stage0/select", {"seconds": 1.0, "switch_step": 5})  # recorded: nothing in flight
+    assert run_status(layout.root)["background_job"] is None
