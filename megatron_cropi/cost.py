@@ -357,6 +357,7 @@ def estimate_run_time(cfg, shape: StageShape) -> dict:
             "scoring_per_stage_s": scoring, "grpo_steps_per_stage_s": steps, "stage_s": stage,
             "behaviour_rollouts_s": behaviour, "behaviour_refreshes": refreshes, "selecting_stages": selecting,
             "scoring_all_stages_s": scoring_all, "background_scoring": background, "scoring_waits_s": waited,
+            "background_scorer": cfg.curriculum.background_scorer,
             "switch_fraction": background_stage(scoring, steps)["switch_fraction"] if background else 0.0,
             "total_s": shape.stages * steps + waited + behaviour, "stages": shape.stages,
             "pool_prompts": shape.pool_prompts, "target_prompts": shape.target_prompts,

@@ -277,9 +277,11 @@ def _stages_text(time: dict, steps_per_stage: int) -> str:
     """The run's stages in words: every stage scores, or only the first ``curriculum.selected_stages``."""
     steps = f"{steps_per_stage} GRPO steps × {time['grpo_step_s']:.1f} s"
     if time["background_scoring"]:
+        where = ("a scoring job on as many GPUs of its own" if time["background_scorer"] == "external" else
+                 "a process beside the run, assumed not to slow its steps")
         return (f"{time['stages']} stages × {steps}, with scoring {_hours(time['scoring_per_stage_s'])} per selecting "
-                f"stage off the critical path (curriculum.background_scoring: a scoring job on as many GPUs of its "
-                f"own; the selection trains from {time['switch_fraction']:.0%} into the stage) + "
+                f"stage off the critical path (curriculum.background_scoring: {where}; "
+                f"the selection trains from {time['switch_fraction']:.0%} into the stage) + "
                 f"{_hours(time['scoring_waits_s'])} of waiting for it")
     if time["selecting_stages"] == time["stages"] or not time["scoring_all_stages_s"]:
         return (f"{time['stages']} stages × {_hours(time['stage_s'])} (scoring {_hours(time['scoring_per_stage_s'])}"

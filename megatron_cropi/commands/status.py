@@ -118,6 +118,9 @@ def _background_job(layout: RunLayout, done: list[str], stages: int, scorer: str
             out["world"] = _read_json(here / "taken.json").get("world")
         if mine("error.json"):
             out["error"] = _read_json(here / "error.json").get("error")
+        beat = _read_json(layout.background_root / "serving.json")
+        if scorer == "external" and beat and "time" in beat:
+            out["heartbeat_seconds_ago"] = now - float(beat["time"])
         return out
     return None
 
@@ -225,6 +228,8 @@ def format_status(s: dict) -> str:
         elif job["taken"]:
             size = f" ({job['world']} processes)" if job.get("world") else ""
             what = f"taken by the scoring job{size}, working"
+            if job.get("heartbeat_seconds_ago", 0) > 60:
+                what += f"; its last heartbeat is {_hms(job['heartbeat_seconds_ago'])} old: it may have died, relaunch it"
         elif job["scorer"] == "external":
             what = ("not taken by any scoring job yet: launch `torchrun ... -m megatron_cropi.cli serve-scoring CONFIG` "
                     "with the run's config")

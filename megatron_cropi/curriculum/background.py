@@ -42,7 +42,7 @@ from pathlib import Path
 
 from megatron_cropi.utils.atomic import atomic_write_json
 
-__all__ = ["ERROR_FILE", "PROBE_FILE", "STOP_FILE", "TAKEN_FILE", "BackgroundJob", "BackgroundScorer",
+__all__ = ["ERROR_FILE", "PROBE_FILE", "SERVING_FILE", "STOP_FILE", "TAKEN_FILE", "BackgroundJob", "BackgroundScorer",
            "BackgroundScoringError", "ExternalScorer", "die_with_parent", "wait_for_job"]
 
 # a launched controller's variables (the child must not join its process group) and the injected faults,
@@ -54,6 +54,7 @@ _PARENT_ONLY_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MA
 PROBE_FILE = "probe.json"  # beside the job's result: the child's projection probe, written after the result
 TAKEN_FILE, ERROR_FILE = "taken.json", "error.json"  # beside it, from an external scoring job
 STOP_FILE = "stop"  # in background/: the run has finished (an external scoring job exits)
+SERVING_FILE = "serving.json"  # in background/: the external scoring job's heartbeat (owner, host, pid, time)
 
 
 class BackgroundScoringError(RuntimeError):
@@ -118,7 +119,16 @@ class _JobClock:
             time.sleep(poll_s)
         return result
 
+    def probe(self, poll_s: float = 0.05) -> dict:
+        """Block until the job's probe is there; that probe (see ``poll_probe``)."""
+        while (probe := self.poll_probe()) is None:
+            time.sleep(poll_s)
+        return probe
+
     def poll(self) -> dict | None:
+        raise NotImplementedError
+
+    def poll_probe(self) -> dict | None:
         raise NotImplementedError
 
 
@@ -170,17 +180,21 @@ class BackgroundScorer(_JobClock):
             return None
         raise self._failure(rc, "no result")
 
-    def probe(self) -> dict | None:
-        """Wait for the child to exit after its result; its probe (``probe.json``), None if it wrote none.
+    def poll_probe(self) -> dict | None:
+        """The child's probe (``probe.json``) once it has exited after its result; None while it runs.
 
         Raises:
             BackgroundScoringError: it exited with a nonzero status (the log's tail says why).
         """
-        rc = self.proc.wait()
+        rc = self.proc.poll()
+        if rc is None:
+            return None
         if rc != 0:
             raise self._failure(rc, "no probe")
         path = Path(self.job.result).with_name(PROBE_FILE) if self.job is not None else None
-        return json.loads(path.read_text()) if path is not None and path.exists() else None
+        if path is None or not path.exists():
+            return {"skipped": "the background scorer wrote no probe"}
+        return json.loads(path.read_text())
 
     def _failure(self, rc: int, what: str) -> BackgroundScoringError:
         tail = self.log_path.read_text(errors="replace").strip().splitlines()[-15:] if self.log_path.exists() else []
@@ -253,26 +267,35 @@ class ExternalScorer(_JobClock):
         """The job's result (as :meth:`BackgroundScorer.poll` gives it) once written; None before.
 
         Raises:
-            BackgroundScoringError: the scoring job wrote this attempt's ``error.json``.
+            BackgroundScoringError: the scoring job wrote this attempt's ``error.json`` and no result.
         """
-        self._raise_error()
         result = self._read(Path(self.job.result).name) if self.job is not None else None
-        return self._done(result) if result is not None else None
+        if result is not None:
+            return self._done(result)
+        self._raise_error()
+        return None
+
+    def poll_probe(self) -> dict | None:
+        """This attempt's probe (``probe.json``) once written; None before.
+
+        Raises:
+            BackgroundScoringError: the scoring job failed after its result (the probe).
+        """
+        probe = self._read(PROBE_FILE)
+        if probe is None:
+            self._raise_error()
+        return probe
 
     def taken(self) -> bool:
         """Whether a scoring job has started on this attempt."""
         return self._read(TAKEN_FILE) is not None
 
-    def probe(self, poll_s: float = 0.2) -> dict | None:
-        """Wait for this attempt's probe (``probe.json``); the probe.
-
-        Raises:
-            BackgroundScoringError: the scoring job failed it.
-        """
-        while (probe := self._read(PROBE_FILE)) is None:
-            self._raise_error()
-            time.sleep(poll_s)
-        return probe
+    def heartbeat_age(self) -> float | None:
+        """Seconds since the scoring job's last heartbeat (``background/serving.json``); None if none."""
+        try:
+            return time.time() - float(json.loads((self.root.parent / SERVING_FILE).read_text())["time"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     @contextmanager
     def paused(self):

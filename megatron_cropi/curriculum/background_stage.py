@@ -11,7 +11,8 @@
 
 A run of any size may use an external scoring job: its global rank 0 writes the job and reads the
 scorer's files, and every rank learns from it whether to switch before each step (one small broadcast a
-step), so that all ranks switch at the same step.
+step), so that all ranks switch at the same step. Waiting for the scorer (a forced switch, the stage's
+end, the probe) is a loop of such polls, so no collective waits long, however late the scoring job.
 
 The prompt set in force at any step is a function of the recorded switch (:func:`prompts_in_force`), so a
 run killed anywhere resumes to the end state of an uninterrupted run that switched at the same step: a
@@ -71,14 +72,16 @@ class StageSwitch:
 
     Args:
         on_ready: ``on_ready(result, step)`` records the scorer's result and returns the selection.
+        wait: blocks until the scorer's result is there and returns it (a forced switch), every rank.
 
     The scorer is asked on global rank 0 (its files are rank 0's) and every rank gets the answer.
     """
 
     def __init__(self, pool: Sequence[PromptRecord], *, scorer: BackgroundScorer | ExternalScorer | None = None,
                  selection: Selection | None = None, switch_step: int | None = None, on_ready=None,
-                 switch_at: int | None = None):
+                 switch_at: int | None = None, wait=None):
         self.pool, self.scorer, self.on_ready, self.switch_at = list(pool), scorer, on_ready, switch_at
+        self.wait = wait
         self.selection, self.switch_step = selection, switch_step
 
     def _selected(self) -> list[PromptRecord] | None:
@@ -92,7 +95,7 @@ class StageSwitch:
         """The selection when the stage switches to it before ``step``'s GRPO step, else None."""
         if self.selection is None and self.scorer is not None:
             if self.switch_at is not None:
-                result = on_rank0(self.scorer.wait) if step == self.switch_at else None
+                result = self.wait() if step == self.switch_at else None
             else:
                 result = on_rank0(self.scorer.poll)
             if result is not None:
@@ -208,7 +211,8 @@ def _record(controller, stage: int, result: dict, switch_step: int | None) -> Se
     controller.charge("selection", result["select_seconds"], background=True)
     seconds = result["background_seconds"]
     controller.charge("startup", max(seconds - scoring - result["select_seconds"], 0.0), background=True)
-    selection = steps.read_selection(controller.layout.selection(stage))
+    # rank 0 reads what the scorer wrote and shares it (a second job's file may reach other nodes later)
+    selection = on_rank0(lambda: steps.read_selection(controller.layout.selection(stage)))
     where = f"from step {switch_step} on" if switch_step is not None else "after the stage's last step (not used)"
     controller.log(steps.select_line(stage, selection) + f" [background, {seconds:.1f} s; trains {where}]")
     controller.mark_done(f"stage{stage}/select", seconds=result["select_seconds"], background=True,
@@ -223,7 +227,8 @@ def _record_probe(controller, stage: int, scorer: BackgroundScorer | ExternalSco
     if controller.is_done(f"stage{stage}/probe"):
         return
     if scorer is not None:
-        probe = on_rank0(scorer.probe)
+        probe = _wait_together(controller, scorer, scorer.poll_probe)
+        probe = {k: v for k, v in probe.items() if k != "attempt"}  # the report's probe is the foreground's
     else:  # restarted after the switch: the scorer that made the selection may have left its probe
         path = controller.layout.background(stage) / PROBE_FILE
         probe = on_rank0(lambda: json.loads(path.read_text()) if path.exists() else None)
@@ -231,21 +236,31 @@ def _record_probe(controller, stage: int, scorer: BackgroundScorer | ExternalSco
                                                               "selection, before its scorer probed"}))
 
 
-def _wait_noting(controller, scorer, note_every: float = 60.0) -> dict:
-    """Rank 0: wait for the scorer's result, saying every ``note_every`` seconds what it waits for (an
-    external scoring job may not have been launched)."""
+def _waiting_note(scorer) -> str:
+    """What the run waits for, in words (rank 0: it reads the scorer's files)."""
+    head = f"[background] stage {scorer.stage}: waiting for "
+    if not isinstance(scorer, ExternalScorer):
+        return head + f"the scorer ({scorer.elapsed():.0f} s)"
+    if not scorer.taken():
+        return head + (f"a scoring job to take the job in {scorer.root}: launch `torchrun ... -m megatron_cropi.cli "
+                       "serve-scoring CONFIG` with this run's config")
+    age = scorer.heartbeat_age()
+    if age is not None and age > 60:
+        return head + f"the scoring job, whose last heartbeat is {age:.0f} s old: it may have died; relaunch it"
+    return head + f"the scoring job ({scorer.elapsed():.0f} s)"
+
+
+def _wait_together(controller, scorer, poll, *, poll_s: float = 0.05, note_every: float = 60.0):
+    """Every rank waits for rank 0's ``poll()`` to return something, and returns it. One broadcast per
+    poll, so no collective waits longer than a poll (a late scoring job outlasts the collective timeout);
+    every ``note_every`` seconds rank 0 says what it waits for."""
     last = time.perf_counter()
-    while (result := scorer.poll()) is None:
-        if time.perf_counter() - last >= note_every:
+    while (value := on_rank0(poll)) is None:
+        if controller.is_rank0 and time.perf_counter() - last >= note_every:
             last = time.perf_counter()
-            if isinstance(scorer, ExternalScorer) and not scorer.taken():
-                controller.log(f"[background] stage {scorer.stage}: waiting for a scoring job to take the job in "
-                               f"{scorer.root}: launch `torchrun ... -m megatron_cropi.cli serve-scoring CONFIG` "
-                               "with this run's config")
-            else:
-                controller.log(f"[background] stage {scorer.stage}: waiting for the scorer ({scorer.elapsed():.0f} s)")
-        time.sleep(0.05)
-    return result
+            controller.log(_waiting_note(scorer))
+        time.sleep(poll_s)
+    return value
 
 
 def train_stage(controller, stage: int) -> Selection:
@@ -267,6 +282,7 @@ def train_stage(controller, stage: int) -> Selection:
 
     def on_ready(result: dict, step: int) -> Selection:
         t0 = time.perf_counter()
+        scorer.seconds = result["background_seconds"]  # every rank's handle: only rank 0 polled it
         selection = _record(controller, stage, result, step)
         controller.charge("selection", time.perf_counter() - t0)
         fault_point("background:switch")
@@ -274,11 +290,13 @@ def train_stage(controller, stage: int) -> Selection:
         return selection
 
     start = stage * controller.cfg.curriculum.steps_per_stage
-    switch = StageSwitch(pool, scorer=scorer, on_ready=on_ready, switch_at=start + int(forced) if forced else None)
+    switch = StageSwitch(pool, scorer=scorer, on_ready=on_ready, switch_at=start + int(forced) if forced else None,
+                         wait=lambda: _wait_together(controller, scorer, scorer.poll))
     controller.step_train(stage, switch=switch)
     if switch.selection is None:  # the stage ended first: what the scorer still needs delays the next stage
         t0 = time.perf_counter()
-        result = on_rank0(lambda: _wait_noting(controller, scorer))
+        result = _wait_together(controller, scorer, scorer.poll)
+        scorer.seconds = result["background_seconds"]
         controller.charge("scoring", time.perf_counter() - t0)
         switch.selection = _record(controller, stage, result, None)
     _record_probe(controller, stage, scorer)

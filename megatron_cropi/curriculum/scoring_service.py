@@ -14,8 +14,16 @@ the run; a difference is an error naming the keys), then serves, in the run dire
     background/stage{m}/taken.json    the job started on it (attempt, world size)
     background/stage{m}/result.json   features and selection written: the run switches to it
     background/stage{m}/probe.json    the projection probe, after the result
-    background/stage{m}/error.json    the job failed (the run raises it); the job goes on serving
+    background/stage{m}/error.json    the job failed (the run raises it): a one-process job goes on serving;
+                                      in a larger one the failing rank writes it and exits, and torchrun
+                                      stops the rest (the others may be inside a collective it left)
+    background/serving.json           the job's heartbeat (owner, host, pid, world, time; every 5 s): a second
+                                      job on the same run is refused while it is fresh (< 30 s), and the
+                                      run and ``cropi status`` say when it has gone stale
     background/stop                   the run finished: the job exits 0
+
+The run directory (with β's HF directory and the stores the jobs name) must be on a filesystem both
+jobs see.
 
 Every file names its attempt, so a restarted run (which submits again, with a new id) never takes an
 earlier attempt's result; a job is served once per attempt, and a job whose result is already on disk is
@@ -29,14 +37,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import socket
+import threading
 import time
 import traceback
+import uuid
 from pathlib import Path
 
 import yaml
 
-from megatron_cropi.curriculum.background import (ERROR_FILE, PROBE_FILE, STOP_FILE, TAKEN_FILE, BackgroundJob,
-                                                  wait_for_job)
+from megatron_cropi.curriculum.background import (ERROR_FILE, PROBE_FILE, SERVING_FILE, STOP_FILE, TAKEN_FILE,
+                                                  BackgroundJob, wait_for_job)
 from megatron_cropi.utils.atomic import atomic_write_json
 from megatron_cropi.utils.rank_zero import on_rank0, share_from_rank0
 
@@ -124,11 +136,49 @@ def _next_job(root: Path, stages: int, served: set[tuple[int, str]]) -> tuple[st
             continue
         if (stage, job.attempt) in served:
             continue
-        done = Path(job.result)
-        if done.exists() and json.loads(done.read_text()).get("attempt") == job.attempt:
-            continue
-        return "job", str(path)
+        try:  # the run may remove it right now (a new submission)
+            finished = json.loads(Path(job.result).read_text()).get("attempt") == job.attempt
+        except (OSError, ValueError):
+            finished = False
+        if not finished:
+            return "job", str(path)
     return "idle", None
+
+
+HEARTBEAT_S, STALE_S = 5.0, 30.0
+
+
+class Heartbeat:
+    """Rank 0 of a scoring job: ``background/serving.json`` rewritten every :data:`HEARTBEAT_S` seconds by a
+    daemon thread (it beats while the job scores), and the claim that no other fresh job serves the run."""
+
+    def __init__(self, root: Path, world: int):
+        self.path, self.stop = root / SERVING_FILE, threading.Event()
+        self.record = {"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "world": world}
+
+    def claim(self) -> None:
+        """Raises ScoringServiceError when another job's heartbeat is fresh."""
+        try:
+            other = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            other = None
+        if other and other.get("owner") != self.record["owner"] and time.time() - float(other.get("time", 0)) < STALE_S:
+            raise ScoringServiceError(
+                f"{self.path}: another scoring job serves this run (host {other.get('host')}, pid {other.get('pid')}, "
+                f"heartbeat {time.time() - float(other['time']):.0f} s ago): stop it, or wait {STALE_S:.0f} s after it "
+                "has stopped")
+        self.beat()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def beat(self) -> None:
+        atomic_write_json(self.path, {**self.record, "time": time.time()})
+
+    def _run(self) -> None:
+        while not self.stop.wait(HEARTBEAT_S):
+            try:
+                self.beat()
+            except OSError:  # a full or unreachable disk: the next beat tries again
+                pass
 
 
 def serve(cfg, *, poll_s: float = 0.5, log=print, max_jobs: int | None = None) -> int:
@@ -155,33 +205,46 @@ def serve(cfg, *, poll_s: float = 0.5, log=print, max_jobs: int | None = None) -
     while not share_from_rank0(run_config.exists() if groups.rank == 0 else None):
         time.sleep(poll_s)
 
+    heartbeat = Heartbeat(root, groups.world_size)
+
     def check() -> None:
         ours = yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))  # as the run wrote its own
         differ = config_differences(ours, yaml.safe_load(run_config.read_text()))
         if differ:
             raise ScoringServiceError(f"{run_config}: this scoring job's config differs from the run's in "
                                       + "; ".join(differ[:8]) + ": pass the run's config and overrides")
+        heartbeat.claim()
     on_rank0(check)
     served: set[tuple[int, str]] = set()
-    while max_jobs is None or len(served) < max_jobs:
-        what, path = share_from_rank0(_next_job(root, cfg.curriculum.stages, served) if groups.rank == 0 else None)
-        if what == "stop":
-            say("[serve-scoring] the run has finished")
-            break
-        if what == "idle":
-            time.sleep(poll_s)
-            continue
-        job = share_from_rank0(BackgroundJob.read(path) if groups.rank == 0 else None)
-        served.add((job.stage, job.attempt))
-        here = Path(path).parent
-        on_rank0(lambda: atomic_write_json(here / TAKEN_FILE, {"attempt": job.attempt, "world": groups.world_size,
-                                                              "time": time.time()}))
-        say(f"[serve-scoring] stage {job.stage}: attempt {job.attempt}")
-        try:
-            score_job(cfg, groups, prompts, tokenizer, job, log=say)
-        except Exception as err:  # noqa: BLE001 - the run must learn it; the next job may still be served
-            tail = traceback.format_exc().strip().splitlines()[-12:]
-            on_rank0(lambda: atomic_write_json(here / ERROR_FILE, {"attempt": job.attempt, "error": f"{type(err).__name__}: {err}",
-                                                                  "traceback": tail}))
-            say(f"[serve-scoring] stage {job.stage} failed: {type(err).__name__}: {err}")
+    try:
+        while max_jobs is None or len(served) < max_jobs:
+            what, path = on_rank0(lambda: _next_job(root, cfg.curriculum.stages, served))
+            if what == "stop":
+                say("[serve-scoring] the run has finished")
+                break
+            if what == "idle":
+                time.sleep(poll_s)
+                continue
+            job = on_rank0(lambda: BackgroundJob.read(path))
+            served.add((job.stage, job.attempt))
+            _serve_one(cfg, groups, prompts, tokenizer, job, Path(path).parent, say)
+    finally:
+        heartbeat.stop.set()
     return len(served)
+
+
+def _serve_one(cfg, groups, prompts, tokenizer, job: BackgroundJob, here: Path, say) -> None:
+    """One job: ``taken.json``, the work, or ``error.json`` (a one-process job goes on; a larger one's failing
+    rank re-raises after writing it, since the other ranks may wait in a collective it will not join)."""
+    on_rank0(lambda: atomic_write_json(here / TAKEN_FILE, {"attempt": job.attempt, "world": groups.world_size,
+                                                          "time": time.time()}))
+    say(f"[serve-scoring] stage {job.stage}: attempt {job.attempt}")
+    try:
+        score_job(cfg, groups, prompts, tokenizer, job, log=say)
+    except Exception as err:  # noqa: BLE001 - the run must learn it
+        tail = traceback.format_exc().strip().splitlines()[-12:]
+        atomic_write_json(here / ERROR_FILE, {"attempt": job.attempt, "traceback": tail,
+                                              "error": f"rank {groups.rank}: {type(err).__name__}: {err}"})
+        print(f"[serve-scoring] stage {job.stage} failed on rank {groups.rank}: {type(err).__name__}: {err}", flush=True)
+        if groups.world_size > 1:
+            raise

@@ -10,6 +10,7 @@ has finished.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -30,15 +31,25 @@ def _write(tmp: Path, out: Path, **changes) -> Path:
     return path
 
 
-def _serve(cfg: Path, log: Path) -> subprocess.Popen:
-    """``torchrun --nproc-per-node 2 -m megatron_cropi.cli serve-scoring CONFIG``, as an operator launches it."""
+def _launch(args: list[str], log: Path, nproc: int) -> subprocess.Popen:
+    """``[torchrun --nproc-per-node N] -m megatron_cropi.cli ARGS`` in a session of its own (:func:`_stop` ends
+    the launcher and its workers together)."""
     from megatron_cropi.testing.cli import cli_env
     from megatron_cropi.utils.net import free_port
 
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "megatron_cropi.cli", "serve-scoring", str(cfg)]
+    cmd = [sys.executable]
+    if nproc > 1:
+        cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", str(nproc), "--master-port",
+               str(free_port())]
     with open(log, "w") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=cli_env())
+        return subprocess.Popen([*cmd, "-m", "megatron_cropi.cli", *args], stdout=out, stderr=subprocess.STDOUT,
+                                env=cli_env(), start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen | None) -> None:
+    if proc is not None and proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 @pytest.mark.timeout(900)
@@ -52,7 +63,7 @@ def test_an_external_scoring_job_serves_a_tp2_run_as_foreground_scoring_would(tm
                                          "curriculum.background_scorer": "external",
                                          "curriculum.reuse_rollouts_from": str(fg)})
     service_log = tmp_path / "serve.log"
-    service = _serve(cfg, service_log)
+    service = _launch(["serve-scoring", str(cfg)], service_log, nproc=2)  # as an operator launches it
     os.environ[SWITCH_AT] = "0"
     try:
         rc, log = run_cli(["run", str(cfg)], nproc=2, timeout=500)
@@ -60,8 +71,7 @@ def test_an_external_scoring_job_serves_a_tp2_run_as_foreground_scoring_would(tm
         assert service.wait(timeout=120) == 0, service_log.read_text()[-3000:]  # the run's `stop` ends it
     finally:
         os.environ.pop(SWITCH_AT, None)
-        if service.poll() is None:
-            service.kill()
+        _stop(service)
     served = service_log.read_text()
     assert "[serve-scoring] world 2 (TP 2, PP 1, DP 1)" in served and "the run has finished" in served, served
     assert "external scoring job" in log and "trains from step 0 on" in log, log[-3000:]
@@ -82,12 +92,13 @@ def test_an_external_scoring_job_serves_a_tp2_run_as_foreground_scoring_would(tm
 
 
 @pytest.mark.timeout(900)
-def test_left_to_itself_a_two_rank_run_switches_together_and_a_late_one_process_job_serves_it(tmp_path):
-    """DP = 2, no forced switch: rank 0 asks the job's files before every step and both ranks switch at the
-    step it saw; the scoring job (one process: its own data-parallel size) is launched after the run has
-    started, and stage 0's selection (at β, as every run's) equals the foreground run's."""
+def test_left_to_itself_a_two_rank_run_is_served_by_a_one_process_job_launched_late(tmp_path):
+    """DP = 2, no forced switch: rank 0 asks the job's files before every step and shares the answer, and
+    the waits for the job are loops of such polls; the scoring job (one process: its own data-parallel
+    size) is launched only once the run has submitted stage 0's job. Stage 0's selection (at β, as every
+    run's) equals the foreground run's; each recorded switch lies in its stage (or none: it came after)."""
     from megatron_cropi.selection.stored import read_selection
-    from megatron_cropi.testing.cli import cli_env, run_cli
+    from megatron_cropi.testing.cli import run_cli
 
     fg, bg = tmp_path / "fg", tmp_path / "bg"
     rc, log = run_cli(["run", str(_write(tmp_path, fg))], nproc=2, timeout=400)
@@ -95,12 +106,7 @@ def test_left_to_itself_a_two_rank_run_switches_together_and_a_late_one_process_
     cfg = _write(tmp_path, bg, **{"curriculum.background_scoring": True, "curriculum.background_scorer": "external",
                                   "curriculum.reuse_rollouts_from": str(fg), "curriculum.steps_per_stage": 6})
     run_log = tmp_path / "run.log"
-    from megatron_cropi.utils.net import free_port
-
-    with open(run_log, "w") as out:
-        run = subprocess.Popen([str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", "2", "--master-port",
-                                str(free_port()), "-m", "megatron_cropi.cli", "run", str(cfg)],
-                               stdout=out, stderr=subprocess.STDOUT, env=cli_env())
+    run = _launch(["run", str(cfg)], run_log, nproc=2)
     service = None
     try:
         job = bg / "background" / "stage0" / "job.json"
@@ -108,15 +114,12 @@ def test_left_to_itself_a_two_rank_run_switches_together_and_a_late_one_process_
         while not job.exists() and run.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert job.exists(), run_log.read_text()[-3000:]
-        with open(tmp_path / "serve.log", "w") as out:  # launched once the run waits for it
-            service = subprocess.Popen([sys.executable, "-m", "megatron_cropi.cli", "serve-scoring", str(cfg)],
-                                       stdout=out, stderr=subprocess.STDOUT, env=cli_env())
+        service = _launch(["serve-scoring", str(cfg)], tmp_path / "serve.log", nproc=1)
         assert run.wait(timeout=500) == 0, run_log.read_text()[-3000:] + (tmp_path / "serve.log").read_text()[-2000:]
         assert service.wait(timeout=120) == 0, (tmp_path / "serve.log").read_text()[-3000:]
     finally:
-        for proc in (run, service):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
+        _stop(run)
+        _stop(service)
     served = (tmp_path / "serve.log").read_text()
     assert "[serve-scoring] world 1 (TP 1, PP 1, DP 1)" in served, served
     assert read_selection(bg / "selections" / "stage0.json").prompt_ids == \

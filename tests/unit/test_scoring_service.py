@@ -4,13 +4,14 @@ whose config is not the run's is refused naming the keys (through ``cropi serve-
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import yaml
 
-from megatron_cropi.curriculum.background import (ERROR_FILE, PROBE_FILE, STOP_FILE, TAKEN_FILE, BackgroundJob,
-                                                  BackgroundScoringError, ExternalScorer)
+from megatron_cropi.curriculum.background import (ERROR_FILE, PROBE_FILE, SERVING_FILE, STOP_FILE, TAKEN_FILE,
+                                                  BackgroundJob, BackgroundScoringError, ExternalScorer)
 from megatron_cropi.curriculum.scoring_service import _next_job, config_differences
 from megatron_cropi.utils.atomic import atomic_write_json
 
@@ -50,10 +51,13 @@ def test_the_handle_raises_its_attempts_error(tmp_path):
     scorer = ExternalScorer(1, here)
     scorer.submit(_job(tmp_path, 1, "a1"))
     atomic_write_json(here / ERROR_FILE, {"attempt": "a0", "error": "stale"})
-    assert scorer.poll() is None
+    assert scorer.poll() is None and scorer.poll_probe() is None
     atomic_write_json(here / ERROR_FILE, {"attempt": "a1", "error": "ValueError: bad store", "traceback": ["x", "y"]})
     with pytest.raises(BackgroundScoringError, match="failed stage 1: ValueError: bad store"):
         scorer.poll()
+    # failed in its probe, after the result: the result stands, the probe raises
+    atomic_write_json(here / "result.json", {"attempt": "a1", "score": {}})
+    assert scorer.poll()["attempt"] == "a1"
     with pytest.raises(BackgroundScoringError, match="bad store"):
         scorer.probe()
 
@@ -108,3 +112,64 @@ def test_serve_scoring_refuses_a_config_that_is_not_the_runs_and_a_run_without_a
     assert "pass the run's config and overrides" in out
     rc, out = run_cli(["serve-scoring", str(_tiny(tmp_path))], timeout=240)
     assert rc == 2 and "curriculum.background_scorer external" in out, out[-2000:]
+
+
+def _run_dir_for_a_job(tmp_path):
+    """A run directory as the run leaves it for its scoring job: its resolved config under ``background/``."""
+    from megatron_cropi.run_config import load_run_config
+
+    cfg_path = _tiny(tmp_path, **{"curriculum.background_scoring": True, "curriculum.background_scorer": "external"})
+    root = tmp_path / "run" / "background"
+    root.mkdir(parents=True)
+    (root / "config.yaml").write_text(yaml.safe_dump(load_run_config(cfg_path).to_dict(), sort_keys=False))
+    return cfg_path, root
+
+
+@pytest.mark.timeout(300)
+def test_a_second_scoring_job_is_refused_while_the_first_ones_heartbeat_is_fresh(tmp_path):
+    import time
+
+    from megatron_cropi.testing.cli import run_cli
+
+    cfg_path, root = _run_dir_for_a_job(tmp_path)
+    atomic_write_json(root / SERVING_FILE, {"owner": "other", "host": "node7", "pid": 4242, "time": time.time()})
+    rc, out = run_cli(["serve-scoring", str(cfg_path)], timeout=240)
+    assert rc == 2 and "another scoring job serves this run (host node7, pid 4242" in out, out[-2000:]
+    # a stale heartbeat (a job that died) does not hold the run: this one claims it, and stops with the run
+    atomic_write_json(root / SERVING_FILE, {"owner": "other", "host": "node7", "pid": 4242, "time": time.time() - 60})
+    (root / STOP_FILE).write_text("done\n")
+    rc, out = run_cli(["serve-scoring", str(cfg_path)], timeout=240)
+    assert rc == 0 and "the run has finished" in out, out[-2000:]
+    beat = json.loads((root / SERVING_FILE).read_text())
+    assert beat["owner"] != "other" and beat["world"] == 1
+
+
+@pytest.mark.timeout(300)
+def test_a_failed_job_is_reported_to_the_run_and_a_one_process_job_serves_on(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from megatron_cropi.testing.cli import cli_env
+
+    cfg_path, root = _run_dir_for_a_job(tmp_path)
+    (root / "stage0").mkdir()
+    scorer = ExternalScorer(0, root / "stage0")
+    job = _job(root, 0, "a1")
+    scorer.submit(dataclasses.replace(job, policy_hf=str(tmp_path / "no-such-hf-dir")))
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "megatron_cropi.cli", "serve-scoring", str(cfg_path)],
+                                stdout=out, stderr=subprocess.STDOUT, env=cli_env())
+    try:
+        deadline = time.monotonic() + 200
+        while not (root / "stage0" / ERROR_FILE).exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        with pytest.raises(BackgroundScoringError, match="failed stage 0: rank 0: .*no-such-hf-dir"):
+            scorer.poll()
+        assert proc.poll() is None, log.read_text()[-2000:]  # still serving
+        (root / STOP_FILE).write_text("done\n")
+        assert proc.wait(timeout=60) == 0, log.read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -137,6 +137,9 @@ def test_status_names_an_external_background_job_nobody_has_taken(tmp_path):
     s = run_status(layout.root)
     assert s["background_job"]["taken"] and s["background_job"]["world"] == 16
     assert "taken by the scoring job (16 processes), working" in format_status(s)
+    assert "heartbeat" not in format_status(s)
+    atomic_write_json(layout.background_root / "serving.json", {"owner": "x", "time": 1.0})
+    assert "it may have died, relaunch it" in format_status(run_status(layout.root))
     atomic_write_json(here / "error.json", {"attempt": "a2", "error": "RuntimeError: disk full"})
     assert "failed: RuntimeError: disk full" in format_status(run_status(layout.root))
     state.mark_done("stage0/select", {"seconds": 1.0, "switch_step": 5})  # recorded: nothing in flight
