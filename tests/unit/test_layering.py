@@ -37,7 +37,7 @@ LAYERS = (
     ("checkpoint",),
     ("rollout", "popi", "selection"),
     ("influence", "grpo"),
-    ("memory", "memory_activations", "memory_capture", "cost", "envcheck", "wiring"),
+    ("memory", "memory_activations", "memory_capture", "cost", "cost_scale_out", "envcheck", "wiring"),
     ("curriculum",),
     ("run_config",),
     ("dryrun",),
