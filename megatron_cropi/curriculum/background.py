@@ -113,18 +113,6 @@ class _JobClock:
             self.seconds = time.perf_counter() - (self.submitted or self.started) - self.paused_seconds
         return {**result, "background_seconds": self.seconds}
 
-    def wait(self, poll_s: float = 0.05) -> dict:
-        """Block until the job's result is there; that result (see ``poll``)."""
-        while (result := self.poll()) is None:
-            time.sleep(poll_s)
-        return result
-
-    def probe(self, poll_s: float = 0.05) -> dict:
-        """Block until the job's probe is there; that probe (see ``poll_probe``)."""
-        while (probe := self.poll_probe()) is None:
-            time.sleep(poll_s)
-        return probe
-
     def poll(self) -> dict | None:
         raise NotImplementedError
 

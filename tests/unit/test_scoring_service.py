@@ -39,7 +39,7 @@ def test_the_handle_takes_only_its_own_attempts_result_probe_and_error(tmp_path)
     got = scorer.poll()
     assert got["attempt"] == "new" and got["background_seconds"] == scorer.seconds >= 0 and scorer.taken()
     atomic_write_json(here / PROBE_FILE, {"attempt": "new", "spearman": 0.9})
-    assert scorer.probe()["spearman"] == 0.9
+    assert scorer.poll_probe()["spearman"] == 0.9
     with scorer.paused():  # not paused: its devices are its own
         pass
     scorer.kill()
@@ -59,7 +59,7 @@ def test_the_handle_raises_its_attempts_error(tmp_path):
     atomic_write_json(here / "result.json", {"attempt": "a1", "score": {}})
     assert scorer.poll()["attempt"] == "a1"
     with pytest.raises(BackgroundScoringError, match="bad store"):
-        scorer.probe()
+        scorer.poll_probe()
 
 
 def test_the_job_serves_each_attempt_once_and_stops_when_the_run_has(tmp_path):
