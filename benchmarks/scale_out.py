@@ -17,7 +17,11 @@ trajectory store with the same tiny model and then meet for selection:
 
 Measured per rank: ``rss_mib``, the rise of peak resident memory over the process's memory before
 scoring (``VmHWM`` after resetting it through ``/proc/self/clear_refs``; glibc told to return freed
-blocks); ``bytes_to_rank0``, counted at the collective calls while the path runs (the pickled payload
+blocks); split into ``anon_mib``, the rise of anonymous memory (``RssAnon``, peak over unit boundaries:
+what the rank holds between units, indices, plans and scores) and ``file_mib``, the trajectory store's
+pages mapped from the page cache (``RssFile``: clean, shared by the ranks of a node, reclaimed under
+pressure); per prompt from the smallest pool to the largest (``rank_anon_bytes_per_prompt``,
+``rank_file_bytes_per_prompt``); ``bytes_to_rank0``, counted at the collective calls while the path runs (the pickled payload
 of every ``gather_object``/``all_gather_object`` that rank 0 receives from another rank, and the bytes of
 every tensor ``all_reduce``/``broadcast`` it takes part in as a receiver), over the whole path and over
 its selection step alone (``select_bytes_to_rank0``). Every other rank's figures are reported too
@@ -69,7 +73,8 @@ def _write_pool(path: Path, n: int, vocab: int) -> None:
         SamplingParams(n=K), tokenizer="t", model="m", policy_version=0, pool_hash=f"n{n}", num_prompts=n))
     batch = []
     for i in range(n):
-        prompt = PromptRecord(f"p{i:07d}", rng.integers(1, vocab, 12).astype(np.int32), "", source=f"f{i % 4}")
+        # ids of 32 hex characters, as data.prompt_ids.prompt_id gives them
+        prompt = PromptRecord(f"{i:032x}", rng.integers(1, vocab, 12).astype(np.int32), "", source=f"f{i % 4}")
         resps = tuple(Response(rng.integers(1, vocab, t).astype(np.int32), (-rng.uniform(1, 3, t)).astype(np.float32))
                       for t in rng.integers(RESPONSE // 2, RESPONSE + 1, K))
         live = i % 4 == 0
@@ -161,13 +166,19 @@ def _worker(pool: str, out_dir: str, path: str):
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     base = _status_mib("VmRSS")
+    base_anon, base_file = _status_mib("RssAnon"), _status_mib("RssFile")
+    anon_peak = [base_anon]
+
+    def sample():  # at unit boundaries: what the rank holds between units, not a unit's activations
+        anon_peak[0] = max(anon_peak[0], _status_mib("RssAnon"))
+
     t0 = time.perf_counter()
     direction = np.ones(scorer.projector.k)
     with _Meter(dist) as meter:
         if path == "rank0":
-            score_store(Path(pool), Path(out_dir), scorer)
+            score_store(Path(pool), Path(out_dir), scorer, on_chunk=sample)
         else:
-            score_store_sharded(Path(pool), Path(out_dir), scorer)
+            score_store_sharded(Path(pool), Path(out_dir), scorer, on_unit=sample)
         with _Meter(dist) as select_meter:
             if path == "rank0":
                 if dist.get_rank() == 0:  # what selection reads on rank 0
@@ -184,10 +195,13 @@ def _worker(pool: str, out_dir: str, path: str):
                 write_where_scored(0, picks, inputs, Path(f"{out_dir}_selection") / "stage0.json",
                                    t0=time.perf_counter())
     seconds = time.perf_counter() - t0
+    sample()
     rss = _status_mib("VmHWM") - base
+    file_mib = _status_mib("RssFile") - base_file
     destroy_parallel_groups()
     # the selection's calls pass through both meters: the outer one's count already holds them
-    return {"rss_mib": rss, "bytes_received": meter.received,
+    return {"rss_mib": rss, "anon_mib": anon_peak[0] - base_anon, "file_mib": file_mib,
+            "bytes_received": meter.received,
             "select_bytes_received": select_meter.received, "seconds": seconds}
 
 
@@ -195,11 +209,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="pools of 512 and 2048 prompts")
     ap.add_argument("--dp", default="1,2,4")
+    ap.add_argument("--pools", default=None, help="pool sizes, e.g. 512,8192,32768 (default 512,2048,8192)")
+    ap.add_argument("--out", default=None, help="result file name under benchmarks/results/")
     args = ap.parse_args()
     from megatron_cropi.testing.spawn import run_ranks
     from megatron_cropi.testing.tiny import tiny_model_config
 
     sizes = (512, 2048) if args.quick else (512, 2048, 8192)
+    if args.pools:
+        sizes = tuple(int(x) for x in args.pools.split(","))
     dps = [int(x) for x in args.dp.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="scale_out_"))
     rows = []
@@ -214,6 +232,8 @@ def main() -> None:
                            "bytes_to_rank0": int(res[0]["bytes_received"]),
                            "select_bytes_to_rank0": int(res[0]["select_bytes_received"]),
                            "max_other_rank_rss_mib": round(max([r["rss_mib"] for r in res[1:]], default=0.0), 1),
+                           "max_rank_anon_mib": round(max(r["anon_mib"] for r in res), 2),
+                           "max_rank_file_mib": round(max(r["file_mib"] for r in res), 1),
                            "max_other_rank_bytes": int(max([r["bytes_received"] for r in res[1:]], default=0)),
                            "seconds": round(max(r["seconds"] for r in res), 1)}
                     rows.append(row)
@@ -241,13 +261,19 @@ def main() -> None:
                                                 for p in PATHS},
         "rank_rss_growth_mib_with_pool": {p: pick(p, "max_other_rank_rss_mib", hi, top) - pick(p, "max_other_rank_rss_mib", lo, top)
                                           for p in PATHS},
+        # anonymous memory (what a rank holds: indices, plans, scores) apart from the store's pages mapped
+        # from the page cache (clean, shared by the ranks of a node, given back under pressure)
+        "rank_anon_bytes_per_prompt": {p: (pick(p, "max_rank_anon_mib", hi, top) - pick(p, "max_rank_anon_mib", lo, top))
+                                       * MIB / (hi - lo) for p in PATHS},
+        "rank_file_bytes_per_prompt": {p: (pick(p, "max_rank_file_mib", hi, top) - pick(p, "max_rank_file_mib", lo, top))
+                                       * MIB / (hi - lo) for p in PATHS},
         "rank0_select_bytes_at_largest": {p: pick(p, "select_bytes_to_rank0", hi, top) for p in PATHS},
         "rank0_select_bytes_growth_with_pool": {p: pick(p, "select_bytes_to_rank0", hi, top)
                                                 / max(pick(p, "select_bytes_to_rank0", lo, top), 1) for p in PATHS},
         "rank0_bytes_at_largest": {p: pick(p, "bytes_to_rank0", hi, top) for p in PATHS},
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"scale_out{'_quick' if args.quick else ''}.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (RESULTS / (args.out or f"scale_out{'_quick' if args.quick else ''}.json")).write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "rows"}))
 
 

@@ -83,7 +83,7 @@ def score_store_sharded(rollouts_dir: Path, out: Path, scorer: PolicyScorer, *, 
     k = sampling.n
     cap = cfg.max_responses_per_prompt if cfg.max_responses_per_prompt and cfg.max_responses_per_prompt < k else 0
     k = cap or k
-    prompt_ids = store.prompt_ids()
+    prompt_ids = store.prompt_id_view()  # decoded per use: no list of N strings on every rank
     summary = store.row_summary(cap)
     live = np.flatnonzero(~summary["zero_variance"])
     seq = cfg.seq_length or int(summary["longest"].max(initial=1))

@@ -33,6 +33,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from megatron_cropi.records import PromptRecord, Response, RolloutGroup
+from megatron_cropi.rollout.row_index import RowIndex
 from megatron_cropi.rollout.store_header import SCHEMA_VERSION, StoreError, StoreHeader, read_header, read_store_json
 from megatron_cropi.utils.atomic import atomic_write_bytes
 
@@ -77,10 +78,9 @@ class TrajectoryStore:
         self._manifest = manifest
         self._writable = writable
         self._tables: dict[str, Any] = {}
-        self._index: dict[str, tuple[str, int]] = {}
-        for part in manifest["parts"]:
-            for row, pid in enumerate(self._table(part["name"]).column("prompt_id").to_pylist()):
-                self._index[pid] = (part["name"], row)
+        self._index = RowIndex()  # ~24 bytes a prompt, where a dict would hold ~200
+        self._index.add_parts([(part["name"], self._table(part["name"]).column("prompt_id").to_pylist())
+                               for part in manifest["parts"]])
 
     # -- opening ---------------------------------------------------------------------------------
     @classmethod
@@ -170,7 +170,7 @@ class TrajectoryStore:
             raise StoreError(f"{self.path}: opened read-only")
         if not groups:
             return
-        seen = [g.prompt_id for g in groups if g.prompt_id in self._index]
+        seen = [g.prompt_id for g in groups if g.prompt_id in self]
         if seen or len({g.prompt_id for g in groups}) != len(groups):
             raise StoreError(f"{self.path}: prompts already stored or repeated in one append: {seen[:3]}")
         for g in groups:
@@ -206,8 +206,7 @@ class TrajectoryStore:
         manifest = dict(self._manifest, parts=self._manifest["parts"] + [part], next_part=number + 1)
         atomic_write_bytes(self.path / "manifest.json", json.dumps(manifest, indent=1).encode())  # the commit point
         self._manifest = manifest
-        for row, pid in enumerate(cols["prompt_id"]):
-            self._index[pid] = (name, row)
+        self._index.add_part(name, cols["prompt_id"])
 
     def mark_complete(self) -> None:
         """Record that every prompt of the pool is stored (checked against the header's ``num_prompts``)."""
@@ -225,15 +224,20 @@ class TrajectoryStore:
         return len(self._index)
 
     def __contains__(self, prompt_id: str) -> bool:
-        return prompt_id in self._index
+        return self._index.position(prompt_id) >= 0
 
     def done_ids(self) -> set[str]:
         """Ids of the prompts already stored."""
-        return set(self._index)
+        return set(self._index.prompt_ids())
 
     def prompt_ids(self) -> list[str]:
         """Stored prompt ids in prompt-id order (the order :meth:`iter_groups` reads)."""
-        return sorted(self._index)
+        return self._index.prompt_ids()
+
+    def prompt_id_view(self) -> Sequence[str]:
+        """:meth:`prompt_ids` without building the list: each id decoded when read (scale-out scoring on
+        every rank of a large pool)."""
+        return self._index.view()
 
     def _table(self, name: str):
         import pyarrow as pa
@@ -257,27 +261,30 @@ class TrajectoryStore:
         """
         import pyarrow.compute as pc
 
-        pids = self.prompt_ids()
-        where = {pid: i for i, pid in enumerate(pids)}
-        longest = np.zeros(len(pids), np.int64)
-        tokens = np.zeros(len(pids), np.int64)
-        zero_var = np.ones(len(pids), bool)
+        n = len(self._index)
+        longest, tokens, zero_var = np.zeros(n, np.int64), np.zeros(n, np.int64), np.ones(n, bool)
         for part in self._manifest["parts"]:
             t = self._table(part["name"])
-            rows = np.array([where[p] for p in t.column("prompt_id").to_pylist()], dtype=np.int64)
+            positions, rows = self._index.positions_of_part(part["name"])
             plen = pc.list_value_length(t.column("prompt_token_ids")).to_numpy(zero_copy_only=False).astype(np.int64)
             responses = t.column("response_token_ids").combine_chunks()
             rlen = pc.list_value_length(responses.flatten()).to_numpy(zero_copy_only=False).astype(np.int64)
             per_row = pc.list_value_length(responses).to_numpy(zero_copy_only=False).astype(np.int64)
-            rewards = t.column("rewards").combine_chunks()
-            rvals = rewards.flatten().to_numpy(zero_copy_only=False)
-            starts = np.concatenate([[0], np.cumsum(per_row)[:-1]])
-            for j, (start, k) in enumerate(zip(starts.tolist(), per_row.tolist())):
-                k = min(k, max_responses) if max_responses else k
-                lens, rew = rlen[start:start + k], rvals[start:start + k]
-                longest[rows[j]] = plen[j] + (int(lens.max()) if k else 0)
-                tokens[rows[j]] = k * plen[j] + int(lens.sum())
-                zero_var[rows[j]] = bool(k == 0 or np.all(rew == rew[0]))
+            rvals = t.column("rewards").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            # per response: its row and its number within the row; only each row's first k_eff count
+            owner = np.repeat(np.arange(per_row.size), per_row)
+            number = np.arange(owner.size) - np.repeat(np.cumsum(per_row) - per_row, per_row)
+            k_eff = np.minimum(per_row, max_responses) if max_responses else per_row
+            kept = number < k_eff[owner]
+            owner, lens, rew = owner[kept], rlen[kept], rvals[kept].astype(np.float64)
+            part_longest = np.zeros(per_row.size, np.int64)
+            np.maximum.at(part_longest, owner, lens)
+            lo, hi = np.full(per_row.size, np.inf), np.full(per_row.size, -np.inf)
+            np.minimum.at(lo, owner, rew)
+            np.maximum.at(hi, owner, rew)
+            longest[positions] = (plen + part_longest)[rows]
+            tokens[positions] = (k_eff * plen + np.bincount(owner, lens, minlength=per_row.size).astype(np.int64))[rows]
+            zero_var[positions] = ((k_eff == 0) | (lo == hi))[rows]
         return {"longest": longest, "tokens": tokens, "zero_variance": zero_var}
 
     def pass_rates_and_sources(self) -> tuple[np.ndarray, list[str]]:
@@ -285,27 +292,28 @@ class TrajectoryStore:
         column-wise: what selection needs of every row, without building the groups."""
         import pyarrow.compute as pc
 
-        pids = self.prompt_ids()
-        where = {pid: i for i, pid in enumerate(pids)}
-        rates, sources = np.zeros(len(pids)), [""] * len(pids)
+        n = len(self._index)
+        rates, sources = np.zeros(n), [""] * n
         for part in self._manifest["parts"]:
             t = self._table(part["name"])
-            rows = [where[p] for p in t.column("prompt_id").to_pylist()]
+            positions, rows = self._index.positions_of_part(part["name"])
             rewards = t.column("rewards").combine_chunks()
             counts = pc.list_value_length(rewards).to_numpy(zero_copy_only=False).astype(np.int64)
             hits = (rewards.flatten().to_numpy(zero_copy_only=False) > 0.5).astype(np.float64)
             ends = np.cumsum(counts)
             sums = np.diff(np.concatenate([[0.0], np.cumsum(hits)])[np.concatenate([[0], ends])])
-            rates[rows] = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)
-            for r, src in zip(rows, t.column("source").to_pylist()):
-                sources[r] = src
+            rates[positions] = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)[rows]
+            part_sources = t.column("source").to_pylist()
+            for p, r in zip(positions.tolist(), rows.tolist()):
+                sources[p] = part_sources[r]
         return rates, sources
 
     def get(self, prompt_id: str) -> RolloutGroup:
         """The stored group of ``prompt_id`` (KeyError if absent)."""
-        if prompt_id not in self._index:
+        position = self._index.position(prompt_id)
+        if position < 0:
             raise KeyError(f"prompt {prompt_id!r} is not in the trajectory store {self.path}")
-        name, row = self._index[prompt_id]
+        name, row = self._index.locate(position)
         t = self._table(name).slice(row, 1)
 
         def col(key):
