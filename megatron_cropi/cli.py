@@ -161,9 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_cropi.rollout.store import StoreError
     from megatron_cropi.selection.policies import SelectionError
     from megatron_cropi.curriculum.scoring_service import ScoringServiceError
+    from megatron_cropi.curriculum.background import BackgroundWaitError
 
     user_errors = (ConfigError, DryRunError, LaunchError, ConfigChangedError, SelectionError, RunInputError,
-                   DataError, StoreError, FeatureStoreMismatch, CheckpointError, ScoringServiceError)
+                   DataError, StoreError, FeatureStoreMismatch, CheckpointError, ScoringServiceError,
+                   BackgroundWaitError)
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

@@ -42,8 +42,9 @@ from pathlib import Path
 
 from megatron_cropi.utils.atomic import atomic_write_json
 
-__all__ = ["ERROR_FILE", "PROBE_FILE", "SERVING_FILE", "STOP_FILE", "TAKEN_FILE", "BackgroundJob", "BackgroundScorer",
-           "BackgroundScoringError", "ExternalScorer", "die_with_parent", "wait_for_job"]
+__all__ = ["ERROR_FILE", "PROBE_FILE", "SERVING_FILE", "STALE_S", "STOP_FILE", "TAKEN_FILE", "BackgroundJob",
+           "BackgroundScorer", "BackgroundScoringError", "BackgroundWaitError", "ExternalScorer", "die_with_parent",
+           "wait_for_job"]
 
 # a launched controller's variables (the child must not join its process group) and the injected faults,
 # which are the parent's (a test that kills the parent at a point must not kill the child there)
@@ -55,10 +56,15 @@ PROBE_FILE = "probe.json"  # beside the job's result: the child's projection pro
 TAKEN_FILE, ERROR_FILE = "taken.json", "error.json"  # beside it, from an external scoring job
 STOP_FILE = "stop"  # in background/: the run has finished (an external scoring job exits)
 SERVING_FILE = "serving.json"  # in background/: the external scoring job's heartbeat (owner, host, pid, time)
+STALE_S = 30.0  # a heartbeat older than this: the scoring job is gone (it beats every 5 s)
 
 
 class BackgroundScoringError(RuntimeError):
     """The background scorer exited without a result."""
+
+
+class BackgroundWaitError(BackgroundScoringError):
+    """No scoring job served the run's job within ``curriculum.background_wait_s``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,6 +283,12 @@ class ExternalScorer(_JobClock):
     def taken(self) -> bool:
         """Whether a scoring job has started on this attempt."""
         return self._read(TAKEN_FILE) is not None
+
+    def serving(self) -> bool:
+        """Whether a live scoring job works on this attempt: it took the job and its heartbeat is fresh
+        (younger than :data:`STALE_S`)."""
+        age = self.heartbeat_age()
+        return self.taken() and age is not None and age < STALE_S
 
     def heartbeat_age(self) -> float | None:
         """Seconds since the scoring job's last heartbeat (``background/serving.json``); None if none."""

@@ -37,7 +37,8 @@ import uuid
 import yaml
 
 from megatron_cropi.curriculum import steps
-from megatron_cropi.curriculum.background import PROBE_FILE, STOP_FILE, BackgroundJob, BackgroundScorer, ExternalScorer
+from megatron_cropi.curriculum.background import (PROBE_FILE, STALE_S, STOP_FILE, BackgroundJob, BackgroundScorer,
+                                                  BackgroundWaitError, ExternalScorer)
 from megatron_cropi.curriculum.faults import fault_point
 from megatron_cropi.influence.scorer import ScoreStats
 from megatron_cropi.records import PromptRecord
@@ -227,7 +228,10 @@ def _record_probe(controller, stage: int, scorer: BackgroundScorer | ExternalSco
     if controller.is_done(f"stage{stage}/probe"):
         return
     if scorer is not None:
-        probe = _wait_together(controller, scorer, scorer.poll_probe)
+        probe = _wait_together(controller, scorer, scorer.poll_probe, give_up=True)
+        if probe is None:  # the job stopped serving after its result: the selection stands, the probe is lost
+            probe = {"skipped": f"the scoring job stopped serving before its probe (waited "
+                                f"curriculum.background_wait_s = {controller.cfg.curriculum.background_wait_s:.0f} s)"}
         probe = {k: v for k, v in probe.items() if k != "attempt"}  # the report's probe is the foreground's
     else:  # restarted after the switch: the scorer that made the selection may have left its probe
         path = controller.layout.background(stage) / PROBE_FILE
@@ -245,21 +249,56 @@ def _waiting_note(scorer) -> str:
         return head + (f"a scoring job to take the job in {scorer.root}: launch `torchrun ... -m megatron_cropi.cli "
                        "serve-scoring CONFIG` with this run's config")
     age = scorer.heartbeat_age()
-    if age is not None and age > 60:
+    if age is not None and age > STALE_S:
         return head + f"the scoring job, whose last heartbeat is {age:.0f} s old: it may have died; relaunch it"
     return head + f"the scoring job ({scorer.elapsed():.0f} s)"
 
 
-def _wait_together(controller, scorer, poll, *, poll_s: float = 0.05, note_every: float = 60.0):
+def _absent(scorer: ExternalScorer, limit: float) -> str:
+    """Why the run stops waiting for an external scoring job, and what to do."""
+    age = scorer.heartbeat_age()
+    why = ("no scoring job took it" if not scorer.taken() else
+           f"its scoring job's last heartbeat is {age:.0f} s old" if age is not None else
+           "its scoring job writes no heartbeat")
+    return (f"stage {scorer.stage}: no scoring job served the job in {scorer.root} for {limit:.0f} s "
+            f"(curriculum.background_wait_s): {why}. Launch `torchrun ... -m megatron_cropi.cli serve-scoring "
+            "CONFIG` with this run's config and run the same command again (it resumes here), or raise "
+            "curriculum.background_wait_s (0: no limit)")
+
+
+def _wait_together(controller, scorer, poll, *, poll_s: float = 0.05, note_every: float = 60.0,
+                   give_up: bool = False):
     """Every rank waits for rank 0's ``poll()`` to return something, and returns it. One broadcast per
     poll, so no collective waits longer than a poll (a late scoring job outlasts the collective timeout);
-    every ``note_every`` seconds rank 0 says what it waits for."""
-    last = time.perf_counter()
-    while (value := on_rank0(poll)) is None:
+    every ``note_every`` seconds rank 0 says what it waits for.
+
+    An external scoring job that does not serve the job (not taken, or no heartbeat for
+    :data:`~megatron_cropi.curriculum.background.STALE_S` s) for ``curriculum.background_wait_s`` seconds
+    of this wait ends it: :class:`BackgroundWaitError` on every rank, or None with ``give_up``."""
+    limit = controller.cfg.curriculum.background_wait_s if isinstance(scorer, ExternalScorer) else 0.0
+    last = unserved_since = time.perf_counter()
+
+    def ask():
+        nonlocal unserved_since
+        value = poll()
+        if value is None and limit:
+            now = time.perf_counter()
+            if scorer.serving():
+                unserved_since = now
+            elif now - unserved_since >= limit:
+                return {"gave_up": _absent(scorer, limit)}
+        return value
+
+    while (value := on_rank0(ask)) is None:
         if controller.is_rank0 and time.perf_counter() - last >= note_every:
             last = time.perf_counter()
             controller.log(_waiting_note(scorer))
         time.sleep(poll_s)
+    if "gave_up" in value:
+        if give_up:
+            controller.log(f"[background] {value['gave_up']}")
+            return None
+        raise BackgroundWaitError(value["gave_up"])
     return value
 
 

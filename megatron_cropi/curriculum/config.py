@@ -171,6 +171,11 @@ class CurriculumConfig:
     own, any size and layout (``torchrun ... -m megatron_cropi.cli serve-scoring CONFIG``): the run, of any
     size, writes each stage's job under ``background/`` and switches when the job's result is there
     (``curriculum/scoring_service.py``)."""
+    background_wait_s: float = 1800.0
+    """``background_scorer: external``: how long the run waits at a stage's end for a scoring job that is not
+    serving it (no job has taken the stage's job, or the job's heartbeat is older than 30 s) before it stops
+    with an error naming the job to launch (its state is saved: the restarted run resumes and asks again).
+    A job that is alive and scoring is waited for as long as it takes. 0: wait without a limit."""
     reuse_rollouts_from: str = ""
     """Another run's ``run.output_dir`` whose behaviour stores (``rollouts/<set>``) this run reuses instead of
     rolling out, set by set, when a store is complete and its header equals the one this run would write
@@ -222,6 +227,8 @@ class CurriculumConfig:
         require(self.probe_prompts >= 0, "probe_prompts", self.probe_prompts, "must be >= 0")
         require(self.probe_max_params >= 0, "probe_max_params", self.probe_max_params, "must be >= 0")
         require(self.keep_features in ("all", "resume"), "keep_features", self.keep_features, "must be all or resume")
+        require(self.background_wait_s >= 0, "background_wait_s", self.background_wait_s,
+                "must be >= 0 seconds (0: wait without a limit)")
         require(self.background_scorer in ("child", "external"), "background_scorer", self.background_scorer,
                 "must be child (a process beside a one-process run) or external (a scoring job of its own)")
 

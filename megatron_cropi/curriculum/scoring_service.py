@@ -47,7 +47,7 @@ from pathlib import Path
 
 import yaml
 
-from megatron_cropi.curriculum.background import (ERROR_FILE, PROBE_FILE, SERVING_FILE, STOP_FILE, TAKEN_FILE,
+from megatron_cropi.curriculum.background import (ERROR_FILE, PROBE_FILE, SERVING_FILE, STALE_S, STOP_FILE, TAKEN_FILE,
                                                   BackgroundJob, wait_for_job)
 from megatron_cropi.utils.atomic import atomic_write_json
 from megatron_cropi.utils.rank_zero import on_rank0, share_from_rank0
@@ -145,7 +145,7 @@ def _next_job(root: Path, stages: int, served: set[tuple[int, str]]) -> tuple[st
     return "idle", None
 
 
-HEARTBEAT_S, STALE_S = 5.0, 30.0
+HEARTBEAT_S = 5.0
 
 
 class Heartbeat:

@@ -173,3 +173,66 @@ def test_a_failed_job_is_reported_to_the_run_and_a_one_process_job_serves_on(tmp
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _waiting_run(limit: float):
+    from types import SimpleNamespace
+
+    notes: list[str] = []
+    run = SimpleNamespace(cfg=SimpleNamespace(curriculum=SimpleNamespace(background_wait_s=limit)), is_rank0=True,
+                          log=notes.append)
+    return run, notes
+
+
+def _beat(root, age: float = 0.0):
+    import time
+
+    atomic_write_json(root / SERVING_FILE, {"owner": "job", "time": time.time() - age})
+
+
+def test_a_run_stops_waiting_for_a_job_nobody_serves_and_waits_for_one_that_beats(tmp_path):
+    from megatron_cropi.curriculum.background import BackgroundWaitError
+    from megatron_cropi.curriculum.background_stage import _wait_together
+
+    here = tmp_path / "stage0"
+    here.mkdir()
+    scorer = ExternalScorer(0, here)
+    scorer.submit(_job(tmp_path, 0, "a"))
+    run, notes = _waiting_run(0.3)
+    # nobody took the job: the wait ends, naming the key and the command
+    with pytest.raises(BackgroundWaitError, match=r"no scoring job took it.*serve-scoring.*background_wait_s"):
+        _wait_together(run, scorer, scorer.poll, poll_s=0.01)
+    # taken, but the job's heartbeat stopped: the same, naming its age
+    atomic_write_json(here / TAKEN_FILE, {"attempt": "a", "world": 1})
+    _beat(tmp_path, age=100)
+    with pytest.raises(BackgroundWaitError, match=r"last heartbeat is 10\d s old"):
+        _wait_together(run, scorer, scorer.poll, poll_s=0.01)
+    # for the probe the run gives up without an error: its selection stands
+    assert _wait_together(run, scorer, scorer.poll_probe, poll_s=0.01, give_up=True) is None
+    assert "no scoring job served" in notes[-1]
+    # a job that beats is waited for past the limit, however long it scores
+    calls = []
+
+    def scoring():
+        calls.append(1)
+        _beat(tmp_path)
+        if len(calls) == 60:  # ~0.6 s: twice the limit
+            atomic_write_json(here / "result.json", {"attempt": "a", "score": {}})
+        return scorer.poll()
+
+    assert _wait_together(run, scorer, scoring, poll_s=0.01)["attempt"] == "a"
+
+
+def test_without_a_limit_the_run_waits_for_a_job_launched_late(tmp_path):
+    import threading
+
+    from megatron_cropi.curriculum.background_stage import _wait_together
+
+    here = tmp_path / "stage1"
+    here.mkdir()
+    scorer = ExternalScorer(1, here)
+    scorer.submit(_job(tmp_path, 1, "b"))
+    run, _ = _waiting_run(0.0)
+    late = threading.Timer(0.5, lambda: atomic_write_json(here / "result.json", {"attempt": "b", "score": {}}))
+    late.start()
+    assert _wait_together(run, scorer, scorer.poll, poll_s=0.01)["attempt"] == "b"
