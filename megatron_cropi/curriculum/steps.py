@@ -144,13 +144,13 @@ def pool_columns(pool: Sequence[PromptRecord], pool_rollouts: Path, previous: se
         RuntimeError: ``verify`` and the store is not complete (its rollouts were interrupted).
     """
     store = open_complete_store(pool_rollouts) if verify else TrajectoryStore.open(pool_rollouts, verify=False)
-    ids = store.prompt_ids()
     rates, sources = store.pass_rates_and_sources()
-    held = set(ids)
-    rest = sorted((p for p in pool if p.prompt_id not in held), key=lambda p: p.prompt_id)
-    return SelectionInputs(prompt_ids=ids + [p.prompt_id for p in rest],
+    rest = sorted((p for p in pool if p.prompt_id not in store), key=lambda p: p.prompt_id)
+    if not rest:  # the usual case: compact columns (ids decoded when read, sources as codes), no lists of N
+        return SelectionInputs(prompt_ids=store.prompt_id_view(), pass_rates=rates, sources=sources, previous=previous)
+    return SelectionInputs(prompt_ids=store.prompt_ids() + [p.prompt_id for p in rest],
                            pass_rates=np.concatenate([rates, np.full(len(rest), np.nan)]),
-                           sources=sources + [p.source for p in rest], previous=previous)
+                           sources=list(sources) + [p.source for p in rest], previous=previous)
 
 
 def pool_shortlist(cfg: ShortlistConfig, m: int, carried: dict[str, float] | None, *, budget: int, seed: int):

@@ -18,7 +18,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["RowIndex", "IdView"]
+__all__ = ["RowIndex", "IdView", "CodedStrings"]
 
 
 def _encode(ids: Iterable[str]) -> np.ndarray:
@@ -126,3 +126,22 @@ class IdView(Sequence[str]):
     def __iter__(self):
         for start in range(0, self._ids.size, 4096):  # a block of strings at a time, never all N
             yield from (b.decode("utf-8") for b in self._ids[start:start + 4096].tolist())
+
+
+class CodedStrings(Sequence[str]):
+    """A column of few distinct strings (a prompt's source) as ``[N]`` int32 codes into ``names``: 4 bytes a
+    row where a list of strings holds a reference and a string object per row."""
+
+    def __init__(self, codes: np.ndarray, names: Sequence[str]):
+        self.codes, self.names = codes, tuple(names)
+
+    def __len__(self) -> int:
+        return int(self.codes.size)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.names[c] for c in self.codes[i].tolist()]
+        return self.names[int(self.codes[i])]
+
+    def __iter__(self):
+        return (self.names[c] for c in self.codes.tolist())

@@ -33,7 +33,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from megatron_cropi.records import PromptRecord, Response, RolloutGroup
-from megatron_cropi.rollout.row_index import RowIndex
+from megatron_cropi.rollout.row_index import CodedStrings, RowIndex
 from megatron_cropi.rollout.store_header import SCHEMA_VERSION, StoreError, StoreHeader, read_header, read_store_json
 from megatron_cropi.utils.atomic import atomic_write_bytes
 
@@ -287,13 +287,14 @@ class TrajectoryStore:
             zero_var[positions] = ((k_eff == 0) | (lo == hi))[rows]
         return {"longest": longest, "tokens": tokens, "zero_variance": zero_var}
 
-    def pass_rates_and_sources(self) -> tuple[np.ndarray, list[str]]:
+    def pass_rates_and_sources(self) -> tuple[np.ndarray, CodedStrings]:
         """``[N]`` pass rates (share of rewards > 0.5, 0 for none) and sources in prompt-id order, read
-        column-wise: what selection needs of every row, without building the groups."""
+        column-wise: what selection needs of every row, without building the groups (sources as
+        int32 codes: a pool has few)."""
         import pyarrow.compute as pc
 
         n = len(self._index)
-        rates, sources = np.zeros(n), [""] * n
+        rates, codes, names = np.zeros(n), np.zeros(n, np.int32), {}
         for part in self._manifest["parts"]:
             t = self._table(part["name"])
             positions, rows = self._index.positions_of_part(part["name"])
@@ -303,10 +304,11 @@ class TrajectoryStore:
             ends = np.cumsum(counts)
             sums = np.diff(np.concatenate([[0.0], np.cumsum(hits)])[np.concatenate([[0], ends])])
             rates[positions] = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)[rows]
-            part_sources = t.column("source").to_pylist()
-            for p, r in zip(positions.tolist(), rows.tolist()):
-                sources[p] = part_sources[r]
-        return rates, sources
+            encoded = t.column("source").combine_chunks().dictionary_encode()
+            mapping = np.array([names.setdefault(v, len(names)) for v in encoded.dictionary.to_pylist()] or [0],
+                               dtype=np.int32)
+            codes[positions] = mapping[encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)][rows]
+        return rates, CodedStrings(codes, list(names))
 
     def get(self, prompt_id: str) -> RolloutGroup:
         """The stored group of ``prompt_id`` (KeyError if absent)."""

@@ -50,3 +50,11 @@ def test_the_index_is_sorted_order_and_finds_every_row_as_a_dictionary_would(see
 def test_an_empty_index_holds_nothing():
     index = RowIndex()
     assert len(index) == 0 and index.position("a") == -1 and index.prompt_ids() == [] and list(index.view()) == []
+
+
+def test_coded_strings_read_as_the_list_they_encode():
+    from megatron_cropi.rollout.row_index import CodedStrings
+
+    column = CodedStrings(np.array([2, 0, 0, 1], np.int32), ["add", "max", "sub"])
+    assert list(column) == ["sub", "add", "add", "max"] and column[3] == "max" and column[1:3] == ["add", "add"]
+    assert len(column) == 4 and "sub" in column
