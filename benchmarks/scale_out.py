@@ -17,11 +17,12 @@ trajectory store with the same tiny model and then meet for selection:
 
 Measured per rank: ``rss_mib``, the rise of peak resident memory over the process's memory before
 scoring (``VmHWM`` after resetting it through ``/proc/self/clear_refs``; glibc told to return freed
-blocks); split into ``anon_mib``, the rise of anonymous memory (``RssAnon``, peak over unit boundaries:
-what the rank holds between units, indices, plans and scores) and ``file_mib``, the trajectory store's
-pages mapped from the page cache (``RssFile``: clean, shared by the ranks of a node, reclaimed under
-pressure); per prompt from the smallest pool to the largest (``rank_anon_bytes_per_prompt``,
-``rank_file_bytes_per_prompt``); ``bytes_to_rank0``, counted at the collective calls while the path runs (the pickled payload
+blocks); and ``anon_mib``, the rise of anonymous memory (``RssAnon``, peak over unit boundaries and the
+end: what the rank itself holds between units, indices, plans, columns and scores, with what the
+allocators keep of freed blocks), per prompt from the smallest pool to the largest in
+``rank_anon_bytes_per_prompt``. The rest of the peak's rise is the trajectory store's pages mapped from
+the page cache while it is scored (clean, shared by the ranks of a node, reclaimable; unmapped with the
+store: ``file_mib_at_end`` is the rise of ``RssFile`` once the path has returned); ``bytes_to_rank0``, counted at the collective calls while the path runs (the pickled payload
 of every ``gather_object``/``all_gather_object`` that rank 0 receives from another rank, and the bytes of
 every tensor ``all_reduce``/``broadcast`` it takes part in as a receiver), over the whole path and over
 its selection step alone (``select_bytes_to_rank0``). Every other rank's figures are reported too
@@ -29,6 +30,7 @@ its selection step alone (``select_bytes_to_rank0``). Every other rank's figures
 
     OMP_NUM_THREADS=1 python benchmarks/scale_out.py --quick   # N in {512, 2048}, ~5 minutes on 2 cores
     OMP_NUM_THREADS=1 python benchmarks/scale_out.py           # N in {512, 2048, 8192}
+    OMP_NUM_THREADS=1 python benchmarks/scale_out.py --pools 512,2048,8192,32768 --dp 1,4   # ~17 minutes
 
 Writes ``benchmarks/results/scale_out[_quick].json``; the last line printed is one JSON object.
 """
@@ -197,10 +199,10 @@ def _worker(pool: str, out_dir: str, path: str):
     seconds = time.perf_counter() - t0
     sample()
     rss = _status_mib("VmHWM") - base
-    file_mib = _status_mib("RssFile") - base_file
+    file_mib = _status_mib("RssFile") - base_file  # at the end: the scored store is closed by then
     destroy_parallel_groups()
     # the selection's calls pass through both meters: the outer one's count already holds them
-    return {"rss_mib": rss, "anon_mib": anon_peak[0] - base_anon, "file_mib": file_mib,
+    return {"rss_mib": rss, "anon_mib": anon_peak[0] - base_anon, "file_mib_at_end": file_mib,
             "bytes_received": meter.received,
             "select_bytes_received": select_meter.received, "seconds": seconds}
 
@@ -233,7 +235,7 @@ def main() -> None:
                            "select_bytes_to_rank0": int(res[0]["select_bytes_received"]),
                            "max_other_rank_rss_mib": round(max([r["rss_mib"] for r in res[1:]], default=0.0), 1),
                            "max_rank_anon_mib": round(max(r["anon_mib"] for r in res), 2),
-                           "max_rank_file_mib": round(max(r["file_mib"] for r in res), 1),
+                           "max_rank_file_mib_at_end": round(max(r["file_mib_at_end"] for r in res), 1),
                            "max_other_rank_bytes": int(max([r["bytes_received"] for r in res[1:]], default=0)),
                            "seconds": round(max(r["seconds"] for r in res), 1)}
                     rows.append(row)
@@ -264,8 +266,6 @@ def main() -> None:
         # anonymous memory (what a rank holds: indices, plans, scores) apart from the store's pages mapped
         # from the page cache (clean, shared by the ranks of a node, given back under pressure)
         "rank_anon_bytes_per_prompt": {p: (pick(p, "max_rank_anon_mib", hi, top) - pick(p, "max_rank_anon_mib", lo, top))
-                                       * MIB / (hi - lo) for p in PATHS},
-        "rank_file_bytes_per_prompt": {p: (pick(p, "max_rank_file_mib", hi, top) - pick(p, "max_rank_file_mib", lo, top))
                                        * MIB / (hi - lo) for p in PATHS},
         "rank0_select_bytes_at_largest": {p: pick(p, "select_bytes_to_rank0", hi, top) for p in PATHS},
         "rank0_select_bytes_growth_with_pool": {p: pick(p, "select_bytes_to_rank0", hi, top)
