@@ -7,9 +7,12 @@ from megatron_cropi.cost import GPUS_PER_NODE, STORE_BYTES_PER_PROMPT_TOKEN, STO
 
 __all__ = ["scale_out_footprint"]
 
-INDEX_BYTES_PER_ROW = 200   # a trajectory store's prompt-id → (part, row) index entry, a Python dict (assumed)
+INDEX_BYTES_PER_ROW = 48    # a trajectory store's sorted prompt-id index (rollout/row_index.py): 32-byte ids, part and
+                            # row (int32), the by-part grouping (int64)
 SUMMARY_BYTES_PER_ROW = 17  # scale-out's per-row scalars: longest, tokens (int64), zero-variance (bool)
-COLUMN_BYTES_PER_ROW = 16   # scale-out selection's per-row columns on every rank: pass rate (float64), source (a reference)
+COLUMN_BYTES_PER_ROW = 12   # scale-out selection's per-row columns on every rank: pass rate (float64), source code (int32)
+# Measured beside these (benchmarks/scale_out.py, 512 → 32,768 prompts, DP 4): a rank's private memory grew
+# 182 bytes a prompt: the layout above (77) plus what the allocators keep of freed blocks.
 COSINE_BYTES_PER_ROW = 9    # per scored row to rank 0: row id (int64) + usable (bool); + 8 per direction (float64)
 TOP_M_COUNT_BYTES = 8192    # the distributed top-m's, quantiles' and summary's all-reduced counts (~600 int64), a bound
 
@@ -24,8 +27,9 @@ def scale_out_footprint(*, pool_prompts: int, nodes: int, tp: int, pp: int, k: i
 
     Rollouts in memory count their token ids and log-probs only (``STORE_BYTES_PER_*``): the Python
     objects around them add more, so the rank-0 figure is a lower bound. Scale-out's per-rank figure is
-    the steady state: opening the store and summarising it hold a second prompt-id index for a moment
-    (about twice the index at peak).
+    the arrays' layout; the CPU benchmark measured about 2.4× it per prompt in private memory (allocator
+    retention), and while a rank scores it also maps the store's pages it reads from the page cache
+    (clean, shared by a node's ranks, reclaimable).
 
     Under scale-out a cropi selection is made and written where the cosines are (each rank writes its
     own picks): rank 0 receives a bounded number of counts (``rank0_receives_bytes``), whatever the pool
