@@ -230,15 +230,29 @@ class ExternalScorer(_JobClock):
     def __init__(self, stage: int, root: Path):
         super().__init__(stage)
         self.root = root
+        self._beat: object = None  # the heartbeat's last time stamp seen, and when (monotonic) it changed
+        self._beat_seen = 0.0
 
     def describe(self) -> str:
         return "external scoring job (`cropi serve-scoring`)"
 
     def submit(self, job: BackgroundJob) -> None:
-        """Write the job (an earlier attempt's result, probe, error and pick-up are removed first)."""
+        """Write the job, or adopt the job already there when it asks for the same work and did not fail
+        (a restarted run: the scoring job may be at work on it, or have finished it; its attempt id,
+        pick-up and result stand). Otherwise an earlier attempt's result, probe, error and pick-up are
+        removed first. :attr:`job` is the job in force (its ``attempt`` the adopted one)."""
+        try:
+            earlier = BackgroundJob.read(self.root / "job.json")
+        except (OSError, ValueError, TypeError):
+            earlier = None
+        self.submitted = time.perf_counter()
+        if earlier is not None and dataclasses.replace(earlier, attempt=job.attempt) == job:
+            self.job = earlier
+            if self._read(ERROR_FILE) is None:
+                return
         for name in (Path(job.result).name, PROBE_FILE, ERROR_FILE, TAKEN_FILE):
             (self.root / name).unlink(missing_ok=True)
-        self.job, self.submitted = job, time.perf_counter()
+        self.job = job
         job.write(self.root / "job.json")
 
     def _read(self, name: str) -> dict | None:
@@ -285,10 +299,23 @@ class ExternalScorer(_JobClock):
         return self._read(TAKEN_FILE) is not None
 
     def serving(self) -> bool:
-        """Whether a live scoring job works on this attempt: it took the job and its heartbeat is fresh
-        (younger than :data:`STALE_S`)."""
-        age = self.heartbeat_age()
+        """Whether a live scoring job works on this attempt: it took the job and its heartbeat has changed
+        within :data:`STALE_S` seconds as this host saw it (:meth:`beat_unchanged_for`)."""
+        age = self.beat_unchanged_for()
         return self.taken() and age is not None and age < STALE_S
+
+    def beat_unchanged_for(self) -> float | None:
+        """Seconds, on this host's monotonic clock, since this handle saw the heartbeat's time stamp change
+        (0 when first seen; None without a heartbeat). The job's clock is never compared with this
+        host's: a skew between them cannot make a live job look dead."""
+        try:
+            beat = json.loads((self.root.parent / SERVING_FILE).read_text())["time"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        now = time.monotonic()
+        if beat != self._beat:
+            self._beat, self._beat_seen = beat, now
+        return now - self._beat_seen
 
     def heartbeat_age(self) -> float | None:
         """Seconds since the scoring job's last heartbeat (``background/serving.json``); None if none."""

@@ -25,6 +25,7 @@ the stage, a wait for the scorer there (N = 0: the stage trains as a foreground-
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -188,13 +189,14 @@ def _submit(controller, stage: int) -> BackgroundScorer | ExternalScorer:
                         result=str(layout.background(stage) / "result.json"),
                         attempt=share_from_rank0(uuid.uuid4().hex))
 
-    def submit() -> None:
+    def submit() -> str:
         layout.background(stage).mkdir(parents=True, exist_ok=True)
         scorer.submit(job)
-    if controller.is_rank0:
-        submit()
-    else:  # the other ranks' handle only keeps the time: rank 0 asks the scorer
-        scorer.job, scorer.submitted = job, time.perf_counter()
+        return scorer.job.attempt  # a restarted run may adopt an earlier attempt of the same work
+
+    attempt = on_rank0(submit)
+    if not controller.is_rank0:  # the other ranks' handle only keeps the time: rank 0 asks the scorer
+        scorer.job, scorer.submitted = dataclasses.replace(job, attempt=attempt), time.perf_counter()
     controller.log(f"[background] stage {stage}: scoring and selection at θ_{stage} submitted ({scorer.describe()}); "
                    "training on the whole pool until they are done")
     return scorer
@@ -248,17 +250,17 @@ def _waiting_note(scorer) -> str:
     if not scorer.taken():
         return head + (f"a scoring job to take the job in {scorer.root}: launch `torchrun ... -m megatron_cropi.cli "
                        "serve-scoring CONFIG` with this run's config")
-    age = scorer.heartbeat_age()
+    age = scorer.beat_unchanged_for()
     if age is not None and age > STALE_S:
-        return head + f"the scoring job, whose last heartbeat is {age:.0f} s old: it may have died; relaunch it"
+        return head + f"the scoring job, whose heartbeat has not changed for {age:.0f} s: it may have died; relaunch it"
     return head + f"the scoring job ({scorer.elapsed():.0f} s)"
 
 
 def _absent(scorer: ExternalScorer, limit: float) -> str:
     """Why the run stops waiting for an external scoring job, and what to do."""
-    age = scorer.heartbeat_age()
+    age = scorer.beat_unchanged_for()
     why = ("no scoring job took it" if not scorer.taken() else
-           f"its scoring job's last heartbeat is {age:.0f} s old" if age is not None else
+           f"its scoring job's heartbeat has not changed for {age:.0f} s" if age is not None else
            "its scoring job writes no heartbeat")
     return (f"stage {scorer.stage}: no scoring job served the job in {scorer.root} for {limit:.0f} s "
             f"(curriculum.background_wait_s): {why}. Launch `torchrun ... -m megatron_cropi.cli serve-scoring "

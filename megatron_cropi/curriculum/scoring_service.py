@@ -110,12 +110,19 @@ def run_job(cfg, job_path: Path, *, log=print) -> dict:
     return score_job(cfg, groups, prompts, tokenizer, wait_for_job(job_path), log=log)
 
 
+# keys a scoring job may hold otherwise than its run: how long the run waits for a job changes nothing the job does
+JOB_IGNORED_KEYS = frozenset({"curriculum.background_wait_s"})
+
+
 def config_differences(ours: dict, theirs: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two resolved configs (nested dicts), sorted."""
+    """Dotted keys whose values differ between two resolved configs (nested dicts), sorted; the keys of
+    :data:`JOB_IGNORED_KEYS` are not compared."""
     keys = sorted(set(ours) | set(theirs))
     out = []
     for key in keys:
         a, b, name = ours.get(key), theirs.get(key), f"{prefix}{key}"
+        if name in JOB_IGNORED_KEYS:
+            continue
         if isinstance(a, dict) and isinstance(b, dict):
             out += config_differences(a, b, name + ".")
         elif a != b:

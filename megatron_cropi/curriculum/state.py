@@ -50,6 +50,8 @@ HARMLESS_KEYS = {
     "curriculum.trainer.command",
     # where behaviour rollouts may be reused from: a reused store must match this run's identity anyway
     "curriculum.reuse_rollouts_from",
+    # how long the run waits for an external scoring job nobody serves: no effect on what it computes
+    "curriculum.background_wait_s",
 }
 
 # Paths that may change when what they name does not (checked by digest).

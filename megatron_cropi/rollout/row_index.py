@@ -4,8 +4,9 @@ A store of N prompts is opened by every rank that scores it. A Python ``dict`` f
 ``(part, row)`` costs about 200 bytes a prompt (the key object, the tuple, the table slot); at a
 million prompts that is 200 MB on every rank before anything is scored. :class:`RowIndex` keeps the
 ids as one sorted numpy byte-string array (UTF-8, fixed width: the longest id) beside two ``int32``
-arrays, about ``width + 8`` bytes a prompt (24 for the 16-character ids of
-:func:`~megatron_cropi.data.prompt_ids.prompt_id`), and finds an id by binary search.
+arrays, ``width + 8`` bytes a prompt (40 for the 32-character ids of
+:func:`~megatron_cropi.data.prompt_ids.prompt_id`; 48 with the by-part grouping that column reads
+build), and finds an id by binary search.
 
 Order: UTF-8 byte order is Unicode code-point order, so the index's order is Python's ``sorted`` order
 of the ids as strings: position ``i`` is the ``i``-th row of every prompt-id-ordered view of the store
@@ -23,6 +24,9 @@ __all__ = ["RowIndex", "IdView", "CodedStrings"]
 
 def _encode(ids: Iterable[str]) -> np.ndarray:
     encoded = [i.encode("utf-8") for i in ids]
+    bad = next((i for i in encoded if i.endswith(b"\0")), None)
+    if bad is not None:  # a fixed-width byte string drops trailing NULs: the id would not read back
+        raise ValueError(f"prompt id {bad!r} ends in a NUL character; prompt ids must not")
     width = max((len(b) for b in encoded), default=1)
     return np.array(encoded, dtype=f"S{max(width, 1)}")
 
@@ -47,19 +51,27 @@ class RowIndex:
     def __len__(self) -> int:
         return int(self.ids.size)
 
-    def add_parts(self, parts: list[tuple[str, list[str]]]) -> None:
-        """Add parts ``[(file name, ids in row order)]``. Ids must be new (not checked here:
-        :meth:`~megatron_cropi.rollout.store.TrajectoryStore.append` refuses repeats first). The new ids
-        are sorted together and merged into place: O(N + n log n) for n new ids."""
-        if not parts:
+    def add_parts(self, parts: Iterable[tuple[str, Sequence[str]]]) -> None:
+        """Add parts ``(file name, ids in row order)``, read one at a time (each part's ids are encoded
+        before the next is asked for, so a generator never holds more than one part as strings). Ids must
+        be new (not checked here: :meth:`~megatron_cropi.rollout.store.TrajectoryStore.append` refuses
+        repeats first). The new ids are sorted together and merged into place: O(N + n log n) for n new ids.
+
+        Raises:
+            ValueError: an id ends in a NUL character (a fixed-width byte string would drop it).
+        """
+        encoded, numbers, rows = [], [], []
+        for name, ids in parts:
+            encoded.append(_encode(ids))
+            numbers.append(np.full(encoded[-1].size, len(self.names), np.int32))
+            rows.append(np.arange(encoded[-1].size, dtype=np.int32))
+            self.names.append(name)
+        if not encoded:
             return
-        first = len(self.names)
-        self.names.extend(name for name, _ in parts)
-        new = _encode([i for _, ids in parts for i in ids])
-        numbers = np.concatenate([np.full(len(ids), first + j, np.int32) for j, (_, ids) in enumerate(parts)])
-        rows = np.concatenate([np.arange(len(ids), dtype=np.int32) for _, ids in parts])
+        width = f"S{max([self.ids.dtype.itemsize] + [e.dtype.itemsize for e in encoded])}"
+        new = np.concatenate([e.astype(width) for e in encoded])
+        numbers, rows = np.concatenate(numbers), np.concatenate(rows)
         order = np.argsort(new, kind="stable")
-        width = f"S{max(self.ids.dtype.itemsize, new.dtype.itemsize)}"
         old = self.ids.astype(width, copy=False)
         new = new[order].astype(width)
         at = np.searchsorted(old, new)

@@ -78,9 +78,9 @@ class TrajectoryStore:
         self._manifest = manifest
         self._writable = writable
         self._tables: dict[str, Any] = {}
-        self._index = RowIndex()  # ~24 bytes a prompt, where a dict would hold ~200
-        self._index.add_parts([(part["name"], self._table(part["name"]).column("prompt_id").to_pylist())
-                               for part in manifest["parts"]])
+        self._index = RowIndex()  # ~48 bytes a prompt (32-character ids), where a dict held ~200
+        self._index.add_parts((part["name"], self._table(part["name"]).column("prompt_id").to_pylist())
+                              for part in manifest["parts"])  # one part's ids as strings at a time
 
     # -- opening ---------------------------------------------------------------------------------
     @classmethod

@@ -21,14 +21,16 @@ def _ids(rng, n):
 def test_the_index_is_sorted_order_and_finds_every_row_as_a_dictionary_would(seed):
     rng = np.random.default_rng(seed)
     ids = _ids(rng, int(rng.integers(1, 300)))
-    cuts = sorted(set(rng.integers(0, len(ids), int(rng.integers(0, 6))).tolist()) | {0, len(ids)})
+    cuts = sorted(rng.integers(0, len(ids), int(rng.integers(0, 6))).tolist() + [0, len(ids)])  # empty parts too
     parts = [(f"part-{j:06d}.arrow", ids[a:b]) for j, (a, b) in enumerate(zip(cuts, cuts[1:]))]
     oracle = {pid: (name, row) for name, part in parts for row, pid in enumerate(part)}
 
     index = RowIndex()
     split = int(rng.integers(0, len(parts) + 1))  # some parts at once (opening), the rest one by one (appends)
-    index.add_parts(parts[:split])
+    index.add_parts(iter(parts[:split]))
     for name, part in parts[split:]:
+        if index.names:  # a by-part grouping built before an append must not go stale
+            index.positions_of_part(index.names[0])
         index.add_part(name, part)
 
     assert index.prompt_ids() == sorted(ids) == list(index.view()) and len(index) == len(ids)
@@ -58,3 +60,8 @@ def test_coded_strings_read_as_the_list_they_encode():
     column = CodedStrings(np.array([2, 0, 0, 1], np.int32), ["add", "max", "sub"])
     assert list(column) == ["sub", "add", "add", "max"] and column[3] == "max" and column[1:3] == ["add", "add"]
     assert len(column) == 4 and "sub" in column
+
+
+def test_an_id_ending_in_nul_is_refused():
+    with pytest.raises(ValueError, match="ends in a NUL"):
+        RowIndex().add_part("part-000000.arrow", ["a", "b\x00"])

@@ -84,7 +84,7 @@ def _with(cfg, dotted, value):
     ("curriculum.plot", False), ("rollout.vllm.gpu_memory_utilization", 0.35), ("run.num_threads", 4),
     ("rollout.reward.num_workers", 16), ("curriculum.keep_features", "resume"),
     ("curriculum.trainer.command", "bash train.sh {checkpoint_in} {checkpoint_out}"),
-    ("curriculum.reuse_rollouts_from", "runs/other"),
+    ("curriculum.reuse_rollouts_from", "runs/other"), ("curriculum.background_wait_s", 60.0),
 ])
 def test_presentation_cadence_and_engine_memory_may_change_on_resume(tmp_path, key, value):
     cfg = _files_config(tmp_path)

@@ -190,9 +190,12 @@ def _beat(root, age: float = 0.0):
     atomic_write_json(root / SERVING_FILE, {"owner": "job", "time": time.time() - age})
 
 
-def test_a_run_stops_waiting_for_a_job_nobody_serves_and_waits_for_one_that_beats(tmp_path):
+def test_a_run_stops_waiting_for_a_job_nobody_serves_and_waits_for_one_that_beats(tmp_path, monkeypatch):
+    from megatron_cropi.curriculum import background
     from megatron_cropi.curriculum.background import BackgroundWaitError
     from megatron_cropi.curriculum.background_stage import _wait_together
+
+    monkeypatch.setattr(background, "STALE_S", 0.1)  # a heartbeat unchanged this long, as this host sees it
 
     here = tmp_path / "stage0"
     here.mkdir()
@@ -202,11 +205,14 @@ def test_a_run_stops_waiting_for_a_job_nobody_serves_and_waits_for_one_that_beat
     # nobody took the job: the wait ends, naming the key and the command
     with pytest.raises(BackgroundWaitError, match=r"no scoring job took it.*serve-scoring.*background_wait_s"):
         _wait_together(run, scorer, scorer.poll, poll_s=0.01)
-    # taken, but the job's heartbeat stopped: the same, naming its age
+    # taken, but the job's heartbeat stopped changing: the same, naming how long. Its time stamp is not
+    # compared with this host's clock: one far in the past is fresh when it has just changed
     atomic_write_json(here / TAKEN_FILE, {"attempt": "a", "world": 1})
-    _beat(tmp_path, age=100)
-    with pytest.raises(BackgroundWaitError, match=r"last heartbeat is 10\d s old"):
+    _beat(tmp_path, age=1e6)
+    assert scorer.serving()
+    with pytest.raises(BackgroundWaitError, match=r"heartbeat has not changed for \d+ s"):
         _wait_together(run, scorer, scorer.poll, poll_s=0.01)
+    assert not scorer.serving()
     # for the probe the run gives up without an error: its selection stands
     assert _wait_together(run, scorer, scorer.poll_probe, poll_s=0.01, give_up=True) is None
     assert "no scoring job served" in notes[-1]
@@ -236,3 +242,32 @@ def test_without_a_limit_the_run_waits_for_a_job_launched_late(tmp_path):
     late = threading.Timer(0.5, lambda: atomic_write_json(here / "result.json", {"attempt": "b", "score": {}}))
     late.start()
     assert _wait_together(run, scorer, scorer.poll, poll_s=0.01)["attempt"] == "b"
+
+
+def test_a_restarted_run_adopts_the_attempt_of_the_same_work_unless_it_failed(tmp_path):
+    here = tmp_path / "stage0"
+    here.mkdir()
+    ExternalScorer(0, here).submit(_job(tmp_path, 0, "first"))
+    atomic_write_json(here / TAKEN_FILE, {"attempt": "first", "world": 1})
+    atomic_write_json(here / "result.json", {"attempt": "first", "score": {}})
+    # the restarted run asks for the same work under a new id: it keeps the first attempt and its result
+    again = ExternalScorer(0, here)
+    again.submit(_job(tmp_path, 0, "second"))
+    assert again.job.attempt == "first" and again.taken() and again.poll()["attempt"] == "first"
+    assert BackgroundJob.read(here / "job.json").attempt == "first"
+    # other work (another checkpoint) is a new attempt; the earlier files go
+    other = ExternalScorer(0, here)
+    other.submit(dataclasses.replace(_job(tmp_path, 0, "third"), checkpoint_step=7))
+    assert other.job.attempt == "third" and not other.taken() and other.poll() is None
+    assert sorted(p.name for p in here.iterdir()) == ["job.json"]
+    # a failed attempt is not adopted
+    atomic_write_json(here / ERROR_FILE, {"attempt": "third", "error": "boom"})
+    last = ExternalScorer(0, here)
+    last.submit(dataclasses.replace(_job(tmp_path, 0, "fourth"), checkpoint_step=7))
+    assert last.job.attempt == "fourth" and not (here / ERROR_FILE).exists()
+
+
+def test_a_job_may_hold_another_wait_limit_than_its_run():
+    ours = {"curriculum": {"background_wait_s": 60.0, "stages": 2}}
+    theirs = {"curriculum": {"background_wait_s": 1800.0, "stages": 3}}
+    assert config_differences(ours, theirs) == ["curriculum.stages (2 here, 3 in the run)"]

@@ -54,6 +54,48 @@ def test_pass_rates_and_sources_read_column_wise_equal_the_groups(tmp_path):
     assert np.isnan(inputs.pass_rates[23:]).all() and inputs.previous == {"p"}
 
 
+def test_a_store_holding_the_whole_pool_gives_the_same_columns_without_lists(tmp_path):
+    from megatron_cropi.rollout.row_index import CodedStrings, IdView
+
+    groups = _groups(23, seed=1)
+    _write(tmp_path / "pool", groups)
+    inputs = selection_inputs([g.prompt for g in groups], pool_rollouts=tmp_path / "pool", features={}, previous=set())
+    held = sorted(groups, key=lambda g: g.prompt_id)
+    assert isinstance(inputs.prompt_ids, IdView) and isinstance(inputs.sources, CodedStrings)
+    assert list(inputs.prompt_ids) == [g.prompt_id for g in held] and len(inputs.prompt_ids) == 23
+    assert [inputs.prompt_ids[i] for i in (0, 22)] == [held[0].prompt_id, held[22].prompt_id]
+    assert list(inputs.sources) == [g.prompt.source for g in held] and inputs.sources[5] == held[5].prompt.source
+    by_hand = [sum(r > 0.5 for r in g.rewards.tolist()) / len(g.rewards) for g in held]
+    np.testing.assert_allclose(inputs.pass_rates, by_hand, rtol=0, atol=1e-12)
+
+
+def test_row_summary_counts_each_rows_first_responses_as_a_loop_over_the_groups_does(tmp_path):
+    from megatron_cropi.records import PromptRecord, Response, RolloutGroup
+
+    rng = np.random.default_rng(3)
+    groups = []
+    for i in range(31):  # 0 to 5 responses of 0 to 6 tokens, rewards equal or not
+        k = i % 6
+        responses = tuple(Response(rng.integers(1, 30, int(rng.integers(0, 7))).astype(np.int32),
+                                   np.zeros(0, np.float32)) for _ in range(k))
+        responses = tuple(Response(r.token_ids, np.zeros(len(r.token_ids), np.float32)) for r in responses)
+        rewards = (np.full(k, 1.0) if i % 4 == 0 else rng.choice([0.0, 1.0], k)).astype(np.float32)
+        prompt = PromptRecord(prompt_id(f"r{i}", "0"), rng.integers(1, 30, 1 + i % 4).astype(np.int32), "0",
+                              source="f", text=f"r{i}")
+        groups.append(RolloutGroup(prompt, responses, rewards, policy_version=0))
+    _write(tmp_path / "pool", groups, part=5)
+    store = TrajectoryStore.open(tmp_path / "pool")
+    held = sorted(groups, key=lambda g: g.prompt_id)
+    for cap in (0, 1, 2, 4):
+        got = store.row_summary(cap)
+        for row, g in enumerate(held):
+            k = min(len(g.responses), cap) if cap else len(g.responses)
+            lens = [len(r.token_ids) for r in g.responses[:k]]
+            assert got["longest"][row] == len(g.prompt.token_ids) + max(lens, default=0), (cap, row)
+            assert got["tokens"][row] == k * len(g.prompt.token_ids) + sum(lens), (cap, row)
+            assert got["zero_variance"][row] == (k == 0 or len(set(g.rewards[:k].tolist())) == 1), (cap, row)
+
+
 def test_an_interrupted_pool_store_is_refused_by_path(tmp_path):
     groups = _groups(9)
     _write(tmp_path / "pool", groups, complete=False)
