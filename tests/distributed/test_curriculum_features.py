@@ -49,8 +49,10 @@ def test_scale_out_under_torchrun_selects_what_rank0_scoring_selects(tmp_path):
     plain = _run(tmp_path, tmp_path / "plain", nproc=2)
     sharded = _run(tmp_path, tmp_path / "sharded", nproc=2, **{"scoring.scale_out": True})
     assert len(plain) == 2 and sharded == plain
+    # each replica writes its own shard, of the units it took from the queue: on a busy box one replica may
+    # take them all (a slow replica taking fewer is tested in test_scale_out_scoring.py)
     writers = {d.name for d in (tmp_path / "sharded" / "features" / "stage0" / "pool" / "shards").iterdir()}
-    assert writers == {"w00000", "w00001"}, writers
+    assert writers and writers <= {"w00000", "w00001"}, writers
     # selected where the cosines are: each rank wrote its own picks, the head holds none
     head = json.loads((tmp_path / "sharded" / "selections" / "stage0.json").read_text())
     assert head["parts"] == 2 and "prompt_ids" not in head, head
