@@ -110,8 +110,9 @@ def run_job(cfg, job_path: Path, *, log=print) -> dict:
     return score_job(cfg, groups, prompts, tokenizer, wait_for_job(job_path), log=log)
 
 
-# keys a scoring job may hold otherwise than its run: how long the run waits for a job changes nothing the job does
-JOB_IGNORED_KEYS = frozenset({"curriculum.background_wait_s"})
+# keys a scoring job may hold otherwise than its run: how long the run waits for a job, and the job's own
+# CPU threads, change nothing the job computes
+JOB_IGNORED_KEYS = frozenset({"curriculum.background_wait_s", "run.num_threads"})
 
 
 def config_differences(ours: dict, theirs: dict, prefix: str = "") -> list[str]:

@@ -267,7 +267,7 @@ def test_a_restarted_run_adopts_the_attempt_of_the_same_work_unless_it_failed(tm
     assert last.job.attempt == "fourth" and not (here / ERROR_FILE).exists()
 
 
-def test_a_job_may_hold_another_wait_limit_than_its_run():
-    ours = {"curriculum": {"background_wait_s": 60.0, "stages": 2}}
-    theirs = {"curriculum": {"background_wait_s": 1800.0, "stages": 3}}
+def test_a_job_may_hold_another_wait_limit_and_thread_count_than_its_run():
+    ours = {"curriculum": {"background_wait_s": 60.0, "stages": 2}, "run": {"num_threads": 8}}
+    theirs = {"curriculum": {"background_wait_s": 1800.0, "stages": 3}, "run": {"num_threads": 1}}
     assert config_differences(ours, theirs) == ["curriculum.stages (2 here, 3 in the run)"]
