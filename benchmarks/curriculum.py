@@ -25,6 +25,9 @@ evaluation. A method differs only by the config overrides in ``METHODS``:
   0 trains on the whole pool while a second process scores and selects at β, then on the top 10%. The run
   occupies two cores (trainer and scorer); a run of any method never shares a core with another (the
   runs take cores in order). The scorer's time is not on its clock; ``background_seconds_final`` reports it;
+* ``cropi_first2_hold_r10_dynamic_bg``: the warm start in the background with its selection held for stage 1
+  too (``curriculum.selected_stages: 2``, ``curriculum.select_every: 2``): one scoring, at β, off the critical
+  path; the selection trains from its arrival in stage 0 to the end of stage 1. Two cores, as above;
 * ``cropi_r10_dynamic_bg``: the same at every stage: each stage starts on the whole pool and switches to its
   own top 10% (ranked at θ_m from β's rollouts) when the scorer is done. Two cores, as above;
 * ``cropi_r30``: CROPI selecting 30% of the pool per stage (``selection.ratio: 0.3``). At 10% a stage of
@@ -134,6 +137,12 @@ METHODS: dict[str, dict] = {
     "cropi_first1_r10_dynamic_bg": {"selection.policy": "cropi", "selection.ratio": 0.1,
                                     "grpo.dynamic_sampling": {"enabled": True}, "curriculum.selected_stages": 1,
                                     "curriculum.background_scoring": True},
+    # the same selection held a stage longer (curriculum.select_every: 2 over selected_stages: 2): it arrives ~35 steps
+    # into stage 0 and trains the rest of it and all of stage 1, as long as the foreground warm start's does; one
+    # scoring, nothing on the critical path
+    "cropi_first2_hold_r10_dynamic_bg": {"selection.policy": "cropi", "selection.ratio": 0.1,
+                                         "grpo.dynamic_sampling": {"enabled": True}, "curriculum.selected_stages": 2,
+                                         "curriculum.select_every": 2, "curriculum.background_scoring": True},
     # every stage selects off the critical path: each stage trains on the whole pool (dynamic sampling) while the
     # scorer ranks the pool at θ_m (β's rollouts, off-policy), then on that stage's top 10% for the rest of it; the
     # selection steers every stage and never waits, and the pool's breadth comes back at each stage's start
@@ -163,7 +172,8 @@ COLORS = {"cropi": "C3", "full": "C0", "random": "C7", "learnability": "C2", "on
           "cropi_refresh1_r10_dynamic": "C3", "cropi_refresh1_r10_dynamic_last1": "C1",
           "band_refresh1_r30_dynamic": "C2", "cropi_first1_r10_dynamic": "C5",
           "cropi_first1_r10_dynamic_last1": "C6", "random_first1_r10_dynamic": "C8",
-          "cropi_first1_r10_dynamic_bg": "C3", "cropi_r10_dynamic_bg": "C1"}
+          "cropi_first1_r10_dynamic_bg": "C3", "cropi_r10_dynamic_bg": "C1",
+          "cropi_first2_hold_r10_dynamic_bg": "C6"}
 # two-sided 95% Student-t quantiles t_{0.975, df}; beyond 30 degrees of freedom 1.96 is used
 T975 = [None, 12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045,

@@ -329,7 +329,8 @@ def options_from_config(cfg) -> ScoringOptions:
 def estimate_run_time(cfg, shape: StageShape) -> dict:
     """Seconds per stage (scoring, the mean over the run's stages, + GRPO steps) and for the run: ``stages ×
     steps + the selecting stages' scoring + behaviour rollouts`` (once, plus one per refresh of a selecting
-    stage; ``curriculum.selected_stages``: the first stages select, stage 0 scoring the whole live pool).
+    stage; ``curriculum.selected_stages``: the first stages select, stage 0 scoring the whole live pool;
+    ``curriculum.select_every``: the stages that hold an earlier selection score nothing).
     With ``curriculum.background_scoring`` a selecting stage takes max(steps, scoring) (:func:`background_stage`:
     a scoring job with as many GPUs as training); the run is charged only the waits, and
     ``scoring_all_stages_s`` is then the scoring job's own time.
@@ -341,7 +342,9 @@ def estimate_run_time(cfg, shape: StageShape) -> dict:
     selecting = min(cfg.curriculum.selecting_stages, shape.stages)  # the rest: the whole pool
     scoring = scoring_seconds(shape, options_from_config(cfg)) if policy == "cropi" else 0.0
     # the selecting stages are the first ones: stage 0 scores the whole live pool, a shortlist the later ones
-    scoring_all = (sum(scoring_seconds(shape, options_from_config(cfg), stage=m) for m in range(selecting))
+    scoring = scoring_seconds(shape, options_from_config(cfg)) if policy == "cropi" else 0.0
+    scored = cfg.curriculum.scoring_stages(shape.stages)  # curriculum.select_every: held stages score nothing
+    scoring_all = (sum(scoring_seconds(shape, options_from_config(cfg), stage=m) for m in scored)
                    if policy == "cropi" else 0.0)
     rollouts_needed = uses_behaviour_rollouts(policy)
     every = cfg.curriculum.refresh_behaviour_every
@@ -352,10 +355,11 @@ def estimate_run_time(cfg, shape: StageShape) -> dict:
     if background:
         stage = background_stage(scoring, steps)["stage_s"]
         waited = sum(background_stage(scoring_seconds(shape, options_from_config(cfg), stage=m), steps)["stage_s"]
-                     - steps for m in range(selecting))
+                     - steps for m in scored)
     return {"grpo_step_s": rollout + train, "grpo_rollout_s": rollout, "grpo_train_s": train,
             "scoring_per_stage_s": scoring, "grpo_steps_per_stage_s": steps, "stage_s": stage,
             "behaviour_rollouts_s": behaviour, "behaviour_refreshes": refreshes, "selecting_stages": selecting,
+            "scoring_stages": len(scored) if policy == "cropi" else 0,
             "scoring_all_stages_s": scoring_all, "background_scoring": background, "scoring_waits_s": waited,
             "background_scorer": cfg.curriculum.background_scorer,
             "switch_fraction": background_stage(scoring, steps)["switch_fraction"] if background else 0.0,
@@ -379,7 +383,7 @@ def estimate_run_disk(cfg, shape: StageShape) -> dict:
     response_bytes = ((shape.pool_prompts * shape.pool_samples + shape.target_prompts * shape.target_samples)
                       * shape.mean_response_tokens * STORE_BYTES_PER_RESPONSE_TOKEN)
     stores = (prompt_bytes + response_bytes) * rolled if rollouts_needed else 0
-    kept_stages = 1 if cfg.curriculum.keep_features == "resume" else selecting
+    kept_stages = 1 if cfg.curriculum.keep_features == "resume" else len(cfg.curriculum.scoring_stages(shape.stages))
     per_stage = feature_store_bytes(shape.pool_prompts + shape.target_prompts, cfg.projection.k,
                                     cfg.scoring.feature_dtype) if policy == "cropi" else 0
     weight_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[cfg.model.params_dtype]

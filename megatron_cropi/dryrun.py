@@ -211,7 +211,7 @@ def _feature_stores(cfg: RunConfig, rows: dict) -> dict:
     sets.update({f"target-{name}": n for name, n in rows.get("val", {}).items()})
     dtype = cfg.scoring.feature_dtype
     per_stage = sum(feature_store_bytes(n, k, dtype) for n in sets.values())
-    kept = 1 if cfg.curriculum.keep_features == "resume" else cfg.curriculum.selecting_stages
+    kept = 1 if cfg.curriculum.keep_features == "resume" else len(cfg.curriculum.scoring_stages())
     return {"label": f"computed: rows × k × {dtype}", "rows": sets, "k": k, "dtype": dtype,
             "per_stage_gib": round(per_stage / GIB, 3),
             "all_stages_gib": round(per_stage * kept / GIB, 3), "stages_kept": kept}
@@ -286,8 +286,10 @@ def _stages_text(time: dict, steps_per_stage: int) -> str:
     if time["selecting_stages"] == time["stages"] or not time["scoring_all_stages_s"]:
         return (f"{time['stages']} stages × {_hours(time['stage_s'])} (scoring {_hours(time['scoring_per_stage_s'])}"
                 f" + {steps})")
+    held = (f"; {time['selecting_stages'] - time['scoring_stages']} of them hold an earlier selection "
+            "(curriculum.select_every)" if time["scoring_stages"] < time["selecting_stages"] else "")
     return (f"{time['stages']} stages × {steps} + scoring {_hours(time['scoring_all_stages_s'])} for the first "
-            f"{time['selecting_stages']} (curriculum.selected_stages; the rest train on the whole pool)")
+            f"{time['selecting_stages']} (curriculum.selected_stages{held}; the rest train on the whole pool)")
 
 
 def run_estimate(cfg: RunConfig, *, world_size: int, nodes: int, rows: dict) -> dict:

@@ -106,6 +106,10 @@ class RunConfig:
         if self.selection.guard.enabled and policy != "cropi":
             raise ConfigError("selection.guard.source", f"{self.selection.guard.source}: the guard applies to "
                               f"selection.policy cropi only, not {policy} (set it to none)")
+        if self.curriculum.select_every > 1 and self.scoring.shortlist.enabled:
+            raise ConfigError("curriculum.select_every", f"{self.curriculum.select_every} with scoring.shortlist: the "
+                              "shortlist reads the ranking of the stage before, which a held stage does not make; "
+                              "set curriculum.select_every to 1 or turn the shortlist off")
 
         if self.scoring.scale_out:
             if self.scoring.shortlist.enabled:

@@ -48,15 +48,25 @@ from megatron_cropi.utils.atomic import atomic_write_text
 from megatron_cropi.utils.rank_zero import on_rank0, share_from_rank0
 from megatron_cropi.wiring import RunInputError
 
-__all__ = ["SWITCH_AT_ENV", "uses_background", "prompts_in_force", "StageSwitch", "prestart", "stop_all",
+__all__ = ["SWITCH_AT_ENV", "uses_background", "background_seconds", "prompts_in_force", "StageSwitch", "prestart", "stop_all",
            "train_stage"]
 
 SWITCH_AT_ENV = "CROPI_BACKGROUND_SWITCH_AT"
 
 
-def uses_background(cfg, stage_policy: str) -> bool:
-    """Whether a stage whose selection policy is ``stage_policy`` scores in the background."""
-    return bool(cfg.curriculum.background_scoring) and stage_policy == "cropi"
+def uses_background(cfg, stage: int) -> bool:
+    """Whether stage ``stage`` scores in the background: a cropi stage that makes its own selection (not a
+    whole-pool stage past ``curriculum.selected_stages``, nor one that holds an earlier selection)."""
+    curriculum = cfg.curriculum
+    return (bool(curriculum.background_scoring) and cfg.selection.policy == "cropi" and curriculum.selects(stage)
+            and curriculum.held_from(stage) is None)
+
+
+def background_seconds(background_clock: dict[str, float], scorers) -> float:
+    """Seconds of work beside training so far: what ``background_clock`` records, plus the scorers still
+    working (a scorer whose result is recorded is in the clock already, though it stays in ``scorers``
+    until its stage ends)."""
+    return float(sum(background_clock.values()) + sum(b.elapsed() for b in scorers if b.seconds is None))
 
 
 def prompts_in_force(pool: Sequence[PromptRecord], selected: Sequence[PromptRecord] | None,
@@ -141,7 +151,7 @@ def prestart(controller, first: int = 0) -> None:
     an external scoring job: write the run's resolved config for it (``background/config.yaml``), once."""
     cfg = controller.cfg
     stage = next((m for m in range(first, cfg.curriculum.stages) if not controller.is_done(f"stage{m}/select")
-                  and uses_background(cfg, controller.stage_selection(m).policy)), None)
+                  and uses_background(cfg, m)), None)
     if stage is None or stage in controller.background_scorers:
         return
     if _external(cfg):

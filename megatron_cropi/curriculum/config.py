@@ -158,6 +158,13 @@ class CurriculumConfig:
     (policy ``full``: no refresh, scoring or selection is made for it). 0: every stage selects. A warm start:
     the influence ranking steers the first stages, where it gains the most steps, and the pool's breadth
     the rest (``benchmarks/curriculum.py``, ``cropi_first1_r10_dynamic``)."""
+    select_every: int = 1
+    """A selecting stage m makes its own selection (refresh, scoring, probe, selection) when m is a multiple
+    of this; the selecting stages between hold the last one: they train on stage m − (m mod this)'s selection
+    again (``selections/stage{m}.json`` is its copy) and score nothing. 1: every selecting stage selects.
+    With ``background_scoring`` the selection arrives part-way into its stage; a held stage gives it whole
+    stages more to train (``benchmarks/curriculum.py``, ``cropi_first2_hold_r10_dynamic_bg``). A refresh
+    (``refresh_behaviour_every``) must fall on a stage that selects: a multiple of this."""
     background_scoring: bool = False
     """Score and select each selecting stage off the critical path (``curriculum/background.py``): a
     background process scores β's (or the refresh's) trajectories at θ_m and selects while stage m
@@ -220,6 +227,12 @@ class CurriculumConfig:
                 "must be >= 0 (0: never)")
         require(0 <= self.selected_stages <= self.stages, "selected_stages", self.selected_stages,
                 f"must be between 0 (every stage selects) and stages ({self.stages})")
+        require(1 <= self.select_every <= self.stages, "select_every", self.select_every,
+                f"must be between 1 (every selecting stage selects) and stages ({self.stages})")
+        if self.refresh_behaviour_every:
+            require(self.refresh_behaviour_every % self.select_every == 0, "refresh_behaviour_every",
+                    self.refresh_behaviour_every, f"must be a multiple of curriculum.select_every ({self.select_every}): "
+                    "a refresh at a stage that holds the previous selection would be rolled out and never scored")
         require(2 <= self.online_samples <= 4096, "online_samples", self.online_samples,
                 "must be between 2 and 4096 (one response gives no pass-rate variance)")
         require(0 < self.online_pool_fraction <= 1, "online_pool_fraction", self.online_pool_fraction,
@@ -236,10 +249,23 @@ class CurriculumConfig:
         """Whether stage ``stage`` trains on a selection (``selected_stages``) rather than the whole pool."""
         return self.selected_stages == 0 or stage < self.selected_stages
 
+    def held_from(self, stage: int) -> int | None:
+        """The stage whose selection stage ``stage`` trains on again (``select_every``), or None where the
+        stage makes its own selection or trains on the whole pool."""
+        if not self.selects(stage) or stage % self.select_every == 0:
+            return None
+        return stage - stage % self.select_every
+
     @property
     def selecting_stages(self) -> int:
         """How many stages select: ``selected_stages``, or every stage when it is 0."""
         return self.selected_stages or self.stages
+
+    def scoring_stages(self, stages: int | None = None) -> list[int]:
+        """The stages (of the first ``stages``, default all) that make their own selection: the selecting
+        stages that hold none (``select_every``)."""
+        return [m for m in range(min(self.selecting_stages, self.stages if stages is None else stages))
+                if self.held_from(m) is None]
 
     @property
     def total_steps(self) -> int:

@@ -4,11 +4,12 @@
     for stage m:  score at θ_m  →  probe  →  select  →  GRPO for T steps  →  checkpoint θ_{m+1}  →  report
 
 ``selection.policy: online_learnability`` replaces β's rollouts and the scoring by a roll-out of the
-pool at θ_m before each selection (its time is charged to the run clock as ``selection``).
-``curriculum.background_scoring`` moves a stage's scoring, probe and selection into a background process
-while the stage trains on the whole pool (:mod:`.background_stage`). ``curriculum.refresh_behaviour_every: M`` re-rolls the behaviour sets at θ_m every M stages (before
-that stage's scoring); stages score the newest refresh. Stages past ``curriculum.selected_stages``
-train on the whole pool: no refresh, scoring or probe.
+pool at θ_m before each selection (charged as ``selection``). ``curriculum.background_scoring`` moves a
+stage's scoring, probe and selection into a background process while the stage trains on the whole pool
+(:mod:`.background_stage`). ``curriculum.refresh_behaviour_every: M`` re-rolls the behaviour sets at θ_m
+every M stages (before that stage's scoring); stages score the newest refresh. Stages past
+``curriculum.selected_stages`` train on the whole pool, and those ``curriculum.select_every`` makes hold
+an earlier stage's selection: no refresh, scoring or probe.
 
 Every step leaves files under ``run.output_dir`` (their paths: :class:`~megatron_cropi.layout.RunLayout`)
 and is recorded in ``state.json``; a restarted run skips each step recorded as done, and resumes GRPO
@@ -109,8 +110,11 @@ class StageController:
             for stage in range(curriculum.stages):
                 if self.is_done(f"stage{stage}/report"):
                     continue
-                self.step_refresh_behaviour(stage)
-                if background_stage.uses_background(self.cfg, self.stage_selection(stage).policy):
+                self.step_refresh_behaviour(stage)  # a refresh stage never holds (config)
+                if curriculum.held_from(stage) is not None:  # curriculum.select_every: an earlier selection again
+                    selection = self.step_select(stage, {}, None, held_from=curriculum.held_from(stage))
+                    self.step_train(stage, selection)
+                elif background_stage.uses_background(self.cfg, stage):
                     selection = background_stage.train_stage(self, stage)
                 else:
                     features = self.step_score(stage)
@@ -240,12 +244,11 @@ class StageController:
     def pool_shortlist(self, stage: int):
         """``scoring.shortlist``: which pool rows stage ``stage`` scores, from the carried ranking of the
         stage before (rank 0 reads it; every rank gets the same)."""
-        shortlist = self.cfg.scoring.shortlist
-        if shortlist.scores_everything(stage):
+        if self.cfg.scoring.shortlist.scores_everything(stage):
             return None
         carried = share_from_rank0(steps.read_ranking(self.layout, stage - 1) if self.is_rank0 else None)
-        budget = int(self.cfg.selection.ratio * len(self.prompts.pool))
-        return steps.pool_shortlist(shortlist, stage, carried, budget=budget, seed=self.cfg.run.seed)
+        return steps.pool_shortlist(self.cfg.scoring.shortlist, stage, carried, seed=self.cfg.run.seed,
+                                    budget=int(self.cfg.selection.ratio * len(self.prompts.pool)))
 
     def step_probe(self, stage: int, features: dict[str, Path]) -> None:
         """Projection quality on a probe set at θ_m (the checkpoint the features were made at)."""
@@ -271,11 +274,10 @@ class StageController:
         path, step = self.layout.stage_rollouts(stage, "pool"), f"stage{stage}/online_rollouts"
         if self.is_done(step):
             return path
-        runtime = self.runtime
+        runtime, t0 = self.runtime, time.perf_counter()
         self.require_stage_start(stage, "pool rollouts")
         prompts = behaviour.online_pool_subset(self.prompts.pool, curriculum.online_pool_fraction, seed=cfg.run.seed,
                                                m=stage)
-        t0 = time.perf_counter()
         summary = behaviour.online_pool_rollouts(
             stage, prompts, path, samples=curriculum.online_samples, base=runtime.sampling, rollout=cfg.rollout,
             engine=runtime.engine, reward_fn=runtime.reward_fn, tokenizer=self.tokenizer, groups=self.groups,
@@ -284,27 +286,28 @@ class StageController:
         self.charge("selection", seconds)
         self.log(behaviour.online_line(stage, prompts, curriculum.online_samples, summary, seconds))
         fault_point("online_rollouts")
-        # pass rate and zero-variance count of the prompts rolled out by this call (a resumed store's
-        # earlier prompts are not counted); the selection summary has the whole store's
+        # this call's prompts (not a resumed store's earlier ones); the selection summary has the whole store's
         self.mark_done(step, prompts=len(prompts), rolled_out=summary.prompts_rolled_out, pass_rate=summary.pass_rate,
                        zero_variance_groups=summary.zero_variance_groups, seconds=seconds)
         return path
 
-    def step_select(self, stage: int, features: dict[str, Path], pool_rollouts: Path) -> Selection:
+    def step_select(self, stage: int, features: dict[str, Path], pool_rollouts: Path | None, *,
+                    held_from: int | None = None) -> Selection:
         """The stage's prompts (``selections/stage{m}.json``) from ``features`` and the pass rates of
-        the trajectory store ``pool_rollouts``."""
+        the trajectory store ``pool_rollouts``; ``held_from`` (``curriculum.select_every``): that stage's again."""
         step = f"stage{stage}/select"
         if self.is_done(step):
             done = on_rank0(lambda: steps.read_selection(self.layout.selection(stage)))
             if done is not None:
                 return done
         t0 = time.perf_counter()
-        selection = steps.select_stage(stage, layout=self.layout, pool=self.prompts.pool, cfg=self.stage_selection(stage),
-                                       seed=self.cfg.run.seed, features=features, pool_rollouts=pool_rollouts)
+        selection = (steps.hold_selection(self.layout, stage, held_from) if held_from is not None else
+                     steps.select_stage(stage, layout=self.layout, pool=self.prompts.pool, cfg=self.stage_selection(stage),
+                                        seed=self.cfg.run.seed, features=features, pool_rollouts=pool_rollouts))
         self.charge("selection", time.perf_counter() - t0)
         fault_point("select")
         self.log(steps.select_line(stage, selection))
-        self.mark_done(step, seconds=selection.summary["seconds"])
+        self.mark_done(step, seconds=selection.summary["seconds"], held_from=held_from)
         return selection
 
     def prune_features(self) -> None:
@@ -364,11 +367,8 @@ class StageController:
         rec = evaluate_runtime(self.runtime, self.groups, self.prompts, self.cfg.curriculum.eval,
                                seed=self.cfg.run.seed + EVAL_SEED_OFFSET)
         rec["clock_seconds"] = float(sum(self.state.data.get("clock", {}).values()))  # the run clock so far
-        # beside it: what is recorded, plus the scorers still working (a scorer whose result is recorded is in
-        # background_clock already, though it stays in background_scorers until its stage ends)
-        working = [b for b in self.background_scorers.values() if b.seconds is None]
-        rec["background_seconds"] = float(sum(self.state.data.get("background_clock", {}).values())
-                                          + sum(b.elapsed() for b in working))
+        rec["background_seconds"] = background_stage.background_seconds(self.state.data.get("background_clock", {}),
+                                                                        self.background_scorers.values())
         self.metrics.log(step, {k: v for k, v in rec.items() if isinstance(v, float)}, prefix="eval")
         on_rank0(lambda: self.eval_log.append(rec))
         self.log(eval_line(rec))
@@ -389,7 +389,9 @@ class StageController:
         if not exported or not self.is_done("final_hf"):
             save_model_as_hf(self.runtime.trainer.ddp, self.groups, cfg.model, self.layout.final_hf, overwrite=True)
             self.mark_done("final_hf")
-        label = policy_label(cfg.selection.policy, cfg.curriculum.selected_stages, cfg.curriculum.stages)
+        curriculum = cfg.curriculum
+        label = policy_label(cfg.selection.policy, curriculum.selected_stages, curriculum.stages,
+                             select_every=curriculum.select_every)
         summary = on_rank0(lambda: write_final_report(
             self.layout, self.state.data.get("info", {}), seconds=seconds, policy=label,
             stages=cfg.curriculum.stages, steps_per_stage=cfg.curriculum.steps_per_stage,

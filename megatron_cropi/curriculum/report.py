@@ -188,12 +188,16 @@ def plot_accuracy(records: list[dict], path: Path, *, title: str, stage_steps: i
     tmp.replace(path)
 
 
-def policy_label(policy: str, selected_stages: int, stages: int) -> str:
+def policy_label(policy: str, selected_stages: int, stages: int, *, select_every: int = 1) -> str:
     """The policy as the run summary names it: ``cropi``, or with ``curriculum.selected_stages`` below the
-    stages, ``cropi for stages 0-0, then full``."""
+    stages, ``cropi for stages 0-0, then full``; with ``curriculum.select_every`` above 1, how long each
+    selection is held."""
+    label = policy
     if 0 < selected_stages < stages:
-        return f"{policy} for stages 0-{selected_stages - 1}, then full (curriculum.selected_stages)"
-    return policy
+        label = f"{policy} for stages 0-{selected_stages - 1}, then full (curriculum.selected_stages)"
+    if select_every > 1:
+        label += f", each selection held for {select_every} stages (curriculum.select_every)"
+    return label
 
 
 def write_final_report(layout: RunLayout, step_info: dict[str, dict], *, seconds: float, policy: str, stages: int,

@@ -20,7 +20,7 @@ def resume_prompts(controller, stage: int, step: int, selection: Selection | Non
     """The prompt set of a checkpoint at ``step`` in stage ``stage`` (None: no set recorded)."""
     pool = controller.prompts.pool
     selected = steps.selected_prompts(pool, selection) if selection is not None else None
-    if not background_stage.uses_background(controller.cfg, controller.stage_selection(stage).policy):
+    if not background_stage.uses_background(controller.cfg, stage):
         return selected
     select_step = f"stage{stage}/select"
     if not controller.is_done(select_step):  # the scorer had not finished: the stage was on the pool so far

@@ -42,7 +42,7 @@ from megatron_cropi.utils.atomic import atomic_write_json
 from megatron_cropi.utils.rank_zero import on_rank0, share_from_rank0
 
 __all__ = ["stage_selection", "feature_set_names", "read_selection", "read_ranking", "selected_prompts", "previous_selections",
-           "selection_inputs", "pool_columns", "pool_is_sharded", "select_stage", "pool_shortlist", "score_set",
+           "selection_inputs", "pool_columns", "pool_is_sharded", "select_stage", "hold_selection", "pool_shortlist", "score_set",
            "score_line", "select_line"]
 
 
@@ -186,7 +186,9 @@ def score_line(m: int, name: str, stats) -> str:
 
 def select_line(m: int, selection: Selection) -> str:
     """The log line of stage ``m``'s selection: its size, policy and first six sources of its mix."""
-    return (f"[select] stage {m}: {len(selection.prompt_ids)} prompts by {selection.policy}; mix "
+    held = selection.summary.get("held_from_stage")
+    how = f"{selection.policy}, stage {held}'s again (curriculum.select_every)" if held is not None else selection.policy
+    return (f"[select] stage {m}: {len(selection.prompt_ids)} prompts by {how}; mix "
             f"{dict(list(selection.summary['source_mix'].items())[:6])}")
 
 
@@ -229,6 +231,29 @@ def _select_where_scored(m: int, *, layout: RunLayout, pool: Sequence[PromptReco
     if not done:
         return None
     return write_where_scored(m, picks, inputs, layout.selection(m), t0=t0)
+
+
+def hold_selection(layout: RunLayout, m: int, source: int) -> Selection:
+    """Stage ``m``'s selection when it holds stage ``source``'s (``curriculum.select_every``): the same
+    prompts, rows, scores and summary (with ``held_from_stage``), written whole to ``selections/stage{m}.json``
+    on global rank 0 and returned on every rank.
+
+    Raises:
+        RuntimeError: stage ``source`` has no selection on disk.
+    """
+
+    def copy() -> Selection:
+        t0, held = time.perf_counter(), read_selection(layout.selection(source))
+        if held is None:
+            raise RuntimeError(f"stage {m} holds stage {source}'s selection (curriculum.select_every), but "
+                               f"{layout.selection(source)} does not exist")
+        result = Selection(stage=m, policy=held.policy, rows=list(held.rows), prompt_ids=list(held.prompt_ids),
+                           scores=list(held.scores),
+                           summary={**held.summary, "held_from_stage": source, "seconds": time.perf_counter() - t0})
+        stored.write_selection(layout.selection(m), result)
+        return result
+
+    return on_rank0(copy)
 
 
 def select_stage(m: int, *, layout: RunLayout, pool: Sequence[PromptRecord], cfg: SelectionConfig, seed: int,

@@ -45,3 +45,72 @@ def test_stages_past_selected_stages_train_on_the_whole_pool_and_score_nothing(t
     assert not (out / "rollouts" / "stage1").exists(), "stage 1 selects nothing: no refresh"
     report = json.loads((out / "reports" / "stage1.json").read_text())
     assert report["policy"] == "full" and report["selected"] == len(pool)
+
+
+def _set_hash(prompt_ids) -> str:
+    """The data position's hash of a prompt set in training order, computed here from the ids alone."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=8)
+    for i in prompt_ids:
+        h.update(i.encode() + b"\0")
+    return h.hexdigest()
+
+
+def _find(tree, key):
+    """Every value of ``key`` anywhere in a JSON tree."""
+    if isinstance(tree, dict):
+        return ([tree[key]] if key in tree else []) + [v for x in tree.values() for v in _find(x, key)]
+    return [v for x in tree for v in _find(x, key)] if isinstance(tree, list) else []
+
+
+@pytest.mark.timeout(900)
+def test_a_held_stage_trains_on_the_earlier_selection_scores_nothing_and_resumes(tmp_path):
+    """``curriculum.select_every: 2`` with ``selected_stages: 2`` of 3: stage 0 scores and selects, stage 1
+    trains on stage 0's selection again (no refresh, scoring, probe or selection work), stage 2 on the
+    whole pool. Oracles: stage 0's selection file, and the data position each stage's last checkpoint
+    records (a hash of the training set's ids, recomputed here). Killed at the held stage's selection and
+    inside its training, the restarted run ends where the uninterrupted one does."""
+    from megatron_cropi.testing.cli import run_cli, run_outcome
+    from megatron_cropi.testing.tiny import tiny_curriculum_config
+
+    def write(name: str) -> str:
+        cfg = tiny_curriculum_config(str(tmp_path / name), **{
+            "curriculum.stages": 3, "curriculum.selected_stages": 2, "curriculum.select_every": 2,
+            "grpo.checkpoint": {"save_interval": 3, "keep_last": 0}})
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return str(path)
+
+    rc, log = run_cli(["run", write("a")], timeout=300)
+    assert rc == 0, log[-4000:]
+    out = tmp_path / "a"
+    stage0, stage1, stage2 = (json.loads((out / "selections" / f"stage{m}.json").read_text()) for m in range(3))
+    assert stage0["policy"] == "cropi" and stage0["prompt_ids"]
+    assert (stage1["policy"], stage1["prompt_ids"], stage1["rows"]) == ("cropi", stage0["prompt_ids"], stage0["rows"])
+    assert stage1["summary"]["held_from_stage"] == 0 and stage2["policy"] == "full"
+    state = json.loads((out / "state.json").read_text())
+    done = set(state["done"])
+    assert {"stage0/score/pool", "stage0/probe", "stage1/select", "stage1/train"} <= done
+    assert not any(s.startswith(("stage1/score", "stage1/probe", "stage1/refresh")) for s in done)
+    assert state["info"]["stage1/select"]["held_from"] == 0
+    assert [p.name for p in (out / "features").iterdir()] == ["stage0"]
+    # what each stage trained on, as its end-of-stage checkpoint's data position records it
+    meta = {s: json.loads((out / "checkpoints" / f"step_{s:08d}" / "meta.json").read_text()) for s in (3, 6)}
+    assert _find(meta[3], "set_hash") == [_set_hash(stage0["prompt_ids"])]
+    assert _find(meta[6], "set_hash") == [_set_hash(stage0["prompt_ids"])], "stage 1 trains on stage 0's selection"
+    report = json.loads((out / "reports" / "stage1.json").read_text())
+    assert report["selected"] == len(stage0["prompt_ids"]) and report["selection"]["held_from_stage"] == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["policy"].endswith("each selection held for 2 stages (curriculum.select_every)")
+
+    b = write("b")
+    for fault in ("select", "train:step", "select", "train:step", "train:step"):
+        rc, log = run_cli(["run", b], fault=fault, timeout=300)
+        assert rc in (0, 17), log[-3000:]
+    rc, log = run_cli(["run", b], timeout=300)
+    assert rc == 0, log[-3000:]
+    ref, got = run_outcome(out), run_outcome(tmp_path / "b")
+    assert got["selections"] == ref["selections"] and got["evals"] == ref["evals"]
+    for name, t in ref["params"].items():
+        assert (got["params"][name] == t).all(), f"{name} differs after kills in the held stage"

@@ -135,3 +135,35 @@ def test_selected_stages_bounds_and_the_whole_pool_past_them():
     assert stage_selection(cfg, True) is cfg
     whole = stage_selection(cfg, False)
     assert (whole.policy, whole.ratio, whole.guard.enabled, whole.exclude_previous) == ("full", 1.0, False, False)
+
+
+def test_select_every_holds_each_selection_for_its_stages():
+    from megatron_cropi.config.loader import ConfigError
+    from megatron_cropi.curriculum.config import CurriculumConfig
+
+    every = CurriculumConfig(stages=5, select_every=2)
+    assert [every.held_from(m) for m in range(5)] == [None, 0, None, 2, None]
+    assert every.scoring_stages() == [0, 2, 4] and every.scoring_stages(3) == [0, 2]
+    warm = CurriculumConfig(stages=6, selected_stages=2, select_every=2)  # stage 0 selects, 1 holds, 2-5 the pool
+    assert [warm.held_from(m) for m in range(6)] == [None, 0, None, None, None, None]
+    assert warm.scoring_stages() == [0]
+    three = CurriculumConfig(stages=7, selected_stages=5, select_every=3)
+    assert [three.held_from(m) for m in range(7)] == [None, 0, 0, None, 3, None, None]
+    assert CurriculumConfig(stages=3).scoring_stages() == [0, 1, 2]
+    with pytest.raises(ConfigError, match="select_every.*4"):
+        CurriculumConfig(stages=3, select_every=4)
+    with pytest.raises(ConfigError, match="select_every.*0"):
+        CurriculumConfig(stages=3, select_every=0)
+    with pytest.raises(ConfigError, match="refresh_behaviour_every.*multiple of curriculum.select_every.*got 3"):
+        CurriculumConfig(stages=6, select_every=2, refresh_behaviour_every=3)
+    assert CurriculumConfig(stages=6, select_every=2, refresh_behaviour_every=4).held_from(4) is None
+
+
+def test_select_every_refuses_a_shortlist(tmp_path):
+    from megatron_cropi.config.loader import ConfigError
+    from megatron_cropi.run_config import load_run_config
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("curriculum: {stages: 4, select_every: 2}\nscoring: {shortlist: {fraction: 0.5}}\n")
+    with pytest.raises(ConfigError, match="curriculum.select_every.*shortlist"):
+        load_run_config(cfg)

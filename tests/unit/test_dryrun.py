@@ -248,6 +248,16 @@ def test_run_estimate_charges_scoring_and_refreshes_to_the_selecting_stages_only
     kept = b["disk_bytes"]["feature_stores"] / a["disk_bytes"]["feature_stores"]
     assert kept == pytest.approx(2 / 6) and b["disk_bytes"]["trajectory_stores"] < a["disk_bytes"]["trajectory_stores"]
     assert "selected_stages" not in a["text"][0]
+    # curriculum.select_every: 2 over the same two selecting stages: stage 1 holds stage 0's selection, so one
+    # scoring, one behaviour roll-out (no refresh) and one stage of feature stores
+    held = dataclasses.replace(first2, curriculum=dataclasses.replace(first2.curriculum, select_every=2,
+                                                                      refresh_behaviour_every=2))
+    c = run_estimate(held, world_size=16, nodes=2, rows=rows)
+    tc = c["time_seconds"]
+    assert (tc["selecting_stages"], tc["scoring_stages"], tc["behaviour_refreshes"]) == (2, 1, 0)
+    assert tc["total_s"] == pytest.approx(6 * 100 * tc["grpo_step_s"] + tc["scoring_per_stage_s"] + behaviour_once)
+    assert c["disk_bytes"]["feature_stores"] / a["disk_bytes"]["feature_stores"] == pytest.approx(1 / 6)
+    assert "1 of them hold an earlier selection (curriculum.select_every)" in c["text"][0]
 
 
 def test_run_estimate_with_background_scoring_charges_only_the_wait_for_the_scoring_job():
