@@ -341,9 +341,9 @@ def estimate_run_time(cfg, shape: StageShape) -> dict:
     policy = cfg.selection.policy
     selecting = min(cfg.curriculum.selecting_stages, shape.stages)  # the rest: the whole pool
     scoring = scoring_seconds(shape, options_from_config(cfg)) if policy == "cropi" else 0.0
-    # the selecting stages are the first ones: stage 0 scores the whole live pool, a shortlist the later ones
-    scoring = scoring_seconds(shape, options_from_config(cfg)) if policy == "cropi" else 0.0
-    scored = cfg.curriculum.scoring_stages(shape.stages)  # curriculum.select_every: held stages score nothing
+    # the selecting stages are the first ones: stage 0 scores the whole live pool, a shortlist the later ones;
+    # curriculum.select_every: the stages that hold an earlier selection score nothing
+    scored = cfg.curriculum.scoring_stages(shape.stages)
     scoring_all = (sum(scoring_seconds(shape, options_from_config(cfg), stage=m) for m in scored)
                    if policy == "cropi" else 0.0)
     rollouts_needed = uses_behaviour_rollouts(policy)

@@ -248,15 +248,18 @@ def stage_visits(cfg: RunConfig, pool_prompts: int) -> dict | None:
 def _visits_warning(cfg: RunConfig, visits: dict | None) -> list[str]:
     # a warm start (curriculum.selected_stages) repeats its selection only in its first stages, by design: the
     # ranking's gain comes within a stage, and the whole pool trains the rest
+    # curriculum.select_every: a selection trains for that many stages, so its visits add up across them
     c = cfg.curriculum
-    if visits is None or visits["visits_per_prompt"] <= MAX_VISITS_PER_STAGE or 0 < c.selected_stages < c.stages:
+    per_selection = visits["visits_per_prompt"] * c.select_every if visits is not None else 0.0
+    if visits is None or per_selection <= MAX_VISITS_PER_STAGE or 0 < c.selected_stages < c.stages:
         return []
-    c = cfg.curriculum
+    held = (f", held for curriculum.select_every={c.select_every} stages, {per_selection:.1f} times in all"
+            if c.select_every > 1 else "")
     return [f"selection.ratio={cfg.selection.ratio:g} selects {visits['selected_prompts']} prompts, which a stage of "
             f"curriculum.steps_per_stage={c.steps_per_stage} × grpo.prompts_per_step={cfg.grpo.prompts_per_step} "
-            f"visits {visits['visits_per_prompt']:.1f} times each (more than {MAX_VISITS_PER_STAGE:g}): later visits "
-            f"mostly repeat prompts the policy already solves. Raise selection.ratio to about "
-            f"{visits['ratio_for_max_visits']:g} or shorten curriculum.steps_per_stage"]
+            f"visits {visits['visits_per_prompt']:.1f} times each{held} (more than {MAX_VISITS_PER_STAGE:g}): later "
+            f"visits mostly repeat prompts the policy already solves. Raise selection.ratio to about "
+            f"{min(1.0, visits['ratio_for_max_visits'] * c.select_every):.3g} or shorten curriculum.steps_per_stage"]
 
 
 def _refresh_warning(cfg: RunConfig) -> list[str]:
@@ -274,22 +277,27 @@ def _hours(seconds: float) -> str:
 
 
 def _stages_text(time: dict, steps_per_stage: int) -> str:
-    """The run's stages in words: every stage scores, or only the first ``curriculum.selected_stages``."""
+    """The run's stages in words: every stage scores, or only the first ``curriculum.selected_stages``, or
+    (``curriculum.select_every``) some of them."""
     steps = f"{steps_per_stage} GRPO steps × {time['grpo_step_s']:.1f} s"
+    held = time["selecting_stages"] - time["scoring_stages"] if time["scoring_all_stages_s"] else 0
+    hold = f"{held} of them hold an earlier selection (curriculum.select_every)" if held > 0 else ""
     if time["background_scoring"]:
         where = ("a scoring job on as many GPUs of its own" if time["background_scorer"] == "external" else
                  "a process beside the run, assumed not to slow its steps")
         return (f"{time['stages']} stages × {steps}, with scoring {_hours(time['scoring_per_stage_s'])} per selecting "
-                f"stage off the critical path (curriculum.background_scoring: {where}; "
-                f"the selection trains from {time['switch_fraction']:.0%} into the stage) + "
-                f"{_hours(time['scoring_waits_s'])} of waiting for it")
-    if time["selecting_stages"] == time["stages"] or not time["scoring_all_stages_s"]:
+                f"stage{' that selects anew' if hold else ''} off the critical path (curriculum.background_scoring: "
+                f"{where}; the selection trains from {time['switch_fraction']:.0%} into the stage"
+                f"{'; ' + hold if hold else ''}) + {_hours(time['scoring_waits_s'])} of waiting for it")
+    if time["scoring_stages"] == time["stages"] or not time["scoring_all_stages_s"]:
         return (f"{time['stages']} stages × {_hours(time['stage_s'])} (scoring {_hours(time['scoring_per_stage_s'])}"
                 f" + {steps})")
-    held = (f"; {time['selecting_stages'] - time['scoring_stages']} of them hold an earlier selection "
-            "(curriculum.select_every)" if time["scoring_stages"] < time["selecting_stages"] else "")
+    if time["selecting_stages"] == time["stages"]:
+        return (f"{time['stages']} stages × {steps} + scoring {_hours(time['scoring_all_stages_s'])} at "
+                f"{time['scoring_stages']} of them ({hold})")
     return (f"{time['stages']} stages × {steps} + scoring {_hours(time['scoring_all_stages_s'])} for the first "
-            f"{time['selecting_stages']} (curriculum.selected_stages{held}; the rest train on the whole pool)")
+            f"{time['selecting_stages']} (curriculum.selected_stages{'; ' + hold if hold else ''}; the rest train on "
+            "the whole pool)")
 
 
 def run_estimate(cfg: RunConfig, *, world_size: int, nodes: int, rows: dict) -> dict:

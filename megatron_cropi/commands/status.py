@@ -80,6 +80,9 @@ def _last_stage(done: list[str], prefix_step: str) -> int | None:
 def _selection_health(layout: RunLayout, stage: int, info: dict) -> dict:
     selection = _read_json(layout.selection(stage)) or {}
     summary = selection.get("summary", {})
+    held = summary.get("held_from_stage")
+    if held is not None and held != stage:  # curriculum.select_every: the health of the selection it holds
+        return {**_selection_health(layout, int(held), info), "stage": stage, "held_from_stage": int(held)}
     report = _read_json(layout.stage_report(stage)) or {}
     pool = info.get(f"stage{stage}/score/pool", {})
     probe = info.get(f"stage{stage}/probe") or report.get("projection_probe") or {}
@@ -175,12 +178,14 @@ def run_status(run_dir: str | Path, *, now: float | None = None) -> dict:
     if cur.get("background_scoring") and not finished:
         out["background_job"] = _background_job(layout, done, stages, cur.get("background_scorer", "child"), now)
     if not finished:
-        # curriculum.selected_stages: only the first stages score and select; the rest add training only
-        selecting = min(int(cur.get("selected_stages", 0) or 0) or stages, stages)
+        # curriculum.selected_stages: only the first stages score and select; the rest add training only; of them
+        # (curriculum.select_every) only every R-th scores, the others hold its selection
+        selecting, every = min(int(cur.get("selected_stages", 0) or 0) or stages, stages), int(cur.get("select_every", 1))
+        scoring = [m for m in range(selecting) if m % every == 0]
         selects_done = len([s for s in done
-                            if (m := re.fullmatch(r"stage(\d+)/select", s)) and int(m.group(1)) < selecting])
+                            if (m := re.fullmatch(r"stage(\d+)/select", s)) and int(m.group(1)) in scoring])
         out["estimated_seconds_left"] = _estimate_left(
-            clock, step, stages * per_stage, selects_done, selecting, evals, int(cur.get("eval", {}).get("every", 0)))
+            clock, step, stages * per_stage, selects_done, len(scoring), evals, int(cur.get("eval", {}).get("every", 0)))
     return out
 
 
@@ -251,8 +256,10 @@ def format_status(s: dict) -> str:
     if sel:
         mix = ", ".join(f"{k} {v / max(sel['selected'], 1):.0%}" for k, v in
                         sorted(sel["source_mix"].items(), key=lambda kv: -kv[1]))
-        lines.append(f"selection  stage {sel['stage']} ({sel['policy']}): {sel['selected']} of {sel['pool']} prompts"
-                     + (f"; mix {mix}" if mix else ""))
+        held = (f", stage {sel['held_from_stage']}'s held (curriculum.select_every)"
+                if sel.get("held_from_stage") is not None else "")
+        lines.append(f"selection  stage {sel['stage']} ({sel['policy']}{held}): {sel['selected']} of {sel['pool']} "
+                     "prompts" + (f"; mix {mix}" if mix else ""))
         health = []
         probe = sel.get("probe")
         if probe and "spearman" in probe:

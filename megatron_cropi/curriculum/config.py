@@ -164,7 +164,8 @@ class CurriculumConfig:
     again (``selections/stage{m}.json`` is its copy) and score nothing. 1: every selecting stage selects.
     With ``background_scoring`` the selection arrives part-way into its stage; a held stage gives it whole
     stages more to train (``benchmarks/curriculum.py``, ``cropi_first2_hold_r10_dynamic_bg``). A refresh
-    (``refresh_behaviour_every``) must fall on a stage that selects: a multiple of this."""
+    (``refresh_behaviour_every``) must fall on a stage that selects: a multiple of this. Holding comes before
+    ``selection.exclude_previous``, which applies to the stages that select anew."""
     background_scoring: bool = False
     """Score and select each selecting stage off the critical path (``curriculum/background.py``): a
     background process scores β's (or the refresh's) trajectories at θ_m and selects while stage m

@@ -118,6 +118,9 @@ def _stage_markdown(r: dict) -> str:
     lines = [f"# Stage {r['stage']} (GRPO steps {r['steps'][0]}–{r['steps'][1]})", "",
              f"- policy: **{r['policy']}**; selected {r['selected']} of {s.get('pool')} prompts "
              f"(budget {s.get('budget')})"]
+    if s.get("held_from_stage") is not None:
+        lines.append(f"- stage {s['held_from_stage']}'s selection again (curriculum.select_every): no scoring or probe "
+                     "here; the summary, scores and probe are that stage's")
     if "fallback" in s:
         lines.append(f"- fallback: {s['fallback']}")
     if "background_scoring" in r:

@@ -70,14 +70,15 @@ def test_a_held_stage_trains_on_the_earlier_selection_scores_nothing_and_resumes
     trains on stage 0's selection again (no refresh, scoring, probe or selection work), stage 2 on the
     whole pool. Oracles: stage 0's selection file, and the data position each stage's last checkpoint
     records (a hash of the training set's ids, recomputed here). Killed at the held stage's selection and
-    inside its training, the restarted run ends where the uninterrupted one does."""
+    twice inside its training (checkpoints every step), the restarted run ends where the uninterrupted one
+    does."""
     from megatron_cropi.testing.cli import run_cli, run_outcome
     from megatron_cropi.testing.tiny import tiny_curriculum_config
 
     def write(name: str) -> str:
         cfg = tiny_curriculum_config(str(tmp_path / name), **{
             "curriculum.stages": 3, "curriculum.selected_stages": 2, "curriculum.select_every": 2,
-            "grpo.checkpoint": {"save_interval": 3, "keep_last": 0}})
+            "grpo.checkpoint": {"save_interval": 1, "keep_last": 0}})
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         return str(path)
@@ -101,11 +102,14 @@ def test_a_held_stage_trains_on_the_earlier_selection_scores_nothing_and_resumes
     assert _find(meta[6], "set_hash") == [_set_hash(stage0["prompt_ids"])], "stage 1 trains on stage 0's selection"
     report = json.loads((out / "reports" / "stage1.json").read_text())
     assert report["selected"] == len(stage0["prompt_ids"]) and report["selection"]["held_from_stage"] == 0
+    assert "stage 0's selection again (curriculum.select_every)" in (out / "reports" / "stage1.md").read_text()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["policy"].endswith("each selection held for 2 stages (curriculum.select_every)")
 
     b = write("b")
-    for fault in ("select", "train:step", "select", "train:step", "train:step"):
+    # stage 0's selection, its first step, the held selection, stage 1's first step (resumed from step 3), a
+    # later one (resumed inside the held stage), stage 2's whole-pool selection (resumed from step 6)
+    for fault in ("select", "train:step", "select", "train:step", "train:step", "select"):
         rc, log = run_cli(["run", b], fault=fault, timeout=300)
         assert rc in (0, 17), log[-3000:]
     rc, log = run_cli(["run", b], timeout=300)
@@ -114,3 +118,30 @@ def test_a_held_stage_trains_on_the_earlier_selection_scores_nothing_and_resumes
     assert got["selections"] == ref["selections"] and got["evals"] == ref["evals"]
     for name, t in ref["params"].items():
         assert (got["params"][name] == t).all(), f"{name} differs after kills in the held stage"
+
+
+@pytest.mark.timeout(600)
+def test_a_held_stage_after_a_background_stage_trains_on_its_selection(tmp_path, monkeypatch):
+    """The benchmark's ``cropi_first2_hold_r10_dynamic_bg``: stage 0 scores in the background and switches to its
+    selection part-way (``CROPI_BACKGROUND_SWITCH_AT=1``: after its first step), stage 1 holds that selection
+    from its first step with no scorer of its own, stage 2 trains on the whole pool."""
+    from megatron_cropi.testing.cli import run_cli
+    from megatron_cropi.testing.tiny import tiny_curriculum_config
+
+    cfg = tiny_curriculum_config(str(tmp_path / "a"), **{
+        "curriculum.stages": 3, "curriculum.selected_stages": 2, "curriculum.select_every": 2,
+        "curriculum.background_scoring": True, "grpo.checkpoint": {"save_interval": 3, "keep_last": 0}})
+    path = tmp_path / "a.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    monkeypatch.setenv("CROPI_BACKGROUND_SWITCH_AT", "1")
+    rc, log = run_cli(["run", str(path)], timeout=300)
+    assert rc == 0, log[-4000:]
+    out = tmp_path / "a"
+    stage0, stage1 = (json.loads((out / "selections" / f"stage{m}.json").read_text()) for m in range(2))
+    assert stage0["policy"] == "cropi" and stage1["prompt_ids"] == stage0["prompt_ids"]
+    state = json.loads((out / "state.json").read_text())
+    assert state["info"]["stage0/select"]["switch_step"] == 1 and state["info"]["stage1/select"]["held_from"] == 0
+    assert not any(s.startswith("stage1/score") for s in state["done"])
+    assert sorted(p.name for p in (out / "background").iterdir() if p.is_dir()) == ["stage0"], "no scorer for stage 1"
+    meta = json.loads((out / "checkpoints" / f"step_{6:08d}" / "meta.json").read_text())
+    assert _find(meta, "set_hash") == [_set_hash(stage0["prompt_ids"])]

@@ -211,6 +211,11 @@ def test_a_selection_visited_too_often_per_stage_is_warned_about_by_name(tmp_pat
     every = dry_run(_cfg(tmp_path, model={"layer_spec": "local"}, grpo={"prompts_per_step": 32, "micro_batch_prompts": 32},
                          curriculum={"steps_per_stage": 50, "selected_stages": 2, "stages": 2}, selection={"ratio": 0.1}))
     assert any("7.7 times each" in w for w in every["warnings"]), "selected_stages = stages selects at every stage"
+    # ratio 0.3 (2.6 visits a stage) held for 2 stages (curriculum.select_every) visits each prompt 5.1 times
+    held = dry_run(_cfg(tmp_path, model={"layer_spec": "local"}, grpo={"prompts_per_step": 32, "micro_batch_prompts": 32},
+                        curriculum={"steps_per_stage": 50, "select_every": 2}, selection={"ratio": 0.3}))
+    assert any("2.6 times each, held for curriculum.select_every=2 stages, 5.1 times in all" in w
+               and "Raise selection.ratio to about 0.512" in w for w in held["warnings"]), held["warnings"]
     never = dry_run(_cfg(tmp_path, model={"layer_spec": "local"},
                          curriculum={"selected_stages": 1, "refresh_behaviour_every": 1}))
     assert any(w.startswith("curriculum.refresh_behaviour_every=1 never re-rolls") for w in never["warnings"])
@@ -257,7 +262,21 @@ def test_run_estimate_charges_scoring_and_refreshes_to_the_selecting_stages_only
     assert (tc["selecting_stages"], tc["scoring_stages"], tc["behaviour_refreshes"]) == (2, 1, 0)
     assert tc["total_s"] == pytest.approx(6 * 100 * tc["grpo_step_s"] + tc["scoring_per_stage_s"] + behaviour_once)
     assert c["disk_bytes"]["feature_stores"] / a["disk_bytes"]["feature_stores"] == pytest.approx(1 / 6)
-    assert "1 of them hold an earlier selection (curriculum.select_every)" in c["text"][0]
+    assert "(curriculum.selected_stages; 1 of them hold an earlier selection (curriculum.select_every);" in c["text"][0]
+    # every stage selects, every other one anew: 3 scorings of 6, in the total and in words
+    alternate = dataclasses.replace(every, curriculum=dataclasses.replace(every.curriculum, select_every=2,
+                                                                          refresh_behaviour_every=2))
+    d = run_estimate(alternate, world_size=16, nodes=2, rows=rows)
+    td = d["time_seconds"]
+    assert (td["selecting_stages"], td["scoring_stages"], td["behaviour_refreshes"]) == (6, 3, 2)
+    assert td["total_s"] == pytest.approx(6 * 100 * td["grpo_step_s"] + 3 * td["scoring_per_stage_s"]
+                                          + 3 * behaviour_once)
+    assert "scoring" in d["text"][0] and "at 3 of them (3 of them hold an earlier selection" in d["text"][0]
+    background = dataclasses.replace(alternate, curriculum=dataclasses.replace(alternate.curriculum,
+                                                                               background_scoring=True,
+                                                                               background_scorer="external"))
+    text = run_estimate(background, world_size=16, nodes=2, rows=rows)["text"][0]
+    assert "per selecting stage that selects anew off the critical path" in text and "3 of them hold" in text
 
 
 def test_run_estimate_with_background_scoring_charges_only_the_wait_for_the_scoring_job():

@@ -99,21 +99,44 @@ def test_status_of_a_directory_without_a_run(tmp_path, capsys):
     assert "not a `cropi run` directory" in capsys.readouterr().err
 
 
-def test_status_counts_scoring_only_for_the_stages_that_select(tmp_path):
-    """``curriculum.selected_stages: 1``: stage 0 scored and selected; stage 1's whole-pool selection costs
-    no scoring, and stage 2 will score nothing either: only training and evaluations remain."""
+def _after_stage0(tmp_path, **curriculum):
+    """A run of stages × 10 steps (``curriculum`` keys) whose stage 0 scored, selected, trained and reported."""
     cfg = to_dict(from_dict(RunConfig, {"run": {"output_dir": str(tmp_path / "run")},
-                                        "curriculum": {"stages": 3, "steps_per_stage": 10, "selected_stages": 1,
-                                                       "eval": {"every": 5}}}))
+                                        "curriculum": {"steps_per_stage": 10, "eval": {"every": 5}, **curriculum}}))
     layout = RunLayout(tmp_path / "run")
     state = RunState.open(layout.root, cfg)
     _stage(state, layout, 0, {"add3c": 12, "add2": 8})
     state.mark_done("stage0/train", {"step": 10})
     state.mark_done("stage0/report")
+    return layout, state
+
+
+def test_status_counts_scoring_only_for_the_stages_that_select(tmp_path):
+    """``curriculum.selected_stages: 1``: stage 0 scored and selected; stage 1's whole-pool selection costs
+    no scoring, and stage 2 will score nothing either: only training and evaluations remain."""
+    layout, state = _after_stage0(tmp_path, stages=3, selected_stages=1)
     state.mark_done("stage1/select", {"seconds": 0.1})
     state.update(train_step=14, stage=1, clock={"rollouts": 10.0, "scoring": 12.0, "selection": 1.0, "training": 28.0})
     s = run_status(layout.root)
     assert s["estimated_seconds_left"] == pytest.approx(16 * 2)  # 16 steps at 2 s; no evaluations logged yet
+
+
+def test_status_of_a_stage_holding_an_earlier_selection(tmp_path):
+    """``curriculum.select_every: 2`` of 4 stages: stage 1 holds stage 0's selection, so its health is stage
+    0's (probe, zero-variance share), and of the stages left only stage 2 scores."""
+    layout, state = _after_stage0(tmp_path, stages=4, select_every=2)
+    held = json.loads(layout.selection(0).read_text())
+    held["stage"], held["summary"]["held_from_stage"] = 1, 0
+    atomic_write_json(layout.selection(1), held)
+    state.mark_done("stage1/select", {"seconds": 0.0, "held_from": 0})
+    state.update(train_step=14, stage=1, clock={"rollouts": 10.0, "scoring": 12.0, "selection": 1.0, "training": 28.0})
+    s = run_status(layout.root)
+    sel = s["last_selection"]
+    assert (sel["stage"], sel["held_from_stage"], sel["selected"]) == (1, 0, 20)
+    assert sel["probe"]["spearman"] == 0.97 and sel["zero_variance_prompts"] == 120
+    # 26 steps at 2 s, and one more scoring + selection (stage 2) at stage 0's 13 s
+    assert s["estimated_seconds_left"] == pytest.approx(26 * 2 + 13)
+    assert "selection  stage 1 (cropi, stage 0's held (curriculum.select_every)): 20 of 200" in format_status(s)
 
 
 def test_status_names_an_external_background_job_nobody_has_taken(tmp_path):
