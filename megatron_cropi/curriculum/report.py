@@ -199,7 +199,7 @@ def policy_label(policy: str, selected_stages: int, stages: int, *, select_every
     if 0 < selected_stages < stages:
         label = f"{policy} for stages 0-{selected_stages - 1}, then full (curriculum.selected_stages)"
     if select_every > 1:
-        label += f", each selection held for {select_every} stages (curriculum.select_every)"
+        label += f", each selection held for up to {select_every} stages (curriculum.select_every)"
     return label
 
 
