@@ -274,10 +274,11 @@ class StageController:
         path, step = self.layout.stage_rollouts(stage, "pool"), f"stage{stage}/online_rollouts"
         if self.is_done(step):
             return path
-        runtime, t0 = self.runtime, time.perf_counter()
+        runtime = self.runtime
         self.require_stage_start(stage, "pool rollouts")
         prompts = behaviour.online_pool_subset(self.prompts.pool, curriculum.online_pool_fraction, seed=cfg.run.seed,
                                                m=stage)
+        t0 = time.perf_counter()
         summary = behaviour.online_pool_rollouts(
             stage, prompts, path, samples=curriculum.online_samples, base=runtime.sampling, rollout=cfg.rollout,
             engine=runtime.engine, reward_fn=runtime.reward_fn, tokenizer=self.tokenizer, groups=self.groups,
