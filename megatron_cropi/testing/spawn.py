@@ -2,7 +2,8 @@
 
     results = run_ranks(my_worker, world_size=4, args=(cfg,), timeout_s=180)
 
-Each rank is a *spawned* interpreter (not forked: gloo and OpenMP state do not survive a fork) with
+Each rank is a fresh process (never forked from the caller: gloo and OpenMP state do not survive a
+fork) forked from a server that has only imported torch and megatron-core (:data:`PRELOAD`), with
 ``RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT`` set, one torch thread (several processes on
 two cores oversubscribe badly), and the function's return value sent back through a file. A rank's
 exception is re-raised in the caller with that rank's traceback; a hang is killed after ``timeout_s``.
@@ -28,7 +29,11 @@ class RankFailure(RuntimeError):
     """A rank raised, died or timed out; the message carries its traceback or exit code."""
 
 
-def _entry(fn, args, kwargs, rank, world_size, port, out_dir, threads, env):
+def _entry(fn, args, kwargs, rank, world_size, port, out_dir, threads, caller_env, env):
+    # the caller's environment as it is now, as a spawned process would inherit it (the fork server's
+    # was fixed when it started)
+    os.environ.clear()
+    os.environ.update(caller_env)
     os.environ.update(env)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -53,6 +58,26 @@ def _entry(fn, args, kwargs, rank, world_size, port, out_dir, threads, env):
     with open(tmp, "wb") as f:
         pickle.dump(result, f)
     os.replace(tmp, path)
+
+
+# Modules every rank imports before it does anything (torch, megatron-core: ~6 s of a rank's start on
+# the 2-core box). A forkserver imports them once per test process; each rank is then forked from that
+# server, which never initialised gloo, OpenMP threads or a process group: a fresh rank in all but the
+# import. CROPI_SPAWN=spawn starts every rank as a new interpreter instead.
+PRELOAD = ["torch", "torch.distributed", "megatron.core", "megatron.core.models.gpt"]
+_CONTEXT: list = []
+
+
+def _context():
+    if not _CONTEXT:
+        method = os.environ.get("CROPI_SPAWN", "forkserver")
+        if method not in ("forkserver", "spawn"):
+            raise ValueError(f"CROPI_SPAWN={method!r}: expected 'forkserver' or 'spawn'")
+        ctx = mp.get_context(method)
+        if method == "forkserver":
+            ctx.set_forkserver_preload(PRELOAD)
+        _CONTEXT.append(ctx)
+    return _CONTEXT[0]
 
 
 def _failed_rank(procs, out_dir) -> int | None:
@@ -81,7 +106,7 @@ def run_ranks(
     threads: int = 1,
     env: dict[str, str] | None = None,
 ) -> list[Any]:
-    """Run ``fn(*args, **kwargs)`` on ``world_size`` spawned ranks; return their results by rank.
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` fresh ranks; return their results by rank.
 
     Args:
         fn: a module-level (picklable) function; it calls ``init_distributed()`` itself.
@@ -93,12 +118,12 @@ def run_ranks(
     Raises:
         RankFailure: with the first failing rank's traceback, exit code, or the timeout.
     """
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="cropi-ranks-") as out_dir:
         procs = [
-            ctx.Process(target=_entry, args=(fn, args, kwargs or {}, r, world_size, port, out_dir, threads, env or {}),
-                        daemon=False)
+            ctx.Process(target=_entry, args=(fn, args, kwargs or {}, r, world_size, port, out_dir, threads,
+                                             dict(os.environ), env or {}), daemon=False)
             for r in range(world_size)
         ]
         for p in procs:
