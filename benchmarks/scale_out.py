@@ -213,6 +213,7 @@ def main() -> None:
     ap.add_argument("--dp", default="1,2,4")
     ap.add_argument("--pools", default=None, help="pool sizes, e.g. 512,8192,32768 (default 512,2048,8192)")
     ap.add_argument("--out", default=None, help="result file name under benchmarks/results/")
+    ap.add_argument("--paths", default=",".join(PATHS), help="which paths to run (default all)")
     args = ap.parse_args()
     from megatron_cropi.testing.spawn import run_ranks
     from megatron_cropi.testing.tiny import tiny_model_config
@@ -221,13 +222,14 @@ def main() -> None:
     if args.pools:
         sizes = tuple(int(x) for x in args.pools.split(","))
     dps = [int(x) for x in args.dp.split(",")]
+    paths = [p for p in args.paths.split(",") if p in PATHS]
     tmp = Path(tempfile.mkdtemp(prefix="scale_out_"))
     rows = []
     try:
         for n in sizes:
             _write_pool(tmp / f"pool{n}", n, tiny_model_config().vocab_size)
             for dp in dps:
-                for path in PATHS:  # interleaved: load affects all alike
+                for path in paths:  # interleaved: load affects all alike
                     out = tmp / f"f_{n}_{dp}_{path}"
                     res = run_ranks(_worker, dp, args=(str(tmp / f"pool{n}"), str(out), path), timeout_s=1800)
                     row = {"pool": n, "dp": dp, "path": path, "rank0_rss_mib": round(res[0]["rss_mib"], 1),
@@ -235,6 +237,8 @@ def main() -> None:
                            "select_bytes_to_rank0": int(res[0]["select_bytes_received"]),
                            "max_other_rank_rss_mib": round(max([r["rss_mib"] for r in res[1:]], default=0.0), 1),
                            "max_rank_anon_mib": round(max(r["anon_mib"] for r in res), 2),
+                           "rank0_anon_mib": round(res[0]["anon_mib"], 2),
+                           "max_other_rank_anon_mib": round(max([r["anon_mib"] for r in res[1:]], default=0.0), 2),
                            "max_rank_file_mib_at_end": round(max(r["file_mib_at_end"] for r in res), 1),
                            "max_other_rank_bytes": int(max([r["bytes_received"] for r in res[1:]], default=0)),
                            "seconds": round(max(r["seconds"] for r in res), 1)}
@@ -255,22 +259,26 @@ def main() -> None:
         "pools": list(sizes),
         "dp": dps, "rows": rows,
         "rank0_bytes_growth_with_pool": {p: pick(p, "bytes_to_rank0", hi, top) / max(pick(p, "bytes_to_rank0", lo, top), 1)
-                                         for p in PATHS},
+                                         for p in paths},
         # from the smallest DP > 1 (at DP = 1 nothing crosses ranks) to the largest
         "rank0_bytes_growth_with_dp": {p: pick(p, "bytes_to_rank0", hi, top) / max(pick(p, "bytes_to_rank0", hi, multi), 1)
-                                       for p in PATHS},
+                                       for p in paths},
         "rank0_bytes_per_live_row_at_largest": {p: pick(p, "bytes_to_rank0", hi, top) / (0.25 * hi * (top - 1) / top)
-                                                for p in PATHS},
+                                                for p in paths},
         "rank_rss_growth_mib_with_pool": {p: pick(p, "max_other_rank_rss_mib", hi, top) - pick(p, "max_other_rank_rss_mib", lo, top)
-                                          for p in PATHS},
+                                          for p in paths},
         # anonymous memory (what a rank holds: indices, plans, scores) apart from the store's pages mapped
         # from the page cache (clean, shared by the ranks of a node, given back under pressure)
         "rank_anon_bytes_per_prompt": {p: (pick(p, "max_rank_anon_mib", hi, top) - pick(p, "max_rank_anon_mib", lo, top))
-                                       * MIB / (hi - lo) for p in PATHS},
-        "rank0_select_bytes_at_largest": {p: pick(p, "select_bytes_to_rank0", hi, top) for p in PATHS},
+                                       * MIB / (hi - lo) for p in paths},
+        # the same for the ranks other than global rank 0 (which alone plans the units and writes the head)
+        "other_rank_anon_bytes_per_prompt": {p: (pick(p, "max_other_rank_anon_mib", hi, top)
+                                                 - pick(p, "max_other_rank_anon_mib", lo, top)) * MIB / (hi - lo)
+                                             for p in paths},
+        "rank0_select_bytes_at_largest": {p: pick(p, "select_bytes_to_rank0", hi, top) for p in paths},
         "rank0_select_bytes_growth_with_pool": {p: pick(p, "select_bytes_to_rank0", hi, top)
-                                                / max(pick(p, "select_bytes_to_rank0", lo, top), 1) for p in PATHS},
-        "rank0_bytes_at_largest": {p: pick(p, "bytes_to_rank0", hi, top) for p in PATHS},
+                                                / max(pick(p, "select_bytes_to_rank0", lo, top), 1) for p in paths},
+        "rank0_bytes_at_largest": {p: pick(p, "bytes_to_rank0", hi, top) for p in paths},
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / (args.out or f"scale_out{'_quick' if args.quick else ''}.json")).write_text(json.dumps(summary, indent=1) + "\n")

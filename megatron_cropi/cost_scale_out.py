@@ -7,12 +7,14 @@ from megatron_cropi.cost import GPUS_PER_NODE, STORE_BYTES_PER_PROMPT_TOKEN, STO
 
 __all__ = ["scale_out_footprint"]
 
-INDEX_BYTES_PER_ROW = 48    # a trajectory store's sorted prompt-id index (rollout/row_index.py): 32-byte ids, part and
-                            # row (int32), the by-part grouping (int64)
-SUMMARY_BYTES_PER_ROW = 17  # scale-out's per-row scalars: longest, tokens (int64), zero-variance (bool)
-COLUMN_BYTES_PER_ROW = 12   # scale-out selection's per-row columns on every rank: pass rate (float64), source code (int32)
-# Measured beside these (benchmarks/scale_out.py, 512 → 32,768 prompts, DP 4): a rank's private memory grew
-# 182 bytes a prompt: the layout above (77) plus what the allocators keep of freed blocks.
+# Under scale-out no rank keeps a per-row array in private memory: a complete trajectory store's index and
+# selection columns (rollout/store_index.py) and the unit plan (influence/sharded_store.py) are files every
+# rank maps: clean page cache, shared by a node's ranks, given back under pressure.
+MAPPED_INDEX_BYTES_PER_ROW = 40       # index/ids.npy (32-byte ids), part.npy and row.npy (int32)
+MAPPED_COLUMN_BYTES_PER_ROW = 12      # index/pass_rate.npy (float64), index/source.npy (int32)
+MAPPED_PLAN_BYTES_PER_LIVE_ROW = 8    # plan_rows.npy (int64): the rows of each unit
+PLANNING_BYTES_PER_ROW = 17 + 24      # global rank 0 while it plans, then freed: longest, tokens (int64),
+                                      # zero-variance (bool); live rows and their plan order (int64 each)
 COSINE_BYTES_PER_ROW = 9    # per scored row to rank 0: row id (int64) + usable (bool); + 8 per direction (float64)
 TOP_M_COUNT_BYTES = 8192    # the distributed top-m's, quantiles' and summary's all-reduced counts (~600 int64), a bound
 
@@ -26,17 +28,20 @@ def scale_out_footprint(*, pool_prompts: int, nodes: int, tp: int, pp: int, k: i
     k-vector and writes the store) against scale-out scoring (:mod:`megatron_cropi.influence.scale_out`).
 
     Rollouts in memory count their token ids and log-probs only (``STORE_BYTES_PER_*``): the Python
-    objects around them add more, so the rank-0 figure is a lower bound. Scale-out's per-rank figure is
-    the arrays' layout; the CPU benchmark measured about 2.4× it per prompt in private memory (allocator
-    retention), and while a rank scores it also maps the store's pages it reads from the page cache
-    (clean, shared by a node's ranks, reclaimable).
+    objects around them add more, so the rank-0 figure is a lower bound. Scale-out's private memory per
+    rank (``per_rank_bytes``) is the one unit it scores plus the cosines of its share of the scored rows
+    while it selects (``live / world`` rows); global rank 0 also holds the per-row planning arrays for
+    a moment before scoring (``rank0_planning_bytes``). The index, columns and plan every rank maps
+    (``mapped_bytes_per_node``) are page cache, once per node; so are the store pages a rank reads while it
+    scores (not counted).
 
     Under scale-out a cropi selection is made and written where the cosines are (each rank writes its
     own picks): rank 0 receives a bounded number of counts (``rank0_receives_bytes``), whatever the pool
-    and DP; every rank reads the pool's id, pass-rate and source columns (rank 0 writes the summary
-    from them) and the picks from disk. The policies that read every row's score meet the scored rows'
-    cosines on rank 0 (``rank0_receives_bytes_cosines_met``)."""
+    and DP; every rank reads the pool's id, pass-rate and source columns (mapped) and the picks from disk.
+    The policies that read every row's score meet the scored rows' cosines on rank 0
+    (``rank0_receives_bytes_cosines_met``)."""
     dp = nodes * gpus_per_node // (tp * pp)
+    world = nodes * gpus_per_node
     per_prompt = responses * mean_response_tokens * STORE_BYTES_PER_RESPONSE_TOKEN + prompt_tokens * STORE_BYTES_PER_PROMPT_TOKEN
     live = live_fraction * pool_prompts
     return {
@@ -44,9 +49,12 @@ def scale_out_footprint(*, pool_prompts: int, nodes: int, tp: int, pp: int, k: i
         "rank0_path": {"per_rank_rollouts_bytes": int(pool_prompts * per_prompt),
                        "rank0_receives_bytes": int(live * k * 4 * (dp - 1) / dp),
                        "rank0_writes_bytes": int(pool_prompts * k * feature_bytes)},
-        "scale_out": {"per_rank_bytes": int(pool_prompts * (SUMMARY_BYTES_PER_ROW + INDEX_BYTES_PER_ROW
-                                                            + COLUMN_BYTES_PER_ROW)
-                                            + prompts_per_unit * per_prompt),
+        "scale_out": {"per_rank_bytes": int(prompts_per_unit * per_prompt
+                                            + live / world * (COSINE_BYTES_PER_ROW + 8 * directions)),
+                      "rank0_planning_bytes": int(pool_prompts * PLANNING_BYTES_PER_ROW),
+                      "mapped_bytes_per_node": int(pool_prompts * (MAPPED_INDEX_BYTES_PER_ROW
+                                                                   + MAPPED_COLUMN_BYTES_PER_ROW)
+                                                   + live * MAPPED_PLAN_BYTES_PER_LIVE_ROW),
                       "rank0_receives_bytes": TOP_M_COUNT_BYTES,
                       "rank0_receives_bytes_cosines_met": int(live * (COSINE_BYTES_PER_ROW + 8 * directions)),
                       "shard_bytes_per_replica": int(live * k * feature_bytes / dp)},

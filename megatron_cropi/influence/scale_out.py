@@ -3,11 +3,14 @@
 :func:`score_store_sharded` scores a trajectory store into a
 :class:`~megatron_cropi.influence.sharded_store.ShardedFeatureStore`:
 
-* **plan from scalars.** Every rank reads three scalars per row column-wise
+* **plan from scalars, once.** Global rank 0 reads three scalars per row column-wise
   (:meth:`~megatron_cropi.rollout.store.TrajectoryStore.row_summary`: longest sequence, tokens,
-  all-equal rewards; 17 bytes a row) and computes the same schedule calls
-  (:func:`~megatron_cropi.influence.scorer.plan_calls`, independent of the number of replicas). A unit is
-  one call. The rollouts stay on disk: a replica reads the groups of the units it scores and nothing else.
+  all-equal rewards) and computes the schedule calls
+  (:func:`~megatron_cropi.influence.scorer.plan_calls`, independent of the number of replicas); a unit is
+  one call. It writes them with the store (:class:`~megatron_cropi.influence.sharded_store.UnitPlan`) and
+  every rank maps that file: no rank keeps a per-row plan, and the store's own index is memory-mapped too
+  (:mod:`~megatron_cropi.rollout.store_index`), so a rank's private memory does not grow with the pool.
+  The rollouts stay on disk: a replica reads the groups of the units it scores and nothing else.
 * **a shared queue.** The first rank of each replica (TP rank 0, PP rank 0) takes the next unit number
   from a counter in the job's key-value store (:func:`~megatron_cropi.parallel.work_counter`) and
   passes it to the replica's other ranks; a slow replica takes fewer units and nobody waits for it
@@ -38,10 +41,10 @@ import torch.distributed as dist
 
 from megatron_cropi.influence.feature_store import DONE, FLAGGED, hash_strings
 from megatron_cropi.influence.scorer import ScoreStats, capture_call, make_capture, plan_calls, trims_padding_rows
-from megatron_cropi.influence.sharded_store import ShardedFeatureStore
+from megatron_cropi.influence.sharded_store import ShardedFeatureStore, UnitPlan
 from megatron_cropi.influence.stores import PolicyScorer, open_complete_store
 from megatron_cropi.parallel import broadcast_in_replica, work_counter
-from megatron_cropi.popi.buckets import padded_tokens
+from megatron_cropi.popi.buckets import ScheduleCall, padded_tokens
 from megatron_cropi.rollout.store import TrajectoryStore
 from megatron_cropi.selection.distributed import global_sum
 from megatron_cropi.selection.scores import cosine_scores
@@ -83,20 +86,29 @@ def score_store_sharded(rollouts_dir: Path, out: Path, scorer: PolicyScorer, *, 
     k = sampling.n
     cap = cfg.max_responses_per_prompt if cfg.max_responses_per_prompt and cfg.max_responses_per_prompt < k else 0
     k = cap or k
-    prompt_ids = store.prompt_id_view()  # decoded per use: no list of N strings on every rank
-    summary = store.row_summary(cap)
-    live = np.flatnonzero(~summary["zero_variance"])
-    seq = cfg.seq_length or int(summary["longest"].max(initial=1))
-    calls = plan_calls(summary["longest"][live], cfg, responses_per_prompt=k, seq_length=seq)
-    header = scorer.header_for(prompt_ids)
-    plan = hash_strings(f"{c.seq_length}/{c.prompts_per_microbatch}:" + ",".join(map(str, live[c.indices]))
-                        for c in calls)
-    on_rank0(lambda: ShardedFeatureStore.open(out, header, excluded=np.flatnonzero(summary["zero_variance"]),
-                                              plan_hash=plan) and None)
+
+    def plan_units() -> None:  # rank 0: the per-row work, once; the others map the plan it writes
+        summary = store.row_summary(cap)
+        live = np.flatnonzero(~summary["zero_variance"])
+        seq = cfg.seq_length or int(summary["longest"].max(initial=1))
+        calls = plan_calls(summary["longest"][live], cfg, responses_per_prompt=k, seq_length=seq)
+        plan_hash = hash_strings(f"{c.seq_length}/{c.prompts_per_microbatch}:" + ",".join(map(str, live[c.indices]))
+                                 for c in calls)
+        ends = np.cumsum([len(c.indices) for c in calls], dtype=np.int64)
+        rows = live[np.concatenate([c.indices for c in calls])] if calls else np.zeros(0, np.int64)
+        units = np.stack([ends - [len(c.indices) for c in calls], ends, [c.seq_length for c in calls],
+                          [c.prompts_per_microbatch for c in calls],
+                          [int(summary["tokens"][live[c.indices]].sum()) for c in calls]], 1) if calls \
+            else np.zeros((0, 5), np.int64)
+        ShardedFeatureStore.open(out, scorer.header_for(store.prompt_id_view()),
+                                 excluded=np.flatnonzero(summary["zero_variance"]), plan_hash=plan_hash,
+                                 plan=UnitPlan(units.astype(np.int64), rows.astype(np.int64)))
+
+    on_rank0(plan_units)
     shards = ShardedFeatureStore.load(out)
-    done = share_from_rank0(sorted(shards.done_units()) if g.rank == 0 else None)
-    done_set = set(done)
-    pending = [u for u in range(len(calls)) if u not in done_set]
+    plan = shards.unit_plan()  # memory-mapped: no rank holds the pool's per-row plan
+    done = np.asarray(share_from_rank0(sorted(shards.done_units()) if g.rank == 0 else None), np.int64)
+    pending = np.setdiff1d(np.arange(len(plan), dtype=np.int64), done)
     counter = work_counter(f"score/{share_from_rank0(uuid.uuid4().hex)}")
     capture = make_capture(scorer.model, g, scorer.projector, cfg, sampling.logprob_temperature)
     trim, lead = trims_padding_rows(cfg, g), g.tp_rank == 0 and g.pp_rank == 0
@@ -109,10 +121,10 @@ def score_store_sharded(rollouts_dir: Path, out: Path, scorer: PolicyScorer, *, 
         index = broadcast_in_replica(take, g)
         if index < 0 or index >= len(pending):
             break
-        unit = pending[index]
-        call = calls[unit]
-        rows = live[call.indices]
-        groups_list = [store.get(prompt_ids[r]) for r in rows]
+        unit = int(pending[index])
+        rows, seq, ppm, tokens = plan.unit(unit)
+        call = ScheduleCall(rows, seq, ppm)
+        groups_list = [store.group_at(int(r)) for r in rows]
         if cap:
             groups_list = [dataclasses.replace(x, responses=x.responses[:cap], rewards=x.rewards[:cap])
                            for x in groups_list]
@@ -122,15 +134,14 @@ def score_store_sharded(rollouts_dir: Path, out: Path, scorer: PolicyScorer, *, 
         if lead:
             shards.write_unit(g.dp_rank, unit, rows, result.sketches.numpy(),
                               np.where(finite, DONE, FLAGGED).astype(np.uint8))
-            mine += [rows.size, int((~finite).sum()), int(summary["tokens"][rows].sum()),
-                     padded_tokens(call, k, padding_rows=not trim), 1]
+            mine += [rows.size, int((~finite).sum()), tokens, padded_tokens(call, k, padding_rows=not trim), 1]
         if on_unit is not None:
             on_unit()
     totals = torch.tensor(mine if lead else np.zeros(5, np.int64), dtype=torch.int64, device=g.device)
     dist.all_reduce(totals)  # also the barrier: every unit is on disk when anyone returns
     scored, flagged, tokens, padded, _ = (int(v) for v in totals.tolist())
-    skipped = int(sum(len(calls[u].indices) for u in done))
-    return ScoreStats(rows=len(prompt_ids), scored=scored, excluded=int(summary["zero_variance"].sum()),
+    skipped = int(sum(plan.units[u, 1] - plan.units[u, 0] for u in done.tolist()))
+    return ScoreStats(rows=shards.header.num_rows, scored=scored, excluded=len(shards.excluded_rows()),
                       flagged=flagged, skipped_done=skipped, seconds=time.perf_counter() - t0, tokens=tokens,
                       padded_tokens=padded)
 

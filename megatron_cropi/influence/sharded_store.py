@@ -8,6 +8,7 @@ replica that scores a unit writes it to its own shard; nothing is gathered to on
                                      (all N rows) plus ``"sharded": true``
     excluded.npy                     [E] int64 rows without a gradient (all rewards equal, or left out by
                                      the caller), written once before any unit
+    plan_units.npy, plan_rows.npy    the units (:class:`UnitPlan`), written once with ``excluded.npy``
     shards/w{writer:05d}/unit-{u:07d}.npz
                                      rows [R] int64, stored features [R, k] in the header's dtype
                                      (float16: with the rows' fp32 scales), status [R] uint8
@@ -43,7 +44,7 @@ from megatron_cropi.influence.feature_store import (
 )
 from megatron_cropi.utils.atomic import atomic_write_bytes, atomic_write_json
 
-__all__ = ["ShardedFeatureStore", "UnitRows", "is_sharded_store", "load_feature_store", "read_unit"]
+__all__ = ["ShardedFeatureStore", "UnitPlan", "UnitRows", "is_sharded_store", "load_feature_store", "read_unit"]
 
 _UNIT = re.compile(r"^unit-(\d{7})\.npz$")
 
@@ -56,6 +57,36 @@ class UnitRows:
     rows: np.ndarray
     features: np.ndarray
     status: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitPlan:
+    """What each unit scores: unit ``u`` takes store rows ``rows[start_u:end_u]`` (in packing order) in
+    micro-batches of ``prompts_per_microbatch_u`` prompts padded to ``seq_length_u``; ``tokens_u`` is
+    their real tokens. ``units [U, 5]`` int64 columns (start, end, seq_length, prompts_per_microbatch,
+    tokens), ``rows [R]`` int64. Written by one rank, read memory-mapped by all: no rank holds a per-row
+    plan in private memory."""
+
+    units: np.ndarray
+    rows: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.units.shape[0])
+
+    def unit(self, u: int) -> tuple[np.ndarray, int, int, int]:
+        """``(rows [n] int64, seq_length, prompts_per_microbatch, tokens)`` of unit ``u``."""
+        start, end, seq, ppm, tokens = (int(v) for v in self.units[u])
+        return np.asarray(self.rows[start:end], dtype=np.int64), seq, ppm, tokens
+
+    def save(self, path: Path) -> None:
+        for name, array in (("plan_rows", self.rows), ("plan_units", self.units)):  # units last: the marker
+            buf = io.BytesIO()
+            np.save(buf, np.ascontiguousarray(array, dtype=np.int64))
+            atomic_write_bytes(path / f"{name}.npy", buf.getvalue())
+
+    @classmethod
+    def load(cls, path: Path) -> "UnitPlan":
+        return cls(np.load(path / "plan_units.npy", mmap_mode="r"), np.load(path / "plan_rows.npy", mmap_mode="r"))
 
 
 def is_sharded_store(path: str | Path) -> bool:
@@ -97,13 +128,15 @@ class ShardedFeatureStore:
     # -- opening -------------------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | Path, header: FeatureHeader, excluded: np.ndarray | None = None,
-             plan_hash: str = "") -> "ShardedFeatureStore":
-        """Create the store (recording ``excluded`` rows and the hash of the unit plan) or reopen it; a
+             plan_hash: str = "", plan: UnitPlan | None = None) -> "ShardedFeatureStore":
+        """Create the store (recording ``excluded`` rows, the unit ``plan`` and its hash) or reopen it; a
         different header or plan is an error naming the field and both values. Call on one rank, then
         let the others :meth:`load` it."""
         path = Path(path)
         if not (path / "header.json").exists():
             (path / "shards").mkdir(parents=True, exist_ok=True)
+            if plan is not None:
+                plan.save(path)
             rows = np.asarray(excluded if excluded is not None else [], dtype=np.int64)
             buf = io.BytesIO()
             np.save(buf, rows)
@@ -121,6 +154,8 @@ class ShardedFeatureStore:
             if old != new:
                 raise FeatureStoreMismatch(f"feature store {path} was written with {f.name}={old!r}, but this run "
                                            f"has {f.name}={new!r}; use a new output directory or delete the old store")
+        if plan is not None and not (path / "plan_units.npy").exists():  # a store begun before plans were kept
+            plan.save(path)
         return store
 
     @classmethod
@@ -177,7 +212,11 @@ class ShardedFeatureStore:
         return {int(_UNIT.match(f.name).group(1)) for f in self.unit_files()}
 
     def excluded_rows(self) -> np.ndarray:
-        return np.load(self.path / "excluded.npy")
+        return np.load(self.path / "excluded.npy", mmap_mode="r")
+
+    def unit_plan(self) -> UnitPlan:
+        """The units :meth:`open` recorded, memory-mapped."""
+        return UnitPlan.load(self.path)
 
     def iter_units(self, files: list[Path] | None = None) -> Iterator[UnitRows]:
         """The units of ``files`` (default all), decoded to float32."""

@@ -6,7 +6,8 @@
 * :mod:`.vllm_engine`: ``VLLMEngine`` (``vllm.LLM`` on an HF directory; ``update_weights``; isolated mode).
 * :mod:`.sampling`: temperature/top-p processing, behaviour log-probs, counter-based sampling.
 * :mod:`.store`: ``TrajectoryStore`` (Arrow parts, checksummed manifest, resume); its header and
-  ``StoreError``: :mod:`.store_header`.
+  ``StoreError``: :mod:`.store_header`; its index (:mod:`.row_index`), written once complete and read
+  memory-mapped: :mod:`.store_index`.
 * :mod:`.runner`: ``rollout_prompts``: generate, verify, commit, resume.
 * :mod:`.config`: ``RolloutConfig``, ``VLLMConfig``.
 

@@ -48,6 +48,13 @@ class RowIndex:
         self.names: list[str] = []
         self._by_part: tuple[np.ndarray, np.ndarray] | None = None  # positions grouped by part, bounds
 
+    @classmethod
+    def from_arrays(cls, ids: np.ndarray, part: np.ndarray, row: np.ndarray, names: Sequence[str]) -> "RowIndex":
+        """An index over arrays already sorted by id (e.g. memory-mapped from a store's index files)."""
+        index = cls()
+        index.ids, index.part, index.row, index.names = ids, part, row, list(names)
+        return index
+
     def __len__(self) -> int:
         return int(self.ids.size)
 

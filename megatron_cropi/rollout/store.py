@@ -7,6 +7,8 @@ Written once by the behaviour policy's rollout, read by POPI at every stage. On 
                                hash and size, created-by (:mod:`.store_header`)
     manifest.json              the committed parts, each with rows, bytes, blake2b checksum, id range
     parts/part-000000.arrow    Arrow IPC files, one row per prompt (columns below)
+    index/*.npy                once complete: the sorted ids, their part and row, pass rates and sources,
+                               read memory-mapped (:mod:`.store_index`)
 
 Writes are atomic and append-only: a part is written to a temporary name, fsynced and renamed, then
 the manifest (the commit point) is replaced the same way. A run killed at any moment leaves a store
@@ -27,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -34,12 +37,15 @@ import numpy as np
 
 from megatron_cropi.records import PromptRecord, Response, RolloutGroup
 from megatron_cropi.rollout.row_index import CodedStrings, RowIndex
+from megatron_cropi.rollout.store_index import load_store_index, write_store_index
 from megatron_cropi.rollout.store_header import SCHEMA_VERSION, StoreError, StoreHeader, read_header, read_store_json
 from megatron_cropi.utils.atomic import atomic_write_bytes
 
 __all__ = ["StoreError", "StoreHeader", "TrajectoryStore", "SCHEMA_VERSION"]
 
 log = logging.getLogger(__name__)
+
+OPEN_PARTS = 64  # parts kept open for reading (see _table)
 
 
 def _digest(path: Path) -> str:
@@ -77,10 +83,18 @@ class TrajectoryStore:
         self.header = header
         self._manifest = manifest
         self._writable = writable
-        self._tables: dict[str, Any] = {}
-        self._index = RowIndex()  # ~48 bytes a prompt (32-character ids), where a dict held ~200
-        self._index.add_parts((part["name"], self._table(part["name"]).column("prompt_id").to_pylist())
-                              for part in manifest["parts"])  # one part's ids as strings at a time
+        self._tables: OrderedDict[str, Any] = OrderedDict()  # the parts open now, least recently used first
+        # a complete store's index and selection columns, memory-mapped from its index files (.store_index)
+        entry = manifest.get("index") if manifest.get("complete") else None
+        mapped = load_store_index(path, entry, [p["name"] for p in manifest["parts"]]) if entry else None
+        self._columns: tuple[np.ndarray, CodedStrings] | None = mapped[1:3] if mapped else None
+        self._summary: dict[str, np.ndarray] | None = mapped[3] if mapped else None
+        if mapped:
+            self._index = mapped[0]
+        else:
+            self._index = RowIndex()  # ~48 bytes a prompt (32-character ids), where a dict held ~200
+            self._index.add_parts((part["name"], self._table(part["name"]).column("prompt_id").to_pylist())
+                                  for part in manifest["parts"])  # one part's ids as strings at a time
 
     # -- opening ---------------------------------------------------------------------------------
     @classmethod
@@ -139,6 +153,7 @@ class TrajectoryStore:
         if len(good) != len(manifest["parts"]):
             next_part = 1 + max((int(p["name"][5:11]) for p in manifest["parts"]), default=-1)
             manifest = dict(manifest, parts=good, complete=False, next_part=next_part)
+            manifest.pop("index", None)
             atomic_write_bytes(path / "manifest.json", json.dumps(manifest, indent=1).encode())
         return cls(path, header, manifest, writable=writable)
 
@@ -204,15 +219,20 @@ class TrajectoryStore:
         part = {"name": name, "rows": len(groups), "bytes": final.stat().st_size, "blake2b": _digest(final),
                 "first_id": ids[0], "last_id": ids[-1]}
         manifest = dict(self._manifest, parts=self._manifest["parts"] + [part], next_part=number + 1)
+        manifest.pop("index", None)  # the index files describe the parts before this one
         atomic_write_bytes(self.path / "manifest.json", json.dumps(manifest, indent=1).encode())  # the commit point
         self._manifest = manifest
         self._index.add_part(name, cols["prompt_id"])
+        self._columns = self._summary = None
 
     def mark_complete(self) -> None:
         """Record that every prompt of the pool is stored (checked against the header's ``num_prompts``)."""
         if len(self) != self.header.num_prompts:
             raise StoreError(f"{self.path}: {len(self)} of {self.header.num_prompts} prompts stored; not complete")
-        self._manifest = dict(self._manifest, complete=True)
+        rates, sources = self.pass_rates_and_sources()
+        # the index files first, then the manifest that commits them with the completion
+        entry = write_store_index(self.path, self._index, rates, sources, self.row_summary())
+        self._manifest = dict(self._manifest, complete=True, index=entry)
         atomic_write_bytes(self.path / "manifest.json", json.dumps(self._manifest, indent=1).encode())
 
     # -- reading ---------------------------------------------------------------------------------
@@ -242,10 +262,16 @@ class TrajectoryStore:
     def _table(self, name: str):
         import pyarrow as pa
 
-        if name not in self._tables:  # memory-mapped and zero-copy: cheap to keep every part open
-            source = pa.memory_map(str(self.path / "parts" / name), "r")
-            self._tables[name] = pa.ipc.open_file(source).read_all().combine_chunks()
-        return self._tables[name]
+        if name in self._tables:
+            self._tables.move_to_end(name)
+            return self._tables[name]
+        # memory-mapped and zero-copy, but each open part keeps ~14 KB of Arrow metadata in private memory:
+        # keep the most recently read ones only (a scoring unit reads a few parts; a pool has thousands)
+        source = pa.memory_map(str(self.path / "parts" / name), "r")
+        self._tables[name] = table = pa.ipc.open_file(source).read_all().combine_chunks()
+        while len(self._tables) > OPEN_PARTS:
+            self._tables.popitem(last=False)
+        return table
 
     def row_summary(self, max_responses: int = 0) -> dict[str, np.ndarray]:
         """Per-row scalars in prompt-id order, read column-wise (no :class:`RolloutGroup` is built): what
@@ -257,10 +283,13 @@ class TrajectoryStore:
 
         Returns:
             ``longest [N]`` int64 (prompt + longest response), ``tokens [N]`` int64 (Σ_k prompt +
-            response_k), ``zero_variance [N]`` bool (all rewards equal, or none); 17 bytes a row.
+            response_k), ``zero_variance [N]`` bool (all rewards equal, or none); 17 bytes a row,
+            memory-mapped from the index files (read-only) for a complete store and ``max_responses`` 0.
         """
         import pyarrow.compute as pc
 
+        if self._summary is not None and not max_responses:  # memory-mapped from the index files, read-only
+            return self._summary
         n = len(self._index)
         longest, tokens, zero_var = np.zeros(n, np.int64), np.zeros(n, np.int64), np.ones(n, bool)
         for part in self._manifest["parts"]:
@@ -293,6 +322,8 @@ class TrajectoryStore:
         int32 codes: a pool has few)."""
         import pyarrow.compute as pc
 
+        if self._columns is not None:  # memory-mapped from the index files, read-only
+            return self._columns
         n = len(self._index)
         rates, codes, names = np.zeros(n), np.zeros(n, np.int32), {}
         for part in self._manifest["parts"]:
@@ -315,6 +346,12 @@ class TrajectoryStore:
         position = self._index.position(prompt_id)
         if position < 0:
             raise KeyError(f"prompt {prompt_id!r} is not in the trajectory store {self.path}")
+        return self.group_at(position)
+
+    def group_at(self, position: int) -> RolloutGroup:
+        """The stored group at ``position`` in prompt-id order (row ``position`` of a feature store of this
+        store): no id is looked up."""
+        prompt_id = self._index.ids[position].decode("utf-8")
         name, row = self._index.locate(position)
         t = self._table(name).slice(row, 1)
 

@@ -153,3 +153,19 @@ def test_background_stage_laws():
     slow = cm.cost.background_stage(12.0, 10.0)
     assert slow["stage_s"] == 12.0 and slow["switch_fraction"] == 1.0 and slow["critical_scoring_share"] == pytest.approx(2 / 12)
     assert cm.cost.background_stage(3.0, 10.0, scoring_gpus=0.5)["switch_fraction"] == pytest.approx(0.6)
+
+
+def test_scale_out_private_memory_does_not_grow_with_the_pool_at_a_fixed_share():
+    """Scale-out keeps no per-row array in a rank's private memory: only the unit it scores and the cosines
+    of its share of the rows (pool / world); the index, columns and plan are mapped once per node."""
+    from megatron_cropi.cost_scale_out import scale_out_footprint
+
+    def footprint(pool, nodes):
+        return scale_out_footprint(pool_prompts=pool, nodes=nodes, tp=4, pp=2, k=1024, feature_bytes=2,
+                                   responses=8, mean_response_tokens=500, prompt_tokens=100, live_fraction=0.5,
+                                   prompts_per_unit=32)["scale_out"]
+
+    small, big = footprint(10_000, 1), footprint(160_000, 16)  # 16x the pool on 16x the ranks
+    assert big["per_rank_bytes"] == small["per_rank_bytes"]
+    assert big["mapped_bytes_per_node"] == 16 * small["mapped_bytes_per_node"]  # page cache, shared by the node
+    assert footprint(1_000_000, 128)["per_rank_bytes"] < 20e6
