@@ -97,8 +97,15 @@ def previous_selections(layout: RunLayout, m: int) -> set[str]:
 
 
 def _usable(fs: FeatureStore) -> tuple[np.ndarray, np.ndarray]:
+    """``(features [N, k], usable [N])``: usable rows are done and not all zero. Only done rows are read, a
+    block at a time (an ``abs`` copy of the whole matrix took ~0.3 s of the CPU default's selection)."""
     features = fs.matrix()
-    return features, (fs.statuses() == DONE) & (np.abs(features).sum(1) > 0)
+    usable = fs.statuses() == DONE
+    rows = np.flatnonzero(usable)
+    for lo in range(0, rows.size, 256):
+        block = rows[lo: lo + 256]
+        usable[block] = np.abs(features[block]).sum(1) > 0
+    return features, usable
 
 
 def selection_inputs(pool: Sequence[PromptRecord], *, pool_rollouts: Path | None, features: dict[str, Path],

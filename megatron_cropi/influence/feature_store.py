@@ -95,7 +95,9 @@ def decode_features(stored: np.ndarray, dtype: str, scales: np.ndarray | None = 
     if dtype == "bfloat16":
         return _bf16_bits_to_f32(stored)
     if dtype == "float16":
-        return np.asarray(stored).astype(np.float32) * np.asarray(scales, dtype=np.float32)[:, None]
+        out = np.asarray(stored).astype(np.float32)
+        out *= np.asarray(scales, dtype=np.float32)[:, None]  # in place: one [R, k] float32 array, not two
+        return out
     raise ValueError(f"feature dtype {dtype!r}: expected one of {', '.join(FEATURE_DTYPES)}")
 
 

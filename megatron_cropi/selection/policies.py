@@ -104,12 +104,19 @@ class SelectionInputs:
     guard: tuple[np.ndarray, np.ndarray] | None = None
     cosines: dict[str, np.ndarray] | None = None
 
+    computed: dict = field(default_factory=dict, repr=False, compare=False)
+    """Cosines :meth:`pool_cosine` computed from the features, by direction (selection and the ranking
+    ask for the same ones)."""
+
     def pool_cosine(self, name: str, direction: np.ndarray, use_sign: bool) -> np.ndarray:
         """``[N]`` cosines of the pool with ``direction`` (the one named ``name``): precomputed, or from the
-        features."""
+        features (once per direction)."""
         if self.features is None and self.cosines is not None:
             return self.cosines[name]
-        return cosine_scores(self.features, self.usable, direction, use_sign=use_sign)
+        key = (name, bool(use_sign), np.asarray(direction, dtype=np.float64).tobytes())
+        if key not in self.computed:
+            self.computed[key] = cosine_scores(self.features, self.usable, direction, use_sign=use_sign)
+        return self.computed[key]
 
 
 @dataclass(frozen=True)

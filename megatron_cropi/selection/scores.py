@@ -35,20 +35,33 @@ def target_direction(features: np.ndarray, usable: np.ndarray, *, max_prompts: i
     return features[chosen].astype(np.float64).mean(axis=0), chosen
 
 
+COSINE_CHUNK_ROWS = 256  # rows converted to float64 at a time (8 MiB at k = 4096)
+
+
 def cosine_scores(features: np.ndarray, usable: np.ndarray, direction: np.ndarray, *, use_sign: bool = False
                   ) -> np.ndarray:
-    """``[N]`` cosines of ``features [N, k]`` with ``direction [k]``; ``-inf`` where not usable."""
-    f = features.astype(np.float64)
+    """``[N]`` cosines of ``features [N, k]`` with ``direction [k]``; ``-inf`` where not usable.
+
+    Float64 arithmetic, row by row as ``f @ d / (‖f‖ ‖d‖)``. Only usable rows are read, a chunk of
+    :data:`COSINE_CHUNK_ROWS` at a time: the pool's ``[N, k]`` matrix is never copied to float64 whole
+    (on the CPU default's pool, 1,990 × 8,192, that copy and its square took ~0.8 s per call).
+    """
     d = direction.astype(np.float64)
     if use_sign:
-        f, d = np.sign(f), np.sign(d)
+        d = np.sign(d)
     dn = np.linalg.norm(d)
     if dn == 0:
         raise ValueError("the target direction is exactly zero")
-    norms = np.linalg.norm(f, axis=1)
-    ok = usable & (norms > 0)
-    out = np.full(f.shape[0], -np.inf)
-    out[ok] = (f[ok] @ d) / (norms[ok] * dn)
+    out = np.full(features.shape[0], -np.inf)
+    rows = np.flatnonzero(usable)
+    for lo in range(0, rows.size, COSINE_CHUNK_ROWS):
+        chunk = rows[lo: lo + COSINE_CHUNK_ROWS]
+        f = features[chunk].astype(np.float64)
+        if use_sign:
+            f = np.sign(f)
+        norms = np.sqrt(np.add.reduce(f * f, axis=1))  # = np.linalg.norm(f, axis=1)
+        ok = norms > 0
+        out[chunk[ok]] = (f[ok] @ d) / (norms[ok] * dn)
     return out
 
 

@@ -34,6 +34,39 @@ def test_cosine_and_target_direction():
         target_direction(f, np.zeros(4, bool))
 
 
+@pytest.mark.parametrize("use_sign", [False, True])
+def test_cosine_scores_over_many_chunks_equal_a_row_by_row_oracle(use_sign):
+    # more rows than one chunk, float16-like float32 input, unusable rows, a usable all-zero row
+    from megatron_cropi.selection.scores import COSINE_CHUNK_ROWS
+
+    rng = np.random.default_rng(3)
+    n, k = 2 * COSINE_CHUNK_ROWS + 37, 24
+    f = rng.normal(size=(n, k)).astype(np.float32)
+    usable = rng.uniform(size=n) > 0.3
+    f[7] = 0.0
+    usable[7] = True
+    d = rng.normal(size=k)
+    got = cosine_scores(f, usable, d, use_sign=use_sign)
+    for i in range(n):
+        row = np.sign(f[i].astype(np.float64)) if use_sign else f[i].astype(np.float64)
+        dd = np.sign(d) if use_sign else d
+        norm = np.sqrt(sum(x * x for x in row))
+        if not usable[i] or norm == 0:
+            assert got[i] == -np.inf, i
+        else:
+            assert got[i] == pytest.approx(sum(a * b for a, b in zip(row, dd)) / (norm * np.sqrt(sum(x * x for x in dd))),
+                                           rel=1e-12), i
+
+
+def test_pool_cosine_computed_once_per_direction():
+    inp = _inputs()
+    d = np.ones(8)
+    first = inp.pool_cosine("target:t", d, False)
+    assert inp.pool_cosine("target:t", d, False) is first  # the ranking asks again: no second pass
+    assert inp.pool_cosine("target:t", d, True) is not first
+    assert not np.array_equal(inp.pool_cosine("target:t", 2 * d - np.arange(8), False), first)
+
+
 def test_target_direction_is_the_mean_of_the_chosen_usable_rows():
     # rows 1 and 4 are unusable and large: any leak of them into the mean is visible
     f = np.array([[1.0, 2.0, 3.0],

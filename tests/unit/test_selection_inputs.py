@@ -101,3 +101,24 @@ def test_an_interrupted_pool_store_is_refused_by_path(tmp_path):
     _write(tmp_path / "pool", groups, complete=False)
     with pytest.raises(RuntimeError, match=r"pool is not complete; rerun to finish its rollouts"):
         selection_inputs([g.prompt for g in groups], pool_rollouts=tmp_path / "pool", features={}, previous=set())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_usable_rows_are_the_done_rows_that_are_not_all_zero(tmp_path, dtype):
+    from megatron_cropi.curriculum.steps import _usable
+    from megatron_cropi.influence.feature_store import DONE, EXCLUDED, FLAGGED, FeatureHeader, FeatureStore
+
+    n, k = 600, 16  # more rows than one block of the check
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, k)).astype(np.float32)
+    status = np.full(n, DONE, np.uint8)
+    status[::7] = EXCLUDED
+    status[3::11] = FLAGGED
+    x[status != DONE] = 0.0
+    x[[5, 300, 599]] = 0.0  # done, but no gradient
+    header = FeatureHeader(num_rows=n, k=k, seed=0, projector="sjlt", param_set_hash="h", checkpoint_step=0,
+                           prompt_id_hash="p", dtype=dtype)
+    FeatureStore.open(tmp_path / "s", header).write_rows(np.arange(n), x, status)
+    features, usable = _usable(FeatureStore.load(tmp_path / "s"))
+    by_hand = [status[i] == DONE and any(v != 0 for v in x[i]) for i in range(n)]
+    assert usable.tolist() == by_hand and features.shape == (n, k)
