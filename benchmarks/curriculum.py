@@ -25,6 +25,8 @@ evaluation. A method differs only by the config overrides in ``METHODS``:
   0 trains on the whole pool while a second process scores and selects at β, then on the top 10%. The run
   occupies two cores (trainer and scorer); a run of any method never shares a core with another (the
   runs take cores in order). The scorer's time is not on its clock; ``background_seconds_final`` reports it;
+* ``cropi_first1_r10_dynamic_last1_bg``: the same with the last layer scored (``scoring.last_layers: 1``,
+  ``scoring.truncate_backward``): a faster, lossy scorer, so the selection arrives earlier. Two cores, as above;
 * ``cropi_first2_hold_r10_dynamic_bg``: the warm start in the background with its selection held for stage 1
   too (``curriculum.selected_stages: 2``, ``curriculum.select_every: 2``): one scoring, at β, off the critical
   path; the selection trains from its arrival in stage 0 to the end of stage 1. Two cores, as above;
