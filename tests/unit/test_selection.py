@@ -36,7 +36,7 @@ def test_cosine_and_target_direction():
 
 @pytest.mark.parametrize("use_sign", [False, True])
 def test_cosine_scores_over_many_chunks_equal_a_row_by_row_oracle(use_sign):
-    # more rows than one chunk, float16-like float32 input, unusable rows, a usable all-zero row
+    # more rows than one block, float32 input, unusable rows, a usable all-zero row and a usable NaN row
     from megatron_cropi.selection.scores import COSINE_CHUNK_ROWS
 
     rng = np.random.default_rng(3)
@@ -44,14 +44,15 @@ def test_cosine_scores_over_many_chunks_equal_a_row_by_row_oracle(use_sign):
     f = rng.normal(size=(n, k)).astype(np.float32)
     usable = rng.uniform(size=n) > 0.3
     f[7] = 0.0
-    usable[7] = True
+    f[300, 4] = np.nan
+    usable[[7, 300]] = True
     d = rng.normal(size=k)
     got = cosine_scores(f, usable, d, use_sign=use_sign)
     for i in range(n):
         row = np.sign(f[i].astype(np.float64)) if use_sign else f[i].astype(np.float64)
         dd = np.sign(d) if use_sign else d
         norm = np.sqrt(sum(x * x for x in row))
-        if not usable[i] or norm == 0:
+        if not usable[i] or not norm > 0:  # NaN norms too
             assert got[i] == -np.inf, i
         else:
             assert got[i] == pytest.approx(sum(a * b for a, b in zip(row, dd)) / (norm * np.sqrt(sum(x * x for x in dd))),
@@ -64,7 +65,13 @@ def test_pool_cosine_computed_once_per_direction():
     first = inp.pool_cosine("target:t", d, False)
     assert inp.pool_cosine("target:t", d, False) is first  # the ranking asks again: no second pass
     assert inp.pool_cosine("target:t", d, True) is not first
+    with pytest.raises(ValueError):
+        first[0] = 1.0  # shared with every later caller: read-only
+    inp.features, inp.usable = inp.features[::-1].copy(), inp.usable[::-1].copy()  # new ones: computed again
+    np.testing.assert_array_equal(inp.pool_cosine("target:t", d, False), first[::-1])
     assert not np.array_equal(inp.pool_cosine("target:t", 2 * d - np.arange(8), False), first)
+    with pytest.raises(ValueError, match="one flag per row"):
+        cosine_scores(inp.features, inp.usable[:-1], d)
 
 
 def test_target_direction_is_the_mean_of_the_chosen_usable_rows():

@@ -114,11 +114,12 @@ def test_usable_rows_are_the_done_rows_that_are_not_all_zero(tmp_path, dtype):
     status = np.full(n, DONE, np.uint8)
     status[::7] = EXCLUDED
     status[3::11] = FLAGGED
-    x[status != DONE] = 0.0
-    x[[5, 300, 599]] = 0.0  # done, but no gradient
+    x[[5, 300, 599]] = 0.0  # done, but no gradient (rows not done keep nonzero features: their status decides)
+    x[9, 2] = np.nan  # done, but not finite
     header = FeatureHeader(num_rows=n, k=k, seed=0, projector="sjlt", param_set_hash="h", checkpoint_step=0,
                            prompt_id_hash="p", dtype=dtype)
     FeatureStore.open(tmp_path / "s", header).write_rows(np.arange(n), x, status)
     features, usable = _usable(FeatureStore.load(tmp_path / "s"))
-    by_hand = [status[i] == DONE and any(v != 0 for v in x[i]) for i in range(n)]
+    by_hand = [status[i] == DONE and not any(np.isnan(v) for v in x[i]) and any(v != 0 for v in x[i])
+               for i in range(n)]
     assert usable.tolist() == by_hand and features.shape == (n, k)
