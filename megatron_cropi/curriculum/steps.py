@@ -28,6 +28,7 @@ from megatron_cropi.influence.shortlist import ShortlistConfig, carry_ranking, s
 from megatron_cropi.curriculum.scaled_selection import select_where_scored, selects_where_scored, write_where_scored
 from megatron_cropi.selection import stored
 from megatron_cropi.selection.guard import GuardConfig
+from megatron_cropi.selection.scores import COSINE_CHUNK_ROWS
 from megatron_cropi.selection.policies import (
     Selection,
     SelectionConfig,
@@ -102,8 +103,8 @@ def _usable(fs: FeatureStore) -> tuple[np.ndarray, np.ndarray]:
     features = fs.matrix()
     usable = fs.statuses() == DONE
     rows = np.flatnonzero(usable)
-    for lo in range(0, rows.size, 256):
-        block = rows[lo: lo + 256]
+    for lo in range(0, rows.size, COSINE_CHUNK_ROWS):
+        block = rows[lo: lo + COSINE_CHUNK_ROWS]
         usable[block] = np.abs(features[block]).sum(1) > 0
     return features, usable
 
