@@ -46,14 +46,3 @@ def test_unlink_failure_is_a_warning_not_an_error(shm_dir, caplog):
     assert removed == ["cropi3x4-tp:0-[0-1]-cpushm_1"]
     assert "cropi3x4-tp:0-[0-1]-cpushm_0" in caplog.text and str(shm_dir) in caplog.text
 
-
-def test_segments_since_lists_what_was_created_after_the_mark(monkeypatch):
-    monkeypatch.setattr(cpu_shm, "_created", ["a_0", "a_1"])
-    mark = len(cpu_shm._created)
-    cpu_shm._created.extend(["b_0", "b_1"])
-    assert cpu_shm.segments_since(mark) == ["b_0", "b_1"]
-    assert cpu_shm.segments_since(0) == ["a_0", "a_1", "b_0", "b_1"]
-    # a copy: the caller's list does not change with later engines
-    got = cpu_shm.segments_since(mark)
-    cpu_shm._created.append("c_0")
-    assert got == ["b_0", "b_1"]
