@@ -69,7 +69,8 @@ class BackgroundWaitError(BackgroundScoringError):
 
 @dataclasses.dataclass(frozen=True)
 class BackgroundJob:
-    """What the child does once the parent submits it: score ``stores`` into ``features`` with the policy in ``policy_hf`` (recorded as
+    """What the child does once the parent submits it: roll the behaviour sets out into ``stores`` when
+    ``rollouts_policy`` says so, score ``stores`` into ``features`` with the policy in ``policy_hf`` (recorded as
     checkpoint step ``checkpoint_step``), probe, select stage ``stage`` from the pass rates of
     ``pool_rollouts``, and write ``result``."""
 
@@ -82,6 +83,9 @@ class BackgroundJob:
     result: str
     attempt: str = ""
     """Names this submission: the result and probe carry it (an external job may still finish an earlier one)."""
+    rollouts_policy: str = ""
+    """``curriculum.background_rollouts``: first roll the behaviour sets out at ``policy_hf`` into ``stores``
+    (this is the policy's identity for their headers); empty: the stores are there already."""
 
     def write(self, path: Path) -> None:
         atomic_write_json(path, dataclasses.asdict(self))

@@ -37,7 +37,7 @@ import uuid
 
 import yaml
 
-from megatron_cropi.curriculum import steps
+from megatron_cropi.curriculum import behaviour, steps
 from megatron_cropi.curriculum.background import (PROBE_FILE, STALE_S, STOP_FILE, BackgroundJob, BackgroundScorer,
                                                   BackgroundWaitError, ExternalScorer)
 from megatron_cropi.curriculum.faults import fault_point
@@ -48,7 +48,7 @@ from megatron_cropi.utils.atomic import atomic_write_text
 from megatron_cropi.utils.rank_zero import on_rank0, share_from_rank0
 from megatron_cropi.wiring import RunInputError
 
-__all__ = ["SWITCH_AT_ENV", "uses_background", "background_seconds", "prompts_in_force", "StageSwitch", "prestart", "stop_all",
+__all__ = ["SWITCH_AT_ENV", "uses_background", "rolls_out", "rollouts_step", "background_seconds", "prompts_in_force", "StageSwitch", "prestart", "stop_all",
            "train_stage"]
 
 SWITCH_AT_ENV = "CROPI_BACKGROUND_SWITCH_AT"
@@ -60,6 +60,19 @@ def uses_background(cfg, stage: int) -> bool:
     curriculum = cfg.curriculum
     return (bool(curriculum.background_scoring) and cfg.selection.policy == "cropi" and curriculum.selects(stage)
             and curriculum.held_from(stage) is None)
+
+
+def rolls_out(cfg, stage: int) -> bool:
+    """Whether stage ``stage``'s scorer makes the behaviour rollouts it scores (``curriculum.background_rollouts``):
+    β's at stage 0, a refresh's at a refresh stage; the run then makes none for it."""
+    curriculum = cfg.curriculum
+    return (bool(curriculum.background_rollouts) and uses_background(cfg, stage)
+            and (stage == 0 or behaviour.is_refresh_stage(stage, curriculum.refresh_behaviour_every)))
+
+
+def rollouts_step(stage: int) -> str:
+    """The state step that records stage ``stage``'s behaviour rollouts: β's (``rollouts``) or a refresh's."""
+    return "rollouts" if stage == 0 else f"stage{stage}/refresh"
 
 
 def background_seconds(background_clock: dict[str, float], scorers) -> float:
@@ -191,7 +204,11 @@ def _submit(controller, stage: int) -> BackgroundScorer | ExternalScorer:
         controller.background_scorers[stage] = ExternalScorer(stage, layout.background(stage))
     scorer = controller.background_scorers[stage]
     names = steps.feature_set_names(controller.prompts.targets, guard=cfg.selection.guard.source == "check")
-    job = BackgroundJob(stage=stage, policy_hf=_policy_dir(controller, stage),
+    rollouts_policy = ""
+    if rolls_out(cfg, stage) and not controller.is_done(rollouts_step(stage)):  # the run's label for the policy
+        start = stage * cfg.curriculum.steps_per_stage
+        rollouts_policy = controller.policy_identity() + (f"+grpo-step{start}" if stage else "")
+    job = BackgroundJob(stage=stage, policy_hf=_policy_dir(controller, stage), rollouts_policy=rollouts_policy,
                         checkpoint_step=stage * cfg.curriculum.steps_per_stage,
                         stores={n: str(controller.behaviour_store(stage, n)) for n in names},
                         features={n: str(layout.features(stage, n)) for n in names},
@@ -215,6 +232,13 @@ def _submit(controller, stage: int) -> BackgroundScorer | ExternalScorer:
 def _record(controller, stage: int, result: dict, switch_step: int | None) -> Selection:
     """Mark the scorer's steps done (the selection last: it carries the switch) and return the selection.
     The probe comes later (:func:`_record_probe`)."""
+    rolled = result.get("rollouts")
+    if rolled is not None:  # curriculum.background_rollouts: the scorer rolled the behaviour sets out first
+        for label, record in rolled["sets"].items():
+            controller.log(behaviour.rollouts_line_of(label, record) + " [background]")
+        controller.charge("rollouts", rolled["seconds"], background=True)
+        controller.mark_done(rollouts_step(stage), seconds=rolled["seconds"], background=True,
+                             policy_step=stage * controller.cfg.curriculum.steps_per_stage)
     for name, stats in result["score"].items():
         fields = {k: v for k, v in stats.items() if k in ScoreStats.__dataclass_fields__}
         controller.log(steps.score_line(stage, name, ScoreStats(**fields)))
@@ -223,7 +247,8 @@ def _record(controller, stage: int, result: dict, switch_step: int | None) -> Se
     controller.charge("scoring", scoring, background=True)
     controller.charge("selection", result["select_seconds"], background=True)
     seconds = result["background_seconds"]
-    controller.charge("startup", max(seconds - scoring - result["select_seconds"], 0.0), background=True)
+    rolling = rolled["seconds"] if rolled is not None else 0.0
+    controller.charge("startup", max(seconds - rolling - scoring - result["select_seconds"], 0.0), background=True)
     # rank 0 reads what the scorer wrote and shares it (a second job's file may reach other nodes later)
     selection = on_rank0(lambda: steps.read_selection(controller.layout.selection(stage)))
     where = f"from step {switch_step} on" if switch_step is not None else "after the stage's last step (not used)"

@@ -19,9 +19,9 @@ from megatron_cropi.curriculum.faults import fault_point
 from megatron_cropi.records import PromptRecord, SamplingParams
 from megatron_cropi.utils.rank_zero import on_rank0
 
-__all__ = ["behaviour_sets", "roll_out_sets", "behaviour_sampling", "behaviour_header", "behaviour_rollouts",
+__all__ = ["behaviour_sets", "run_behaviour_sets", "roll_out_sets", "behaviour_sampling", "behaviour_header", "behaviour_rollouts",
            "online_sampling", "online_pool_subset", "online_pool_rollouts", "refresh_stage_of", "is_refresh_stage",
-           "rollouts_line", "online_line"]
+           "rollouts_line", "rolled_out_record", "rollouts_line_of", "online_line"]
 
 
 def behaviour_sets(pool: Sequence[PromptRecord], targets: dict[str, list[PromptRecord]], check: Sequence[PromptRecord],
@@ -34,6 +34,12 @@ def behaviour_sets(pool: Sequence[PromptRecord], targets: dict[str, list[PromptR
     if guard_check:
         sets.append(("guard", list(check), target_samples))
     return sets
+
+
+def run_behaviour_sets(cfg, prompts) -> list[tuple[str, list, int]]:
+    """:func:`behaviour_sets` of a run: its config's counts and guard, its ``PromptSets``."""
+    return behaviour_sets(prompts.pool, prompts.targets, prompts.check, pool_samples=cfg.curriculum.pool_samples,
+                          target_samples=cfg.curriculum.target_samples, guard_check=cfg.selection.guard.source == "check")
 
 
 def behaviour_sampling(base: SamplingParams, n: int, *, temperature: float | None,
@@ -138,8 +144,19 @@ def online_pool_rollouts(m: int, prompts: Sequence[PromptRecord], path: Path, *,
 
 def rollouts_line(label: str, prompts: Sequence[PromptRecord], summary) -> str:
     """The log line of one behaviour set rolled out (``summary``: :func:`behaviour_rollouts`'s)."""
-    return (f"[rollouts] {label}: {len(prompts)} prompts, pass rate {summary.pass_rate:.3f}, "
-            f"{summary.zero_variance_groups} zero-variance groups")
+    return rollouts_line_of(label, rolled_out_record(prompts, summary, 0.0))
+
+
+def rolled_out_record(prompts: Sequence[PromptRecord], summary, seconds: float) -> dict:
+    """One behaviour set rolled out, as numbers (a background scorer's result carries them)."""
+    return {"prompts": len(prompts), "pass_rate": float(summary.pass_rate),
+            "zero_variance_groups": int(summary.zero_variance_groups), "seconds": float(seconds)}
+
+
+def rollouts_line_of(label: str, record: dict) -> str:
+    """The log line of one behaviour set rolled out, from its :func:`rolled_out_record`."""
+    return (f"[rollouts] {label}: {record['prompts']} prompts, pass rate {record['pass_rate']:.3f}, "
+            f"{record['zero_variance_groups']} zero-variance groups")
 
 
 def online_line(m: int, prompts: Sequence[PromptRecord], samples: int, summary, seconds: float) -> str:

@@ -173,6 +173,11 @@ class CurriculumConfig:
     The run clock charges only what still delays training (exporting θ_m, any wait at the stage's end);
     the background work is recorded beside it (``background_clock``). Needs ``selection.policy: cropi``
     and the native trainer; where the scorer runs is ``background_scorer``."""
+    background_rollouts: bool = False
+    """With ``background_scoring``: the behaviour rollouts a background stage scores (β's at stage 0, a
+    refresh's at its stage) are made by its scorer, before it scores, instead of by the run before the stage
+    trains. The stage trains on the whole pool from its first step; the rollouts go to ``background_clock``.
+    The stores equal the run's own (samples are functions of the seed, prompt and sample index)."""
     background_scorer: str = "child"
     """Where ``background_scoring`` runs: ``child``, a process the run starts beside itself (a one-process
     run: world size 1, TP = PP = 1); ``external``, a scoring job the operator launches on devices of its
@@ -243,6 +248,8 @@ class CurriculumConfig:
         require(self.keep_features in ("all", "resume"), "keep_features", self.keep_features, "must be all or resume")
         require(self.background_wait_s >= 0, "background_wait_s", self.background_wait_s,
                 "must be >= 0 seconds (0: wait without a limit)")
+        require(self.background_scoring or not self.background_rollouts, "background_rollouts",
+                self.background_rollouts, "needs curriculum.background_scoring: true (the scorer makes the rollouts)")
         require(self.background_scorer in ("child", "external"), "background_scorer", self.background_scorer,
                 "must be child (a process beside a one-process run) or external (a scoring job of its own)")
 

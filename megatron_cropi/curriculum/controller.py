@@ -6,10 +6,10 @@
 ``selection.policy: online_learnability`` replaces β's rollouts and the scoring by a roll-out of the
 pool at θ_m before each selection (charged as ``selection``). ``curriculum.background_scoring`` moves a
 stage's scoring, probe and selection into a background process while the stage trains on the whole pool
-(:mod:`.background_stage`). ``curriculum.refresh_behaviour_every: M`` re-rolls the behaviour sets at θ_m
-every M stages (before that stage's scoring); stages score the newest refresh. Stages past
-``curriculum.selected_stages`` train on the whole pool, and those ``curriculum.select_every`` makes hold
-an earlier stage's selection: no refresh, scoring or probe.
+(:mod:`.background_stage`), and ``background_rollouts`` the behaviour rollouts it scores too.
+``curriculum.refresh_behaviour_every: M`` re-rolls the behaviour sets at θ_m every M stages (before that
+stage's scoring); stages score the newest refresh. Stages past ``curriculum.selected_stages`` train on the
+whole pool, and those ``curriculum.select_every`` makes hold an earlier selection: no refresh or scoring.
 
 Every step leaves files under ``run.output_dir`` (their paths: :class:`~megatron_cropi.layout.RunLayout`)
 and is recorded in ``state.json``; a restarted run skips each step recorded as done, and resumes GRPO
@@ -148,13 +148,6 @@ class StageController:
         self.mark_done("warmup", **{k: v for k, v in info.items() if k != "history"})
         return str(self.layout.warmup_hf)
 
-    def behaviour_sets(self) -> list[tuple[str, list, int]]:
-        """The sets the behaviour policy rolls out (:func:`~.behaviour.behaviour_sets`)."""
-        curriculum = self.cfg.curriculum
-        return behaviour.behaviour_sets(self.prompts.pool, self.prompts.targets, self.prompts.check,
-                                        pool_samples=curriculum.pool_samples, target_samples=curriculum.target_samples,
-                                        guard_check=self.cfg.selection.guard.source == "check")
-
     def behaviour_store(self, stage: int, name: str) -> Path:
         """The trajectory store of set ``name`` that stage ``stage`` scores: β's, or the newest refresh's."""
         refreshed = behaviour.refresh_stage_of(stage, self.cfg.curriculum.refresh_behaviour_every)
@@ -168,15 +161,15 @@ class StageController:
             self.charge("rollouts", seconds)
             self.log(behaviour.rollouts_line(label, prompts, summary))
 
-        behaviour.roll_out_sets(self.behaviour_sets(), lambda name: self.behaviour_store(stage, name), stage=stage,
-                                base=runtime.sampling, curriculum=cfg.curriculum, rollout=cfg.rollout,
+        behaviour.roll_out_sets(behaviour.run_behaviour_sets(cfg, self.prompts),
+                                lambda name: self.behaviour_store(stage, name), stage=stage, base=runtime.sampling, curriculum=cfg.curriculum, rollout=cfg.rollout,
                                 engine=runtime.engine, reward_fn=runtime.reward_fn, tokenizer=self.tokenizer,
                                 groups=self.groups, policy=policy, on_set=done, log=self.log, reuse_from=reuse_sources(
                                     cfg.run.output_dir, cfg.curriculum.reuse_rollouts_from) if stage == 0 else ())
 
     def step_behaviour_rollouts(self) -> None:
         """K responses per pool and target prompt from β (the policy before any GRPO step), once."""
-        if self.is_done("rollouts"):
+        if self.is_done("rollouts") or background_stage.rolls_out(self.cfg, 0):  # or stage 0's scorer makes them
             return
         cfg, runtime = self.cfg, self.runtime
         if not uses_behaviour_rollouts(cfg.selection.policy):
@@ -192,7 +185,8 @@ class StageController:
         by θ_m (into ``rollouts/stage{m}/``), so that stage's POPI is on-policy."""
         step = f"stage{stage}/refresh"
         if not behaviour.is_refresh_stage(stage, self.cfg.curriculum.refresh_behaviour_every) or self.is_done(step) \
-                or not uses_behaviour_rollouts(self.stage_selection(stage).policy):
+                or not uses_behaviour_rollouts(self.stage_selection(stage).policy) \
+                or background_stage.rolls_out(self.cfg, stage):  # the stage's scorer rolls out
             return
         self.require_stage_start(stage, "behaviour refresh")
         t0, trainer_step = time.perf_counter(), self.runtime.trainer.step_count

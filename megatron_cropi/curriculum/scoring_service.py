@@ -52,7 +52,7 @@ from megatron_cropi.curriculum.background import (ERROR_FILE, PROBE_FILE, SERVIN
 from megatron_cropi.utils.atomic import atomic_write_json
 from megatron_cropi.utils.rank_zero import on_rank0, share_from_rank0
 
-__all__ = ["ScoringServiceError", "config_differences", "run_job", "score_job", "serve"]
+__all__ = ["ScoringServiceError", "config_differences", "roll_out_job", "run_job", "score_job", "serve"]
 
 
 class ScoringServiceError(RuntimeError):
@@ -60,8 +60,8 @@ class ScoringServiceError(RuntimeError):
 
 
 def score_job(cfg, groups, prompts, tokenizer, job: BackgroundJob, *, log=print) -> dict:
-    """Stage ``job.stage``'s work, collective over this process's world: score every feature set at the
-    job's policy, select, write ``result.json`` (the stage may switch now), then probe and write
+    """Stage ``job.stage``'s work, collective over this process's world: roll the behaviour sets out when the
+    job asks (:func:`roll_out_job`), score every feature set at the job's policy, select, write ``result.json`` (the stage may switch now), then probe and write
     ``probe.json``. Both files carry ``job.attempt``. Returns the result with the probe."""
     from megatron_cropi.curriculum import steps
     from megatron_cropi.curriculum.probe import probe_projection_quality
@@ -72,12 +72,15 @@ def score_job(cfg, groups, prompts, tokenizer, job: BackgroundJob, *, log=print)
 
     t_start = time.perf_counter()
     model = build_scoring_model(cfg, groups, hf_dir=job.policy_hf)
+    rollouts = roll_out_job(cfg, groups, prompts, tokenizer, job, model, log=log) if job.rollouts_policy else None
     scorer = PolicyScorer(model, groups, build_projector(cfg.projection), cfg.scoring,
                           projection_seed=cfg.projection.seed, checkpoint_step=job.checkpoint_step,
                           pad_id=pad_id_of(tokenizer), progress=False)
     features = {name: Path(p) for name, p in job.features.items()}
-    result: dict = {"stage": job.stage, "attempt": job.attempt, "startup_seconds": time.perf_counter() - t_start,
-                    "score": {}}
+    result: dict = {"stage": job.stage, "attempt": job.attempt, "score": {}}
+    if rollouts is not None:
+        result["rollouts"] = rollouts
+    result["startup_seconds"] = time.perf_counter() - t_start - (rollouts["seconds"] if rollouts else 0.0)
     for name, store in job.stores.items():
         t0 = time.perf_counter()
         stats = steps.score_set(Path(store), features[name], scorer, sharded=name == "pool" and cfg.scoring.scale_out)
@@ -99,6 +102,43 @@ def score_job(cfg, groups, prompts, tokenizer, job: BackgroundJob, *, log=print)
     probe = {**probe, "seconds": time.perf_counter() - t0, "attempt": job.attempt}
     on_rank0(lambda: atomic_write_json(Path(job.result).with_name(PROBE_FILE), probe))
     return {**result, "probe": probe}
+
+
+def roll_out_job(cfg, groups, prompts, tokenizer, job: BackgroundJob, model, *, log=print) -> dict:
+    """``curriculum.background_rollouts``: the behaviour sets rolled out at the job's policy into its stores,
+    as the run's own :func:`~megatron_cropi.curriculum.behaviour.roll_out_sets` does (β's sampling at stage 0,
+    with its store reuse; the refresh's seed at a later stage), so the stores equal the run's. ``model``: the
+    job's scoring model (the native sampler shares its weights; a list of virtual-pipeline chunks is not a
+    sampler's model, so the policy is loaded once more for it). Returns ``{"sets": {label: record},
+    "seconds": s}`` (records: :func:`~megatron_cropi.curriculum.behaviour.rolled_out_record`)."""
+    from megatron_cropi.curriculum import behaviour
+    from megatron_cropi.curriculum.reuse import reuse_sources
+    from megatron_cropi.rewards.base import RewardFunction
+    from megatron_cropi.rewards.config import reward_config_for
+    from megatron_cropi.wiring import build_engine, build_policy_model
+
+    t0 = time.perf_counter()
+    policy = build_policy_model(cfg, groups, hf_dir=job.policy_hf) if isinstance(model, list) else model
+    engine = build_engine(cfg, groups, tokenizer, model=policy, hf_dir=job.policy_hf)
+    reward_fn = RewardFunction(reward_config_for(cfg.rollout.reward, cfg.data.kind))
+    curriculum, records = cfg.curriculum, {}
+
+    def on_set(label: str, recs: list, summary, seconds: float) -> None:
+        records[label] = behaviour.rolled_out_record(recs, summary, seconds)
+        log(behaviour.rollouts_line_of(label, records[label]))
+
+    try:
+        behaviour.roll_out_sets([s for s in behaviour.run_behaviour_sets(cfg, prompts) if s[0] in job.stores], lambda name: Path(job.stores[name]),
+                                stage=job.stage, base=cfg.rollout.sampling_params(cfg.run.seed), curriculum=curriculum,
+                                rollout=cfg.rollout, engine=engine, reward_fn=reward_fn, tokenizer=tokenizer,
+                                groups=groups, policy=job.rollouts_policy, on_set=on_set, log=log, reuse_from=(
+                                    reuse_sources(cfg.run.output_dir, curriculum.reuse_rollouts_from)
+                                    if job.stage == 0 else ()))
+    finally:
+        reward_fn.close()
+        if hasattr(engine, "close"):
+            engine.close()
+    return {"sets": records, "seconds": time.perf_counter() - t0}
 
 
 def run_job(cfg, job_path: Path, *, log=print) -> dict:

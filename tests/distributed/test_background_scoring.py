@@ -106,6 +106,35 @@ def test_switched_at_the_stage_start_it_is_the_foreground_run(tmp_path):
     assert seen[-1] == pytest.approx(sum(state["background_clock"].values())), seen
 
 
+@pytest.mark.timeout(600)
+def test_with_its_rollouts_in_the_scorer_it_is_the_foreground_run(tmp_path):
+    """``curriculum.background_rollouts``: β's rollouts (stage 0) and the refresh's at θ_1 (stage 1) made by
+    the scorers equal the run's own: the same stores, features, selections, evaluations and parameters; their
+    seconds are beside the clock, and the run trains from its first step without rolling out."""
+    from megatron_cropi.testing.cli import assert_same_features
+
+    fg, bg = tmp_path / "fg", tmp_path / "bg"
+    refresh = {"curriculum.refresh_behaviour_every": 1}
+    rc, log = _cropi(_write(tmp_path, fg, **refresh))
+    assert rc == 0, log[-3000:]
+    rc, log = _cropi(_write(tmp_path, bg, **refresh, **{"curriculum.background_scoring": True,
+                                                         "curriculum.background_rollouts": True}), switch_at=0)
+    assert rc == 0, log[-3000:]
+    assert "[rollouts] pool:" in log and "[background]" in log.split("[rollouts] pool:")[1].splitlines()[0], log[-3000:]
+    for store in ["rollouts/pool", "rollouts/stage1/pool"]:
+        names = sorted(p.relative_to(fg / store) for p in (fg / store).rglob("*") if p.is_file())
+        assert names, store
+        for name in names:
+            if name.suffix != ".json":  # headers and indexes carry timestamps; the rows are the data
+                assert (bg / store / name).read_bytes() == (fg / store / name).read_bytes(), (store, name)
+    assert_same_features(fg, bg)
+    _assert_same(_outcome(bg), _outcome(fg))
+    state = _state(bg)
+    assert "rollouts" not in state["clock"] and state["background_clock"]["rollouts"] > 0
+    assert state["info"]["rollouts"]["background"] is True
+    assert state["info"]["stage1/refresh"]["policy_step"] == 3 and state["info"]["stage1/refresh"]["background"]
+
+
 @pytest.mark.timeout(900)
 def test_killed_and_restarted_it_ends_where_the_uninterrupted_run_ends(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"

@@ -122,3 +122,9 @@ def test_benchmark_runs_with_a_scorer_take_both_cores_in_order():
     for name, others in events:
         if name.startswith("bg"):
             assert others == {name}, others  # alone on the machine
+
+
+def test_background_rollouts_without_background_scoring_is_refused_naming_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"curriculum\.background_rollouts.*needs curriculum\.background_scoring"):
+        _cfg(tmp_path, curriculum={"background_scoring": False, "background_rollouts": True})
+    assert _cfg(tmp_path, curriculum={"background_rollouts": True}).curriculum.background_rollouts
