@@ -333,7 +333,9 @@ def estimate_run_time(cfg, shape: StageShape) -> dict:
     ``curriculum.select_every``: the stages that hold an earlier selection score nothing).
     With ``curriculum.background_scoring`` a selecting stage takes max(steps, scoring) (:func:`background_stage`:
     a scoring job with as many GPUs as training); the run is charged only the waits, and
-    ``scoring_all_stages_s`` is then the scoring job's own time.
+    ``scoring_all_stages_s`` is then the scoring job's own time. With ``curriculum.background_rollouts`` the job
+    also makes the behaviour rollouts (stage 0, each refresh stage) before it scores: the run is charged none of
+    them, only a longer wait where rollouts and scoring together outlast the stage's steps.
     Policies other than ``cropi`` score nothing; ``full``, ``random`` and ``online_learnability`` have no
     behaviour rollouts (the latter's per-stage pool rollouts are not priced)."""
     rollout, train = grpo_step_seconds(shape)
@@ -352,10 +354,13 @@ def estimate_run_time(cfg, shape: StageShape) -> dict:
     behaviour = behaviour_seconds(shape) * (1 + refreshes) if rollouts_needed else 0.0
     stage, waited = scoring + steps, scoring_all  # scoring on the critical path: all of it, or (background) the wait
     background = bool(cfg.curriculum.background_scoring) and policy == "cropi"
+    # curriculum.background_rollouts: the scoring job rolls out first at stage 0 and each refresh stage
+    in_job = background and bool(cfg.curriculum.background_rollouts)
+    rolled = {m: behaviour_seconds(shape) if in_job and (m == 0 or (every and m % every == 0)) else 0.0 for m in scored}
     if background:
         stage = background_stage(scoring, steps)["stage_s"]
-        waited = sum(background_stage(scoring_seconds(shape, options_from_config(cfg), stage=m), steps)["stage_s"]
-                     - steps for m in scored)
+        waited = sum(background_stage(scoring_seconds(shape, options_from_config(cfg), stage=m) + rolled[m],
+                                      steps)["stage_s"] - steps for m in scored)
     return {"grpo_step_s": rollout + train, "grpo_rollout_s": rollout, "grpo_train_s": train,
             "scoring_per_stage_s": scoring, "grpo_steps_per_stage_s": steps, "stage_s": stage,
             "behaviour_rollouts_s": behaviour, "behaviour_refreshes": refreshes, "selecting_stages": selecting,
@@ -363,7 +368,8 @@ def estimate_run_time(cfg, shape: StageShape) -> dict:
             "scoring_all_stages_s": scoring_all, "background_scoring": background, "scoring_waits_s": waited,
             "background_scorer": cfg.curriculum.background_scorer,
             "switch_fraction": background_stage(scoring, steps)["switch_fraction"] if background else 0.0,
-            "total_s": shape.stages * steps + waited + behaviour, "stages": shape.stages,
+            "background_rollouts": in_job,
+            "total_s": shape.stages * steps + waited + (0.0 if in_job else behaviour), "stages": shape.stages,
             "pool_prompts": shape.pool_prompts, "target_prompts": shape.target_prompts,
             "vllm_tokens_per_s": shape.vllm_tokens_per_s, "mean_response_tokens": shape.mean_response_tokens,
             "assumptions": ASSUMPTIONS}

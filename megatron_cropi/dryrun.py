@@ -309,9 +309,11 @@ def run_estimate(cfg: RunConfig, *, world_size: int, nodes: int, rows: dict) -> 
     time, disk = estimate_run_time(cfg, shape), estimate_run_disk(cfg, shape)
     b = disk["bytes"]
     text = [
-        f"time: ~{_hours(time['total_s'])} in all = {_stages_text(time, cfg.curriculum.steps_per_stage)} + "
-        f"behaviour rollouts {_hours(time['behaviour_rollouts_s'])}; "
-        f"{pool} pool and {targets} target prompts ({source}), {world_size} GPUs",
+        f"time: ~{_hours(time['total_s'])} in all = {_stages_text(time, cfg.curriculum.steps_per_stage)}"
+        + (f" (behaviour rollouts {_hours(time['behaviour_rollouts_s'])} in the scoring job, "
+           "curriculum.background_rollouts: in the waits); " if time["background_rollouts"] else
+           f" + behaviour rollouts {_hours(time['behaviour_rollouts_s'])}; ")
+        + f"{pool} pool and {targets} target prompts ({source}), {world_size} GPUs",
         f"time assumes: {time['assumptions']}",
         f"disk: ~{disk['total_bytes'] / GIB:.1f} GiB at the end = trajectory stores "
         f"{b['trajectory_stores'] / GIB:.1f} + feature stores {b['feature_stores'] / GIB:.1f} "

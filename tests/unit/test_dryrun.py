@@ -305,3 +305,33 @@ def test_run_estimate_with_background_scoring_charges_only_the_wait_for_the_scor
     assert s["stage_s"] == pytest.approx(s["scoring_per_stage_s"])
     assert s["scoring_waits_s"] == pytest.approx(6 * (s["scoring_per_stage_s"] - steps))
     assert s["total_s"] == pytest.approx(6 * steps + s["scoring_waits_s"] + s["behaviour_rollouts_s"])
+
+
+def test_run_estimate_with_background_rollouts_moves_beta_into_the_scoring_job():
+    import dataclasses
+
+    from megatron_cropi.dryrun import run_estimate
+    from megatron_cropi.run_config import load_run_config
+
+    over = ["curriculum.background_scoring=true", "curriculum.background_scorer=external"]
+    rows = {"pool": {"gsm8k": 7_473, "math": 7_500, "deepscaler": 40_315}, "val": {"math500": 1_000}}
+    path = Path(__file__).resolve().parents[2] / "examples" / "configs" / "qwen2.5-7b-instruct_2node.yaml"
+    env = {"DATA_DIR": "/data", "MODEL_DIR": "/model"}
+    for steps_per_stage in (None, 10):
+        times = []
+        for extra in ([], ["curriculum.background_rollouts=true"]):
+            cfg = load_run_config(path, environ=env, overrides=over + extra)
+            if steps_per_stage:
+                cfg = dataclasses.replace(cfg, curriculum=dataclasses.replace(cfg.curriculum, steps_per_stage=steps_per_stage))
+            times.append(run_estimate(cfg, world_size=16, nodes=2, rows=rows)["time_seconds"])
+        fg, bg = times
+        steps, beta = bg["grpo_steps_per_stage_s"], bg["behaviour_rollouts_s"]
+        assert bg["background_rollouts"] and not fg["background_rollouts"] and beta > 0
+        # β's rollouts leave the run's clock; the run waits only where the job outlasts stage 0's steps
+        assert bg["total_s"] == pytest.approx(6 * steps + bg["scoring_waits_s"])
+        assert fg["scoring_waits_s"] <= bg["scoring_waits_s"] <= fg["scoring_waits_s"] + beta + 1e-6
+        assert bg["total_s"] <= fg["total_s"] + 1e-6
+        if steps_per_stage:  # the job was already the longer: all of β's rollouts are waited for
+            assert bg["scoring_waits_s"] == pytest.approx(fg["scoring_waits_s"] + beta)
+    text = run_estimate(cfg, world_size=16, nodes=2, rows=rows)["text"][0]
+    assert "in the scoring job, curriculum.background_rollouts" in text and "+ behaviour rollouts" not in text, text
