@@ -100,11 +100,11 @@ class StageController:
         curriculum = self.cfg.curriculum
         t0 = time.perf_counter()
         beta_dir = self.step_warmup()
-        self.runtime = PolicyRuntime(self.cfg, self.groups, self.tokenizer, hf_dir=beta_dir,
-                                     total_steps=curriculum.total_steps, metrics=self.metrics,
-                                     checkpoint_dir=self.layout.checkpoints)
         try:
-            background_stage.prestart(self)
+            background_stage.prestart(self)  # the scorer loads while the policy is built (and β rolls out)
+            self.runtime = PolicyRuntime(self.cfg, self.groups, self.tokenizer, hf_dir=beta_dir,
+                                         total_steps=curriculum.total_steps, metrics=self.metrics,
+                                         checkpoint_dir=self.layout.checkpoints)
             self.step_behaviour_rollouts()
             resume_training(self)
             for stage in range(curriculum.stages):
@@ -129,7 +129,8 @@ class StageController:
             return summary
         finally:
             background_stage.stop_all(self)
-            self.runtime.close()
+            if self.runtime is not None:
+                self.runtime.close()
 
     # -- steps ----------------------------------------------------------------------------------------
     def step_warmup(self) -> str | None:
@@ -379,18 +380,17 @@ class StageController:
         """Export the final policy to ``final_hf/`` (HF format) and write the run summary."""
         from megatron_cropi.checkpoint import save_model_as_hf
 
-        cfg = self.cfg
+        cfg, curriculum = self.cfg, self.cfg.curriculum
         exported = on_rank0(lambda: (self.layout.final_hf / "config.json").exists())
         if not exported or not self.is_done("final_hf"):
             save_model_as_hf(self.runtime.trainer.ddp, self.groups, cfg.model, self.layout.final_hf, overwrite=True)
             self.mark_done("final_hf")
-        curriculum = cfg.curriculum
         label = policy_label(cfg.selection.policy, curriculum.selected_stages, curriculum.stages,
                              select_every=curriculum.select_every)
         summary = on_rank0(lambda: write_final_report(
             self.layout, self.state.data.get("info", {}), seconds=seconds, policy=label,
-            stages=cfg.curriculum.stages, steps_per_stage=cfg.curriculum.steps_per_stage,
-            target_family=self.prompts.target_family, plot=cfg.curriculum.plot))
+            stages=curriculum.stages, steps_per_stage=curriculum.steps_per_stage,
+            target_family=self.prompts.target_family, plot=curriculum.plot))
         self.metrics.flush()
         return summary
 
