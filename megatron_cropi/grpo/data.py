@@ -40,10 +40,13 @@ class PromptStream:
         self.set_prompts(prompts)
 
     def set_prompts(self, prompts: Sequence[PromptRecord]) -> None:
-        """Replace the prompt set and restart at its first epoch."""
+        """Replace the prompt set and restart at its first epoch. Shuffled, the set is taken in prompt-id
+        order first, so its batches depend on which prompts it holds and the seed, not on how they were
+        listed: a background stage's whole pool before its switch (the pool's order) draws the batches a
+        ``full`` stage (its selection's order) draws, and two methods differ only where their sets do."""
         if not prompts:
             raise ValueError("the GRPO prompt set is empty")
-        self.prompts = list(prompts)
+        self.prompts = sorted(prompts, key=lambda p: p.prompt_id) if self.shuffle else list(prompts)
         self.set_hash = _set_hash(self.prompts)
         self.epoch, self.index = 0, 0
         self._order = self._permutation(0)

@@ -35,3 +35,16 @@ def test_swapping_the_prompt_set_and_refusing_a_foreign_position():
         stream.load_state_dict(state)
     with pytest.raises(ValueError, match="empty"):
         stream.set_prompts([])
+
+
+def test_a_shuffled_set_draws_the_same_batches_however_it_is_listed():
+    """A background stage's pool before its switch (the pool's order) and a ``full`` stage's selection (prompt-id
+    order) are one set: the same seed must give them the same batches (a paired comparison of the two)."""
+    listed = _prompts(12)
+    reordered = list(reversed(listed[:5])) + listed[5:][::2] + listed[5:][1::2]
+    a, b = PromptStream(listed, seed=7), PromptStream(reordered, seed=7)
+    assert [p.prompt_id for p in a.next_batch(30)] == [p.prompt_id for p in b.next_batch(30)]
+    assert a.state_dict() == b.state_dict()
+    # unshuffled, the stream visits the set in the order it was given
+    plain = PromptStream(reordered, seed=7, shuffle=False)
+    assert [p.prompt_id for p in plain.next_batch(12)] == [p.prompt_id for p in reordered]
