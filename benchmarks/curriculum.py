@@ -145,6 +145,12 @@ METHODS: dict[str, dict] = {
     "cropi_first1_r10_dynamic_bgroll": {"selection.policy": "cropi", "selection.ratio": 0.1,
                                         "grpo.dynamic_sampling": {"enabled": True}, "curriculum.selected_stages": 1,
                                         "curriculum.background_scoring": True, "curriculum.background_rollouts": True},
+    # the same with the selection held through stage 1: β's rollouts in the scorer put the switch ~45 steps into
+    # stage 0, so the selection would train only its last few steps; holding it gives it stage 1 as well
+    "cropi_first2_hold_r10_dynamic_bgroll": {"selection.policy": "cropi", "selection.ratio": 0.1,
+                                             "grpo.dynamic_sampling": {"enabled": True}, "curriculum.selected_stages": 2,
+                                             "curriculum.select_every": 2, "curriculum.background_scoring": True,
+                                             "curriculum.background_rollouts": True},
     # the warm start off the critical path with the cheap, lossy scoring of the last layer (truncated backward):
     # the scorer takes ~60% of the time, so the selection arrives earlier in stage 0 and trains more of its steps
     "cropi_first1_r10_dynamic_last1_bg": {"selection.policy": "cropi", "selection.ratio": 0.1,
@@ -187,6 +193,7 @@ COLORS = {"cropi": "C3", "full": "C0", "random": "C7", "learnability": "C2", "on
           "band_refresh1_r30_dynamic": "C2", "cropi_first1_r10_dynamic": "C5",
           "cropi_first1_r10_dynamic_last1": "C6", "random_first1_r10_dynamic": "C8",
           "cropi_first1_r10_dynamic_bg": "C3", "cropi_r10_dynamic_bg": "C1", "cropi_first1_r10_dynamic_bgroll": "C2",
+          "cropi_first2_hold_r10_dynamic_bgroll": "C8",
           "cropi_first2_hold_r10_dynamic_bg": "C6", "cropi_first1_r10_dynamic_last1_bg": "C9"}
 # two-sided 95% Student-t quantiles t_{0.975, df}; beyond 30 degrees of freedom 1.96 is used
 T975 = [None, 12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
