@@ -48,8 +48,8 @@ from megatron_cropi.utils.atomic import atomic_write_text
 from megatron_cropi.utils.rank_zero import on_rank0, share_from_rank0
 from megatron_cropi.wiring import RunInputError
 
-__all__ = ["SWITCH_AT_ENV", "uses_background", "rolls_out", "rollouts_step", "background_seconds", "prompts_in_force", "StageSwitch", "prestart", "stop_all",
-           "train_stage"]
+__all__ = ["SWITCH_AT_ENV", "uses_background", "rolls_out", "rollouts_step", "background_seconds", "prompts_in_force",
+           "StageSwitch", "prestart", "stop_all", "train_stage"]
 
 SWITCH_AT_ENV = "CROPI_BACKGROUND_SWITCH_AT"
 

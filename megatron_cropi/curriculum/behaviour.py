@@ -19,9 +19,9 @@ from megatron_cropi.curriculum.faults import fault_point
 from megatron_cropi.records import PromptRecord, SamplingParams
 from megatron_cropi.utils.rank_zero import on_rank0
 
-__all__ = ["behaviour_sets", "run_behaviour_sets", "roll_out_sets", "behaviour_sampling", "behaviour_header", "behaviour_rollouts",
-           "online_sampling", "online_pool_subset", "online_pool_rollouts", "refresh_stage_of", "is_refresh_stage",
-           "rollouts_line", "rolled_out_record", "rollouts_line_of", "online_line"]
+__all__ = ["behaviour_sets", "run_behaviour_sets", "roll_out_sets", "behaviour_sampling", "behaviour_header",
+           "behaviour_rollouts", "online_sampling", "online_pool_subset", "online_pool_rollouts", "refresh_stage_of",
+           "is_refresh_stage", "rollouts_line", "rolled_out_record", "rollouts_line_of", "online_line"]
 
 
 def behaviour_sets(pool: Sequence[PromptRecord], targets: dict[str, list[PromptRecord]], check: Sequence[PromptRecord],
@@ -38,8 +38,9 @@ def behaviour_sets(pool: Sequence[PromptRecord], targets: dict[str, list[PromptR
 
 def run_behaviour_sets(cfg, prompts) -> list[tuple[str, list, int]]:
     """:func:`behaviour_sets` of a run: its config's counts and guard, its ``PromptSets``."""
-    return behaviour_sets(prompts.pool, prompts.targets, prompts.check, pool_samples=cfg.curriculum.pool_samples,
-                          target_samples=cfg.curriculum.target_samples, guard_check=cfg.selection.guard.source == "check")
+    curriculum = cfg.curriculum
+    return behaviour_sets(prompts.pool, prompts.targets, prompts.check, pool_samples=curriculum.pool_samples,
+                          target_samples=curriculum.target_samples, guard_check=cfg.selection.guard.source == "check")
 
 
 def behaviour_sampling(base: SamplingParams, n: int, *, temperature: float | None,

@@ -56,8 +56,7 @@ class StageController:
     def __init__(self, cfg, *, new_run: bool = False, log=print):
         from megatron_cropi.projection.config import build_projector
 
-        self.cfg = cfg
-        self.layout = RunLayout(cfg.run.output_dir)
+        self.cfg, self.layout = cfg, RunLayout(cfg.run.output_dir)
         self.groups, self.prompts, self.tokenizer = setup_run(cfg)
         self.is_rank0 = self.groups.rank == 0
         self._print = log
@@ -163,9 +162,10 @@ class StageController:
             self.log(behaviour.rollouts_line(label, prompts, summary))
 
         behaviour.roll_out_sets(behaviour.run_behaviour_sets(cfg, self.prompts),
-                                lambda name: self.behaviour_store(stage, name), stage=stage, base=runtime.sampling, curriculum=cfg.curriculum, rollout=cfg.rollout,
-                                engine=runtime.engine, reward_fn=runtime.reward_fn, tokenizer=self.tokenizer,
-                                groups=self.groups, policy=policy, on_set=done, log=self.log, reuse_from=reuse_sources(
+                                lambda name: self.behaviour_store(stage, name), stage=stage, base=runtime.sampling,
+                                curriculum=cfg.curriculum, rollout=cfg.rollout, engine=runtime.engine,
+                                reward_fn=runtime.reward_fn, tokenizer=self.tokenizer, groups=self.groups,
+                                policy=policy, on_set=done, log=self.log, reuse_from=reuse_sources(
                                     cfg.run.output_dir, cfg.curriculum.reuse_rollouts_from) if stage == 0 else ())
 
     def step_behaviour_rollouts(self) -> None:

@@ -61,8 +61,9 @@ class ScoringServiceError(RuntimeError):
 
 def score_job(cfg, groups, prompts, tokenizer, job: BackgroundJob, *, log=print) -> dict:
     """Stage ``job.stage``'s work, collective over this process's world: roll the behaviour sets out when the
-    job asks (:func:`roll_out_job`), score every feature set at the job's policy, select, write ``result.json`` (the stage may switch now), then probe and write
-    ``probe.json``. Both files carry ``job.attempt``. Returns the result with the probe."""
+    job asks (:func:`roll_out_job`), score every feature set at the job's policy, select, write
+    ``result.json`` (the stage may switch now), then probe and write ``probe.json``. Both files carry
+    ``job.attempt``. Returns the result with the probe."""
     from megatron_cropi.curriculum import steps
     from megatron_cropi.curriculum.probe import probe_projection_quality
     from megatron_cropi.influence.stores import PolicyScorer
@@ -128,7 +129,8 @@ def roll_out_job(cfg, groups, prompts, tokenizer, job: BackgroundJob, model, *, 
         log(behaviour.rollouts_line_of(label, records[label]))
 
     try:
-        behaviour.roll_out_sets([s for s in behaviour.run_behaviour_sets(cfg, prompts) if s[0] in job.stores], lambda name: Path(job.stores[name]),
+        behaviour.roll_out_sets([s for s in behaviour.run_behaviour_sets(cfg, prompts) if s[0] in job.stores],
+                                lambda name: Path(job.stores[name]),
                                 stage=job.stage, base=cfg.rollout.sampling_params(cfg.run.seed), curriculum=curriculum,
                                 rollout=cfg.rollout, engine=engine, reward_fn=reward_fn, tokenizer=tokenizer,
                                 groups=groups, policy=job.rollouts_policy, on_set=on_set, log=log, reuse_from=(

@@ -322,7 +322,8 @@ def test_run_estimate_with_background_rollouts_moves_beta_into_the_scoring_job()
         for extra in ([], ["curriculum.background_rollouts=true"]):
             cfg = load_run_config(path, environ=env, overrides=over + extra)
             if steps_per_stage:
-                cfg = dataclasses.replace(cfg, curriculum=dataclasses.replace(cfg.curriculum, steps_per_stage=steps_per_stage))
+                cfg = dataclasses.replace(cfg, curriculum=dataclasses.replace(cfg.curriculum,
+                                                                              steps_per_stage=steps_per_stage))
             times.append(run_estimate(cfg, world_size=16, nodes=2, rows=rows)["time_seconds"])
         fg, bg = times
         steps, beta = bg["grpo_steps_per_stage_s"], bg["behaviour_rollouts_s"]
