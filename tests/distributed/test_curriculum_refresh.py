@@ -17,6 +17,9 @@ OVERRIDES = {
     "curriculum.refresh_behaviour_every": 1,
     "selection.guard": {"source": "check", "mode": "demote"},
     "scoring.shortlist": {"fraction": 0.5, "explore": 0.25},
+    # a budget well below the live pool at θ_1, so the shortlist leaves rows out on any trajectory (at 0.25 the
+    # budget's 12 rows can cover all that a refreshed 48-prompt pool has live)
+    "selection.ratio": 0.1,
     "grpo.dynamic_sampling": {"enabled": True},
 }
 
