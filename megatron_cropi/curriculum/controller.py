@@ -184,7 +184,7 @@ class StageController:
     def step_refresh_behaviour(self, stage: int) -> None:
         """``curriculum.refresh_behaviour_every``: at a refresh stage m, the behaviour sets rolled out again
         by θ_m (into ``rollouts/stage{m}/``), so that stage's POPI is on-policy."""
-        step = f"stage{stage}/refresh"
+        step = background_stage.rollouts_step(stage)
         if not behaviour.is_refresh_stage(stage, self.cfg.curriculum.refresh_behaviour_every) or self.is_done(step) \
                 or not uses_behaviour_rollouts(self.stage_selection(stage).policy) \
                 or background_stage.rolls_out(self.cfg, stage):  # the stage's scorer rolls out
